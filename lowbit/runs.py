@@ -41,6 +41,10 @@ TRACKED_PACKAGES = (
 )
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 class UserError(Exception):
     """Bad input from the user: printed as one line, exit status 2, no traceback."""
 
@@ -105,6 +109,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give results the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# ModelOpt INT8 Q/DQ quantization of the yolov10m ONNX checkpoint (card step 3).
+#
+# Env vars (mapped 1:1 to flags of quantize_yolov10m_onnx.py, which validates them):
+#   RUN_ROOT              required; writes $RUN_ROOT/onnx/yolov10m-int8-qdq.onnx (+ .manifest.json, .modelopt.log, .log)
+#   CALIB_PATH            required; float32 [N,3,640,640] .npy from make_yolov10m_calib_npy.py
+#   ONNX_PATH             default models/cv-models/yolov10m/checkpoints/yolov10m.onnx
+#   CALIBRATION_METHOD    entropy (default) | max
+#   CALIBRATION_EPS       space-separated ORT EPs for calibration, e.g. "cuda:0 cpu" (default "cpu")
+#   USE_ZERO_POINT        True|False (default False); only affects int4 in ModelOpt 0.47, recorded either way
+#   HIGH_PRECISION_DTYPE  fp32 (default: keeps INT8 accuracy on YOLOv10) | fp16 (ModelOpt's default; see the card) | bf16
+#   NODES_TO_EXCLUDE      space- or comma-separated exact ONNX node names to keep unquantized
+#   EXCLUDE_JSON          a scheme JSON with 'nodes_to_exclude' (from make_yolov10m_candidate_schemes.py)
+#   PASSES                ModelOpt passes (default concat_elimination); "none" disables them
+#   QUANTIZE_MODE         int8 (default) | fp8; the output name follows it: yolov10m-<mode>-qdq.onnx
+#   OUTPUT_NAME           override the output file name
+#   OVERWRITE=1           replace an existing output
+set -euo pipefail
+
+: "${RUN_ROOT:?RUN_ROOT is required (e.g. tmp/yolov10m_lowbit/<run-id>)}"
+: "${CALIB_PATH:?CALIB_PATH is required (the .npy from make_yolov10m_calib_npy.py)}"
+ONNX_PATH="${ONNX_PATH:-models/cv-models/yolov10m/checkpoints/yolov10m.onnx}"
+QUANTIZE_MODE="${QUANTIZE_MODE:-int8}"
+OUTPUT_NAME="${OUTPUT_NAME:-yolov10m-${QUANTIZE_MODE}-qdq.onnx}"
+PYTHON="${PYTHON:-python}"
+
+args=(
+  --onnx-path "$ONNX_PATH"
+  --calib-path "$CALIB_PATH"
+  --output-path "$RUN_ROOT/onnx/$OUTPUT_NAME"
+  --quantize-mode "$QUANTIZE_MODE"
+  --calibration-eps ${CALIBRATION_EPS:-cpu}
+  --high-precision-dtype "${HIGH_PRECISION_DTYPE:-fp32}"
+)
+[[ -n "${CALIBRATION_METHOD:-}" ]] && args+=(--calibration-method "$CALIBRATION_METHOD")
+case "${USE_ZERO_POINT:-False}" in
+  True|true|1|yes) args+=(--use-zero-point) ;;
+  False|false|0|no|"") args+=(--no-use-zero-point) ;;
+  *) echo "error: USE_ZERO_POINT='$USE_ZERO_POINT' (choose from True, False)" >&2; exit 2 ;;
+esac
+[[ -n "${NODES_TO_EXCLUDE:-}" ]] && args+=(--nodes-to-exclude ${NODES_TO_EXCLUDE//,/ })
+[[ -n "${EXCLUDE_JSON:-}" ]] && args+=(--exclude-json "$EXCLUDE_JSON")
+if [[ "${PASSES:-concat_elimination}" == "none" ]]; then args+=(--passes); else args+=(--passes ${PASSES:-concat_elimination}); fi
+[[ "${OVERWRITE:-0}" == "1" ]] && args+=(--overwrite)
+
+echo "+ $PYTHON scripts/cv-models/quantize_yolov10m_onnx.py ${args[*]}" >&2
+exec "$PYTHON" "$(dirname "$0")/quantize_yolov10m_onnx.py" "${args[@]}"
