@@ -1,0 +1,158 @@
+"""Build the calibration tensor (float32 NCHW .npy) from an image list, with the evaluator's preprocessing.
+
+Each image goes through ``lowbit.preprocess`` -- the same letterbox the COCO evaluator uses -- and
+is streamed into a memory-mapped .npy, so memory stays flat however many images the list has.
+A sidecar ``<out>.json`` records the list's sha256, the resolved image paths, N, the shape and
+per-channel mean/std. Any missing or unreadable image is reported together with all the others in
+one error, and nothing is written.
+
+Example::
+
+    python scripts/cv-models/make_yolov10m_calib_npy.py \
+        --list datasets/quantize-calib/quant100.txt \
+        --out tmp/yolov10m_lowbit/run/calib/calib_yolov10m_640.npy --imgsz 640
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from lowbit.logs import setup_logging
+from lowbit.preprocess import iter_prepared
+from lowbit.runs import (
+    REPO_ROOT,
+    UserError,
+    atomic_write_json,
+    check_input_file,
+    cli_entry,
+    manifest_run,
+    refuse_overwrite,
+    sha256_file,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        allow_abbrev=False,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--list",
+        type=Path,
+        required=True,
+        help="text file, one image path per line; relative paths resolve against the repo root, then the list's folder",
+    )
+    parser.add_argument("--out", type=Path, required=True, help="output .npy, float32 [N,3,imgsz,imgsz]")
+    parser.add_argument("--imgsz", type=int, default=640, help="square model input side in pixels")
+    parser.add_argument("--max-images", type=int, default=None, help="use only the first N listed images")
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="image decode threads")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    return parser
+
+
+def read_image_list(list_path: Path) -> list[tuple[str, Path]]:
+    """``(line as written, resolved path)`` for each entry; blank lines and ``#`` comments are skipped.
+
+    A relative entry is tried against the repository root first (lists are committed with
+    repo-relative paths), then against the list's own folder.
+    """
+    entries = []
+    for raw in list_path.read_text().splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        path = Path(line).expanduser()
+        if not path.is_absolute():
+            in_repo = REPO_ROOT / path
+            path = in_repo if in_repo.exists() else (list_path.parent / path)
+        entries.append((line, path))
+    return entries
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    list_path = check_input_file(args.list, "--list")
+    if args.imgsz < 32 or args.imgsz % 32:
+        raise UserError(f"--imgsz must be a positive multiple of 32, got {args.imgsz}")
+    if args.max_images is not None and args.max_images < 1:
+        raise UserError(f"--max-images must be >= 1, got {args.max_images}")
+    out: Path = args.out
+    if out.suffix != ".npy":
+        raise UserError(f"--out: {out} must end in .npy")
+    refuse_overwrite(out, args.overwrite)
+    entries = read_image_list(list_path)
+    if not entries:
+        raise UserError(f"--list: {list_path} lists no images")
+    if args.max_images is not None:
+        entries = entries[: args.max_images]
+    missing = [line for line, path in entries if not path.is_file()]
+    if missing:
+        raise UserError(f"--list: {len(missing)} listed image(s) not found: {', '.join(missing)}")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sidecar = out.with_suffix(".json")
+    manifest_path = out.with_suffix(".manifest.json")
+    logger = setup_logging(out.with_suffix(".log"))
+    n = len(entries)
+    shape = (n, 3, args.imgsz, args.imgsz)
+    logger.info("calibration tensor %s from %d images of %s", list(shape), n, list_path)
+
+    from tqdm import tqdm
+
+    tmp = out.with_name(f".{out.name}.partial.npy")
+    with manifest_run(manifest_path, "make_yolov10m_calib_npy.py", vars(args)) as manifest:
+        list_sha = manifest.add_input(list_path)
+        data = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+        channel_sum = np.zeros(3, np.float64)
+        channel_sq = np.zeros(3, np.float64)
+        unreadable: list[str] = []
+        try:
+            items = [(i, path) for i, (_, path) in enumerate(entries)]
+            for prepared in tqdm(iter_prepared(items, args.imgsz, workers=args.workers), total=n, desc="calib", unit="img"):
+                if prepared.error is not None:
+                    unreadable.append(f"{prepared.path} ({prepared.error.reason})")
+                    continue
+                data[prepared.key] = prepared.chw
+                channel_sum += prepared.chw.sum(axis=(1, 2), dtype=np.float64)
+                channel_sq += np.square(prepared.chw, dtype=np.float64).sum(axis=(1, 2))
+            if unreadable:
+                raise UserError(f"--list: {len(unreadable)} image(s) could not be read: {'; '.join(unreadable)}")
+            data.flush()
+            del data
+            os.replace(tmp, out)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+        count = n * args.imgsz * args.imgsz
+        mean = channel_sum / count
+        std = np.sqrt(np.maximum(channel_sq / count - mean**2, 0.0))
+        info = {
+            "list": str(list_path),
+            "list_sha256": list_sha,
+            "images": [str(path) for _, path in entries],
+            "num_images": n,
+            "shape": list(shape),
+            "dtype": "float32",
+            "layout": "NCHW, RGB, /255, letterboxed (pad 114) by lowbit.preprocess",
+            "imgsz": args.imgsz,
+            "channel_mean": [round(float(v), 6) for v in mean],
+            "channel_std": [round(float(v), 6) for v in std],
+            "npy_sha256": sha256_file(out),
+        }
+        atomic_write_json(sidecar, info)
+        manifest.add_output("calib", out)
+        manifest.add_output("sidecar", sidecar)
+        manifest.update(num_images=n, shape=list(shape))
+    print(f"calibration tensor: {out} {list(shape)} float32; channel mean {info['channel_mean']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
