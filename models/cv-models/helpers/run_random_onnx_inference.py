@@ -1,0 +1,262 @@
+"""Random-tensor smoke test of an ONNX model on ONNX Runtime: does it load, run, and give finite outputs?
+
+Feeds seeded random inputs (floats uniform in [0, 1), the range of a normalized image) to the
+model on the requested execution providers, and writes into a new run directory under
+--output-root:
+
+* ``smoke.json``: per output name/shape/dtype/min/max/mean/std (over finite elements) and
+  NaN/Inf counts; latency of every timed run in ms; the providers ONNX Runtime actually
+  assigned with their options; session config; package versions; the model's sha256;
+* ``manifest.json`` (status ``ok``, or ``failed`` with the reason) and ``run.log``.
+
+Exit status: 0 ok; 1 when an output holds NaN or Inf (smoke.json is still written, manifest
+``failed``); 2 for bad input (missing file, dangling symlink, not ONNX, unavailable provider,
+non-static input dims without --input-shape).
+
+Example (the model card's command; add --providers TensorrtExecutionProvider CUDAExecutionProvider
+--disable-cpu-fallback to run on the GPU only):
+    python models/cv-models/helpers/run_random_onnx_inference.py \
+        --model models/cv-models/yolov10m/checkpoints/yolov10m.onnx \
+        --output-root tmp/yolov10m_lowbit/baseline-onnx
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from lowbit.logs import get_logger, setup_logging
+from lowbit.onnx_stats import graph_inputs, load_model_proto, parse_input_shapes, resolve_input_shapes
+from lowbit.ort_session import CPU, build_session, check_providers
+from lowbit.runs import (
+    UserError,
+    atomic_write_json,
+    check_input_file,
+    cli_entry,
+    manifest_run,
+    new_run_dir,
+    package_versions,
+    resolve_repo_path,
+)
+
+log = get_logger("run_random_onnx_inference")
+
+SCRIPT = "models/cv-models/helpers/run_random_onnx_inference.py"
+
+
+class NonFiniteOutputs(Exception):
+    """A model output holds NaN or Inf values."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        allow_abbrev=False,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--model", type=Path, required=True, help="the .onnx file (a symlink is followed)")
+    parser.add_argument(
+        "--output-root", type=Path, required=True, help="a new run directory is created under this directory"
+    )
+    parser.add_argument(
+        "--providers",
+        nargs="+",
+        default=[CPU],
+        metavar="PROVIDER",
+        help="ONNX Runtime execution providers in priority order, e.g. "
+        "TensorrtExecutionProvider CUDAExecutionProvider",
+    )
+    parser.add_argument(
+        "--disable-cpu-fallback",
+        action="store_true",
+        help="fail instead of running any node on the CPU EP (do not list CPUExecutionProvider then)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    parser.add_argument("--runs", type=int, default=10, help="timed inference runs (>= 1)")
+    parser.add_argument("--warmup-runs", type=int, default=2, help="untimed runs before the timed ones (>= 0)")
+    parser.add_argument("--batch", type=int, default=1, help="size used for symbolic batch (first) input dims")
+    parser.add_argument(
+        "--input-shape",
+        nargs="+",
+        default=None,
+        metavar="NAME=D0,D1,...",
+        help="shape for inputs with symbolic non-batch dims, e.g. images=1,3,640,640 "
+        "(the name may be left out for a one-input model)",
+    )
+    parser.add_argument("--verbose", action="store_true", help="debug logging on the console")
+    return parser
+
+
+def random_inputs(session, shapes: dict[str, list[int]], seed: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Seeded random feeds for every session input, and a description of each.
+
+    Floats are uniform in [0, 1); integers uniform in [0, 10); bools fair coin flips.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    feeds: dict[str, Any] = {}
+    described = []
+    for spec in session.get_inputs():
+        shape = shapes[spec.name]
+        ort_type = spec.type  # e.g. "tensor(float)"
+        if ort_type in ("tensor(float)", "tensor(double)", "tensor(float16)", "tensor(bfloat16)"):
+            dtype = {"tensor(double)": np.float64, "tensor(float16)": np.float16}.get(ort_type, np.float32)
+            value = rng.random(shape, dtype=np.float32).astype(dtype)
+            distribution = "uniform[0,1)"
+        elif ort_type == "tensor(bool)":
+            value = rng.random(shape) < 0.5
+            distribution = "bernoulli(0.5)"
+        elif ort_type.startswith("tensor(int") or ort_type.startswith("tensor(uint"):
+            dtype = np.dtype(ort_type[len("tensor(") : -1])
+            value = rng.integers(0, 10, size=shape).astype(dtype)
+            distribution = "integers[0,10)"
+        else:
+            raise UserError(f"--model: input {spec.name!r} has type {ort_type}, which this smoke test cannot fill")
+        feeds[spec.name] = value
+        described.append({"name": spec.name, "type": ort_type, "shape": list(shape), "distribution": distribution})
+    return feeds, described
+
+
+def output_stats(name: str, value) -> dict[str, Any]:
+    """Shape, dtype, NaN/Inf counts and min/max/mean/std over the finite elements of one output."""
+    import numpy as np
+
+    array = np.asarray(value)
+    result: dict[str, Any] = {"name": name, "shape": list(array.shape), "dtype": str(array.dtype)}
+    if array.dtype.kind in "fc":
+        nan_count = int(np.isnan(array).sum())
+        inf_count = int(np.isinf(array).sum())
+        finite = array[np.isfinite(array)].astype(np.float64)
+    elif array.dtype.kind in "iub":
+        nan_count = inf_count = 0
+        finite = array.astype(np.float64).ravel()
+    else:  # strings/objects: nothing numeric to summarize
+        return {**result, "min": None, "max": None, "mean": None, "std": None, "nan_count": 0, "inf_count": 0}
+    empty = finite.size == 0
+    result.update(
+        {
+            "min": None if empty else float(finite.min()),
+            "max": None if empty else float(finite.max()),
+            "mean": None if empty else float(finite.mean()),
+            "std": None if empty else float(finite.std()),
+            "nan_count": nan_count,
+            "inf_count": inf_count,
+        }
+    )
+    return result
+
+
+def latency_summary(latencies_ms: list[float]) -> dict[str, Any]:
+    ordered = sorted(latencies_ms)
+    return {
+        "runs": [round(t, 4) for t in latencies_ms],
+        "mean": statistics.fmean(ordered),
+        "p50": statistics.median(ordered),
+        "min": ordered[0],
+        "max": ordered[-1],
+        "std": statistics.pstdev(ordered),
+    }
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(verbose=args.verbose)
+
+    # Every check that needs no session happens before the run directory exists.
+    model = check_input_file(resolve_repo_path(args.model), "--model")
+    minimums = (("--runs", args.runs, 1), ("--warmup-runs", args.warmup_runs, 0), ("--batch", args.batch, 1))
+    for flag, value, low in minimums:
+        if value < low:
+            raise UserError(f"{flag} must be >= {low}, got {value}")
+    proto = load_model_proto(model, "--model")
+    shapes, batch_assumed_for = resolve_input_shapes(
+        graph_inputs(proto), parse_input_shapes(args.input_shape), args.batch
+    )
+    del proto
+    check_providers(list(args.providers), args.disable_cpu_fallback)
+
+    run_dir = new_run_dir(args.output_root)
+    setup_logging(run_dir / "run.log", verbose=args.verbose)
+    log.info("run directory %s", run_dir)
+    try:
+        smoke = _smoke(args, argv, model, shapes, batch_assumed_for, run_dir)
+    except NonFiniteOutputs as exc:
+        log.debug("%s", exc)  # run.log only: the console gets the one error line below
+        print(f"error: {exc} (details in {run_dir / 'smoke.json'})", file=sys.stderr)
+        return 1
+    latency = smoke["latency_ms"]
+    print(
+        f"ok: {model} on {', '.join(smoke['providers_used'])}: "
+        + "; ".join(f"{o['name']} {o['shape']} range [{_num(o['min'])}, {_num(o['max'])}]" for o in smoke["outputs"])
+        + f"; latency p50 {latency['p50']:.2f} ms over {args.runs} runs -> {run_dir}"
+    )
+    return 0
+
+
+def _smoke(args, argv, model: Path, shapes, batch_assumed_for, run_dir: Path) -> dict[str, Any]:
+    import onnxruntime as ort
+
+    with manifest_run(run_dir / "manifest.json", SCRIPT, vars(args), argv) as manifest:
+        model_sha256 = manifest.add_input(model)
+        session, info = build_session(
+            model, list(args.providers), args.disable_cpu_fallback, cache_dir=run_dir / "ort_cache"
+        )
+        log.info("providers used: %s", ", ".join(info["providers_used"]))
+        feeds, inputs = random_inputs(session, shapes, args.seed)
+
+        for _ in range(args.warmup_runs):
+            session.run(None, feeds)
+        latencies_ms = []
+        outputs = None
+        for _ in range(args.runs):
+            start = time.perf_counter()
+            outputs = session.run(None, feeds)
+            latencies_ms.append((time.perf_counter() - start) * 1000.0)
+
+        stats = [output_stats(spec.name, value) for spec, value in zip(session.get_outputs(), outputs)]
+        non_finite = [s["name"] for s in stats if s["nan_count"] or s["inf_count"]]
+        smoke = {
+            "status": "failed" if non_finite else "ok",
+            "model": str(model),
+            "model_resolved": os.path.realpath(model),
+            "model_sha256": model_sha256,
+            "providers_requested": list(args.providers),
+            "providers_used": info["providers_used"],
+            "provider_options": info["provider_options"],
+            "session_config": info["session_config"],
+            "session": {k: v for k, v in info.items() if k not in ("provider_options", "session_config")},
+            "disable_cpu_fallback": args.disable_cpu_fallback,
+            "seed": args.seed,
+            "warmup_runs": args.warmup_runs,
+            "inputs": inputs,
+            "batch_assumed_for": batch_assumed_for,
+            "outputs": stats,
+            "non_finite_outputs": non_finite,
+            "latency_ms": latency_summary(latencies_ms),
+            "onnxruntime": {"version": ort.__version__, "device": ort.get_device()},
+            "versions": package_versions(),
+        }
+        atomic_write_json(run_dir / "smoke.json", smoke)
+        manifest.add_output("smoke", run_dir / "smoke.json")
+        manifest.update(providers_used=info["providers_used"], non_finite_outputs=non_finite)
+        if non_finite:
+            counts = ", ".join(
+                f"{s['name']} ({s['nan_count']} NaN, {s['inf_count']} Inf)" for s in stats if s["name"] in non_finite
+            )
+            raise NonFiniteOutputs(f"non-finite values in model outputs: {counts}")
+    return smoke
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
