@@ -1,0 +1,672 @@
+"""Per-node quantization sensitivity measured on the ONNX graph itself, and the report format it shares.
+
+Three parts, used by ``onnx_layer_sensitivity.py`` and ``make_yolov10m_candidate_schemes.py``:
+
+* **Local error of each quantized node.** Given a Q/DQ model (ModelOpt output) the FP32 graph is
+  recovered by bypassing every QuantizeLinear -> DequantizeLinear pair. For each node that consumes
+  a dequantized tensor (a Conv with quantized input and weight, an Add, a Concat, ...) a *shadow*
+  copy is added that reads the FP32 graph's own input tensors through copies of that node's Q/DQ
+  pairs (same scales, zero points, axes). Both outputs are reduced in-graph to two scalars,
+  ``sum((y_qdq - y_fp)^2)`` and ``sum(y_fp^2)``. One ONNX Runtime pass per image therefore scores
+  every node at once, and only scalars leave the session, so memory stays that of one forward pass.
+  Because each shadow node sees the *FP32* activations, its error is the error that node adds when
+  quantized, not the error it inherits from quantized layers upstream. The score is the relative
+  MSE pooled over images, ``sum_images sse / sum_images ref`` (higher = more sensitive; the SQNR in
+  dB is ``-10 log10(score)``). It is a local measure: it does not say how much of the error survives
+  to the detector's output.
+* **The layer-sensitivity report** (``layer-sensitivity-report.json`` + ``.csv`` + ``.md``), the
+  format shared with the torch sweep: ``schema_version``, ``source``, ``model``, ``model_sha256``,
+  ``precision``, ``quant_format``, ``method``, ``data``, ``device``, ``wall_s`` and ``layers``
+  (``rank``, ``name``, ``op_type``, ``weight``, ``onnx_node``, ``score``), ranked 1 = most sensitive.
+* **Matching report layers to ONNX nodes** (:class:`NodeMatcher`) and comparing two rankings
+  (:func:`compare_reports`: Spearman rank correlation and top-K overlap over the matched layers).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from lowbit.logs import get_logger
+from lowbit.runs import UserError, atomic_write_json, atomic_write_text
+
+log = get_logger("sensitivity_onnx")
+
+REPORT_SCHEMA_VERSION = 1
+REPORT_STEM = "layer-sensitivity-report"
+AGREEMENT_FILE = "ranking-agreement.json"
+PRECISIONS = ("int8", "fp8")
+QUANT_FORMATS = {"int8": "int8-int8", "fp8": "fp8-fp8"}
+LAYER_KEYS = ("rank", "name", "op_type", "weight", "onnx_node", "score")
+METHOD_NAME = "onnx_local_qdq_error"
+METHOD_SCORE = "local_rel_mse"
+METHOD_DESCRIPTION = (
+    "Per quantized node of the ModelOpt Q/DQ graph: the node is run twice on the FP32 model's own input "
+    "activations, once as in the FP32 graph and once through copies of its own QuantizeLinear/DequantizeLinear "
+    "pairs (calibrated activation scale, quantized weights). The score is the relative MSE of its output, "
+    "sum over images of ||y_qdq - y_fp32||^2 divided by the sum of ||y_fp32||^2: the error the node itself "
+    "introduces when quantized, not the error it inherits from upstream layers. Local: it does not measure how "
+    "the error propagates to the detector output. SQNR (dB) = -10*log10(score)."
+)
+
+_QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+# Ops a weight initializer may pass through on its way to the compute node that uses it.
+_PASS_THROUGH_OPS = ("QuantizeLinear", "DequantizeLinear", "Cast", "Identity")
+# Torch module types (as a report may spell them) -> ONNX op types they export to.
+_TORCH_TO_ONNX_OPS = {
+    "conv": ("Conv",),
+    "conv2d": ("Conv",),
+    "conv1d": ("Conv",),
+    "quantconv2d": ("Conv",),
+    "convtranspose2d": ("ConvTranspose",),
+    "linear": ("Gemm", "MatMul"),
+    "quantlinear": ("Gemm", "MatMul"),
+}
+_OP_SUFFIX = re.compile(r"^(?P<op>[A-Za-z][A-Za-z0-9]*?)(?:_\d+)?$")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Q/DQ graph analysis
+
+
+@dataclass
+class QDQPair:
+    """One QuantizeLinear -> DequantizeLinear pair (``quantize`` is None for a DQ of a stored constant)."""
+
+    dequantize: onnx.NodeProto
+    quantize: onnx.NodeProto | None
+    float_input: str  # the FP32 tensor the pair quantizes (or the DQ output itself when there is no Q)
+
+
+@dataclass
+class QuantizedNode:
+    """A compute node of the Q/DQ graph that reads at least one dequantized tensor."""
+
+    name: str
+    op_type: str
+    index: int  # position in the Q/DQ graph's node list
+    quantized_inputs: list[int] = field(default_factory=list)  # input positions fed by a DQ
+    weight: str | None = None  # float weight initializer behind a quantized input, if any
+
+
+def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    return {out: node for node in graph.node for out in node.output if out}
+
+
+def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    table: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            if name:
+                table.setdefault(name, []).append(node)
+    return table
+
+
+def qdq_pairs(graph: onnx.GraphProto) -> dict[str, QDQPair]:
+    """Every DequantizeLinear of ``graph`` keyed by its output tensor name."""
+    producers = _producers(graph)
+    pairs: dict[str, QDQPair] = {}
+    for node in graph.node:
+        if node.op_type != "DequantizeLinear":
+            continue
+        source = producers.get(node.input[0])
+        if source is not None and source.op_type == "QuantizeLinear":
+            pairs[node.output[0]] = QDQPair(node, source, source.input[0])
+        else:
+            pairs[node.output[0]] = QDQPair(node, None, node.output[0])
+    return pairs
+
+
+def find_quantized_nodes(graph: onnx.GraphProto) -> list[QuantizedNode]:
+    """Compute nodes (anything but Q/DQ) with at least one input produced by a DequantizeLinear, in graph order."""
+    pairs = qdq_pairs(graph)
+    initializers = {init.name for init in graph.initializer}
+    nodes = []
+    for index, node in enumerate(graph.node):
+        if node.op_type in _QDQ_OPS:
+            continue
+        positions = [i for i, name in enumerate(node.input) if name in pairs]
+        if not positions:
+            continue
+        weight = None
+        for i in positions:
+            source = pairs[node.input[i]].float_input
+            if source in initializers:
+                weight = source
+                break
+        nodes.append(QuantizedNode(node.name, node.op_type, index, positions, weight))
+    return nodes
+
+
+def _float_graph_nodes(
+    graph: onnx.GraphProto, pairs: dict[str, QDQPair]
+) -> tuple[list[onnx.NodeProto], list[int], dict[str, str]]:
+    """Nodes of the FP32 graph behind a Q/DQ graph: Q->DQ pairs removed, their consumers read the float tensor.
+
+    Returns:
+        ``(nodes, indices, bypass)``: copies of the kept nodes in graph order, their indices in ``graph.node``,
+        and the map DQ output -> float tensor.
+    """
+    bypass = {out: pair.float_input for out, pair in pairs.items() if pair.quantize is not None}
+    consumers = _consumers(graph)
+    removable_q = set()
+    for pair in pairs.values():
+        q = pair.quantize
+        if q is None:
+            continue
+        if all(c.op_type == "DequantizeLinear" and c.output[0] in bypass for c in consumers[q.output[0]]):
+            removable_q.add(q.output[0])
+    kept, indices = [], []
+    for index, node in enumerate(graph.node):
+        if node.op_type == "DequantizeLinear" and node.output[0] in bypass:
+            continue
+        if node.op_type == "QuantizeLinear" and node.output[0] in removable_q:
+            continue
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        for i, name in enumerate(copy.input):
+            if name in bypass:
+                copy.input[i] = bypass[name]
+        kept.append(copy)
+        indices.append(index)
+    return kept, indices, bypass
+
+
+def build_local_error_model(qdq_model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[QuantizedNode], list[str]]:
+    """The FP32 graph of ``qdq_model`` plus one shadow (Q/DQ-input) copy and two error scalars per quantized node.
+
+    Graph outputs: the original outputs (``reference_outputs``, to check the recovered FP32 graph against
+    the original model), then for node ``k`` of the returned list ``__sens_sse_{k}`` = sum of squared
+    differences between the shadow and the FP32 output, and ``__sens_ref_{k}`` = sum of squares of the
+    FP32 output (float32 scalars, first output of the node only).
+
+    Args:
+        qdq_model: a Q/DQ model whose non-quantized tensors are float32 (ModelOpt ``high_precision_dtype=fp32``).
+
+    Returns:
+        ``(model, nodes, reference_outputs)``.
+
+    Raises:
+        UserError: the graph has no quantized node, or its Q/DQ scales are not float32.
+    """
+    graph = qdq_model.graph
+    pairs = qdq_pairs(graph)
+    nodes = find_quantized_nodes(graph)
+    if not nodes:
+        raise UserError("the Q/DQ model has no node that reads a dequantized tensor; nothing to score")
+    initializer_types = {init.name: init.data_type for init in graph.initializer}
+    for pair in pairs.values():
+        scale = pair.dequantize.input[1]
+        if initializer_types.get(scale, onnx.TensorProto.FLOAT) != onnx.TensorProto.FLOAT:
+            raise UserError(
+                f"Q/DQ scale {scale!r} is not float32: score models quantized with high precision fp32 "
+                "(quantize_yolov10m_onnx.py --high-precision-dtype fp32)"
+            )
+
+    float_nodes, kept_indices, bypass = _float_graph_nodes(graph, pairs)
+    position = {original: i for i, original in enumerate(kept_indices)}  # Q/DQ-graph index -> float-graph index
+
+    shadow_qdq: dict[str, str] = {}  # DQ output -> shadow DQ output (shared by every shadow consumer)
+    insert_after: dict[int, list[onnx.NodeProto]] = {}
+    outputs = []
+    for k, qnode in enumerate(nodes):
+        original = graph.node[qnode.index]
+        where = position[qnode.index]
+        group: list[onnx.NodeProto] = []
+        inputs = list(original.input)
+        for i in qnode.quantized_inputs:
+            dq_out = original.input[i]
+            pair = pairs[dq_out]
+            if pair.quantize is None:
+                continue  # a stored quantized constant: FP32 graph and shadow read the same dequantized value
+            if dq_out not in shadow_qdq:
+                q_copy = onnx.NodeProto()
+                q_copy.CopyFrom(pair.quantize)
+                q_copy.name = f"{pair.quantize.name}__sens"
+                q_copy.input[0] = pair.float_input
+                q_copy.output[0] = f"{pair.quantize.output[0]}__sens"
+                dq_copy = onnx.NodeProto()
+                dq_copy.CopyFrom(pair.dequantize)
+                dq_copy.name = f"{pair.dequantize.name}__sens"
+                dq_copy.input[0] = q_copy.output[0]
+                dq_copy.output[0] = f"{dq_out}__sens"
+                group += [q_copy, dq_copy]
+                shadow_qdq[dq_out] = dq_copy.output[0]
+            inputs[i] = shadow_qdq[dq_out]
+        # Inputs that were not quantized for this node keep reading the float graph's tensors.
+        inputs = [name if j in qnode.quantized_inputs else bypass.get(name, name) for j, name in enumerate(inputs)]
+        shadow = onnx.NodeProto()
+        shadow.CopyFrom(original)
+        shadow.name = f"{original.name}__sens"
+        del shadow.input[:]
+        shadow.input.extend(inputs)
+        del shadow.output[:]
+        shadow.output.extend(f"{out}__sens" if out else "" for out in original.output)
+        reference = original.output[0]
+        diff = f"__sens_diff_{k}"
+        sse, ref = f"__sens_sse_{k}", f"__sens_ref_{k}"
+        group += [
+            shadow,
+            helper.make_node("Sub", [shadow.output[0], reference], [diff], name=f"__sens_sub_{k}"),
+            helper.make_node("ReduceSumSquare", [diff], [sse], name=f"__sens_sse_{k}", keepdims=0),
+            helper.make_node("ReduceSumSquare", [reference], [ref], name=f"__sens_ref_{k}", keepdims=0),
+        ]
+        insert_after.setdefault(where, []).extend(group)
+        outputs += [sse, ref]
+
+    ordered: list[onnx.NodeProto] = []
+    for i, node in enumerate(float_nodes):
+        ordered.append(node)
+        ordered.extend(insert_after.get(i, []))
+
+    reference_outputs = []
+    extra_nodes = []
+    for out in graph.output:
+        name = out.name
+        if name in bypass:  # a graph output that was itself dequantized: expose the float tensor under its name
+            extra_nodes.append(helper.make_node("Identity", [bypass[name]], [name], name=f"{name}__sens_identity"))
+        reference_outputs.append(name)
+
+    new_graph = helper.make_graph(
+        ordered + extra_nodes,
+        f"{graph.name}_local_error",
+        list(graph.input),
+        list(graph.output)
+        + [helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, []) for name in outputs],
+        initializer=list(graph.initializer),
+    )
+    model = helper.make_model(new_graph, opset_imports=list(qdq_model.opset_import))
+    model.ir_version = qdq_model.ir_version
+    return model, nodes, reference_outputs
+
+
+def local_error_session(model: onnx.ModelProto, providers: list[str], intra_op_threads: int = 0):
+    """ONNX Runtime session for a :func:`build_local_error_model` graph.
+
+    ORT's QDQ transformers are disabled (``session.disable_quant_qdq=1``) for INT8 and FP8 alike: the
+    Q/DQ pairs then run as written, which is the simulation TensorRT's explicit quantization follows,
+    and FP8 Q/DQ graphs need it on CPU anyway (see ``lowbit.ort_session``).
+    """
+    import onnxruntime as ort
+
+    from lowbit.ort_session import CFG_DISABLE_QUANT_QDQ
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if intra_op_threads:
+        options.intra_op_num_threads = int(intra_op_threads)
+    options.add_session_config_entry(CFG_DISABLE_QUANT_QDQ, "1")
+    return ort.InferenceSession(model.SerializeToString(), options, providers=list(providers))
+
+
+def score_local_errors(
+    session, nodes: list[QuantizedNode], images: Iterable[np.ndarray], input_name: str
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Run ``images`` (each float32 [1,3,H,W]) and pool the per-node error sums.
+
+    Returns:
+        ``(sse, ref, count)``: float64 arrays of length ``len(nodes)`` (sums over images) and the image count.
+    """
+    names = [f"__sens_sse_{k}" for k in range(len(nodes))] + [f"__sens_ref_{k}" for k in range(len(nodes))]
+    sse = np.zeros(len(nodes), dtype=np.float64)
+    ref = np.zeros(len(nodes), dtype=np.float64)
+    count = 0
+    for image in images:
+        values = session.run(names, {input_name: image})
+        sse += np.asarray(values[: len(nodes)], dtype=np.float64)
+        ref += np.asarray(values[len(nodes) :], dtype=np.float64)
+        count += 1
+    return sse, ref, count
+
+
+def relative_mse(sse: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """``sse / ref``; an all-zero FP32 output scores 0 when matched exactly, else the largest float (finite)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(ref > 0, sse / ref, np.where(sse > 0, np.finfo(np.float64).max, 0.0))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The report
+
+
+def rank_layers(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Sort by score (descending; ties keep input order) and number ranks from 1, keys in schema order."""
+    order = sorted(range(len(entries)), key=lambda i: (-float(entries[i]["score"]), i))
+    return [
+        {key: (rank if key == "rank" else entries[i].get(key)) for key in LAYER_KEYS}
+        for rank, i in enumerate(order, 1)
+    ]
+
+
+def make_report(
+    *,
+    source: str,
+    model: Path,
+    model_sha256: str,
+    precision: str,
+    method: dict[str, Any],
+    data: dict[str, Any],
+    device: str,
+    wall_s: float,
+    layers: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """A report dict with the shared schema's keys in order; ``layers`` must already be ranked."""
+    return {
+        "schema_version": REPORT_SCHEMA_VERSION,
+        "source": source,
+        "model": str(model),
+        "model_sha256": model_sha256,
+        "precision": precision,
+        "quant_format": QUANT_FORMATS[precision],
+        "method": method,
+        "data": data,
+        "device": device,
+        "wall_s": round(float(wall_s), 3),
+        "layers": layers,
+    }
+
+
+def report_paths(out_dir: Path) -> dict[str, Path]:
+    return {ext: Path(out_dir) / f"{REPORT_STEM}.{ext}" for ext in ("json", "csv", "md")}
+
+
+def format_csv(report: dict[str, Any]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(LAYER_KEYS)
+    for layer in report["layers"]:
+        # repr() keeps every digit of the score, so the CSV ranks exactly like the JSON
+        writer.writerow(
+            ["" if layer[k] is None else (repr(layer[k]) if k == "score" else layer[k]) for k in LAYER_KEYS]
+        )
+    return buffer.getvalue()
+
+
+def format_markdown(report: dict[str, Any]) -> str:
+    method = report["method"]
+    lines = [
+        f"# Layer sensitivity ({report['source']}, {report['quant_format']})",
+        "",
+        f"- model: `{report['model']}` (sha256 `{report['model_sha256'][:12]}`)",
+        f"- method: `{method['name']}`, score `{method['score']}` (higher = more sensitive)",
+        f"- data: {report['data'].get('images')} images from `{report['data'].get('source')}` "
+        f"at {report['data'].get('imgsz')} px; device {report['device']}; {report['wall_s']:.1f} s",
+        "",
+        method["description"],
+        "",
+        "| rank | name | op_type | weight | onnx_node | score |",
+        "| ---: | --- | --- | --- | --- | ---: |",
+    ]
+    for layer in report["layers"]:
+        cells = ["" if layer[k] is None else str(layer[k]) for k in ("name", "op_type", "weight", "onnx_node")]
+        text = " | ".join(f"`{c}`" if c else "" for c in cells)
+        lines.append(f"| {layer['rank']} | {text} | {layer['score']:.4g} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out_dir: Path, report: dict[str, Any]) -> dict[str, Path]:
+    """Write the JSON, CSV and Markdown tables atomically; returns their paths. JSON last: it marks completion."""
+    paths = report_paths(out_dir)
+    atomic_write_text(paths["csv"], format_csv(report))
+    atomic_write_text(paths["md"], format_markdown(report))
+    atomic_write_json(paths["json"], report)
+    return paths
+
+
+def load_report(path: Path, flag: str) -> dict[str, Any]:
+    """Read and validate a layer-sensitivity report; ``layers`` come back sorted by rank.
+
+    Raises:
+        UserError naming ``flag`` when the file is not a report of the shared schema.
+    """
+    try:
+        report = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{flag}: {path} is not a readable JSON file ({e})") from e
+    if not isinstance(report, dict) or not isinstance(report.get("layers"), list):
+        raise UserError(f"{flag}: {path} has no 'layers' list; expected a {REPORT_STEM}.json")
+    if report.get("schema_version") != REPORT_SCHEMA_VERSION:
+        raise UserError(
+            f"{flag}: {path} has schema_version {report.get('schema_version')!r}; expected {REPORT_SCHEMA_VERSION}"
+        )
+    layers = report["layers"]
+    if not layers:
+        raise UserError(f"{flag}: {path} ranks no layers")
+    for i, layer in enumerate(layers):
+        if not (isinstance(layer, dict) and isinstance(layer.get("name"), str) and isinstance(layer.get("rank"), int)):
+            raise UserError(f"{flag}: {path} layer #{i} lacks a string 'name' or an integer 'rank'")
+    ranks = sorted(layer["rank"] for layer in layers)
+    if ranks != list(range(1, len(layers) + 1)):
+        raise UserError(f"{flag}: {path} ranks are not 1..{len(layers)} without gaps or repeats")
+    report["layers"] = sorted(layers, key=lambda layer: layer["rank"])
+    return report
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Report layer -> ONNX node
+
+
+def scope_key(node_name: str) -> tuple[str, str] | None:
+    """``(torch module name, op type)`` encoded in a torch-exported ONNX node name, or None.
+
+    The exporter names a node ``/<scope>/<scope>/.../<Op>[_n]``; a container's scope is followed by
+    its children's scopes that repeat its name (``/cv1/cv1.2/``), so a scope that is a prefix of the
+    next one is dropped: ``/model.22/m.0/cv1/cv1.2/conv/Conv`` -> ``("model.22.m.0.cv1.2.conv", "Conv")``
+    and ``/model.2/cv1/conv/Conv`` -> ``("model.2.cv1.conv", "Conv")``.
+    """
+    if not node_name.startswith("/"):
+        return None
+    parts = node_name[1:].split("/")
+    if len(parts) < 2:
+        return None
+    match = _OP_SUFFIX.match(parts[-1])
+    if match is None:
+        return None
+    scopes = parts[:-1]
+    kept = [s for i, s in enumerate(scopes) if not (i + 1 < len(scopes) and scopes[i + 1].startswith(s + "."))]
+    return ".".join(kept), match.group("op")
+
+
+@dataclass
+class Match:
+    """Where a report layer landed: ``node`` (None when unmatched), how (``via``), and why not (``reason``)."""
+
+    node: str | None
+    via: str | None
+    reason: str | None = None
+
+
+class NodeMatcher:
+    """Map report layers (torch module names or ONNX node names) to nodes of one ONNX graph.
+
+    Tried in order: the layer's ``onnx_node`` when it is a node of the graph; the weight initializer
+    (``weight``, else ``name + ".weight"``) followed through Q/DQ/Cast/Identity to the one compute node
+    that uses it; the torch-module-name convention (``model.2.cv1.conv`` <-> ``/model.2/cv1/conv/Conv``).
+    """
+
+    def __init__(self, model: onnx.ModelProto):
+        graph = model.graph
+        self.nodes = {node.name: node for node in graph.node if node.name}
+        self.order = {node.name: i for i, node in enumerate(graph.node) if node.name}
+        self.initializers = {init.name for init in graph.initializer}
+        self.initializers |= {n.output[0] for n in graph.node if n.op_type == "Constant"}
+        self._consumers = _consumers(graph)
+        self._scopes: dict[tuple[str, str], list[str]] = {}
+        for node in graph.node:
+            key = scope_key(node.name) if node.name else None
+            if key is not None and key[1] == node.op_type:
+                self._scopes.setdefault(key, []).append(node.name)
+
+    def weight_consumers(self, initializer: str) -> list[str]:
+        """Compute nodes fed by ``initializer``, looking through Q/DQ, Cast and Identity."""
+        found, frontier, seen = [], [initializer], set()
+        while frontier:
+            tensor = frontier.pop()
+            for node in self._consumers.get(tensor, []):
+                key = node.name or id(node)
+                if key in seen:
+                    continue
+                seen.add(key)
+                if node.op_type in _PASS_THROUGH_OPS:
+                    frontier.extend(node.output)
+                else:
+                    found.append(node.name)
+        return sorted(set(found), key=lambda n: self.order.get(n, 0))
+
+    def match(self, layer: dict[str, Any]) -> Match:
+        reasons = []
+        onnx_node = layer.get("onnx_node")
+        if onnx_node:
+            if onnx_node in self.nodes:
+                return Match(onnx_node, "onnx_node")
+            reasons.append(f"onnx_node {onnx_node!r} is not a node of the graph")
+        name = layer.get("name") or ""
+        if name in self.nodes:
+            return Match(name, "name")
+        weights = [w for w in (layer.get("weight"), None if "/" in name else f"{name}.weight") if w]
+        for weight in dict.fromkeys(weights):
+            if weight not in self.initializers:
+                reasons.append(f"no initializer {weight!r}")
+                continue
+            users = self.weight_consumers(weight)
+            if len(users) == 1:
+                return Match(users[0], "weight")
+            reasons.append(f"initializer {weight!r} feeds {len(users)} compute nodes")
+        if "/" not in name:
+            op_type = str(layer.get("op_type") or "")
+            wanted = _TORCH_TO_ONNX_OPS.get(op_type.lower(), (op_type,) if op_type else ())
+            candidates = [
+                node
+                for (qualname, op), names in self._scopes.items()
+                if qualname == name and (not wanted or op in wanted)
+                for node in names
+            ]
+            if len(candidates) == 1:
+                return Match(candidates[0], "name_convention")
+            reasons.append(
+                f"name convention: {len(candidates)} nodes for module {name!r}"
+                + (f" ({', '.join(candidates[:3])})" if candidates else "")
+            )
+        return Match(None, None, "; ".join(reasons) or "nothing to match on")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Comparing two rankings
+
+
+def spearman(ranks_a: list[float], ranks_b: list[float]) -> float | None:
+    """Spearman rank correlation of two paired lists (re-ranked, ties averaged); None for fewer than 2 pairs."""
+    if len(ranks_a) != len(ranks_b):
+        raise ValueError("spearman: lists differ in length")
+    if len(ranks_a) < 2:
+        return None
+
+    def _ranks(values: list[float]) -> np.ndarray:
+        values = np.asarray(values, dtype=np.float64)
+        order = np.argsort(values, kind="stable")
+        ranks = np.empty(len(values))
+        ranks[order] = np.arange(1, len(values) + 1)
+        for v in np.unique(values):  # average ranks over ties
+            tie = values == v
+            if tie.sum() > 1:
+                ranks[tie] = ranks[tie].mean()
+        return ranks
+
+    ra, rb = _ranks(ranks_a), _ranks(ranks_b)
+    if ra.std() == 0 or rb.std() == 0:
+        return None
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def _mapped(report: dict[str, Any], matcher: NodeMatcher) -> tuple[dict[str, dict], list[dict]]:
+    """Node name -> best-ranked layer mapped to it, and the unmatched layers (with reasons)."""
+    mapped: dict[str, dict] = {}
+    unmatched = []
+    for layer in report["layers"]:
+        match = matcher.match(layer)
+        if match.node is None:
+            unmatched.append({"name": layer["name"], "rank": layer["rank"], "reason": match.reason})
+        elif match.node not in mapped:
+            mapped[match.node] = layer
+    return mapped, unmatched
+
+
+def compare_reports(
+    report_a: dict[str, Any],
+    report_b: dict[str, Any],
+    matcher: NodeMatcher,
+    ks: Iterable[int] = (5, 10, 20),
+) -> dict[str, Any]:
+    """Agreement of two rankings over the layers both map to the same ONNX node.
+
+    Both reports are mapped onto one graph with ``matcher``; on the common nodes each report's order is
+    kept and re-ranked 1..M. Returns ``matched`` (M), the unmatched layers of each side, ``spearman``
+    (rank correlation over the M nodes, None when M < 2), and per K <= M: the top-K node lists, their
+    ``overlap`` (count), ``fraction`` (overlap / K) and ``expected_by_chance`` (K^2 / M: the mean overlap
+    of two random orders).
+    """
+    mapped_a, unmatched_a = _mapped(report_a, matcher)
+    mapped_b, unmatched_b = _mapped(report_b, matcher)
+    common = [node for node in mapped_a if node in mapped_b]
+    order_a = sorted(common, key=lambda n: mapped_a[n]["rank"])
+    order_b = sorted(common, key=lambda n: mapped_b[n]["rank"])
+    rank_a = {node: i for i, node in enumerate(order_a, 1)}
+    rank_b = {node: i for i, node in enumerate(order_b, 1)}
+    rho = spearman([rank_a[n] for n in common], [rank_b[n] for n in common])
+    top_k = {}
+    for k in ks:
+        if k < 1 or k > len(common):
+            continue
+        set_a, set_b = set(order_a[:k]), set(order_b[:k])
+        overlap = len(set_a & set_b)
+        top_k[str(k)] = {
+            "overlap": overlap,
+            "fraction": round(overlap / k, 4),
+            "expected_by_chance": round(k * k / len(common), 3),
+            "a": order_a[:k],
+            "b": order_b[:k],
+        }
+    only_a = [mapped_a[n]["name"] for n in mapped_a if n not in mapped_b]
+    only_b = [mapped_b[n]["name"] for n in mapped_b if n not in mapped_a]
+
+    def _side(report: dict[str, Any], mapped: dict, unmatched: list, only: list) -> dict[str, Any]:
+        return {
+            "source": report.get("source"),
+            "precision": report.get("precision"),
+            "model": report.get("model"),
+            "method": (report.get("method") or {}).get("name"),
+            "layers": len(report["layers"]),
+            "mapped_to_nodes": len(mapped),
+            "unmatched": unmatched,
+            "not_in_other": only,
+        }
+
+    return {
+        "schema_version": 1,
+        "matched": len(common),
+        "spearman": None if rho is None else round(rho, 4),
+        "top_k": top_k,
+        "a": _side(report_a, mapped_a, unmatched_a, only_a),
+        "b": _side(report_b, mapped_b, unmatched_b, only_b),
+    }
+
+
+def iter_batches(array: np.ndarray, count: int) -> Iterator[np.ndarray]:
+    """The first ``count`` images of an [N,3,H,W] (memory-mapped) array, one contiguous [1,3,H,W] copy at a time."""
+    for i in range(min(count, array.shape[0])):
+        yield np.ascontiguousarray(array[i : i + 1], dtype=np.float32)
+
+
+def sqnr_db(score: float) -> float:
+    """SQNR in dB of a relative-MSE score (inf for 0)."""
+    return math.inf if score <= 0 else -10.0 * math.log10(score)

@@ -1,0 +1,219 @@
+"""Train the demo YOLOv10n detector on the demo-shapes dataset with ultralytics, fully offline and seeded.
+
+Example (GPU; generate the data first with scripts/cv-models/make_demo_dataset.py --splits train val):
+
+    python scripts/cv-models/train_demo_detector.py --data datasets/demo-shapes/yolo/data.yaml \
+        --epochs 150 --batch 64 --workers 14 --device 0
+
+Writes one run directory, <project>/<name>/ (default tmp/train-demo/<timestamp>/):
+    manifest.json    argv, resolved args, versions, status (written first, completed last)
+    train.log        this script's log
+    ultralytics/     ultralytics' own run: args.yaml, results.csv, weights/best.pt, weights/last.pt
+    metrics.json     best.pt path and ultralytics' final validation of best.pt on the val split
+                     (keys map50_95, map50, precision, recall, plus ultralytics' raw results dict)
+
+Offline: ultralytics normally reaches the network to download yolo26n.pt for its AMP check, fonts for
+plots, pip packages it thinks are missing, and settings/analytics sync. This script sets YOLO_OFFLINE=1
+and YOLO_AUTOINSTALL=false, keeps ultralytics' settings in the run directory, turns plots off, and
+replaces the AMP check (which needs downloaded weights) with "use AMP on CUDA". With --time the run stops
+after that many hours, so the epoch count (and the result) then depends on the machine's speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+from lowbit.logs import get_logger, setup_logging
+from lowbit.runs import UserError, atomic_write_json, cli_entry, manifest_run, new_run_dir, timestamp
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        allow_abbrev=False,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--data", type=Path, default=Path("datasets/demo-shapes/yolo/data.yaml"), help="ultralytics data.yaml"
+    )
+    parser.add_argument(
+        "--model-yaml", default="yolov10n.yaml", help="ultralytics model config (built from scratch, no weights)"
+    )
+    parser.add_argument("--epochs", type=int, default=150, help="training epochs (--time, when set, replaces it)")
+    parser.add_argument("--time", type=float, default=None, help="training budget in hours; overrides --epochs")
+    parser.add_argument("--batch", type=int, default=64, help="images per batch")
+    parser.add_argument("--workers", type=int, default=8, help="dataloader worker processes (CPU training uses 0)")
+    parser.add_argument("--imgsz", type=int, default=640, help="square training/validation image size, pixels")
+    parser.add_argument("--device", default=None, help="'0', '0,1' or 'cpu'; default: first CUDA GPU, else CPU")
+    parser.add_argument("--amp", choices=("fp16", "bf16", "fp32"), default="fp16", help="mixed precision on CUDA")
+    parser.add_argument(
+        "--cache", choices=("none", "ram", "disk"), default="ram",
+        help="ultralytics image cache; ram holds ~4 GB for 4000 images and is fastest, but ultralytics warns it may "
+        "make training non-deterministic (disk: .npy files beside the images, deterministic)",
+    )
+    parser.add_argument(
+        "--optimizer", choices=("SGD", "AdamW", "auto"), default="SGD",
+        help="SGD with --lr0 0.01 is the YOLOv10 from-scratch recipe; ultralytics' 'auto' picks a fine-tuning "
+        "learning rate (about 1e-4) for runs under 10000 iterations",
+    )  # fmt: skip
+    parser.add_argument("--lr0", type=float, default=0.01, help="initial learning rate (ignored with --optimizer auto)")
+    parser.add_argument(
+        "--deterministic", action=argparse.BooleanOptionalAction, default=True,
+        help="torch deterministic algorithms (reproducible on the same machine and software, slightly slower)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--patience", type=int, default=0, help="early-stop after N epochs without improvement; 0 = never"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed for weights init, sampling and augmentation")
+    parser.add_argument("--project", type=Path, default=Path("tmp/train-demo"), help="parent of the run directory")
+    parser.add_argument("--name", default=None, help="run directory name (default: a timestamp)")
+    parser.add_argument("--verbose", action="store_true", help="debug logging")
+    return parser
+
+
+def _validate(args: argparse.Namespace) -> None:
+    if not args.data.is_file():
+        raise UserError(
+            f"--data: {args.data} does not exist; generate it with "
+            "python scripts/cv-models/make_demo_dataset.py --splits train val"
+        )
+    for flag, value, low in (
+        ("--epochs", args.epochs, 1),
+        ("--batch", args.batch, 1),
+        ("--imgsz", args.imgsz, 32),
+        ("--workers", args.workers, 0),
+        ("--patience", args.patience, 0),
+        ("--seed", args.seed, 0),
+    ):
+        if value < low:
+            raise UserError(f"{flag} must be >= {low}, got {value}")
+    if args.imgsz % 32:
+        raise UserError(f"--imgsz must be a multiple of 32 (the model's largest stride), got {args.imgsz}")
+    if args.lr0 <= 0:
+        raise UserError(f"--lr0 must be > 0, got {args.lr0}")
+    if args.time is not None and args.time <= 0:
+        raise UserError(f"--time must be > 0 hours, got {args.time}")
+    # ultralytics resolves the splits relative to the yaml's directory; check them here for a clear message
+    import yaml
+
+    spec = yaml.safe_load(args.data.read_text(encoding="utf-8")) or {}
+    base = Path(spec["path"]) if spec.get("path") else args.data.parent
+    for key in ("train", "val"):
+        if not spec.get(key):
+            raise UserError(f"--data: {args.data} has no '{key}' entry")
+        split_dir = base / spec[key]
+        if not split_dir.is_dir() or not any(split_dir.iterdir()):
+            raise UserError(
+                f"--data: {key} images {split_dir} are missing or empty; generate them with "
+                "python scripts/cv-models/make_demo_dataset.py --splits train val"
+            )
+
+
+def _offline_environment(settings_dir: Path) -> None:
+    """Environment that keeps ultralytics off the network; must be set before ultralytics is imported."""
+    os.environ["YOLO_OFFLINE"] = "1"  # ultralytics.utils.is_online() -> False: no downloads, sync, update checks
+    os.environ["YOLO_AUTOINSTALL"] = "false"  # never pip-install at run time
+    os.environ["YOLO_CONFIG_DIR"] = str(settings_dir)  # fresh default settings, none of the user's integrations
+    os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+def _use_amp_without_download(model) -> bool:
+    """Stand-in for ultralytics' check_amp, which needs yolo26n.pt from the network: AMP on CUDA, off elsewhere."""
+    import torch
+
+    device = next(model.parameters()).device
+    enabled = device.type == "cuda" and torch.cuda.is_available()
+    get_logger("train_demo_detector").info(
+        "AMP %s (ultralytics' download-based AMP check skipped)", "on" if enabled else "off"
+    )
+    return enabled
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _validate(args)
+    project = args.project if args.project.is_absolute() else (Path.cwd() / args.project)
+    run_dir = new_run_dir(project, args.name or timestamp())
+    setup_logging(run_dir / "train.log", verbose=args.verbose)
+    log = get_logger("train_demo_detector")
+    _offline_environment(run_dir / "ultralytics-settings")
+
+    script = "scripts/cv-models/train_demo_detector.py"
+    with manifest_run(run_dir / "manifest.json", script, vars(args), argv) as manifest:
+        manifest.add_input(args.data)
+        # lazy: importing ultralytics/torch takes seconds and reads the environment set just above
+        import ultralytics
+        from ultralytics import YOLO
+        from ultralytics.engine import trainer as trainer_module
+        from ultralytics.utils import SETTINGS
+
+        SETTINGS.update({"sync": False, "tensorboard": False, "wandb": False, "mlflow": False, "comet": False,
+                         "clearml": False, "dvc": False, "raytune": False})  # fmt: skip
+        trainer_module.check_amp = _use_amp_without_download
+        log.info("ultralytics %s, run dir %s", ultralytics.__version__, run_dir)
+
+        model = YOLO(args.model_yaml, task="detect")
+        train_args = {
+            "data": str(args.data.resolve()),
+            "epochs": args.epochs,
+            "time": args.time,
+            "batch": args.batch,
+            "imgsz": args.imgsz,
+            "workers": args.workers,
+            "device": args.device,
+            "seed": args.seed,
+            "deterministic": args.deterministic,
+            "optimizer": args.optimizer,
+            "lr0": args.lr0,
+            "pretrained": False,
+            "amp": {"fp16": True, "bf16": "bf16", "fp32": False}[args.amp],
+            "cache": {"none": False, "ram": "ram", "disk": "disk"}[args.cache],
+            "patience": args.patience if args.patience > 0 else 10**9,
+            # Hue is what tells the eight colour classes apart; ultralytics' default hue jitter blurs them.
+            "hsv_h": 0.0,
+            "plots": False,  # plots download Arial.ttf
+            "val": True,
+            "project": str(run_dir),
+            "name": "ultralytics",
+            "exist_ok": True,
+            "verbose": True,
+        }
+        manifest.update(ultralytics_train_args=train_args)
+        start = time.perf_counter()
+        results = model.train(**train_args)
+        train_seconds = time.perf_counter() - start
+
+        trainer = model.trainer
+        best = Path(trainer.best) if Path(trainer.best).is_file() else Path(trainer.last)
+        if not best.is_file():
+            raise RuntimeError(f"training finished without a checkpoint in {trainer.wdir}")
+        raw = {k: float(v) for k, v in (results.results_dict if results is not None else {}).items()}
+        metrics = {
+            "best_pt": str(best),
+            "last_pt": str(trainer.last),
+            "epochs_completed": int(trainer.epoch) + 1,
+            "train_seconds": round(train_seconds, 1),
+            "map50_95": raw.get("metrics/mAP50-95(B)"),
+            "map50": raw.get("metrics/mAP50(B)"),
+            "precision": raw.get("metrics/precision(B)"),
+            "recall": raw.get("metrics/recall(B)"),
+            "validation": "ultralytics final validation of best.pt on the val split "
+            f"(imgsz {args.imgsz}, rect batches of {args.batch * 2}, conf 0.001)",
+            "ultralytics": raw,
+        }
+        atomic_write_json(run_dir / "metrics.json", metrics)
+        manifest.add_output("best_pt", best)
+        manifest.add_output("metrics", run_dir / "metrics.json")
+        manifest.update(**{k: v for k, v in metrics.items() if k != "ultralytics"})
+
+    print(f"best.pt: {best}")
+    print(f"mAP50-95 {metrics['map50_95']}, mAP50 {metrics['map50']} (ultralytics val) -> {run_dir / 'metrics.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

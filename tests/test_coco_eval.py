@@ -1,0 +1,130 @@
+"""COCO evaluation on hand-made ground truth with known AP, and the category mapping."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from lowbit import coco_eval
+from lowbit.runs import UserError
+
+# Non-COCO category set, deliberately not sorted and not contiguous: index 0 -> id 2, 1 -> 5, 2 -> 9.
+CATEGORIES = [{"id": 5, "name": "cat"}, {"id": 2, "name": "dog"}, {"id": 9, "name": "bird"}]
+
+
+@pytest.fixture()
+def gt_file(tmp_path):
+    images = [
+        {"id": 30, "file_name": "c.jpg", "width": 200, "height": 100},
+        {"id": 10, "file_name": "a.jpg", "width": 200, "height": 100},
+        {"id": 20, "file_name": "b.jpg", "width": 200, "height": 100},
+    ]
+    annotations = []
+
+    def add(image_id, cat_id, x, y, w, h):
+        annotations.append(
+            {"id": len(annotations) + 1, "image_id": image_id, "category_id": cat_id,
+             "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0}
+        )
+
+    add(10, 2, 10, 10, 50, 40)  # dog
+    add(10, 5, 100, 20, 60, 60)  # cat
+    add(20, 2, 5, 5, 100, 80)  # dog
+    add(20, 2, 120, 10, 40, 40)  # dog
+    add(30, 5, 0, 0, 30, 30)  # cat (image 30 only evaluated in one test)
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": CATEGORIES}))
+    return path
+
+
+def _perfect_records(coco, image_ids):
+    cat_ids, _ = coco_eval.category_mapping(coco)
+    records = []
+    for image_id in image_ids:
+        anns = coco.imgToAnns[image_id]
+        boxes = np.array([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
+                          for a in anns], np.float32)
+        classes = np.array([cat_ids.index(a["category_id"]) for a in anns])
+        records += coco_eval.detections_to_records(image_id, boxes, np.full(len(anns), 0.9), classes, cat_ids)
+    return records
+
+
+def test_category_mapping_sorts_by_id(gt_file):
+    coco = coco_eval.load_coco(gt_file)
+    assert coco_eval.category_mapping(coco) == ([2, 5, 9], ["dog", "cat", "bird"])
+    assert coco_eval.select_image_ids(coco, None) == [10, 20, 30]
+    assert coco_eval.select_image_ids(coco, 2) == [10, 20]
+    assert coco_eval.select_image_ids(coco, 99) == [10, 20, 30]
+
+
+def test_records_are_xywh_with_mapped_category_ids():
+    records = coco_eval.detections_to_records(
+        7, np.array([[10.0, 20.0, 40.5, 30.25]]), np.array([0.123456789]), np.array([1]), [2, 5, 9]
+    )
+    assert records == [{"image_id": 7, "category_id": 5, "bbox": [10.0, 20.0, 30.5, 10.25], "score": 0.12346}]
+    with pytest.raises(UserError, match="class index 3.*only 3 categories"):
+        coco_eval.detections_to_records(7, np.zeros((1, 4)), np.ones(1), np.array([3]), [2, 5, 9])
+
+
+def test_perfect_detections_score_one(gt_file):
+    coco = coco_eval.load_coco(gt_file)
+    metrics, summary = coco_eval.evaluate_bbox(coco, _perfect_records(coco, [10, 20, 30]), [10, 20, 30])
+    for key in ("map50_95", "map50", "map75", "ar100"):
+        assert metrics[key] == pytest.approx(1.0)
+    assert metrics["per_class_ap"] == {"dog": pytest.approx(1.0), "cat": pytest.approx(1.0), "bird": None}
+    assert metrics["num_detections"] == 5
+    assert "Average Precision" in summary
+    assert set(coco_eval.STAT_KEYS) <= metrics.keys()
+
+
+def test_evaluation_is_restricted_to_the_given_images(gt_file):
+    coco = coco_eval.load_coco(gt_file)
+    records = _perfect_records(coco, [10, 20])  # nothing for image 30
+    metrics, _ = coco_eval.evaluate_bbox(coco, records, [10, 20])
+    assert metrics["map50_95"] == pytest.approx(1.0)  # image 30's unmatched cat is not counted
+    metrics_all, _ = coco_eval.evaluate_bbox(coco, records, [10, 20, 30])
+    assert metrics_all["map50_95"] < 1.0
+    # detections on images outside the evaluated set are ignored, not counted as false positives
+    metrics_sub, _ = coco_eval.evaluate_bbox(coco, records, [10])
+    assert metrics_sub["map50_95"] == pytest.approx(1.0) and metrics_sub["num_detections"] == 2
+
+
+def test_known_partial_ap(gt_file):
+    """Image 20 only, class dog, 2 ground-truth boxes.
+
+    One exact hit (score 0.9) and one false positive (score 0.8): precision 1 up to recall 0.5, then
+    nothing -> 101-point AP = 51/101 at every IoU threshold. With the false positive ranked first
+    (score 0.95) the interpolated precision up to recall 0.5 is 0.5 -> AP = 0.5 * 51/101.
+    """
+    coco = coco_eval.load_coco(gt_file)
+    cat_ids = [2, 5, 9]
+    hit = np.array([[5, 5, 105, 85]], np.float32)
+    miss = np.array([[150, 60, 190, 95]], np.float32)  # overlaps nothing
+    for fp_score, expected in ((0.8, 51 / 101), (0.95, 0.5 * 51 / 101)):
+        records = coco_eval.detections_to_records(20, hit, np.array([0.9]), np.array([0]), cat_ids)
+        records += coco_eval.detections_to_records(20, miss, np.array([fp_score]), np.array([0]), cat_ids)
+        metrics, _ = coco_eval.evaluate_bbox(coco, records, [20])
+        assert metrics["map50_95"] == pytest.approx(expected, abs=1e-9)
+        assert metrics["map50"] == pytest.approx(expected, abs=1e-9)
+        assert metrics["per_class_ap"]["dog"] == pytest.approx(expected, abs=1e-9)
+        assert metrics["ar100"] == pytest.approx(0.5)
+
+
+def test_no_detections_scores_zero(gt_file):
+    coco = coco_eval.load_coco(gt_file)
+    metrics, _ = coco_eval.evaluate_bbox(coco, [], [10, 20])
+    assert metrics["map50_95"] == 0.0 and metrics["num_detections"] == 0
+
+
+def test_load_coco_errors_name_the_flag(tmp_path):
+    with pytest.raises(UserError, match="--ann-file: annotation file .* does not exist"):
+        coco_eval.load_coco(tmp_path / "nope.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(UserError, match="--data-root: .* not a readable json"):
+        coco_eval.load_coco(bad, "--data-root")
+    bad.write_text(json.dumps({"images": [], "categories": []}))
+    with pytest.raises(UserError, match="no 'images'"):
+        coco_eval.load_coco(bad)

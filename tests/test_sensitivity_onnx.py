@@ -1,0 +1,276 @@
+"""ONNX-native layer sensitivity (lowbit.sensitivity_onnx + onnx_layer_sensitivity.py) on the tiny YOLOv10 fixture."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from lowbit import sensitivity_onnx as sens
+
+SCRIPT = "scripts/cv-models/onnx_layer_sensitivity.py"
+# A Conv -> SiLU -> Conv chain inside the backbone (the SiLU output feeds only the second Conv).
+PRODUCER = "/model.6/m.0/cv1/conv/Conv"
+HARD_NODE = "/model.6/m.0/cv2/conv/Conv"
+OUTLIER_SCALE = 1e4
+NUM_IMAGES = 3
+
+
+def _make_hard_to_quantize(src: Path, dst: Path) -> None:
+    """Copy of ``src`` where HARD_NODE's input channel 0 and weight column 0 are hard to quantize.
+
+    The producer's output channel 0 (weight and bias) is multiplied by OUTLIER_SCALE and HARD_NODE's
+    weights reading that channel are divided by it, so the float model computes nearly the same
+    function (SiLU is close to linear for large inputs) but HARD_NODE sees one activation channel
+    10^4 times larger than the others (a per-tensor activation scale wipes out the rest) and one
+    weight column 10^4 times smaller than the rest of each output channel (per-channel weight scales
+    round it away). Its local error must dominate the report; every other node is left as it was.
+    """
+    model = onnx.load(str(src))
+    nodes = {n.name: n for n in model.graph.node}
+    producer, hard = nodes[PRODUCER], nodes[HARD_NODE]
+    consumers = [n for n in model.graph.node if producer.output[0] in n.input]
+    assert {n.op_type for n in consumers} == {"Sigmoid", "Mul"}, "fixture graph changed: pick another chain"
+    inits = {init.name: init for init in model.graph.initializer}
+
+    def edit(name, fn):
+        array = numpy_helper.to_array(inits[name]).copy()
+        fn(array)
+        inits[name].CopyFrom(numpy_helper.from_array(array.astype(np.float32), name))
+
+    edit(producer.input[1], lambda w: w.__setitem__(0, w[0] * OUTLIER_SCALE))
+    edit(producer.input[2], lambda b: b.__setitem__(0, b[0] * OUTLIER_SCALE))
+    edit(hard.input[1], lambda w: w.__setitem__((slice(None), 0), w[:, 0] / OUTLIER_SCALE))
+    onnx.save(model, str(dst))
+
+
+@pytest.fixture(scope="module")
+def calib_npy(tmp_path_factory, tiny_yolov10_spec) -> Path:
+    size = tiny_yolov10_spec["imgsz"]
+    path = tmp_path_factory.mktemp("sens_calib") / "calib.npy"
+    np.save(path, np.random.default_rng(1).random((NUM_IMAGES + 1, 3, size, size), dtype=np.float32))
+    return path
+
+
+@pytest.fixture(scope="module")
+def hard_onnx(tiny_yolov10_onnx, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("hard") / "tiny-hard.onnx"
+    _make_hard_to_quantize(tiny_yolov10_onnx, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def runs(load_script, hard_onnx, calib_npy, tmp_path_factory) -> dict[str, Path]:
+    """INT8 then FP8 sensitivity of the hard model; the FP8 run also compares itself with the INT8 report."""
+    root = tmp_path_factory.mktemp("sens_runs")
+    out = {}
+    for precision in ("int8", "fp8"):
+        out_dir = root / precision
+        argv = ["--onnx-path", str(hard_onnx), "--calib-path", str(calib_npy), "--num-images", str(NUM_IMAGES),
+                "--precision", precision, "--out-dir", str(out_dir)]  # fmt: skip
+        if precision == "fp8":
+            argv += ["--compare-with", str(out["int8"] / "layer-sensitivity-report.json")]
+        assert load_script(SCRIPT).main(argv) == 0
+        out[precision] = out_dir
+    return out
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+def test_report_follows_schema_and_is_not_degenerate(runs, hard_onnx, precision):
+    out_dir = runs[precision]
+    report = json.loads((out_dir / "layer-sensitivity-report.json").read_text())
+    assert report["schema_version"] == 1 and report["source"] == "onnx"
+    assert report["precision"] == precision and report["quant_format"] == f"{precision}-{precision}"
+    assert report["method"]["higher_is_more_sensitive"] is True and report["method"]["score"] == "local_rel_mse"
+    assert report["data"] == {"images": NUM_IMAGES, "source": report["data"]["source"], "imgsz": 160}
+    assert report["device"] == "cpu" and report["wall_s"] > 0
+
+    fp32 = onnx.load(str(hard_onnx))
+    node_names = {n.name for n in fp32.graph.node}
+    initializers = {i.name for i in fp32.graph.initializer}
+    layers = report["layers"]
+    assert len(layers) > 50
+    assert [layer["rank"] for layer in layers] == list(range(1, len(layers) + 1))
+    for layer in layers:
+        assert list(layer) == list(sens.LAYER_KEYS)
+        assert layer["name"] == layer["onnx_node"] and layer["name"] in node_names
+        assert layer["weight"] is None or layer["weight"] in initializers
+    scores = np.array([layer["score"] for layer in layers])
+    assert np.all(np.isfinite(scores)) and np.all(scores >= 0)
+    assert np.all(np.diff(scores) <= 0), "layers must be sorted by descending score"
+    assert scores.max() > 0 and len(np.unique(scores)) > len(scores) // 2, "scores are degenerate"
+    assert sum(layer["op_type"] == "Conv" for layer in layers) > 30
+    # INT8 quantizes every Conv weight; ModelOpt's FP8 mode leaves a few Conv weights in FP32 (input-only Q/DQ)
+    convs = [layer for layer in layers if layer["op_type"] == "Conv"]
+    with_weight = sum(layer["weight"] is not None for layer in convs)
+    assert with_weight == len(convs) if precision == "int8" else with_weight >= 0.9 * len(convs)
+
+    # every quantized node of the model ModelOpt produced is scored, and nothing else
+    quantize_manifest = json.loads(next((out_dir / "qdq").glob("*.manifest.json")).read_text())
+    assert sorted(layer["name"] for layer in layers) == sorted(quantize_manifest["extra"]["quantized_nodes"])
+
+    rows = list(csv.DictReader((out_dir / "layer-sensitivity-report.csv").open()))
+    assert [r["name"] for r in rows] == [layer["name"] for layer in layers]
+    assert float(rows[0]["score"]) == layers[0]["score"]
+    assert (out_dir / "layer-sensitivity-report.md").read_text().count("\n| ") == len(layers) + 2  # header, rule, rows
+    manifest = json.loads((out_dir / "manifest.json").read_text())
+    assert manifest["status"] == "ok" and manifest["extra"]["fp32_recovery_rel_diff"] < 1e-5
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+def test_hard_to_quantize_node_ranks_first(runs, precision):
+    layers = json.loads((runs[precision] / "layer-sensitivity-report.json").read_text())["layers"]
+    assert layers[0]["name"] == HARD_NODE
+    assert layers[0]["score"] > 5 * layers[1]["score"]
+    # The producer's weights were scaled too, but per output channel, which per-channel weight scales
+    # absorb: a score that tracked magnitudes rather than quantization error would rank it high as well.
+    producer = next(layer for layer in layers if layer["name"] == PRODUCER)
+    assert producer["rank"] > len(layers) // 2
+
+
+def test_local_error_matches_a_hand_computation(runs, hard_onnx, calib_npy):
+    """The in-graph score of one Conv equals Q/DQ done by hand (numpy INT8 rounding, torch conv) on FP32 inputs."""
+    import onnxruntime as ort
+    import torch
+
+    qdq = onnx.load(str(next((runs["int8"] / "qdq").glob("*.onnx"))))
+    node_name = "/model.7/cv1/conv/Conv"
+    inits = {i.name: numpy_helper.to_array(i).copy() for i in qdq.graph.initializer}
+    producers = {out: n for n in qdq.graph.node for out in n.output}
+    node = next(n for n in qdq.graph.node if n.name == node_name)
+    q_x = producers[producers[node.input[0]].input[0]]
+    q_w = producers[producers[node.input[1]].input[0]]
+    x_scale, x_zero = inits[q_x.input[1]], inits[q_x.input[2]].astype(np.float64)
+    w = inits[q_w.input[0]]
+    w_scale, w_zero = inits[q_w.input[1]][:, None, None, None], inits[q_w.input[2]][:, None, None, None]
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    assert attrs["group"] == 1 and attrs["strides"] == [1, 1] and attrs["kernel_shape"] == [1, 1]
+
+    def fake_quant(values, scale, zero):
+        return (np.clip(np.round(values / scale) + zero, -128, 127) - zero) * scale
+
+    fp32 = onnx.load(str(hard_onnx))
+    fp32.graph.output.append(onnx.helper.make_tensor_value_info(q_x.input[0], onnx.TensorProto.FLOAT, None))
+    session = ort.InferenceSession(fp32.SerializeToString(), providers=["CPUExecutionProvider"])
+    bias = torch.from_numpy(inits[node.input[2]])
+    sse = ref = 0.0
+    for image in sens.iter_batches(np.load(calib_npy), NUM_IMAGES):
+        x = session.run([q_x.input[0]], {"images": image})[0]
+        y = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(w), bias).double()
+        y_q = torch.nn.functional.conv2d(
+            torch.from_numpy(fake_quant(x, x_scale, x_zero).astype(np.float32)),
+            torch.from_numpy(fake_quant(w, w_scale, w_zero).astype(np.float32)),
+            bias,
+        ).double()
+        sse += float(((y_q - y) ** 2).sum())
+        ref += float((y**2).sum())
+    layers = json.loads((runs["int8"] / "layer-sensitivity-report.json").read_text())["layers"]
+    score = next(layer["score"] for layer in layers if layer["name"] == node_name)
+    assert score == pytest.approx(sse / ref, rel=1e-3)
+
+
+def test_qdq_path_reuses_a_quantized_model(load_script, runs, hard_onnx, calib_npy, tmp_path, capsys):
+    qdq_path = next((runs["int8"] / "qdq").glob("*.onnx"))
+    out_dir = tmp_path / "reuse"
+    argv = ["--onnx-path", str(hard_onnx), "--calib-path", str(calib_npy), "--num-images", str(NUM_IMAGES),
+            "--precision", "int8", "--qdq-path", str(qdq_path), "--out-dir", str(out_dir)]  # fmt: skip
+    assert load_script(SCRIPT).main(argv) == 0
+    again = json.loads((out_dir / "layer-sensitivity-report.json").read_text())["layers"]
+    first = json.loads((runs["int8"] / "layer-sensitivity-report.json").read_text())["layers"]
+    assert [layer["name"] for layer in again] == [layer["name"] for layer in first]
+    assert [layer["score"] for layer in again] == pytest.approx([layer["score"] for layer in first], rel=1e-6)
+    assert not (out_dir / "qdq").exists()
+
+    # the same Q/DQ model is INT8: claiming it is FP8 is refused before any scoring
+    argv_fp8 = argv[:-2] + ["--out-dir", str(tmp_path / "wrong")]
+    argv_fp8[argv_fp8.index("int8")] = "fp8"
+    assert load_script(SCRIPT).main(argv_fp8) == 2
+    assert "--qdq-path" in capsys.readouterr().err
+
+
+def test_ranking_agreement_written(runs):
+    agreement = json.loads((runs["fp8"] / "ranking-agreement.json").read_text())
+    assert agreement["a"]["precision"] == "fp8" and agreement["b"]["precision"] == "int8"
+    fp8_layers = json.loads((runs["fp8"] / "layer-sensitivity-report.json").read_text())["layers"]
+    assert agreement["matched"] == len(fp8_layers)  # every FP8-quantized node is also INT8-quantized here
+    assert -1.0 <= agreement["spearman"] <= 1.0
+    assert set(agreement["top_k"]) == {"5", "10", "20"}
+    # the deliberately hard node tops both rankings
+    assert agreement["top_k"]["5"]["a"][0] == agreement["top_k"]["5"]["b"][0] == HARD_NODE
+    assert agreement["top_k"]["5"]["overlap"] >= 1
+
+
+def test_refuses_to_overwrite_and_bad_calibration(load_script, runs, hard_onnx, calib_npy, tmp_path, capsys):
+    out_dir = runs["int8"]
+    before = (out_dir / "layer-sensitivity-report.json").stat().st_mtime_ns
+    argv = ["--onnx-path", str(hard_onnx), "--calib-path", str(calib_npy), "--precision", "int8",
+            "--out-dir", str(out_dir)]  # fmt: skip
+    assert load_script(SCRIPT).main(argv) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out_dir / "layer-sensitivity-report.json").stat().st_mtime_ns == before
+
+    wrong = tmp_path / "wrong.npy"
+    np.save(wrong, np.zeros((2, 3, 64, 64), dtype=np.float32))
+    argv = ["--onnx-path", str(hard_onnx), "--calib-path", str(wrong), "--out-dir", str(tmp_path / "x")]
+    assert load_script(SCRIPT).main(argv) == 2
+    assert "--calib-path" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# pure functions
+
+
+def test_scope_key_recovers_torch_module_names():
+    assert sens.scope_key("/model.2/cv1/conv/Conv") == ("model.2.cv1.conv", "Conv")
+    assert sens.scope_key("/model.22/m.0/cv1/cv1.2/conv/Conv") == ("model.22.m.0.cv1.2.conv", "Conv")
+    assert sens.scope_key("/model.23/one2one_cv3.0/one2one_cv3.0.0/one2one_cv3.0.0.0/conv/Conv") == (
+        "model.23.one2one_cv3.0.0.0.conv",
+        "Conv",
+    )
+    assert sens.scope_key("/model.10/attn/MatMul_1") == ("model.10.attn", "MatMul")
+    assert sens.scope_key("Conv_12") is None
+
+
+def test_spearman_and_compare_reports(tiny_yolov10_onnx):
+    assert sens.spearman([1, 2, 3, 4], [1, 2, 3, 4]) == pytest.approx(1.0)
+    assert sens.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert sens.spearman([1], [1]) is None
+
+    model = onnx.load(str(tiny_yolov10_onnx))
+    convs = [n for n in model.graph.node if n.op_type == "Conv"][:12]
+    onnx_layers = sens.rank_layers(
+        [{"name": n.name, "op_type": "Conv", "weight": n.input[1], "onnx_node": n.name, "score": float(12 - i)}
+         for i, n in enumerate(convs)]  # fmt: skip
+    )
+    # a torch-style report of the same ranking, reversed, plus a layer that exists nowhere
+    torch_layers = sens.rank_layers(
+        [{"name": n.input[1][: -len(".weight")], "op_type": "Conv2d", "weight": n.input[1], "onnx_node": None,
+          "score": float(i)} for i, n in enumerate(convs)]  # fmt: skip
+        + [{"name": "model.99.bogus", "op_type": "Conv2d", "weight": None, "onnx_node": None, "score": -1.0}]
+    )
+    a = {"layers": onnx_layers, "source": "onnx"}
+    b = {"layers": torch_layers, "source": "torch"}
+    result = sens.compare_reports(a, b, sens.NodeMatcher(model), ks=(5, 10, 20))
+    assert result["matched"] == 12
+    assert result["spearman"] == pytest.approx(-1.0)
+    assert result["top_k"]["5"]["overlap"] == 0 and result["top_k"]["10"]["overlap"] == 8
+    assert "20" not in result["top_k"]  # K larger than the matched set is skipped
+    assert [u["name"] for u in result["b"]["unmatched"]] == ["model.99.bogus"]
+    same = sens.compare_reports(a, a, sens.NodeMatcher(model))
+    assert same["spearman"] == pytest.approx(1.0) and same["top_k"]["5"]["fraction"] == 1.0
+
+
+def test_load_report_rejects_bad_files(tmp_path):
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"schema_version": 1, "layers": [{"name": "a", "rank": 1}, {"name": "b", "rank": 3}]}))
+    with pytest.raises(sens.UserError, match="--report-json"):
+        sens.load_report(path, "--report-json")
+    path.write_text("not json")
+    with pytest.raises(sens.UserError, match="not a readable JSON"):
+        sens.load_report(path, "--report-json")
