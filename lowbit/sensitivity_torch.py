@@ -1,0 +1,889 @@
+"""Per-layer quantization sensitivity of an ultralytics YOLOv10, simulated in PyTorch with ModelOpt.
+
+Method: one layer at a time
+---------------------------
+1. The model is prepared exactly as the raw-head ONNX export is (:func:`lowbit.export.prepare_raw_head_model`):
+   Conv+BN fused, one-to-many branch dropped, the head returning the raw one-to-one output
+   ``[B, 4 * reg_max + nc, A]``. Torch module names therefore map 1:1 onto the exported Conv nodes:
+   ``model.2.cv1.conv`` is ``/model.2/cv1/conv/Conv`` with weight initializer ``model.2.cv1.conv.weight``.
+2. The FP32 output on the sample images is kept as the reference, together with the output of every
+   top-level block (``model.<i>``).
+3. ModelOpt torch quantization (``mtq.quantize`` with ``FP8_DEFAULT_CFG`` or ``INT8_DEFAULT_CFG``,
+   ``max`` calibration) inserts and calibrates weight and input quantizers on the same images.
+4. All quantizers are disabled; then, for one layer at a time, that layer's enabled quantizers
+   (weight and input) are switched on, the images are run, and the drift of the raw head output from
+   the FP32 reference is the layer's score. The calibrated model is kept and only quantizers are
+   toggled, and each pass starts at the layer's own top-level block from the cached FP32 outputs of
+   the blocks before it (which one quantized layer further on cannot change), so a layer costs at
+   most one inference pass over the images, and a head layer only the head's.
+
+Why not ModelOpt ``auto_quantize``: with an MSE loss against the model's own FP32 output its
+gradient-based score is exactly 0 for every layer (the loss and its gradient vanish at the FP32
+point), which ranks nothing.
+
+Scores (higher = more sensitive)
+--------------------------------
+``output_drift_det_kl`` (default): detection-aware drift in nats per image. With ``p = sigmoid``
+of the FP32 class logits and ``q`` of the quantized ones, for every image, anchor and class the
+Bernoulli KL ``p log(p/q) + (1-p) log((1-p)/(1-q))``; plus, for every anchor, the KL between the
+FP32 and quantized softmax distributions over the ``reg_max`` DFL bins of each of the four box
+sides, weighted by the anchor's FP32 confidence ``max_c p``. Both are summed over anchors and
+averaged over images. Shifts among confidently-negative (background) logits barely count; changes
+of confident classes and of the boxes of confident anchors do -- what moves mAP.
+
+``output_drift_rel_mse``: ``sum ||q - fp||^2 / sum ||fp||^2`` over all images and every element
+of the raw output. Simple, but dominated by the many background logits.
+
+Both are always computed; the report's ``score`` is the chosen one (``metric``) and the other is
+kept in the run's manifest.
+
+Report (``layer-sensitivity-report.json`` + ``.csv`` + ``.md``)
+--------------------------------------------------------------
+The format shared with the ONNX-native sensitivity tool: ``schema_version``, ``source`` ("torch"),
+``model``, ``model_sha256``, ``precision``, ``quant_format``, ``method`` (``name``,
+``description``, ``score``, ``higher_is_more_sensitive``), ``data`` (``images``, ``source``,
+``imgsz``), ``device``, ``wall_s``, ``layers`` (``rank``, ``name``, ``op_type``, ``weight``,
+``onnx_node``, ``score``; rank 1 = most sensitive). Added here: ``reference`` with the drift when
+every layer is quantized (``all_layers_quantized``) and when none is (``no_layer_quantized``,
+expected 0: it shows the quantized-but-disabled model reproduces FP32). ``onnx_node`` is null: the
+exporter's node names depend on how containers are called (``model.10.ffn.0`` becomes
+``/model.10/ffn/ffn.0/conv/Conv``), so the weight name is the link to the graph.
+
+What ModelOpt quantizes in YOLOv10: every ``Conv2d`` (weight + input) and the SPPF ``MaxPool2d``
+(input only; one module called three times, so one layer here, three MaxPool nodes in ONNX). The PSA
+attention products are plain ``@`` in torch, which ModelOpt torch does not quantize, so they are not
+scored here (the ONNX-native tool sees them as MatMul nodes). Quantized modules that the raw-head
+forward never runs (the DFL conv, used only for decoding) are listed in the manifest, not scored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import csv
+import io
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from lowbit.logs import get_logger
+from lowbit.runs import REPO_ROOT, UserError, atomic_write_json, atomic_write_text, check_input_file
+
+log = get_logger("sensitivity_torch")
+
+SCHEMA_VERSION = 1
+REPORT_STEM = "layer-sensitivity-report"
+# The card's layout: <run>/outputs/yolov10m/<format>/per_layer/ whatever YOLOv10 variant was analysed,
+# so the card's next command finds the report.
+OUTPUT_MODEL_DIR = "yolov10m"
+
+# quant_format -> (precision, ModelOpt torch config name). Both use ModelOpt's "max" calibration.
+QUANT_FORMATS: dict[str, tuple[str, str]] = {
+    "fp8-fp8": ("fp8", "FP8_DEFAULT_CFG"),  # E4M3 per-tensor weights and activations
+    "int8-int8": ("int8", "INT8_DEFAULT_CFG"),  # per-channel weights, per-tensor activations
+}
+# --metric choice -> score name written to the report
+METRICS: dict[str, str] = {
+    "det_kl": "output_drift_det_kl",
+    "rel_mse": "output_drift_rel_mse",
+}
+METHOD_NAME = "one_layer_at_a_time"
+
+# Defaults the card relies on (paths relative to the repository root).
+DEMO_WEIGHTS = Path("models/cv-models/yolov10n-demo-shapes/yolov10n-demo-shapes.pt")
+YOLOV10M_WEIGHTS = Path("models/yolo10/yolov10m.pt")
+DEFAULT_WEIGHTS_CANDIDATES: tuple[Path, ...] = (DEMO_WEIGHTS, YOLOV10M_WEIGHTS)
+DEFAULT_IMAGE_LIST = Path("datasets/quantize-calib/demo_shapes_calib100.txt")
+
+# torch class name of a quantized module (without ModelOpt's "Quant" prefix) -> op_type in reports
+_OP_TYPES = {
+    "Conv1d": "Conv",
+    "Conv2d": "Conv",
+    "Conv3d": "Conv",
+    "ConvTranspose2d": "ConvTranspose",
+    "Linear": "Linear",
+    "MaxPool2d": "MaxPool",
+    "AvgPool2d": "AveragePool",
+    "AdaptiveAvgPool2d": "GlobalAveragePool",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs
+
+
+def resolve_weights(weights: Path | None, candidates: tuple[Path, ...] | None = None) -> Path:
+    """The weights to analyse: ``weights`` when given, else the first default that exists.
+
+    Defaults, in order: the shipped demo detector, then the user's ``models/yolo10/yolov10m.pt``
+    (a symlink, reported with its target when dangling).
+
+    Raises:
+        UserError: nothing given and no default present (the message names both and the flag).
+    """
+    if weights is not None:
+        return weights
+    candidates = DEFAULT_WEIGHTS_CANDIDATES if candidates is None else candidates
+    for candidate in candidates:
+        path = candidate if candidate.is_absolute() else REPO_ROOT / candidate
+        if path.exists() or path.is_symlink():
+            return path
+    listed = " nor ".join(str(c) for c in candidates)
+    raise UserError(
+        f"--weights (env WEIGHTS) not given and no default weights found: neither {listed} exists "
+        "(the first is the shipped demo detector; link your own yolov10m.pt as models/yolo10/README.md describes)"
+    )
+
+
+def read_image_list(list_path: Path) -> list[tuple[str, Path]]:
+    """``(line as written, resolved path)`` per entry; blank lines and ``#`` comments are skipped.
+
+    A relative entry is taken against the repository root first, then against the list's folder
+    (the calibration builder reads lists the same way).
+    """
+    entries = []
+    for raw in list_path.read_text().splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        path = Path(line).expanduser()
+        if not path.is_absolute():
+            in_repo = REPO_ROOT / path
+            path = in_repo if in_repo.exists() else (list_path.parent / path)
+        entries.append((line, path))
+    return entries
+
+
+def load_images_from_list(list_path: Path, num_images: int, imgsz: int, flag: str = "--images"):
+    """Letterbox the first ``num_images`` listed images with the evaluator's preprocessing.
+
+    Returns:
+        ``(images, paths)``: float32 ``[N, 3, imgsz, imgsz]`` RGB in [0, 1], and the N files used
+        (N = ``min(num_images, listed)``).
+
+    Raises:
+        UserError: empty list, missing or unreadable images (all of them named in one message).
+    """
+    import numpy as np
+
+    from lowbit.preprocess import ImageReadError, preprocess
+
+    check_input_file(list_path, flag)
+    entries = read_image_list(list_path)
+    if not entries:
+        raise UserError(f"{flag}: {list_path} lists no images")
+    if len(entries) < num_images:
+        log.warning("%s lists %d images, fewer than --num-images %d: using all", list_path, len(entries), num_images)
+    entries = entries[:num_images]
+    missing = [line for line, path in entries if not path.is_file()]
+    if missing:
+        raise UserError(f"{flag}: {len(missing)} listed image(s) of {list_path} not found: {', '.join(missing)}")
+    images, unreadable = [], []
+    for line, path in entries:
+        try:
+            chw, _ = preprocess(path, imgsz)
+        except ImageReadError as exc:
+            unreadable.append(f"{line} ({exc.reason})")
+            continue
+        images.append(chw)
+    if unreadable:
+        raise UserError(f"{flag}: {len(unreadable)} image(s) could not be read: {'; '.join(unreadable)}")
+    return np.stack(images), [path for _, path in entries]
+
+
+def load_images_from_npy(npy_path: Path, num_images: int, imgsz: int, flag: str = "--calib-npy"):
+    """The first ``num_images`` images of a calibration tensor (float32 ``[N, 3, imgsz, imgsz]``).
+
+    Raises:
+        UserError: not a loadable .npy, wrong dtype/layout, or a size other than ``imgsz``.
+    """
+    import numpy as np
+
+    check_input_file(npy_path, flag)
+    try:
+        data = np.load(npy_path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise UserError(f"{flag}: {npy_path} is not a readable .npy ({exc})") from exc
+    if data.dtype != np.float32 or data.ndim != 4 or data.shape[1] != 3 or data.shape[0] < 1:
+        raise UserError(f"{flag}: {npy_path} holds {data.dtype} {list(data.shape)}; expected float32 [N, 3, H, W]")
+    if data.shape[2] != imgsz or data.shape[3] != imgsz:
+        raise UserError(
+            f"{flag}: {npy_path} holds {data.shape[2]}x{data.shape[3]} images but --imgsz is {imgsz}; "
+            "pass the --imgsz the tensor was built with"
+        )
+    if data.shape[0] < num_images:
+        log.warning("%s holds %d images, fewer than --num-images %d: using all", npy_path, data.shape[0], num_images)
+    return np.ascontiguousarray(data[:num_images])
+
+
+def select_device(name: str) -> str:
+    """``auto`` -> ``cuda:0`` when CUDA is available, else ``cpu``; ``cuda`` -> ``cuda:<current>``."""
+    import torch
+
+    if name == "auto":
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise UserError(f"--device: {name!r} is not a device (auto, cpu, cuda, cuda:N)") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu or auto")
+        index = torch.cuda.current_device() if device.index is None else device.index
+        if index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
+        return f"cuda:{index}"
+    if device.type != "cpu":
+        raise UserError(f"--device: {name!r} is not supported (auto, cpu, cuda, cuda:N)")
+    return "cpu"
+
+
+def import_mtq():
+    """``modelopt.torch.quantization``, or a UserError saying what is missing.
+
+    Imported lazily: it takes seconds, and ``--help`` or input errors need none of it.
+    """
+    try:
+        import modelopt.torch.quantization as mtq
+    except ImportError as exc:
+        raise UserError(
+            f"cannot import modelopt.torch.quantization ({exc}); install the project's environment (make env)"
+        ) from exc
+    return mtq
+
+
+# ---------------------------------------------------------------------------------------------
+# drift metrics
+
+
+def drift_sums(reference, quantized, reg_max: int) -> dict[str, float]:
+    """Additive drift statistics of one batch of raw head outputs.
+
+    Args:
+        reference: FP32 raw output ``[B, 4 * reg_max + nc, A]`` (box DFL logits first, then class logits).
+        quantized: the same from the quantized model.
+        reg_max: DFL bins per box side (16 in YOLOv10).
+
+    Returns:
+        ``{"sq_err", "sq_ref", "cls_kl", "box_kl", "images"}``: sums over the batch; see
+        :func:`finish_scores` for how they become scores.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    ref = reference.double()
+    qnt = quantized.double()
+    batch = ref.shape[0]
+    box_channels = 4 * reg_max
+    sq_err = float(torch.sum((qnt - ref) ** 2))
+    sq_ref = float(torch.sum(ref**2))
+
+    ref_cls, qnt_cls = ref[:, box_channels:], qnt[:, box_channels:]
+    p = torch.sigmoid(ref_cls)
+    # Bernoulli KL(p || q) in log space: stable for logits far from 0.
+    cls_kl = p * (F.logsigmoid(ref_cls) - F.logsigmoid(qnt_cls)) + (1 - p) * (
+        F.logsigmoid(-ref_cls) - F.logsigmoid(-qnt_cls)
+    )
+    confidence = p.amax(dim=1)  # [B, A]
+
+    ref_box = ref[:, :box_channels].reshape(batch, 4, reg_max, -1)
+    qnt_box = qnt[:, :box_channels].reshape(batch, 4, reg_max, -1)
+    log_p_box = F.log_softmax(ref_box, dim=2)
+    log_q_box = F.log_softmax(qnt_box, dim=2)
+    box_kl = (log_p_box.exp() * (log_p_box - log_q_box)).sum(dim=(1, 2))  # [B, A]
+
+    return {
+        "sq_err": sq_err,
+        "sq_ref": sq_ref,
+        "cls_kl": float(cls_kl.sum()),
+        "box_kl": float((confidence * box_kl).sum()),
+        "images": batch,
+    }
+
+
+def finish_scores(sums: dict[str, float]) -> dict[str, float]:
+    """Turn accumulated :func:`drift_sums` into ``{score name: value}`` for every metric."""
+    images = max(sums["images"], 1)
+    return {
+        METRICS["det_kl"]: (sums["cls_kl"] + sums["box_kl"]) / images,
+        METRICS["rel_mse"]: sums["sq_err"] / max(sums["sq_ref"], 1e-30),
+    }
+
+
+def _add(total: dict[str, float], part: dict[str, float]) -> dict[str, float]:
+    return {key: total.get(key, 0.0) + value for key, value in part.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# model, quantizers, sweep
+
+
+@dataclass
+class QuantLayer:
+    """One module carrying ModelOpt quantizers.
+
+    Attributes:
+        name: torch module name in the fused model, e.g. ``model.2.cv1.conv``.
+        op_type: ONNX-style op type (``Conv``, ``MaxPool``, ``Linear`` ...).
+        weight: parameter name (``name + ".weight"``) or None for weightless ops.
+        quantizers: the quantizers the config enabled (weight and/or input), toggled together.
+        calls: times the module ran in one forward pass.
+        block: index of the top-level block (``model.<block>....``) the module belongs to.
+    """
+
+    name: str
+    op_type: str
+    weight: str | None
+    quantizers: list
+    calls: int
+    block: int
+
+
+def _batches(images, batch_size: int) -> Iterator:
+    for start in range(0, images.shape[0], batch_size):
+        yield images[start : start + batch_size]
+
+
+def block_outputs(model, batch) -> list:
+    """Output of every top-level block of an ultralytics model, in order; the last is the model's output.
+
+    The same loop as ultralytics' ``BaseModel._predict_once`` (a block reads the previous output, or the
+    outputs of the earlier blocks its ``f`` names), keeping every output instead of only the reused ones.
+    """
+    outputs: list = []
+    x = batch
+    for block in model.model:
+        if block.f != -1:
+            x = outputs[block.f] if isinstance(block.f, int) else [x if j == -1 else outputs[j] for j in block.f]
+        x = block(x)
+        outputs.append(x)
+    return outputs
+
+
+def forward_from(model, start: int, batch, outputs: list):
+    """Run ``model`` from top-level block ``start`` on, taking the earlier blocks' outputs from ``outputs``.
+
+    With only layers of blocks ``>= start`` quantized, blocks before ``start`` compute exactly the FP32
+    ``outputs`` already cached, so skipping them changes nothing but the time (for a layer in the head,
+    only the head runs).
+
+    Args:
+        model: ultralytics model (``model.model`` is the block sequence).
+        start: index of the first block to run.
+        batch: the input batch ``[B, 3, S, S]`` (used when ``start`` is 0).
+        outputs: :func:`block_outputs` of the FP32 model on ``batch``.
+
+    Returns:
+        The model's output for ``batch``.
+    """
+    y = list(outputs[:start])
+    x = outputs[start - 1] if start > 0 else batch
+    for block in model.model[start:]:
+        if block.f != -1:
+            x = y[block.f] if isinstance(block.f, int) else [x if j == -1 else y[j] for j in block.f]
+        x = block(x)
+        y.append(x)
+    return x
+
+
+def fp32_cache(model, images, batch_size: int) -> list[tuple[Any, list]]:
+    """``(batch, block outputs)`` of the FP32 model for every batch of ``images`` (on the model's device).
+
+    Memory: every block's FP32 activations for all images, about 110 MB per 640 px image for yolov10m.
+    """
+    import torch
+
+    with torch.inference_mode():
+        return [(batch, block_outputs(model, batch)) for batch in _batches(images, batch_size)]
+
+
+def drift_of(model, cache: list[tuple[Any, list]], reg_max: int, start: int = 0) -> dict[str, float]:
+    """All drift scores of ``model`` against the FP32 outputs in ``cache``, running blocks ``start`` on."""
+    import torch
+
+    total: dict[str, float] = {}
+    with torch.inference_mode():
+        for batch, outputs in cache:
+            total = _add(total, drift_sums(outputs[-1], forward_from(model, start, batch, outputs), reg_max))
+    return finish_scores(total)
+
+
+@contextlib.contextmanager
+def exact_fp32():
+    """Disable TF32 for the duration: its 10-bit mantissa would add a drift of its own to every score."""
+    import torch
+
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+class _LogWriter(io.TextIOBase):
+    """File-like object that sends ModelOpt's ``print`` output to the log (debug level)."""
+
+    def write(self, text: str) -> int:
+        for line in text.splitlines():
+            if line.strip():
+                log.debug("modelopt: %s", line.rstrip())
+        return len(text)
+
+
+def quantize_model(model, quant_format: str, images, batch_size: int):
+    """Insert ModelOpt quantizers into ``model`` (in place) and calibrate them on ``images``.
+
+    Args:
+        model: fused raw-head model on its device.
+        quant_format: a key of :data:`QUANT_FORMATS`.
+        images: calibration batch source ``[N, 3, S, S]`` on the model's device.
+        batch_size: images per forward pass.
+
+    Returns:
+        ``(model, calls)``: the quantized model and ``{module name: forward calls per pass}`` of
+        every quantized module that the forward ran.
+    """
+    import torch
+
+    mtq = import_mtq()
+    config = getattr(mtq, QUANT_FORMATS[quant_format][1])
+    calls: dict[str, int] = {}
+
+    def forward_loop(m) -> None:
+        hooks = []
+        for name, module in m.named_modules():
+            if _quantizers_of(module):
+                hooks.append(module.register_forward_hook(lambda mod, inp, out, name=name: _count(calls, name)))
+        try:
+            with torch.no_grad():
+                for batch in _batches(images, batch_size):
+                    m(batch)
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    with contextlib.redirect_stdout(_LogWriter()):  # "Inserted N quantizers" and the like
+        model = mtq.quantize(model, config, forward_loop)
+    batches = math.ceil(images.shape[0] / batch_size)
+    return model, {name: count // batches for name, count in calls.items()}
+
+
+def _count(calls: dict[str, int], name: str) -> None:
+    calls[name] = calls.get(name, 0) + 1
+
+
+def _quantizers_of(module) -> list:
+    """ModelOpt quantizers attached directly to ``module`` (weight, input, output)."""
+    found = []
+    for attr in ("weight_quantizer", "input_quantizer", "output_quantizer"):
+        quantizer = getattr(module, attr, None)
+        if quantizer is not None and hasattr(quantizer, "is_enabled"):
+            found.append(quantizer)
+    return found
+
+
+def quant_layers(model, calls: dict[str, int]) -> tuple[list[QuantLayer], list[str]]:
+    """Modules with at least one enabled quantizer, in module order.
+
+    Returns:
+        ``(layers, not_run)``: the layers the forward runs, and names of quantized modules it never
+        runs (e.g. the DFL conv, which only decoding uses); those are not scored.
+    """
+    layers, not_run = [], []
+    for name, module in model.named_modules():
+        enabled = [q for q in _quantizers_of(module) if q.is_enabled]
+        if not enabled:
+            continue
+        if name not in calls:
+            not_run.append(name)
+            continue
+        torch_type = type(module).__name__
+        torch_type = torch_type[len("Quant") :] if torch_type.startswith("Quant") else torch_type
+        has_weight = getattr(module, "weight", None) is not None
+        layers.append(
+            QuantLayer(
+                name=name,
+                op_type=_OP_TYPES.get(torch_type, torch_type),
+                weight=f"{name}.weight" if has_weight else None,
+                quantizers=enabled,
+                calls=calls[name],
+                block=int(name.split(".")[1]),
+            )
+        )
+    return layers, not_run
+
+
+def _set(quantizers: list, enabled: bool) -> None:
+    for quantizer in quantizers:
+        if enabled:
+            quantizer.enable()
+        else:
+            quantizer.disable()
+
+
+def sweep_layers(
+    model,
+    layers: list[QuantLayer],
+    cache: list[tuple[Any, list]],
+    reg_max: int,
+    progress: Callable[[int, int, QuantLayer, dict[str, float]], None] | None = None,
+    skip_unchanged_blocks: bool = True,
+) -> dict[str, Any]:
+    """Score every layer with only its own quantizers on, plus the all-on and all-off references.
+
+    Args:
+        model: the quantized model (quantizers enabled, as calibration left them).
+        layers: the layers to score (:func:`quant_layers`).
+        cache: :func:`fp32_cache` of the FP32 model.
+        reg_max: DFL bins per box side.
+        progress: called after each layer with ``(index, total, layer, scores)``.
+        skip_unchanged_blocks: start each pass at the layer's top-level block (see :func:`forward_from`);
+            False runs the whole model every time (same scores, slower).
+
+    Returns:
+        ``{"per_layer": {name: {score name: value}}, "all_layers_quantized": {...},
+        "no_layer_quantized": {...}, "timings_s": {"references_s", "layers_s"}}``; ``all_layers_quantized``
+        has every quantizer that was enabled on entry on. Leaves the quantizers as it found them.
+    """
+    # Every enabled quantizer of the model, not only those of ``layers``: a subset is swept with all others off.
+    all_quantizers = [q for module in model.modules() for q in _quantizers_of(module) if q.is_enabled]
+    t0 = time.perf_counter()
+    all_on = drift_of(model, cache, reg_max)
+    _set(all_quantizers, False)
+    all_off = drift_of(model, cache, reg_max)
+    t_loop = time.perf_counter()
+    per_layer: dict[str, dict[str, float]] = {}
+    try:
+        for index, layer in enumerate(layers):
+            _set(layer.quantizers, True)
+            try:
+                start = layer.block if skip_unchanged_blocks else 0
+                per_layer[layer.name] = drift_of(model, cache, reg_max, start)
+            finally:
+                _set(layer.quantizers, False)
+            if progress is not None:
+                progress(index, len(layers), layer, per_layer[layer.name])
+    finally:
+        _set(all_quantizers, True)
+    return {
+        "per_layer": per_layer,
+        "all_layers_quantized": all_on,
+        "no_layer_quantized": all_off,
+        "timings_s": {"references_s": t_loop - t0, "layers_s": time.perf_counter() - t_loop},
+    }
+
+
+def rank_layers(layers: list[QuantLayer], per_layer: dict[str, dict[str, float]], score_name: str) -> list[dict]:
+    """Report rows sorted by score, highest first (ties keep module order); rank 1 = most sensitive."""
+    order = {layer.name: i for i, layer in enumerate(layers)}
+    ordered = sorted(layers, key=lambda layer: (-per_layer[layer.name][score_name], order[layer.name]))
+    return [
+        {
+            "rank": rank,
+            "name": layer.name,
+            "op_type": layer.op_type,
+            "weight": layer.weight,
+            "onnx_node": None,
+            "score": per_layer[layer.name][score_name],
+        }
+        for rank, layer in enumerate(ordered, start=1)
+    ]
+
+
+def spearman(a: list[float], b: list[float]) -> float | None:
+    """Spearman rank correlation (no tie correction); None for fewer than 2 values or a constant list."""
+    import numpy as np
+
+    if len(a) < 2:
+        return None
+    ranks_a = np.argsort(np.argsort(a)).astype(float)
+    ranks_b = np.argsort(np.argsort(b)).astype(float)
+    if ranks_a.std() == 0 or ranks_b.std() == 0:
+        return None
+    return float(np.corrcoef(ranks_a, ranks_b)[0, 1])
+
+
+def method_description(metric: str, quant_format: str) -> str:
+    precision, config = QUANT_FORMATS[quant_format]
+    what = {
+        "det_kl": (
+            "detection-aware drift of the raw one-to-one head output from FP32, in nats per image: "
+            "Bernoulli KL of every class probability (sigmoid of the class logits) summed over anchors "
+            "and classes, plus the KL of each box side's DFL bin distribution weighted by the anchor's "
+            "FP32 confidence"
+        ),
+        "rel_mse": (
+            "relative MSE of the raw one-to-one head output against FP32, "
+            "sum ||q - fp||^2 / sum ||fp||^2 over all images and output elements"
+        ),
+    }[metric]
+    return (
+        f"ModelOpt torch {precision.upper()} simulation (mtq.{config}, max calibration on the same images) "
+        "of the Conv+BN-fused model with the raw one-to-one head. All quantizers off, then each layer's own "
+        f"weight and input quantizers on, one layer at a time; the score is the {what}. "
+        "Higher means quantizing that layer alone hurts the output more."
+    )
+
+
+def report_dir(run_dir: Path, quant_format: str) -> Path:
+    """``<run_dir>/outputs/yolov10m/<quant_format>/per_layer`` (the model card's layout)."""
+    return Path(run_dir) / "outputs" / OUTPUT_MODEL_DIR / quant_format / "per_layer"
+
+
+# ---------------------------------------------------------------------------------------------
+# report files
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+def report_csv(report: dict) -> str:
+    """The ``layers`` table as CSV: rank, name, op_type, weight, onnx_node, score (empty = null)."""
+    buffer = io.StringIO()
+    columns = ["rank", "name", "op_type", "weight", "onnx_node", "score"]
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns)
+    for row in report["layers"]:
+        writer.writerow([_cell(row[c]) for c in columns])
+    return buffer.getvalue()
+
+
+def report_markdown(report: dict) -> str:
+    """A readable Markdown page: what was measured, on what, and the ranked table."""
+    method, data = report["method"], report["data"]
+    lines = [
+        f"# Layer sensitivity: {Path(report['model']).name} ({report['quant_format']}, source {report['source']})",
+        "",
+        f"- model: `{report['model']}` (sha256 `{report['model_sha256'][:16]}...`)",
+        f"- method: `{method['name']}`, score `{method['score']}` (higher is more sensitive)",
+        f"- data: {data['images']} images from `{data['source']}` at {data['imgsz']} px",
+        f"- device: {report['device']}, wall time {report['wall_s']:.1f} s",
+    ]
+    reference = report.get("reference")
+    if reference:
+        lines.append(
+            f"- reference: every layer quantized {reference['all_layers_quantized']:.6g}, "
+            f"no layer quantized {reference['no_layer_quantized']:.6g}"
+        )
+    lines += ["", method["description"], ""]
+    lines += ["| rank | name | op_type | weight | onnx_node | score |", "|---:|---|---|---|---|---:|"]
+    for row in report["layers"]:
+        weight = f"`{row['weight']}`" if row["weight"] else ""
+        node = f"`{row['onnx_node']}`" if row["onnx_node"] else ""
+        lines.append(f"| {row['rank']} | `{row['name']}` | {row['op_type']} | {weight} | {node} | {row['score']:.6g} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict, out_dir: Path) -> dict[str, Path]:
+    """Write the report as JSON, CSV and Markdown (each atomically); JSON last, as the completion mark."""
+    out_dir = Path(out_dir)
+    paths = {ext: out_dir / f"{REPORT_STEM}.{ext}" for ext in ("csv", "md", "json")}
+    atomic_write_text(paths["csv"], report_csv(report))
+    atomic_write_text(paths["md"], report_markdown(report))
+    atomic_write_json(paths["json"], report)
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole sweep
+
+
+@dataclass
+class SweepInputs:
+    """Everything a sweep needs, validated.
+
+    Attributes:
+        weights: ``.pt`` checkpoint or ``.yaml`` architecture (random weights).
+        weights_sha256: sha256 of that file.
+        images: float32 numpy ``[N, 3, imgsz, imgsz]``.
+        data_source: the image list or .npy the images came from (for the report).
+        imgsz: square input side.
+        formats: keys of :data:`QUANT_FORMATS`.
+        metric: key of :data:`METRICS`.
+        batch_size: images per forward pass.
+        device: ``cpu`` or ``cuda:N``.
+        seed: seed for ``.yaml`` random weights.
+    """
+
+    weights: Path
+    weights_sha256: str
+    images: Any
+    data_source: str
+    imgsz: int
+    formats: list[str]
+    metric: str
+    batch_size: int
+    device: str
+    seed: int = 0
+
+
+def prepare_model(weights: Path, imgsz: int, seed: int = 0):
+    """Load a YOLOv10 and prepare it as the raw-head export does (fused, raw one-to-one output).
+
+    Returns:
+        ``(model, loaded)``: the prepared model (CPU, eval) and the :class:`lowbit.export.LoadedModel`.
+    """
+    from lowbit.export import check_imgsz, load_yolov10, prepare_raw_head_model
+
+    loaded = load_yolov10(weights, seed=seed)
+    head = loaded.model.model[-1]
+    check_imgsz(imgsz, int(max(head.stride.tolist())))
+    return prepare_raw_head_model(loaded.model), loaded
+
+
+def run_sweep(
+    inputs: SweepInputs,
+    run_dir: Path,
+    t_start: float | None = None,
+    layer_filter: Callable[[list[QuantLayer]], list[QuantLayer]] | None = None,
+) -> list[dict[str, Any]]:
+    """Reference pass, then per format: quantize a copy, sweep, write the report.
+
+    Args:
+        inputs: validated inputs.
+        run_dir: the run directory; reports go to :func:`report_dir`.
+        t_start: ``time.perf_counter()`` of the run start (default: now); ``wall_s`` counts from it.
+        layer_filter: optional selection of the layers to score (timing experiments); a report of a
+            filtered sweep is not written.
+
+    Returns:
+        One dict per format: ``report`` (the JSON content), ``paths`` (written files; empty when
+        filtered), ``secondary`` (per-layer scores of the other metric), ``not_run``,
+        ``metric_agreement_spearman``, ``timings_s``.
+    """
+    import torch
+
+    t_start = time.perf_counter() if t_start is None else t_start
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    model, loaded = prepare_model(inputs.weights, inputs.imgsz, inputs.seed)
+    head = model.model[-1]
+    reg_max = int(getattr(head, "reg_max", 16))
+    device = torch.device(inputs.device)
+    model = model.to(device)
+    images = torch.from_numpy(inputs.images).to(device)
+    timings["load_s"] = time.perf_counter() - t0
+    if loaded.kind == "yaml":
+        log.warning("%s has random weights: its timings mean something, its scores do not", inputs.weights.name)
+    log.info(
+        "model %s (%s, nc=%d, %d params) on %s; %d images at %d px, batch %d",
+        inputs.weights, loaded.kind, loaded.nc, sum(p.numel() for p in model.parameters()),
+        inputs.device, images.shape[0], inputs.imgsz, inputs.batch_size,
+    )  # fmt: skip
+
+    results = []
+    # ModelOpt prints progress (and, on first CUDA use, the build of its kernels) to stdout: keep it in the log.
+    with exact_fp32(), contextlib.redirect_stdout(_LogWriter()):
+        t0 = time.perf_counter()
+        cache = fp32_cache(model, images, inputs.batch_size)
+        timings["reference_s"] = time.perf_counter() - t0
+        shared_s = time.perf_counter() - t_start
+        for quant_format in inputs.formats:
+            t_format = time.perf_counter()
+            results.append(
+                _sweep_one_format(copy.deepcopy(model), quant_format, inputs, images, cache, reg_max, layer_filter)
+            )
+            results[-1]["timings_s"] = {**timings, **results[-1]["timings_s"]}
+            wall_s = shared_s + (time.perf_counter() - t_format)
+            results[-1]["report"]["wall_s"] = round(wall_s, 3)
+            if not results[-1]["filtered"]:
+                results[-1]["paths"] = write_report(results[-1]["report"], report_dir(run_dir, quant_format))
+    return results
+
+
+def _sweep_one_format(model, quant_format, inputs, images, cache, reg_max, layer_filter) -> dict[str, Any]:
+    precision, _ = QUANT_FORMATS[quant_format]
+    score_name = METRICS[inputs.metric]
+    other_name = next(name for key, name in METRICS.items() if key != inputs.metric)
+    timings: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    model, calls = quantize_model(model, quant_format, images, inputs.batch_size)
+    timings["quantize_s"] = time.perf_counter() - t0
+    layers, not_run = quant_layers(model, calls)
+    if not layers:
+        raise RuntimeError("ModelOpt inserted no enabled quantizer into a module the forward runs")
+    op_counts: dict[str, int] = {}
+    for layer in layers:
+        op_counts[layer.op_type] = op_counts.get(layer.op_type, 0) + 1
+    log.info(
+        "%s: %d quantized layers %s; not run by the raw-head forward: %s",
+        quant_format, len(layers), op_counts, not_run or "none",
+    )  # fmt: skip
+    all_layers = layers
+    if layer_filter is not None:
+        layers = layer_filter(layers)
+
+    step = max(1, len(layers) // 10)
+    t_sweep = time.perf_counter()
+
+    def progress(index: int, total: int, layer: QuantLayer, scores: dict[str, float]) -> None:
+        log.debug(
+            "%s [%d/%d] %s %s: %s %.6g",
+            quant_format, index + 1, total, layer.name, layer.op_type, score_name, scores[score_name],
+        )  # fmt: skip
+        if (index + 1) % step == 0 or index + 1 == total:
+            elapsed = time.perf_counter() - t_sweep
+            eta = elapsed / (index + 1) * (total - index - 1)
+            log.info("%s: %d/%d layers scored, %.1f s, ~%.0f s left", quant_format, index + 1, total, elapsed, eta)
+
+    swept = sweep_layers(model, layers, cache, reg_max, progress)
+    timings["sweep_s"] = time.perf_counter() - t_sweep
+    timings.update(swept["timings_s"])
+    timings["per_layer_s"] = swept["timings_s"]["layers_s"] / len(layers)
+    noise = swept["no_layer_quantized"][score_name]
+    if noise != 0.0:
+        log.warning("%s: all quantizers off, yet output differs from FP32 (%s %.3g)", quant_format, score_name, noise)
+
+    rows = rank_layers(layers, swept["per_layer"], score_name)
+    report = {
+        "schema_version": SCHEMA_VERSION,
+        "source": "torch",
+        "model": str(inputs.weights),
+        "model_sha256": inputs.weights_sha256,
+        "precision": precision,
+        "quant_format": quant_format,
+        "method": {
+            "name": METHOD_NAME,
+            "description": method_description(inputs.metric, quant_format),
+            "score": score_name,
+            "higher_is_more_sensitive": True,
+        },
+        "data": {"images": int(images.shape[0]), "source": inputs.data_source, "imgsz": inputs.imgsz},
+        "device": inputs.device,
+        "wall_s": None,  # set by the caller, which knows the shared setup time
+        "layers": rows,
+        "reference": {
+            "all_layers_quantized": swept["all_layers_quantized"][score_name],
+            "no_layer_quantized": noise,
+        },
+    }
+    names = [row["name"] for row in rows]
+    return {
+        "report": report,
+        "paths": {},
+        "filtered": layer_filter is not None,
+        "secondary": {name: swept["per_layer"][name][other_name] for name in names},
+        "secondary_score": other_name,
+        "secondary_reference": {
+            "all_layers_quantized": swept["all_layers_quantized"][other_name],
+            "no_layer_quantized": swept["no_layer_quantized"][other_name],
+        },
+        "metric_agreement_spearman": spearman(
+            [swept["per_layer"][n][score_name] for n in names], [swept["per_layer"][n][other_name] for n in names]
+        ),
+        "layer_calls": {layer.name: layer.calls for layer in all_layers if layer.calls != 1},
+        "num_layers_quantized": len(all_layers),
+        "op_counts": op_counts,
+        "not_run": not_run,
+        "timings_s": timings,
+    }
