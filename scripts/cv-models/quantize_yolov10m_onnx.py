@@ -18,6 +18,7 @@ Example (what ``quantize_yolov10m_int8_onnx.sh`` runs)::
 from __future__ import annotations
 
 import argparse
+import logging
 import re
 import shutil
 import sys
@@ -135,22 +136,42 @@ def count_int4_targets(model) -> int:
     )
 
 
+WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
 def qdq_summary(model) -> dict:
-    """Counts of Q/DQ pairs and which compute nodes consume dequantized inputs."""
+    """Q/DQ pair counts and the compute nodes that run quantized.
+
+    A Conv/Gemm/MatMul with a constant weight is quantized when that weight comes through a
+    DequantizeLinear; its activation input alone does not count, since a Q/DQ pair on a tensor is
+    shared by every consumer, excluded ones included. Any other node is quantized when all of its
+    non-constant inputs come through a DequantizeLinear.
+    """
     nodes = list(model.graph.node)
+    constants = {init.name for init in model.graph.initializer}
     dq_outputs = {out for n in nodes if n.op_type == "DequantizeLinear" for out in n.output}
     q_outputs = {out for n in nodes if n.op_type == "QuantizeLinear" for out in n.output}
+    dq_of_constant = {
+        n.output[0] for n in nodes if n.op_type == "DequantizeLinear" and n.input[0] in constants
+    }
     pairs = sum(1 for n in nodes if n.op_type == "DequantizeLinear" and n.input[0] in q_outputs)
-    quantized = sorted(
-        n.name
-        for n in nodes
-        if n.op_type not in ("QuantizeLinear", "DequantizeLinear") and any(i in dq_outputs for i in n.input)
+
+    def quantized(node) -> bool:
+        if node.op_type in WEIGHTED_OPS and len(node.input) > 1 and (
+            node.input[1] in constants or node.input[1] in dq_of_constant
+        ):
+            return node.input[1] in dq_of_constant
+        variable = [i for i in node.input if i and i not in constants and i not in dq_of_constant]
+        return bool(variable) and all(i in dq_outputs for i in variable)
+
+    quantized_nodes = sorted(
+        n.name for n in nodes if n.op_type not in ("QuantizeLinear", "DequantizeLinear") and quantized(n)
     )
     return {
         "qdq_pairs": pairs,
         "quantize_linear": sum(1 for n in nodes if n.op_type == "QuantizeLinear"),
         "dequantize_linear": sum(1 for n in nodes if n.op_type == "DequantizeLinear"),
-        "quantized_nodes": quantized,
+        "quantized_nodes": quantized_nodes,
     }
 
 
@@ -256,22 +277,31 @@ def main(argv: list[str] | None = None) -> int:
             args.quantize_mode, calibration_method, args.high_precision_dtype, args.calibration_eps,
             len(exclusions), calib.shape[0],
         )
+        # ModelOpt re-configures its logger (dropping a log_file handler) part-way through, but its
+        # records always propagate to the root logger: capture the full log there.
+        modelopt_log = logging.FileHandler(log_file, mode="w", encoding="utf-8")
+        modelopt_log.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+        root_logger = logging.getLogger()
+        root_logger.addHandler(modelopt_log)
         t0 = time.perf_counter()
-        quantize(
-            onnx_path=str(work_input),
-            quantize_mode=args.quantize_mode,
-            calibration_data=np.ascontiguousarray(calib),
-            calibration_method=calibration_method,
-            calibration_eps=list(args.calibration_eps),
-            nodes_to_exclude=exact_patterns(exclusions),
-            high_precision_dtype=args.high_precision_dtype,
-            use_zero_point=args.use_zero_point,
-            passes=list(args.passes),
-            calibrate_per_node=args.calibrate_per_node,
-            output_path=str(work_output),
-            log_file=str(log_file),
-            log_level="INFO",
-        )
+        try:
+            quantize(
+                onnx_path=str(work_input),
+                quantize_mode=args.quantize_mode,
+                calibration_data=np.ascontiguousarray(calib),
+                calibration_method=calibration_method,
+                calibration_eps=list(args.calibration_eps),
+                nodes_to_exclude=exact_patterns(exclusions),
+                high_precision_dtype=args.high_precision_dtype,
+                use_zero_point=args.use_zero_point,
+                passes=list(args.passes),
+                calibrate_per_node=args.calibrate_per_node,
+                output_path=str(work_output),
+                log_level="INFO",
+            )
+        finally:
+            root_logger.removeHandler(modelopt_log)
+            modelopt_log.close()
         quantize_s = time.perf_counter() - t0
         if not work_output.exists():
             raise RuntimeError(f"ModelOpt finished without writing {work_output}; see {log_file}")

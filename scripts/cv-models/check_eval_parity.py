@@ -1,0 +1,133 @@
+"""Verify the ONNX evaluator against ultralytics' own validation of the same weights on the same images.
+
+Runs (1) ``eval_yolov10m_onnx_coco.py`` on the raw-head ONNX export and (2) ultralytics ``val`` on
+the ``.pt`` it was exported from, both with the square letterbox, batch 1 and the one-to-one head,
+on the first ``--max-images`` image ids. Writes ``parity.json`` with three numbers per metric:
+ours, ultralytics' detections scored by pycocotools (same metric code as ours: isolates
+pre/post-processing), and ultralytics' own mAP (its own interpolation and 300 detections per image,
+so it differs from COCO's definition by a few tenths of a point).
+
+Example::
+
+    python scripts/cv-models/check_eval_parity.py \
+        --weights models/cv-models/yolov10n-demo-shapes/yolov10n-demo-shapes.pt \
+        --onnx-path models/cv-models/yolov10n-demo-shapes/yolov10n-demo-shapes.onnx \
+        --data-root datasets/demo-shapes --max-images 500 --out tmp/parity/parity.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+from lowbit.coco_eval import category_mapping, evaluate_bbox, load_coco, select_image_ids
+from lowbit.logs import setup_logging
+from lowbit.runs import UserError, atomic_write_json, check_input_file, cli_entry, manifest_run, refuse_overwrite
+
+EVAL_SCRIPT = Path(__file__).with_name("eval_yolov10m_onnx_coco.py")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        allow_abbrev=False,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--weights", type=Path, required=True, help="ultralytics .pt the ONNX was exported from")
+    parser.add_argument("--onnx-path", type=Path, required=True, help="raw-head ONNX export of --weights")
+    parser.add_argument("--data-root", type=Path, default=Path("datasets/demo-shapes"))
+    parser.add_argument(
+        "--yolo-images-dir",
+        type=Path,
+        default=None,
+        help="the same images under an ultralytics images/ folder with labels/ beside it "
+        "(default: <data-root>/yolo/images/val2017, as make_demo_dataset.py writes)",
+    )
+    parser.add_argument("--max-images", type=int, default=500, help="first N image ids, ascending")
+    parser.add_argument("--imgsz", type=int, default=640)
+    parser.add_argument("--device", default="cpu", help="torch device for ultralytics val")
+    parser.add_argument("--out", type=Path, required=True, help="parity.json to write")
+    parser.add_argument("--overwrite", action="store_true")
+    return parser
+
+
+def _load_eval_script():
+    spec = importlib.util.spec_from_file_location("eval_yolov10m_onnx_coco", EVAL_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    weights = check_input_file(args.weights, "--weights")
+    onnx_path = check_input_file(args.onnx_path, "--onnx-path")
+    ann_file = check_input_file(args.data_root / "annotations" / "instances_val2017.json", "--data-root")
+    yolo_images = args.yolo_images_dir or args.data_root / "yolo" / "images" / "val2017"
+    if not yolo_images.is_dir():
+        raise UserError(f"--yolo-images-dir: {yolo_images} does not exist (ultralytics needs images/ + labels/)")
+    refuse_overwrite(args.out, args.overwrite)
+    work = args.out.parent
+    setup_logging(work / "parity.log")
+
+    coco = load_coco(ann_file)
+    category_ids, names = category_mapping(coco)
+    image_ids = select_image_ids(coco, args.max_images)
+    files = {img["id"]: img["file_name"] for img in coco.dataset["images"]}
+
+    with manifest_run(work / "parity.manifest.json", "check_eval_parity.py", vars(args)) as manifest:
+        manifest.add_input(weights)
+        manifest.add_input(onnx_path)
+        ours_out = work / "ours" / "metrics.json"
+        rc = _load_eval_script().main(
+            ["--onnx-path", str(onnx_path), "--data-root", str(args.data_root), "--max-images", str(args.max_images),
+             "--imgsz", str(args.imgsz), "--providers", "CPUExecutionProvider", "--warmup-runs", "1",
+             "--out", str(ours_out), "--overwrite"]
+        )
+        if rc != 0:
+            raise RuntimeError(f"the evaluator failed (exit {rc})")
+        ours = json.loads(ours_out.read_text())["metrics"]
+
+        from lowbit import ultralytics_peer
+
+        data_yaml = ultralytics_peer.write_val_subset(work / "ultralytics", [yolo_images / files[i] for i in image_ids], names)
+        own, records = ultralytics_peer.ultralytics_val(
+            weights, data_yaml, (work / "ultralytics").absolute(), imgsz=args.imgsz, one2one=True, device=args.device
+        )
+        theirs_coco, _ = evaluate_bbox(coco, ultralytics_peer.remap_categories(records, category_ids), image_ids)
+
+        result = {
+            "images": len(image_ids),
+            "image_ids_first_last": [image_ids[0], image_ids[-1]],
+            "head": "one-to-one (ultralytics nms=False)",
+            "letterbox": f"square {args.imgsz}, batch 1 (ultralytics rect=False)",
+            "ours": {k: ours[k] for k in ("map50_95", "map50")},
+            "ultralytics_detections_pycocotools": {k: theirs_coco[k] for k in ("map50_95", "map50")},
+            "ultralytics_own_metric": own,
+        }
+        result["diff_ap_points"] = {
+            "vs_ultralytics_detections": {k: round(100 * (ours[k] - theirs_coco[k]), 3) for k in ("map50_95", "map50")},
+            "vs_ultralytics_own_metric": {k: round(100 * (ours[k] - own[k]), 3) for k in ("map50_95", "map50")},
+        }
+        atomic_write_json(args.out, result)
+        manifest.add_output("parity", args.out)
+        manifest.update(**result["diff_ap_points"])
+
+    d = result["diff_ap_points"]
+    print(
+        f"mAP50-95: ours {ours['map50_95']:.4f} | ultralytics dets+pycocotools {theirs_coco['map50_95']:.4f} "
+        f"({d['vs_ultralytics_detections']['map50_95']:+.2f} AP) | ultralytics own metric {own['map50_95']:.4f} "
+        f"({d['vs_ultralytics_own_metric']['map50_95']:+.2f} AP)\n"
+        f"mAP50:    ours {ours['map50']:.4f} | ultralytics dets+pycocotools {theirs_coco['map50']:.4f} "
+        f"({d['vs_ultralytics_detections']['map50']:+.2f} AP) | ultralytics own metric {own['map50']:.4f} "
+        f"({d['vs_ultralytics_own_metric']['map50']:+.2f} AP)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
