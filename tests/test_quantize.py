@@ -37,8 +37,12 @@ def int8_run(tmp_path_factory, load_script, tiny_yolov10_onnx, calib_npy):
     return out
 
 
-def test_int8_output_manifest_and_ort_load(int8_run):
+def test_int8_output_manifest_and_ort_load(int8_run, tiny_yolov10_onnx, tiny_yolov10_pt):
     manifest = json.loads(int8_run.with_suffix(".manifest.json").read_text())
+    # ModelOpt rewrites its input file; the user's model must be untouched (digest taken before quantizing)
+    from lowbit.runs import sha256_file
+
+    assert manifest["inputs"][str(tiny_yolov10_onnx)] == sha256_file(tiny_yolov10_onnx)
     assert manifest["status"] == "ok"
     extra = manifest["extra"]
     assert extra["settings"]["high_precision_dtype"] == "fp32"

@@ -1,12 +1,13 @@
 """Generate the deterministic demo-shapes detection dataset in COCO 2017 layout (plus a YOLO view).
 
-Example (the val split the demo model is evaluated on; about 45 CPU-seconds, ~25 s on 2 idle cores):
+Example (the val split of the demo model: ids 1..500 are the evaluation slice, 501..600 the calibration
+images of datasets/quantize-calib/demo_shapes_calib100.txt; about 45 CPU-seconds):
 
     python scripts/cv-models/make_demo_dataset.py --splits val
 
-Training data for scripts/cv-models/train_demo_detector.py:
+Training data for scripts/cv-models/train_demo_detector.py (the shipped demo model was trained with this):
 
-    python scripts/cv-models/make_demo_dataset.py --splits train val --num-train 4000 --num-val 500
+    python scripts/cv-models/make_demo_dataset.py --splits train val --num-train 4000 --num-val 600
 
 Writes under --out-root: <split>2017/*.jpg, annotations/instances_<split>2017.json, yolo/images/<split>2017/
 (symlinks to the jpgs), yolo/labels/<split>2017/*.txt, yolo/data.yaml and dataset_info.json. A split is
@@ -37,7 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--splits", nargs="+", choices=("val", "train"), default=["val"], help="splits to generate"
     )
-    parser.add_argument("--num-val", type=int, default=500, help="images in val2017 (ids 1..N)")
+    parser.add_argument(
+        "--num-val", type=int, default=600, help="images in val2017 (ids 1..N; 1..500 evaluation, 501..600 calibration)"
+    )
     parser.add_argument("--num-train", type=int, default=4000, help="images in train2017 (ids from 1000001)")
     parser.add_argument("--seed", type=int, default=0, help="dataset seed; each image's seed is (seed, split, index)")
     parser.add_argument(

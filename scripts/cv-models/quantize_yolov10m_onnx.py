@@ -126,6 +126,16 @@ def exact_patterns(names: list[str]) -> list[str]:
     return [re.escape(name) + "$" for name in names]
 
 
+def external_data_files(model) -> list[str]:
+    """Relative paths of the external-data files an ONNX model's initializers point to."""
+    locations = set()
+    for init in model.graph.initializer:
+        for entry in init.external_data:
+            if entry.key == "location":
+                locations.add(entry.value)
+    return sorted(locations)
+
+
 def count_int4_targets(model) -> int:
     """Nodes ModelOpt's INT4 mode would quantize: Gemm/MatMul with a constant weight input."""
     initializers = {init.name for init in model.graph.initializer}
@@ -257,13 +267,16 @@ def main(argv: list[str] | None = None) -> int:
         manifest.add_input(onnx_path)
         manifest.add_input(calib_path)
         manifest.update(settings=settings)
-        # ModelOpt writes intermediate files next to its input model: give it a private folder in the
-        # run dir (a symlink to the user's file) so nothing is written beside the user's checkpoint.
+        # ModelOpt writes intermediate files next to its input model, and measured with 0.47 it also
+        # rewrites the input file itself (through a symlink too). Quantize a private copy in the run
+        # dir so the user's checkpoint is never touched.
         work_dir = Path(f"{stem}.work")
         shutil.rmtree(work_dir, ignore_errors=True)
         work_dir.mkdir(parents=True)
         work_input = work_dir / onnx_path.name
-        work_input.symlink_to(onnx_path.resolve())
+        shutil.copyfile(onnx_path, work_input)
+        for location in external_data_files(model):
+            shutil.copyfile(onnx_path.parent / location, work_dir / location)
         work_output = work_dir / "quantized.onnx"
 
         from modelopt.onnx.quantization import quantize  # heavy: imported only when quantizing

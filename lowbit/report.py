@@ -1,0 +1,927 @@
+"""Comparison report of the evaluated variants of one model: table, recommendation and Pareto plot.
+
+Inputs are what the card's scripts already wrote; nothing is re-measured here except, optionally,
+TensorRT engines (see :mod:`lowbit.trt`):
+
+* every ``metrics.json`` under the run dirs written by ``eval_yolov10m_onnx_coco.py``
+  (``schema_version`` 1, ``script``, ``status`` "ok"), e.g. ``baseline-coco/``, ``int8-coco/``,
+  ``fp8-k5-coco/``;
+* for each evaluated model (metrics ``model.path``), its ``<stem>.manifest.json`` from
+  ``quantize_yolov10m_onnx.py`` when it lies beside the model and describes the same file
+  (``extra.output_sha256`` equals the evaluated ``model.sha256``): quantization settings,
+  excluded nodes, quantized node count, the source model's sha256 and the exclusion scheme.
+
+The FP32 baseline is the evaluated model without Q/DQ. Evaluations of different image sets
+(annotation sha256 + image ids) or post-processing settings are never compared: :func:`collect_variants`
+raises :class:`~lowbit.runs.UserError` naming the files.
+
+``report.json`` keys (``schema_version`` 1):
+
+* ``run_dirs``: the run dirs read; ``created_at``
+* ``dataset``: ``name``, ``images_dir``, ``ann_file``, ``ann_sha256``, ``num_images``, ``image_id_range``
+  [first, last], ``postprocess`` {mode, conf, iou, max_det, imgsz}
+* ``budget_ap``: largest accepted mAP50-95 loss, AP points (×100); ``latency_tie_pct``
+* ``baseline``: ``label``, ``map50_95``, ``map50``, ``metrics_path``, ``model_sha256``
+* ``variants``: one dict per evaluation, baseline first; keys:
+  ``label``, ``role`` ("baseline" | "fp32_repeat" | "quantized" | "random_control"), ``quant_mode``
+  ("fp32" | "int8" | "fp8" | ...), ``map50_95``, ``map50`` (0..1, copied from metrics.json),
+  ``delta_ap`` / ``delta_ap50`` ((variant − baseline) × 100, AP points), ``latency_ms`` {p50, p90,
+  mean, n} (ORT ``session.run`` wall time, copied), ``provider`` (first of ``providers_used``),
+  ``providers_used``, ``tensorrt`` (see :func:`lowbit.trt.benchmark_engine`; ``status`` always set),
+  ``model_path``, ``model_file`` (resolved path or null), ``model_sha256``, ``source_model_sha256`` (the
+  float model it was quantized from, per its quantizer manifest; null when unknown), ``model_bytes`` (null when
+  the file is gone or no longer the evaluated one), ``qdq_pairs``, ``quant_dtypes``,
+  ``excluded_nodes`` (count; null when unknown), ``excluded_node_names``, ``num_quantized_nodes``,
+  ``quant_settings`` (the quantizer's ``extra.settings``), ``candidate`` {k, random_seed,
+  ranking_source, scheme} or null, ``metrics_path``, ``model_manifest`` (path or null), ``run_dir``,
+  ``notes`` [str]
+* ``recommended``: ``variant`` (label), ``metrics_path``, ``reason``, ``latency_source``
+  ("tensorrt" | "onnxruntime" | null), ``latency_provider``, ``latency_ms``, ``within_budget`` [labels]
+* ``latency_axis``: the latency on the plot's x axis (``source``, ``description``); the recommendation names its own
+  in ``recommended.latency_source``
+* ``tensorrt``: ``status`` ("measured" | "not measured: TensorRT not installed" | "not measured: ..."),
+  ``trtexec``, ``tensorrt_python``, ``qdq_mode``
+* ``notes``: [str]
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import io
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterable
+
+from lowbit.logs import get_logger
+from lowbit.runs import REPO_ROOT, UserError, sha256_file
+
+log = get_logger("report")
+
+SCHEMA_VERSION = 1
+EVAL_SCRIPT = "eval_yolov10m_onnx_coco.py"
+EVAL_SCHEMA_VERSION = 1
+QUANT_SCRIPT = "quantize_yolov10m_onnx.py"
+DEFAULT_BUDGET_AP = 1.0  # AP points (mAP50-95 x 100) a quantized variant may lose against FP32
+DEFAULT_LATENCY_TIE_PCT = 2.0  # latencies this close (%) to the fastest count as a tie, broken by accuracy
+TRT_NOT_INSTALLED = "not measured: TensorRT not installed"
+TRT_DISABLED = "not measured: disabled (--tensorrt off)"
+# Providers whose latency of a Q/DQ model reflects TensorRT's (the EP builds a TensorRT engine).
+TRT_LIKE_PROVIDERS = ("TensorrtExecutionProvider",)
+_EPS = 1e-9  # float slack for the budget comparison
+_STEM_K = re.compile(r"-k(\d+)(?:_random(\d+))?$")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# small helpers
+
+
+def short_provider(provider: str | None) -> str:
+    """``CPUExecutionProvider`` -> ``CPU EP``; ``TensorrtExecutionProvider`` -> ``TensorRT EP``."""
+    if not provider:
+        return "unknown provider"
+    name = provider.removesuffix("ExecutionProvider")
+    return {"Tensorrt": "TensorRT"}.get(name, name) + " EP"
+
+
+def _rel(path: Path | str) -> str:
+    """Path as the user typed it when under the repo root, else absolute."""
+    path = Path(path)
+    try:
+        return str(path.resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path.resolve())
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _fmt(value: float | None, spec: str, missing: str = "-") -> str:
+    return missing if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def _mode_from_dtypes(dtypes: Iterable[str]) -> str:
+    dtypes = [str(d).lower() for d in dtypes]
+    if any(d.startswith(("float8", "fp8")) for d in dtypes):
+        return "fp8" if not any(d in ("int8", "uint8") for d in dtypes) else "int8+fp8"
+    if any(d in ("int8", "uint8") for d in dtypes):
+        return "int8"
+    if any(d in ("int4", "uint4") for d in dtypes):
+        return "int4"
+    return "qdq"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# discovery
+
+
+def discover_metrics(run_dir: Path) -> list[Path]:
+    """Every evaluator ``metrics.json`` under ``run_dir`` (itself included), sorted."""
+    candidates, visited = [], set()
+    # os.walk with followlinks: a run dir may hold symlinks to evaluations made elsewhere.
+    for root, dirs, files in os.walk(run_dir, followlinks=True):
+        real = os.path.realpath(root)
+        if real in visited:  # a link back up the tree
+            dirs.clear()
+            continue
+        visited.add(real)
+        if "metrics.json" in files:
+            candidates.append(Path(root) / "metrics.json")
+    found = []
+    for path in sorted(candidates):
+        data = _read_json(path)
+        if not isinstance(data, dict) or data.get("script") != EVAL_SCRIPT:
+            continue
+        if data.get("schema_version") != EVAL_SCHEMA_VERSION:
+            log.warning("%s: metrics schema_version %s is not %d; skipped", path, data.get("schema_version"),
+                        EVAL_SCHEMA_VERSION)
+            continue
+        if data.get("status") != "ok":
+            log.warning("%s: status %r; skipped", path, data.get("status"))
+            continue
+        found.append(path)
+    return found
+
+
+def resolve_model_file(model_path: str, metrics_path: Path, run_dir: Path) -> Path | None:
+    """Where the evaluated model is now: as recorded (cwd, then repo root), else ``onnx/<name>`` of the run dir."""
+    recorded = Path(model_path)
+    candidates = [recorded]
+    if not recorded.is_absolute():
+        candidates.append(REPO_ROOT / recorded)
+    candidates += [run_dir / "onnx" / recorded.name, metrics_path.parent.parent / "onnx" / recorded.name]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _scheme_info(manifest: dict | None, model_path: str, run_dir: Path) -> dict | None:
+    """``{k, random_seed, ranking_source, scheme}`` of a candidate built from an exclusion scheme, else None."""
+    scheme_path = None
+    args = (manifest or {}).get("args") or {}
+    if args.get("exclude_json"):
+        recorded = Path(args["exclude_json"])
+        for candidate in (recorded, REPO_ROOT / recorded, run_dir / "schemes" / recorded.name):
+            if candidate.is_file():
+                scheme_path = candidate
+                break
+    scheme = _read_json(scheme_path) if scheme_path else None
+    if isinstance(scheme, dict) and "k" in scheme:
+        source = None
+        summary = _read_json(scheme_path.parent / "schemes_summary.json")
+        if isinstance(summary, dict):
+            source = summary.get("report_source")
+        if source is None and scheme.get("report"):
+            report = _read_json(Path(scheme["report"])) or _read_json(REPO_ROOT / scheme["report"])
+            if isinstance(report, dict):
+                source = report.get("source")
+        return {
+            "k": int(scheme["k"]),
+            "random_seed": scheme.get("random_seed"),
+            "ranking_source": source,
+            "scheme": _rel(scheme_path),
+        }
+    match = _STEM_K.search(Path(model_path).stem)
+    if match:  # the materializer's file naming: yolov10m-<mode>-k{K}[_random{SEED}].onnx
+        return {
+            "k": int(match.group(1)),
+            "random_seed": int(match.group(2)) if match.group(2) else None,
+            "ranking_source": None,
+            "scheme": None,
+        }
+    return None
+
+
+def _load_model_manifest(model_file: Path | None, sha: str, notes: list[str]) -> tuple[dict | None, Path | None]:
+    if model_file is None:
+        return None, None
+    path = model_file.with_suffix(".manifest.json")
+    manifest = _read_json(path)
+    if not isinstance(manifest, dict) or manifest.get("script") != QUANT_SCRIPT:
+        return None, None
+    if manifest.get("status") != "ok":
+        notes.append(f"quantizer manifest {_rel(path)} has status {manifest.get('status')!r}; not used")
+        return None, None
+    if (manifest.get("extra") or {}).get("output_sha256") != sha:
+        notes.append(f"quantizer manifest {_rel(path)} describes another file than the evaluated model; not used")
+        return None, None
+    return manifest, path
+
+
+def _label(metrics: dict, mode: str, settings: dict | None, candidate: dict | None, stem: str) -> tuple[str, str]:
+    """(label, role) of one evaluation."""
+    if not metrics["model"]["qdq"].get("is_qdq"):
+        dtype = str(metrics["model"].get("input", {}).get("dtype", ""))
+        return ("FP16" if "float16" in dtype else "FP32"), "baseline"
+    mode_text = mode.upper()
+    if candidate is not None:
+        k = candidate["k"]
+        if candidate.get("random_seed") is not None:
+            return f"{mode_text} K={k} random control (seed {candidate['random_seed']})", "random_control"
+        source = candidate.get("ranking_source")
+        return f"{mode_text} K={k}" + (f" ({source} ranking)" if source and k > 0 else ""), "quantized"
+    if settings:
+        label = f"{mode_text} {settings.get('calibration_method')}/{settings.get('high_precision_dtype')}"
+        excluded = len(settings.get("nodes_to_exclude") or [])
+        return label + (f" excl {excluded}" if excluded else ""), "quantized"
+    return f"{mode_text} ({stem})", "quantized"
+
+
+def _variant_from_metrics(metrics_path: Path, run_dir: Path, hash_cache: dict[Path, str]) -> dict:
+    metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+    model = metrics["model"]
+    qdq = model.get("qdq") or {}
+    notes: list[str] = []
+    model_file = resolve_model_file(model["path"], metrics_path, run_dir)
+    model_bytes = None
+    if model_file is None:
+        notes.append(f"model file {model['path']} not found: size unknown")
+    else:
+        key = model_file.resolve()
+        if key not in hash_cache:
+            hash_cache[key] = sha256_file(model_file)
+        if hash_cache[key] == model["sha256"]:
+            model_bytes = model_file.stat().st_size
+        else:
+            notes.append(f"{_rel(model_file)} is no longer the evaluated model (sha256 differs): size unknown")
+            model_file = None
+    manifest, manifest_path = _load_model_manifest(model_file, model["sha256"], notes)
+    extra = (manifest or {}).get("extra") or {}
+    settings = extra.get("settings")
+    is_qdq = bool(qdq.get("is_qdq"))
+    mode = "fp32" if not is_qdq else ((settings or {}).get("quantize_mode") or _mode_from_dtypes(qdq.get("quant_dtypes", [])))
+    candidate = _scheme_info(manifest, model["path"], run_dir) if is_qdq else None
+    label, role = _label(metrics, mode, settings, candidate, Path(model["path"]).stem)
+    if not is_qdq and label == "FP16":
+        mode = "fp16"
+    excluded = extra.get("excluded_nodes") if manifest else None
+    if excluded is None and settings is not None:
+        excluded = settings.get("nodes_to_exclude")
+    source_sha = None
+    if manifest:
+        source_sha = (manifest.get("inputs") or {}).get(str((manifest.get("args") or {}).get("onnx_path")))
+    providers_used = (metrics.get("providers") or {}).get("providers_used") or []
+    latency = metrics.get("latency_ms") or {}
+    return {
+        "label": label,
+        "role": role,
+        "quant_mode": mode,
+        "map50_95": metrics["metrics"]["map50_95"],
+        "map50": metrics["metrics"]["map50"],
+        "delta_ap": None,
+        "delta_ap50": None,
+        "latency_ms": {k: latency.get(k) for k in ("p50", "p90", "mean", "n")},
+        "provider": providers_used[0] if providers_used else None,
+        "providers_used": list(providers_used),
+        "tensorrt": None,
+        "model_path": model["path"],
+        "model_file": str(model_file) if model_file else None,
+        "model_sha256": model["sha256"],
+        "source_model_sha256": source_sha,
+        "model_bytes": model_bytes,
+        "qdq_pairs": qdq.get("qdq_pairs"),
+        "quant_dtypes": list(qdq.get("quant_dtypes") or []),
+        "excluded_nodes": (len(excluded) if excluded is not None else (0 if not is_qdq else None)),
+        "excluded_node_names": list(excluded) if excluded is not None else None,
+        "num_quantized_nodes": extra.get("num_quantized_nodes") if manifest else (0 if not is_qdq else None),
+        "quant_settings": settings,
+        "candidate": candidate,
+        "metrics_path": _rel(metrics_path),
+        "model_manifest": _rel(manifest_path) if manifest_path else None,
+        "run_dir": _rel(run_dir),
+        "notes": notes,
+        "_metrics_file": metrics_path,
+        "_dataset": metrics["dataset"],
+        "_postprocess": metrics.get("postprocess") or {},
+    }
+
+
+def _dataset_key(variant: dict) -> tuple:
+    ds = variant["_dataset"]
+    return ds.get("ann_sha256"), tuple(ds.get("image_ids") or ())
+
+
+def _postprocess_key(variant: dict) -> tuple:
+    pp = variant["_postprocess"]
+    return tuple(pp.get(k) for k in ("mode", "conf", "iou", "max_det", "imgsz"))
+
+
+def _describe_image_set(variant: dict) -> str:
+    ds = variant["_dataset"]
+    ids = ds.get("image_ids") or []
+    span = f"ids {ids[0]}..{ids[-1]}" if ids else "no ids"
+    return f"{len(ids)} images ({span}) of {ds.get('ann_file')} (sha256 {str(ds.get('ann_sha256'))[:12]})"
+
+
+def _check_comparable(variants: list[dict]) -> None:
+    """All evaluations must share one image set and one post-processing; raise UserError naming the files."""
+    for key_fn, what, describe in (
+        (_dataset_key, "image sets", _describe_image_set),
+        (_postprocess_key, "post-processing settings", lambda v: json.dumps(v["_postprocess"], sort_keys=True)),
+    ):
+        groups: dict[tuple, list[dict]] = {}
+        for v in variants:
+            groups.setdefault(key_fn(v), []).append(v)
+        if len(groups) > 1:
+            lines = [
+                f"  {describe(members[0])}: " + ", ".join(m["metrics_path"] for m in members)
+                for members in groups.values()
+            ]
+            raise UserError(
+                f"--run-dir: the evaluations use different {what}, so their mAP cannot be compared:\n"
+                + "\n".join(lines)
+                + "\npass run dirs whose evaluations share one image set and one post-processing"
+            )
+
+
+def _dataset_summary(variant: dict) -> dict:
+    ds = variant["_dataset"]
+    images_dir = Path(str(ds.get("images_dir", "")))
+    parts = images_dir.parts
+    name = "/".join(parts[parts.index("datasets") + 1:]) if "datasets" in parts else "/".join(parts[-2:])
+    ids = ds.get("image_ids") or []
+    return {
+        "name": name or str(images_dir),
+        "images_dir": ds.get("images_dir"),
+        "ann_file": ds.get("ann_file"),
+        "ann_sha256": ds.get("ann_sha256"),
+        "num_images": len(ids),
+        "image_id_range": [ids[0], ids[-1]] if ids else None,
+        "postprocess": variant["_postprocess"],
+    }
+
+
+def _sort_key(v: dict) -> tuple:
+    role_rank = {"baseline": 0, "fp32_repeat": 1}.get(v["role"], 2)
+    cand = v["candidate"] or {}
+    return (
+        role_rank,
+        v["quant_mode"],
+        cand.get("k", -1),
+        cand.get("random_seed") is not None,
+        cand.get("random_seed") or 0,
+        v["label"],
+        v["metrics_path"],
+    )
+
+
+def collect_variants(run_dirs: Iterable[Path]) -> dict:
+    """Read every evaluation under ``run_dirs``: ``{"run_dirs", "dataset", "baseline", "variants", "notes"}``.
+
+    ``delta_ap`` is filled against the baseline; ``tensorrt`` is left None for :func:`build_report`.
+
+    Raises:
+        UserError: a run dir is missing, holds no evaluation, has no FP32 evaluation, mixes image sets
+            or post-processing, or mixes evaluations of different models.
+    """
+    run_dirs = [Path(d) for d in run_dirs]
+    hash_cache: dict[Path, str] = {}
+    variants: list[dict] = []
+    seen: set[Path] = set()
+    for run_dir in run_dirs:
+        if not run_dir.is_dir():
+            raise UserError(f"--run-dir: {run_dir} is not a directory")
+        for metrics_path in discover_metrics(run_dir):
+            if metrics_path.resolve() in seen:  # nested or repeated run dirs
+                continue
+            seen.add(metrics_path.resolve())
+            variants.append(_variant_from_metrics(metrics_path, run_dir, hash_cache))
+    if not variants:
+        raise UserError(
+            "--run-dir: no metrics.json written by eval_yolov10m_onnx_coco.py under "
+            + ", ".join(str(d) for d in run_dirs)
+        )
+    _check_comparable(variants)
+
+    floats = [v for v in variants if v["role"] == "baseline"]
+    if not floats:
+        raise UserError(
+            "--run-dir: no FP32 evaluation (a metrics.json of a model without Q/DQ) under "
+            + ", ".join(str(d) for d in run_dirs)
+            + "; evaluate the float model first (card step 1, baseline-coco/metrics.json)"
+        )
+    models = {}
+    for v in floats:
+        models.setdefault(v["model_sha256"], []).append(v["metrics_path"])
+    if len(models) > 1:
+        listing = "; ".join(f"sha256 {sha[:12]}: {', '.join(paths)}" for sha, paths in models.items())
+        raise UserError(f"--run-dir: the FP32 evaluations are of different models ({listing}); report one model at a time")
+    baseline = floats[0]  # discovery order: first run dir given, then path order
+    for v in floats[1:]:
+        v["role"] = "fp32_repeat"
+    for v in variants:
+        if v["source_model_sha256"] and v["source_model_sha256"] != baseline["model_sha256"]:
+            raise UserError(
+                f"--run-dir: {v['metrics_path']} is a quantization of model sha256 {v['source_model_sha256'][:12]} "
+                f"but the FP32 evaluation ({baseline['metrics_path']}) is of sha256 {baseline['model_sha256'][:12]}"
+            )
+    notes = []
+    unknown_source = [v["label"] for v in variants if v["role"] in ("quantized", "random_control")
+                      and not v["source_model_sha256"]]
+    if unknown_source:
+        notes.append(
+            "no quantizer manifest for " + ", ".join(unknown_source)
+            + ": that they were quantized from the FP32 model could not be checked"
+        )
+
+    for v in variants:
+        v["delta_ap"] = (v["map50_95"] - baseline["map50_95"]) * 100.0
+        v["delta_ap50"] = (v["map50"] - baseline["map50"]) * 100.0
+
+    # Labels must identify a row: repeats get the folder of their metrics file appended.
+    counts: dict[str, int] = {}
+    for v in variants:
+        counts[v["label"]] = counts.get(v["label"], 0) + 1
+    for v in variants:
+        if counts[v["label"]] > 1 and v is not baseline:
+            v["label"] += f" [{Path(v['metrics_path']).parent.name}]"
+    variants.sort(key=_sort_key)
+    return {
+        "run_dirs": [_rel(d) for d in run_dirs],
+        "dataset": _dataset_summary(baseline),
+        "baseline": baseline,
+        "variants": variants,
+        "notes": notes,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# recommendation
+
+
+def _trt_ms(v: dict, key: str = "median") -> float | None:
+    trt = v.get("tensorrt") or {}
+    if trt.get("status") != "measured":
+        return None
+    return (trt.get("gpu_compute_ms") or {}).get(key)
+
+
+def latency_axis(variants: list[dict]) -> dict:
+    """The one latency every variant is compared on: TensorRT GPU compute time when measured for all, else ORT p50."""
+    if variants and all(_trt_ms(v) is not None for v in variants):
+        return {"source": "tensorrt", "description": "TensorRT GPU compute time (trtexec median)", "providers": []}
+    providers = sorted({v["provider"] for v in variants if v["provider"]})
+    described = ", ".join(short_provider(p) for p in providers) or "unknown provider"
+    return {
+        "source": "onnxruntime",
+        "description": f"ONNX Runtime session.run p50 ({described})",
+        "providers": providers,
+    }
+
+
+def variant_latency(v: dict, axis: dict, key: str = "p50") -> float | None:
+    """Latency of ``v`` on ``axis``: TensorRT median/p90 or ORT p50/p90, ms."""
+    if axis["source"] == "tensorrt":
+        return _trt_ms(v, "median" if key == "p50" else key)
+    return (v.get("latency_ms") or {}).get(key)
+
+
+def recommend(
+    variants: list[dict],
+    budget_ap: float = DEFAULT_BUDGET_AP,
+    latency_tie_pct: float = DEFAULT_LATENCY_TIE_PCT,
+) -> dict:
+    """Pick the variant to ship.
+
+    Rule: among quantized variants (random controls excluded) with ``delta_ap >= -budget_ap``, the
+    fastest on the best latency source (TensorRT GPU compute time when measured for them and the
+    baseline, else ORT p50); variants within ``latency_tie_pct`` % of the fastest tie and the most
+    accurate of them wins. FP32 is recommended when no quantized variant is within budget, or when
+    the latency source reflects TensorRT and the pick is not faster than FP32.
+
+    Returns:
+        ``{"variant", "metrics_path", "reason", "latency_source", "latency_provider", "latency_ms",
+        "within_budget"}``.
+    """
+    baseline = next(v for v in variants if v["role"] == "baseline")
+    quantized = [v for v in variants if v["role"] == "quantized"]
+
+    def result(pick: dict, reason: str, axis: dict | None = None, within: list[dict] | None = None) -> dict:
+        return {
+            "variant": pick["label"],
+            "metrics_path": pick["metrics_path"],
+            "reason": reason,
+            "latency_source": axis["source"] if axis else None,
+            "latency_provider": None if axis is None else (
+                "TensorRT (trtexec GPU compute time)" if axis["source"] == "tensorrt" else pick["provider"]
+            ),
+            "latency_ms": variant_latency(pick, axis) if axis else None,
+            "within_budget": [v["label"] for v in (within or [])],
+        }
+
+    if not quantized:
+        return result(baseline, f"{baseline['label']}: no quantized variant was evaluated")
+    within = [v for v in quantized if v["delta_ap"] >= -budget_ap - _EPS]
+    if not within:
+        best = max(quantized, key=lambda v: v["delta_ap"])
+        return result(
+            baseline,
+            f"no quantized variant stays within the {budget_ap:g} AP budget: the most accurate, {best['label']}, "
+            f"loses {-best['delta_ap']:.2f} AP (mAP50-95 {best['map50_95']:.4f} vs {baseline['map50_95']:.4f}); "
+            f"keep {baseline['label']}",
+        )
+    axis = latency_axis(within + [baseline])
+    timed = [v for v in within if variant_latency(v, axis) is not None]
+    if not timed:
+        pick = max(within, key=lambda v: (v["delta_ap"], v["label"]))
+        return result(
+            pick,
+            f"{pick['label']} is the most accurate of the {len(within)} quantized variant(s) within the "
+            f"{budget_ap:g} AP budget (ΔAP {pick['delta_ap']:+.2f}); no latency was measured for them, so speed "
+            "was not compared",
+            axis,
+            within,
+        )
+    fastest = min(variant_latency(v, axis) for v in timed)
+    tied = [v for v in timed if variant_latency(v, axis) <= fastest * (1.0 + latency_tie_pct / 100.0)]
+    pick = sorted(tied, key=lambda v: (-v["map50_95"], variant_latency(v, axis), v["label"]))[0]
+    pick_ms = variant_latency(pick, axis)
+    where = "TensorRT GPU compute time" if axis["source"] == "tensorrt" else f"{short_provider(pick['provider'])} p50"
+    parts = [
+        f"{pick['label']} is the fastest of the {len(within)} quantized variant(s) within the {budget_ap:g} AP "
+        f"budget ({pick_ms:.2f} ms {where}, ΔAP {pick['delta_ap']:+.2f})"
+    ]
+    others = [v["label"] for v in tied if v is not pick]
+    if others:
+        parts.append(
+            f"{', '.join(others)} ran within {latency_tie_pct:g}% of the fastest and {pick['label']} is the most "
+            "accurate of them"
+        )
+    base_ms = variant_latency(baseline, axis)
+    trt_like = axis["source"] == "tensorrt" or (
+        pick["provider"] in TRT_LIKE_PROVIDERS and baseline["provider"] in TRT_LIKE_PROVIDERS
+    )
+    if base_ms is not None and pick_ms >= base_ms:
+        if trt_like:
+            return result(
+                baseline,
+                parts[0] + f", but it is not faster than {baseline['label']} ({pick_ms:.2f} vs {base_ms:.2f} ms "
+                f"{'TensorRT GPU compute time' if axis['source'] == 'tensorrt' else 'TensorRT EP p50'}); keep "
+                f"{baseline['label']}",
+                axis,
+                within,
+            )
+        parts.append(f"on this provider it is slower than {baseline['label']} ({pick_ms:.2f} vs {base_ms:.2f} ms)")
+    elif base_ms is not None:
+        parts.append(f"{base_ms / pick_ms:.2f}x faster than {baseline['label']} ({base_ms:.2f} ms)")
+    if axis["source"] == "onnxruntime":
+        providers = sorted({v["provider"] for v in timed + [baseline] if v["provider"]})
+        if len(providers) > 1:
+            parts.append(
+                "latencies come from different execution providers (" + ", ".join(short_provider(p) for p in providers)
+                + ") and are not comparable with each other"
+            )
+        if providers and all(p == "CPUExecutionProvider" for p in providers):
+            parts.append(
+                "only CPU execution-provider latencies exist: CPU-EP latency of Q/DQ models does not predict "
+                "TensorRT speed, so re-check this choice with TensorRT (make_lowbit_report.py --tensorrt auto "
+                "where trtexec is installed)"
+            )
+        elif not all(p in TRT_LIKE_PROVIDERS for p in providers):
+            parts.append(
+                "latencies come from ONNX Runtime providers other than TensorRT, which do not predict TensorRT "
+                "speed of Q/DQ models; re-check this choice with TensorRT"
+            )
+    return result(pick, "; ".join(parts), axis, within)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# report
+
+
+def _public(variant: dict) -> dict:
+    return {k: v for k, v in variant.items() if not k.startswith("_")}
+
+
+def build_report(
+    collected: dict,
+    budget_ap: float = DEFAULT_BUDGET_AP,
+    latency_tie_pct: float = DEFAULT_LATENCY_TIE_PCT,
+    tensorrt: dict | None = None,
+) -> dict:
+    """The report dict (keys in the module docstring) from :func:`collect_variants`' output.
+
+    Args:
+        collected: output of :func:`collect_variants`.
+        budget_ap: accepted mAP50-95 loss, AP points (>= 0).
+        latency_tie_pct: see :func:`recommend`.
+        tensorrt: ``{"status", "trtexec", "tensorrt_python", "qdq_mode", "results": {metrics_path: result}}``;
+            None means TensorRT was not looked for (status "not measured: TensorRT not installed").
+    """
+    if budget_ap < 0:
+        raise ValueError(f"budget_ap must be >= 0, got {budget_ap}")
+    tensorrt = dict(tensorrt or {"status": TRT_NOT_INSTALLED})
+    results = tensorrt.pop("results", {}) or {}
+    variants = collected["variants"]
+    for v in variants:
+        res = results.get(v["metrics_path"])
+        if res is None:
+            status = tensorrt["status"] if tensorrt["status"] != "measured" else "not measured: not benchmarked"
+            res = {"status": status}
+        v["tensorrt"] = res
+    measured = [v for v in variants if v["tensorrt"].get("status") == "measured"]
+    if results and measured:
+        tensorrt["status"] = "measured"
+    elif results:  # TensorRT ran but nothing came out of it
+        tensorrt["status"] = "not measured: every trtexec run failed (see the variants' tensorrt.status)"
+
+    baseline = collected["baseline"]
+    recommended = recommend(variants, budget_ap, latency_tie_pct)
+    axis = latency_axis(variants)
+    notes = list(collected["notes"])
+    notes += _report_notes(variants, baseline, axis, tensorrt)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "created_at": _dt.datetime.now().isoformat(timespec="seconds"),
+        "run_dirs": collected["run_dirs"],
+        "dataset": collected["dataset"],
+        "budget_ap": budget_ap,
+        "latency_tie_pct": latency_tie_pct,
+        "baseline": {
+            "label": baseline["label"],
+            "map50_95": baseline["map50_95"],
+            "map50": baseline["map50"],
+            "metrics_path": baseline["metrics_path"],
+            "model_sha256": baseline["model_sha256"],
+        },
+        "variants": [_public(v) for v in variants],
+        "recommended": recommended,
+        "latency_axis": {"source": axis["source"], "description": axis["description"]},
+        "tensorrt": tensorrt,
+        "notes": notes,
+    }
+
+
+def _report_notes(variants: list[dict], baseline: dict, axis: dict, tensorrt: dict) -> list[str]:
+    notes = []
+    by_provider: dict[str, list[str]] = {}
+    for v in variants:
+        by_provider.setdefault(short_provider(v["provider"]), []).append(v["label"])
+    if len(by_provider) > 1:
+        notes.append(
+            "ONNX Runtime latencies were measured on different providers: "
+            + "; ".join(f"{p}: {', '.join(labels)}" for p, labels in by_provider.items())
+        )
+    if tensorrt["status"] == "measured":
+        failed = [f"{v['label']} ({v['tensorrt']['status']})" for v in variants if v["tensorrt"]["status"] != "measured"]
+        if failed:
+            notes.append("TensorRT latency missing for " + "; ".join(failed))
+        strongly = [
+            v["label"] for v in variants
+            if v["tensorrt"].get("precision") == "stronglyTyped"
+            and (v["quant_settings"] or {}).get("high_precision_dtype") == "fp32"
+        ]
+        if strongly:
+            notes.append(
+                "strongly typed engines of " + ", ".join(strongly) + " keep their non-quantized layers in FP32 "
+                "(high_precision_dtype fp32) while the float model is built in FP16; --trt-qdq-mode mixed lets "
+                "TensorRT use FP16 there too"
+            )
+        notes.append("TensorRT engines were timed with trtexec on random inputs; their accuracy was not measured "
+                     "(mAP comes from ONNX Runtime)")
+    if axis["source"] == "onnxruntime" and any(v["provider"] == "CPUExecutionProvider" for v in variants):
+        notes.append("CPU-EP latency of Q/DQ models does not predict TensorRT speed: ONNX Runtime's CPU kernels "
+                     "run quantized graphs differently from TensorRT's INT8/FP8 kernels")
+    base_bytes = baseline["model_bytes"]
+    similar = [
+        v["label"] for v in variants
+        if v["role"] in ("quantized", "random_control") and base_bytes and v["model_bytes"]
+        and v["model_bytes"] >= 0.9 * base_bytes
+    ]
+    if similar:
+        notes.append(
+            "model size is the ONNX file size; the Q/DQ files of " + ", ".join(similar) + " are about as large "
+            "as FP32 because they keep float weights beside their Q/DQ scales (TensorRT stores the weights in "
+            "low precision when it builds the engine)"
+        )
+    if any(v["role"] == "random_control" for v in variants):
+        notes.append("random controls (K nodes excluded at random) are shown to judge the ranking and are never "
+                     "recommended")
+    for v in variants:
+        for note in v["notes"]:
+            notes.append(f"{v['label']}: {note}")
+    return notes
+
+
+def _settings_text(v: dict) -> str:
+    s = v.get("quant_settings")
+    if v["role"] in ("baseline", "fp32_repeat"):
+        return "-"
+    if not s:
+        return "unknown (no quantizer manifest)"
+    text = f"{s.get('quantize_mode')} {s.get('calibration_method')}, hp {s.get('high_precision_dtype')}"
+    if s.get("calibration_images") is not None:
+        text += f", {s['calibration_images']} calib imgs"
+    cand = v.get("candidate")
+    if cand and cand.get("scheme"):
+        text += f", {Path(cand['scheme']).name}"
+    return text
+
+
+def _trt_text(v: dict) -> str:
+    trt = v.get("tensorrt") or {}
+    if trt.get("status") != "measured":
+        return "failed" if str(trt.get("status", "")).startswith("failed") else "not measured"
+    gpu = trt.get("gpu_compute_ms") or {}
+    return f"{_fmt(gpu.get('median'), '.3f')} / {_fmt(gpu.get('p90'), '.3f')} ({trt.get('precision')})"
+
+
+def report_markdown(report: dict, plot_name: str | None = "pareto.png") -> str:
+    """``report.md``: recommendation, one table row per variant, sources and notes."""
+    ds = report["dataset"]
+    rec = report["recommended"]
+    pp = ds["postprocess"]
+    id_range = ds["image_id_range"]
+    lines = [
+        "# Low-bit variants: comparison report",
+        "",
+        f"- Dataset: **{ds['name']}**, {ds['num_images']} images"
+        + (f" (ids {id_range[0]}..{id_range[1]})" if id_range else "")
+        + f", annotations `{ds['ann_file']}` (sha256 {str(ds['ann_sha256'])[:12]})",
+        f"- Post-processing: {pp.get('mode')}, conf {pp.get('conf')}, max_det {pp.get('max_det')}, imgsz {pp.get('imgsz')}",
+        f"- Baseline: {report['baseline']['label']} mAP50-95 {report['baseline']['map50_95']:.4f}; ΔAP = (mAP50-95 − "
+        f"baseline) × 100, AP points; budget: ΔAP ≥ −{report['budget_ap']:g} AP",
+        f"- Latency used for ranking and the plot: {report['latency_axis']['description']}",
+        f"- TensorRT: {report['tensorrt']['status']}",
+        f"- Run dirs: {', '.join('`' + d + '`' for d in report['run_dirs'])}",
+        "",
+        "## Recommendation",
+        "",
+        f"**{rec['variant']}** — {rec['reason']}.",
+        "",
+        "## Variants",
+        "",
+        "| variant | mAP50-95 | mAP50 | ΔAP | ORT p50 ms | ORT p90 ms | ORT provider | TRT GPU ms median / p90 | "
+        "size MB | Q/DQ pairs | excluded nodes | quantized nodes | quantization |",
+        "|---|---:|---:|---:|---:|---:|---|---|---:|---:|---:|---:|---|",
+    ]
+    for v in report["variants"]:
+        name = f"**{v['label']}** (recommended)" if v["label"] == rec["variant"] else v["label"]
+        lat = v["latency_ms"]
+        size = _fmt(v["model_bytes"] / 1e6 if v["model_bytes"] else None, ".2f", "unknown")
+        lines.append(
+            f"| {name} | {v['map50_95']:.4f} | {v['map50']:.4f} | {v['delta_ap']:+.2f} | {_fmt(lat.get('p50'), '.2f')} | "
+            f"{_fmt(lat.get('p90'), '.2f')} | {short_provider(v['provider'])} | {_trt_text(v)} | {size} | "
+            f"{_fmt(v['qdq_pairs'], 'd')} | {_fmt(v['excluded_nodes'], 'd', 'unknown')} | "
+            f"{_fmt(v['num_quantized_nodes'], 'd', 'unknown')} | {_settings_text(v)} |"
+        )
+    lines += ["", "## Sources", "", "Every number above is copied from the file named here (report.json keeps them all).", "",
+              "| variant | metrics | model | quantizer manifest |", "|---|---|---|---|"]
+    for v in report["variants"]:
+        lines.append(
+            f"| {v['label']} | `{v['metrics_path']}` | `{v['model_path']}` | "
+            + (f"`{v['model_manifest']}`" if v["model_manifest"] else "-")
+            + " |"
+        )
+    if report["notes"]:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in report["notes"]]
+    if plot_name:
+        lines += ["", f"![ΔAP vs latency and model size]({plot_name})"]
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# plot
+
+
+def _pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Points not beaten in both x (lower is better) and y (higher is better), sorted by x."""
+    front, best_y = [], -math.inf
+    for x, y in sorted(points, key=lambda p: (p[0], -p[1])):
+        if y > best_y:
+            front.append((x, y))
+            best_y = y
+    return front
+
+
+def _place_labels(ax, items: list[tuple[float, float, str, bool]], renderer) -> None:
+    """Annotate points, trying a few offsets per label so that labels overlap neither each other nor the points."""
+    offsets = [(7, 7, "left"), (7, -13, "left"), (-7, 7, "right"), (-7, -13, "right"),
+               (7, 19, "left"), (7, -25, "left"), (-7, 19, "right"), (-7, -25, "right")]
+    ax_box = ax.get_window_extent(renderer)
+    point_boxes = []
+    for x, y, _, _ in items:
+        px, py = ax.transData.transform((x, y))
+        point_boxes.append((px - 5, py - 5, px + 5, py + 5))
+    placed: list[tuple[float, float, float, float]] = []
+
+    def overlaps(a, b) -> bool:
+        return not (a[2] < b[0] or b[2] < a[0] or a[3] < b[1] or b[3] < a[1])
+
+    # the recommended point first, then left to right: it gets the best spot
+    for x, y, text, is_rec in sorted(items, key=lambda it: (not it[3], it[0], -it[1])):
+        best = None
+        for dx, dy, ha in offsets:
+            ann = ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), ha=ha, fontsize=8.5,
+                              fontweight="bold" if is_rec else "normal")
+            bb = ann.get_window_extent(renderer)
+            box = (bb.x0, bb.y0, bb.x1, bb.y1)
+            inside = ax_box.x0 <= box[0] and box[2] <= ax_box.x1 and ax_box.y0 <= box[1] and box[3] <= ax_box.y1
+            clash = any(overlaps(box, other) for other in placed + point_boxes)
+            if inside and not clash:
+                best = (ann, box)
+                break
+            ann.remove()
+        if best is None:  # nothing free: first choice, overlapping
+            dx, dy, ha = offsets[0]
+            ann = ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), ha=ha, fontsize=8.5,
+                              fontweight="bold" if is_rec else "normal")
+            bb = ann.get_window_extent(renderer)
+            best = (ann, (bb.x0, bb.y0, bb.x1, bb.y1))
+        placed.append(best[1])
+
+
+def plot_pareto(report: dict) -> bytes:
+    """PNG bytes: ΔAP vs latency (left) and vs model size (right), labelled, with budget line and the pick."""
+    # Only the plot needs matplotlib. A Figure on an Agg canvas avoids pyplot's global state and any display.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    variants = report["variants"]
+    axis = report["latency_axis"]
+    rec = report["recommended"]["variant"]
+    budget = report["budget_ap"]
+    ds = report["dataset"]
+    fig = Figure(figsize=(14, 6.2), dpi=110)
+    canvas = FigureCanvasAgg(fig)
+    ax_lat, ax_size = fig.subplots(1, 2)
+    markers = ["o", "^", "D", "v", "P", "s"]
+    providers = sorted({v["provider"] or "" for v in variants})
+    ys = [v["delta_ap"] for v in variants]
+    y_lo = min(ys + [-budget]) - 0.6
+    y_hi = max(ys + [0.0]) + 0.6
+    labels_to_place = []
+
+    def draw(ax, xs: list[float | None], xlabel: str, per_provider: bool) -> None:
+        pts, items, seen_kinds = [], [], set()
+        for v, x in zip(variants, xs):
+            if x is None:
+                continue
+            if v["role"] in ("baseline", "fp32_repeat"):
+                color, marker, kind = "black", "s", "FP32"
+            elif v["role"] == "random_control":
+                color, marker, kind = "0.5", "x", "random control"
+            else:
+                color, marker, kind = "tab:blue", "o", "quantized"
+                if per_provider:
+                    marker = markers[providers.index(v["provider"] or "") % len(markers)]
+                    kind = f"quantized, {short_provider(v['provider'])}"
+            ax.scatter([x], [v["delta_ap"]], s=60, c=color, marker=marker, zorder=3,
+                       label=None if kind in seen_kinds else kind)
+            seen_kinds.add(kind)
+            if v["label"] == rec:
+                ax.scatter([x], [v["delta_ap"]], s=420, marker="*", facecolors="gold", edgecolors="darkred",
+                           linewidths=1.2, zorder=4, label="recommended")
+            pts.append((x, v["delta_ap"]))
+            items.append((x, v["delta_ap"], v["label"] + (" (recommended)" if v["label"] == rec else ""),
+                          v["label"] == rec))
+        front = _pareto_front(pts)
+        if len(front) > 1:
+            ax.step([p[0] for p in front], [p[1] for p in front], where="post", ls=":", c="tab:green",
+                    lw=1.2, zorder=2, label="Pareto front")
+        if not pts:
+            ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes, fontsize=12)
+        missing = [v["label"] for v, x in zip(variants, xs) if x is None]
+        if missing and pts:
+            ax.text(0.01, 0.01, "not plotted (unknown): " + ", ".join(missing), transform=ax.transAxes,
+                    fontsize=7.5, color="0.35", va="bottom")
+        ax.axhline(0.0, c="0.4", lw=1, label=f"{report['baseline']['label']} (ΔAP 0)")
+        ax.axhline(-budget, c="tab:red", ls="--", lw=1.2, label=f"budget −{budget:g} AP")
+        ax.axhspan(y_lo, -budget, color="tab:red", alpha=0.06)
+        ax.set_ylim(y_lo, y_hi)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("ΔAP vs FP32 (mAP50-95 points)")
+        ax.grid(alpha=0.3)
+        if pts:
+            xs_ok = [p[0] for p in pts]
+            span = (max(xs_ok) - min(xs_ok)) or max(abs(xs_ok[0]), 1.0)
+            ax.set_xlim(min(xs_ok) - 0.08 * span, max(xs_ok) + 0.45 * span)  # room for labels on the right
+        ax.legend(loc="upper right", fontsize=8, framealpha=0.85)
+        labels_to_place.append((ax, items))
+
+    lat_xs = [variant_latency(v, axis) for v in variants]
+    per_provider = axis["source"] == "onnxruntime" and len(providers) > 1
+    draw(ax_lat, lat_xs, "latency p50, ms — " + axis["description"], per_provider)
+    ax_lat.set_title("ΔAP vs latency (up and left is better)", fontsize=10)
+    size_xs = [v["model_bytes"] / 1e6 if v["model_bytes"] else None for v in variants]
+    draw(ax_size, size_xs, "ONNX model file size, MB", False)
+    ax_size.set_title("ΔAP vs model size", fontsize=10)
+    fig.suptitle(
+        f"{ds['name']}: {ds['num_images']} images — FP32 mAP50-95 {report['baseline']['map50_95']:.4f} — "
+        f"latency: {axis['description']}\nrecommended: {rec}",
+        fontsize=11,
+    )
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    renderer = canvas.get_renderer()
+    for ax, items in labels_to_place:
+        _place_labels(ax, items, renderer)
+    buf = io.BytesIO()
+    canvas.print_png(buf)
+    return buf.getvalue()

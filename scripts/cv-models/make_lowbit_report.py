@@ -1,0 +1,224 @@
+"""Comparison report of low-bit variants: report.md, report.json and pareto.png from existing evaluations.
+
+Reads every ``metrics.json`` written by ``eval_yolov10m_onnx_coco.py`` under the ``--run-dir`` folders
+(the FP32 baseline and each INT8/FP8 variant, e.g. ``baseline-coco/``, ``int8-coco/``,
+``fp8-k5-coco/``) and the quantizer manifests beside the evaluated models, then writes into
+``--out-dir``:
+
+* ``report.md``: the recommendation and its reason, one table row per variant (mAP50-95, mAP50,
+  ΔAP vs FP32, latency p50/p90 and provider, TensorRT GPU time, model size, Q/DQ pairs, excluded
+  and quantized nodes, quantization settings), the metrics file of each row, notes;
+* ``report.json``: the same, keys documented in ``lowbit/report.py``;
+* ``pareto.png``: ΔAP vs latency and vs model size, budget line, recommended variant marked;
+* ``report.manifest.json`` and ``report.log``.
+
+The recommendation: among quantized variants that lose at most ``--budget-ap`` AP points
+(mAP50-95 × 100) against FP32, the fastest (TensorRT GPU compute time when measured, else ONNX
+Runtime p50 of the evaluation runs); latencies within ``--latency-tie-pct`` % tie and the more
+accurate one wins; FP32 when none is within budget. Evaluations of different image sets are refused.
+
+With ``--tensorrt auto`` and ``trtexec`` installed, one engine per variant is built under
+``<out-dir>/tensorrt/`` (FP16 for the float model, strongly typed for Q/DQ models) and timed the way
+ModelOpt's examples do (``lowbit/trt.py``); a rerun reuses an engine result whose model and settings
+are unchanged (delete ``<out-dir>/tensorrt/`` to re-measure). Without TensorRT every TensorRT cell
+reads "not measured: TensorRT not installed".
+
+Example (the workflow's last step; any set of run dirs works)::
+
+    python scripts/cv-models/make_lowbit_report.py --run-dir tmp/yolov10m_lowbit/2026-11-27_10-31-05
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+from lowbit import report as lowbit_report
+from lowbit import trt
+from lowbit.logs import get_logger, setup_logging
+from lowbit.runs import (
+    UserError,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    cli_entry,
+    manifest_run,
+    resolve_repo_path,
+)
+
+SCRIPT = "make_lowbit_report.py"
+OUTPUT_FILES = ("report.json", "report.md", "pareto.png")
+log = get_logger("make_report")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        allow_abbrev=False,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--run-dir", type=Path, nargs="+", required=True,
+        help="run dir(s) holding */metrics.json evaluations (one model, one image set)",
+    )
+    parser.add_argument("--out-dir", type=Path, default=None, help="where the report goes; None means the first --run-dir")
+    parser.add_argument(
+        "--budget-ap", type=float, default=lowbit_report.DEFAULT_BUDGET_AP,
+        help="largest accepted mAP50-95 loss vs FP32, AP points (mAP x 100)",
+    )
+    parser.add_argument(
+        "--latency-tie-pct", type=float, default=lowbit_report.DEFAULT_LATENCY_TIE_PCT,
+        help="latencies within this percentage of the fastest tie; the most accurate of them is recommended",
+    )
+    parser.add_argument(
+        "--tensorrt", choices=("auto", "off"), default="auto",
+        help="auto: build and time a TensorRT engine per variant when trtexec exists; off: never",
+    )
+    parser.add_argument(
+        "--trtexec", type=Path, default=None,
+        help="trtexec executable; None means PATH, then /usr/src/tensorrt/bin/trtexec",
+    )
+    parser.add_argument(
+        "--trt-qdq-mode", choices=trt.QDQ_MODES, default="stronglyTyped",
+        help="TensorRT build of Q/DQ models: stronglyTyped (tensor types as in the graph, as ModelOpt's examples) "
+        "or mixed (--fp16 plus --int8/--fp8: TensorRT may run non-quantized layers in FP16)",
+    )
+    parser.add_argument("--trt-iterations", type=int, default=trt.DEFAULT_ITERATIONS, help="timed trtexec inferences (minimum)")
+    parser.add_argument("--trt-warmup-ms", type=int, default=trt.DEFAULT_WARMUP_MS, help="trtexec warm-up, milliseconds")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing report in --out-dir")
+    parser.add_argument("--verbose", action="store_true", help="debug logging on the console")
+    return parser
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    if not args.budget_ap >= 0:
+        raise UserError(f"--budget-ap must be >= 0 AP points, got {args.budget_ap}")
+    if not args.latency_tie_pct >= 0:
+        raise UserError(f"--latency-tie-pct must be >= 0, got {args.latency_tie_pct}")
+    if args.trt_iterations < 1:
+        raise UserError(f"--trt-iterations must be >= 1, got {args.trt_iterations}")
+    if args.trt_warmup_ms < 0:
+        raise UserError(f"--trt-warmup-ms must be >= 0, got {args.trt_warmup_ms}")
+    if args.trtexec is not None and trt.find_trtexec(args.trtexec) is None:
+        raise UserError(f"--trtexec: {args.trtexec} is not an executable file")
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _slug(label: str, used: set[str]) -> str:
+    base = re.sub(r"[^a-z0-9._-]+", "_", label.lower()).strip("_") or "variant"
+    slug, i = base, 2
+    while slug in used:
+        slug, i = f"{base}_{i}", i + 1
+    used.add(slug)
+    return slug
+
+
+def run_tensorrt(collected: dict, args: argparse.Namespace, out_dir: Path) -> dict:
+    """Engine + GPU compute time per variant when trtexec exists; the report's ``tensorrt`` input."""
+    if args.tensorrt == "off":
+        return {"status": lowbit_report.TRT_DISABLED, "trtexec": None, "tensorrt_python": None, "results": {}}
+    found = trt.tensorrt_status(args.trtexec)
+    info = {"trtexec": found["trtexec"], "tensorrt_python": found["tensorrt_python"], "qdq_mode": args.trt_qdq_mode}
+    if found["trtexec"] is None:
+        log.info("TensorRT latency %s", found["status"])
+        return {**info, "status": found["status"], "results": {}}
+    trt_dir = out_dir / "tensorrt"
+    results, used = {}, set()
+    for v in collected["variants"]:
+        name = _slug(v["label"], used)
+        if v["model_file"] is None:
+            results[v["metrics_path"]] = {"status": "not measured: the evaluated model file is not available"}
+            continue
+        precision = trt.engine_precision(v["quant_dtypes"], args.trt_qdq_mode)
+        key = {
+            "model_sha256": v["model_sha256"], "precision": precision, "iterations": args.trt_iterations,
+            "warmup_ms": args.trt_warmup_ms, "trtexec": found["trtexec"],
+        }
+        record = trt_dir / f"{name}.json"
+        previous = _read_json(record)
+        if (
+            isinstance(previous, dict) and previous.get("status") == "measured"
+            and previous.get("key") == key and Path(str(previous.get("engine_path"))).is_file()
+        ):
+            log.info("TensorRT %s: unchanged since %s, reused", v["label"], record)
+            results[v["metrics_path"]] = {**previous, "reused": True}
+            continue
+        result = trt.benchmark_engine(
+            v["model_file"], trt_dir, name, precision, timing_cache=trt_dir / "timing.cache",
+            trtexec=found["trtexec"], iterations=args.trt_iterations, warmup_ms=args.trt_warmup_ms,
+        )
+        result["key"] = key
+        atomic_write_json(record, result)
+        log.info("TensorRT %s (%s): %s", v["label"], precision, result["status"])
+        results[v["metrics_path"]] = result
+    return {**info, "status": "measured", "results": results}
+
+
+def summary_text(report: dict, out_dir: Path) -> str:
+    axis = report["latency_axis"]
+    ds = report["dataset"]
+    rows = [
+        f"report: {out_dir / 'report.md'} (+ report.json, pareto.png)",
+        f"{ds['name']}: {ds['num_images']} images; latency: {axis['description']}; TensorRT: {report['tensorrt']['status']}",
+        f"  {'variant':<44} {'mAP50-95':>8} {'ΔAP':>7} {'p50 ms':>9} {'size MB':>8}",
+    ]
+    for v in report["variants"]:
+        lat = lowbit_report.variant_latency(v, axis)
+        size = f"{v['model_bytes'] / 1e6:.2f}" if v["model_bytes"] else "unknown"
+        mark = " *" if v["label"] == report["recommended"]["variant"] else ""
+        rows.append(
+            f"  {(v['label'] + mark)[:44]:<44} {v['map50_95']:>8.4f} {v['delta_ap']:>+7.2f} "
+            f"{('-' if lat is None else f'{lat:.2f}'):>9} {size:>8}"
+        )
+    rows.append(f"recommended (*): {report['recommended']['variant']} — {report['recommended']['reason']}")
+    return "\n".join(rows)
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    validate_args(args)
+    run_dirs = [resolve_repo_path(d) for d in args.run_dir]
+    for given, run_dir in zip(args.run_dir, run_dirs):
+        if not run_dir.is_dir():
+            raise UserError(f"--run-dir: {given} is not a directory")
+    collected = lowbit_report.collect_variants(run_dirs)  # refuses mixed image sets before anything is written
+    out_dir = args.out_dir if args.out_dir is not None else run_dirs[0]
+    existing = [name for name in OUTPUT_FILES if (out_dir / name).exists()]
+    if existing and not args.overwrite:
+        raise UserError(f"--out-dir: {out_dir} already holds {', '.join(existing)}; pass --overwrite to replace them")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    setup_logging(out_dir / "report.log", args.verbose)
+
+    with manifest_run(out_dir / "report.manifest.json", SCRIPT, vars(args), argv) as manifest:
+        for name in OUTPUT_FILES:  # --overwrite: a failed rebuild must not leave the old report looking current
+            (out_dir / name).unlink(missing_ok=True)
+        for v in collected["variants"]:
+            manifest.add_input(v["_metrics_file"])
+        log.info("%d evaluations under %s", len(collected["variants"]), ", ".join(collected["run_dirs"]))
+        tensorrt = run_tensorrt(collected, args, out_dir)
+        report = lowbit_report.build_report(collected, args.budget_ap, args.latency_tie_pct, tensorrt)
+        atomic_write_bytes(out_dir / "pareto.png", lowbit_report.plot_pareto(report))
+        atomic_write_text(out_dir / "report.md", lowbit_report.report_markdown(report))
+        atomic_write_json(out_dir / "report.json", report)  # last: its presence means the report is complete
+        for name in OUTPUT_FILES:
+            manifest.add_output(name, out_dir / name)
+        manifest.update(
+            recommended=report["recommended"]["variant"],
+            variants=len(report["variants"]),
+            tensorrt_status=report["tensorrt"]["status"],
+        )
+    print(summary_text(report, out_dir))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
