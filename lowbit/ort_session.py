@@ -81,6 +81,46 @@ def _load_model_proto(model: onnx.ModelProto | str | Path) -> onnx.ModelProto:
     return onnx.load(str(model), load_external_data=False)
 
 
+WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def qdq_summary(model: onnx.ModelProto | onnx.GraphProto) -> dict[str, Any]:
+    """Q/DQ pair counts and the compute nodes that run quantized.
+
+    A Conv/Gemm/MatMul with a constant weight is quantized when that weight comes through a
+    DequantizeLinear; its activation input alone does not count, since a Q/DQ pair on a tensor is
+    shared by every consumer, excluded ones included. Any other node is quantized when all of its
+    non-constant inputs come through a DequantizeLinear.
+    """
+    graph = getattr(model, "graph", model)
+    nodes = list(graph.node)
+    constants = {init.name for init in graph.initializer}
+    dq_outputs = {out for n in nodes if n.op_type == "DequantizeLinear" for out in n.output}
+    q_outputs = {out for n in nodes if n.op_type == "QuantizeLinear" for out in n.output}
+    dq_of_constant = {
+        n.output[0] for n in nodes if n.op_type == "DequantizeLinear" and n.input[0] in constants
+    }
+    pairs = sum(1 for n in nodes if n.op_type == "DequantizeLinear" and n.input[0] in q_outputs)
+
+    def quantized(node) -> bool:
+        if node.op_type in WEIGHTED_OPS and len(node.input) > 1 and (
+            node.input[1] in constants or node.input[1] in dq_of_constant
+        ):
+            return node.input[1] in dq_of_constant
+        variable = [i for i in node.input if i and i not in constants and i not in dq_of_constant]
+        return bool(variable) and all(i in dq_outputs for i in variable)
+
+    quantized_nodes = sorted(
+        n.name for n in nodes if n.op_type not in ("QuantizeLinear", "DequantizeLinear") and quantized(n)
+    )
+    return {
+        "qdq_pairs": pairs,
+        "quantize_linear": sum(1 for n in nodes if n.op_type == "QuantizeLinear"),
+        "dequantize_linear": sum(1 for n in nodes if n.op_type == "DequantizeLinear"),
+        "quantized_nodes": quantized_nodes,
+    }
+
+
 def qdq_info(model: onnx.ModelProto | str | Path) -> dict[str, Any]:
     """Describe the explicit quantization of a graph.
 

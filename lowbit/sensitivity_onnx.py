@@ -1,6 +1,6 @@
-"""Per-node quantization sensitivity measured on the ONNX graph itself, and the report format it shares.
+"""Per-node quantization sensitivity measured on the ONNX graph itself, and report layers mapped onto that graph.
 
-Three parts, used by ``onnx_layer_sensitivity.py`` and ``make_yolov10m_candidate_schemes.py``:
+Two parts, used by ``onnx_layer_sensitivity.py`` and ``make_yolov10m_candidate_schemes.py``:
 
 * **Local error of each quantized node.** Given a Q/DQ model (ModelOpt output) the FP32 graph is
   recovered by bypassing every QuantizeLinear -> DequantizeLinear pair. For each node that consumes
@@ -14,23 +14,19 @@ Three parts, used by ``onnx_layer_sensitivity.py`` and ``make_yolov10m_candidate
   MSE pooled over images, ``sum_images sse / sum_images ref`` (higher = more sensitive; the SQNR in
   dB is ``-10 log10(score)``). It is a local measure: it does not say how much of the error survives
   to the detector's output.
-* **The layer-sensitivity report** (``layer-sensitivity-report.json`` + ``.csv`` + ``.md``), the
-  format shared with the torch sweep: ``schema_version``, ``source``, ``model``, ``model_sha256``,
-  ``precision``, ``quant_format``, ``method``, ``data``, ``device``, ``wall_s`` and ``layers``
-  (``rank``, ``name``, ``op_type``, ``weight``, ``onnx_node``, ``score``), ranked 1 = most sensitive.
-* **Matching report layers to ONNX nodes** (:class:`NodeMatcher`) and comparing two rankings
-  (:func:`compare_reports`: Spearman rank correlation and top-K overlap over the matched layers).
+* **Matching report layers to ONNX nodes** (:class:`NodeMatcher`): a report's layers, torch module
+  names or ONNX node names, mapped onto the nodes of one graph; used by the scheme maker and, through
+  ``lowbit.sensitivity_report.compare_reports``, to compare two rankings.
+
+The report these scores go into (``layer-sensitivity-report.json`` + ``.csv`` + ``.md``, shared with the
+torch sweep) is built, written and read by ``lowbit.sensitivity_report``.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import math
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import numpy as np
@@ -38,16 +34,11 @@ import onnx
 from onnx import helper
 
 from lowbit.logs import get_logger
-from lowbit.runs import UserError, atomic_write_json, atomic_write_text
+from lowbit.runs import UserError
+from lowbit.sensitivity_report import Match
 
 log = get_logger("sensitivity_onnx")
 
-REPORT_SCHEMA_VERSION = 1
-REPORT_STEM = "layer-sensitivity-report"
-AGREEMENT_FILE = "ranking-agreement.json"
-PRECISIONS = ("int8", "fp8")
-QUANT_FORMATS = {"int8": "int8-int8", "fp8": "fp8-fp8"}
-LAYER_KEYS = ("rank", "name", "op_type", "weight", "onnx_node", "score")
 METHOD_NAME = "onnx_local_qdq_error"
 METHOD_SCORE = "local_rel_mse"
 METHOD_DESCRIPTION = (
@@ -128,12 +119,19 @@ def qdq_pairs(graph: onnx.GraphProto) -> dict[str, QDQPair]:
 
 
 def find_quantized_nodes(graph: onnx.GraphProto) -> list[QuantizedNode]:
-    """Compute nodes (anything but Q/DQ) with at least one input produced by a DequantizeLinear, in graph order."""
+    """Compute nodes that run quantized (``lowbit.ort_session.qdq_summary``'s rule), in graph order.
+
+    A node that only reads a Q/DQ pair shared with another consumer (e.g. a Conv left unquantized,
+    or a Concat/Split beside quantized consumers) is not a quantization target and is not scored.
+    """
+    from lowbit.ort_session import qdq_summary
+
     pairs = qdq_pairs(graph)
     initializers = {init.name for init in graph.initializer}
+    targets = set(qdq_summary(graph)["quantized_nodes"])
     nodes = []
     for index, node in enumerate(graph.node):
-        if node.op_type in _QDQ_OPS:
+        if node.op_type in _QDQ_OPS or node.name not in targets:
             continue
         positions = [i for i, name in enumerate(node.input) if name in pairs]
         if not positions:
@@ -336,123 +334,6 @@ def relative_mse(sse: np.ndarray, ref: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The report
-
-
-def rank_layers(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Sort by score (descending; ties keep input order) and number ranks from 1, keys in schema order."""
-    order = sorted(range(len(entries)), key=lambda i: (-float(entries[i]["score"]), i))
-    return [
-        {key: (rank if key == "rank" else entries[i].get(key)) for key in LAYER_KEYS}
-        for rank, i in enumerate(order, 1)
-    ]
-
-
-def make_report(
-    *,
-    source: str,
-    model: Path,
-    model_sha256: str,
-    precision: str,
-    method: dict[str, Any],
-    data: dict[str, Any],
-    device: str,
-    wall_s: float,
-    layers: list[dict[str, Any]],
-) -> dict[str, Any]:
-    """A report dict with the shared schema's keys in order; ``layers`` must already be ranked."""
-    return {
-        "schema_version": REPORT_SCHEMA_VERSION,
-        "source": source,
-        "model": str(model),
-        "model_sha256": model_sha256,
-        "precision": precision,
-        "quant_format": QUANT_FORMATS[precision],
-        "method": method,
-        "data": data,
-        "device": device,
-        "wall_s": round(float(wall_s), 3),
-        "layers": layers,
-    }
-
-
-def report_paths(out_dir: Path) -> dict[str, Path]:
-    return {ext: Path(out_dir) / f"{REPORT_STEM}.{ext}" for ext in ("json", "csv", "md")}
-
-
-def format_csv(report: dict[str, Any]) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(LAYER_KEYS)
-    for layer in report["layers"]:
-        # repr() keeps every digit of the score, so the CSV ranks exactly like the JSON
-        writer.writerow(
-            ["" if layer[k] is None else (repr(layer[k]) if k == "score" else layer[k]) for k in LAYER_KEYS]
-        )
-    return buffer.getvalue()
-
-
-def format_markdown(report: dict[str, Any]) -> str:
-    method = report["method"]
-    lines = [
-        f"# Layer sensitivity ({report['source']}, {report['quant_format']})",
-        "",
-        f"- model: `{report['model']}` (sha256 `{report['model_sha256'][:12]}`)",
-        f"- method: `{method['name']}`, score `{method['score']}` (higher = more sensitive)",
-        f"- data: {report['data'].get('images')} images from `{report['data'].get('source')}` "
-        f"at {report['data'].get('imgsz')} px; device {report['device']}; {report['wall_s']:.1f} s",
-        "",
-        method["description"],
-        "",
-        "| rank | name | op_type | weight | onnx_node | score |",
-        "| ---: | --- | --- | --- | --- | ---: |",
-    ]
-    for layer in report["layers"]:
-        cells = ["" if layer[k] is None else str(layer[k]) for k in ("name", "op_type", "weight", "onnx_node")]
-        text = " | ".join(f"`{c}`" if c else "" for c in cells)
-        lines.append(f"| {layer['rank']} | {text} | {layer['score']:.4g} |")
-    return "\n".join(lines) + "\n"
-
-
-def write_report(out_dir: Path, report: dict[str, Any]) -> dict[str, Path]:
-    """Write the JSON, CSV and Markdown tables atomically; returns their paths. JSON last: it marks completion."""
-    paths = report_paths(out_dir)
-    atomic_write_text(paths["csv"], format_csv(report))
-    atomic_write_text(paths["md"], format_markdown(report))
-    atomic_write_json(paths["json"], report)
-    return paths
-
-
-def load_report(path: Path, flag: str) -> dict[str, Any]:
-    """Read and validate a layer-sensitivity report; ``layers`` come back sorted by rank.
-
-    Raises:
-        UserError naming ``flag`` when the file is not a report of the shared schema.
-    """
-    try:
-        report = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"{flag}: {path} is not a readable JSON file ({e})") from e
-    if not isinstance(report, dict) or not isinstance(report.get("layers"), list):
-        raise UserError(f"{flag}: {path} has no 'layers' list; expected a {REPORT_STEM}.json")
-    if report.get("schema_version") != REPORT_SCHEMA_VERSION:
-        raise UserError(
-            f"{flag}: {path} has schema_version {report.get('schema_version')!r}; expected {REPORT_SCHEMA_VERSION}"
-        )
-    layers = report["layers"]
-    if not layers:
-        raise UserError(f"{flag}: {path} ranks no layers")
-    for i, layer in enumerate(layers):
-        if not (isinstance(layer, dict) and isinstance(layer.get("name"), str) and isinstance(layer.get("rank"), int)):
-            raise UserError(f"{flag}: {path} layer #{i} lacks a string 'name' or an integer 'rank'")
-    ranks = sorted(layer["rank"] for layer in layers)
-    if ranks != list(range(1, len(layers) + 1)):
-        raise UserError(f"{flag}: {path} ranks are not 1..{len(layers)} without gaps or repeats")
-    report["layers"] = sorted(layers, key=lambda layer: layer["rank"])
-    return report
-
-
-# ----------------------------------------------------------------------------------------------------------------------
 # Report layer -> ONNX node
 
 
@@ -475,15 +356,6 @@ def scope_key(node_name: str) -> tuple[str, str] | None:
     scopes = parts[:-1]
     kept = [s for i, s in enumerate(scopes) if not (i + 1 < len(scopes) and scopes[i + 1].startswith(s + "."))]
     return ".".join(kept), match.group("op")
-
-
-@dataclass
-class Match:
-    """Where a report layer landed: ``node`` (None when unmatched), how (``via``), and why not (``reason``)."""
-
-    node: str | None
-    via: str | None
-    reason: str | None = None
 
 
 class NodeMatcher:
@@ -561,104 +433,7 @@ class NodeMatcher:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Comparing two rankings
-
-
-def spearman(ranks_a: list[float], ranks_b: list[float]) -> float | None:
-    """Spearman rank correlation of two paired lists (re-ranked, ties averaged); None for fewer than 2 pairs."""
-    if len(ranks_a) != len(ranks_b):
-        raise ValueError("spearman: lists differ in length")
-    if len(ranks_a) < 2:
-        return None
-
-    def _ranks(values: list[float]) -> np.ndarray:
-        values = np.asarray(values, dtype=np.float64)
-        order = np.argsort(values, kind="stable")
-        ranks = np.empty(len(values))
-        ranks[order] = np.arange(1, len(values) + 1)
-        for v in np.unique(values):  # average ranks over ties
-            tie = values == v
-            if tie.sum() > 1:
-                ranks[tie] = ranks[tie].mean()
-        return ranks
-
-    ra, rb = _ranks(ranks_a), _ranks(ranks_b)
-    if ra.std() == 0 or rb.std() == 0:
-        return None
-    return float(np.corrcoef(ra, rb)[0, 1])
-
-
-def _mapped(report: dict[str, Any], matcher: NodeMatcher) -> tuple[dict[str, dict], list[dict]]:
-    """Node name -> best-ranked layer mapped to it, and the unmatched layers (with reasons)."""
-    mapped: dict[str, dict] = {}
-    unmatched = []
-    for layer in report["layers"]:
-        match = matcher.match(layer)
-        if match.node is None:
-            unmatched.append({"name": layer["name"], "rank": layer["rank"], "reason": match.reason})
-        elif match.node not in mapped:
-            mapped[match.node] = layer
-    return mapped, unmatched
-
-
-def compare_reports(
-    report_a: dict[str, Any],
-    report_b: dict[str, Any],
-    matcher: NodeMatcher,
-    ks: Iterable[int] = (5, 10, 20),
-) -> dict[str, Any]:
-    """Agreement of two rankings over the layers both map to the same ONNX node.
-
-    Both reports are mapped onto one graph with ``matcher``; on the common nodes each report's order is
-    kept and re-ranked 1..M. Returns ``matched`` (M), the unmatched layers of each side, ``spearman``
-    (rank correlation over the M nodes, None when M < 2), and per K <= M: the top-K node lists, their
-    ``overlap`` (count), ``fraction`` (overlap / K) and ``expected_by_chance`` (K^2 / M: the mean overlap
-    of two random orders).
-    """
-    mapped_a, unmatched_a = _mapped(report_a, matcher)
-    mapped_b, unmatched_b = _mapped(report_b, matcher)
-    common = [node for node in mapped_a if node in mapped_b]
-    order_a = sorted(common, key=lambda n: mapped_a[n]["rank"])
-    order_b = sorted(common, key=lambda n: mapped_b[n]["rank"])
-    rank_a = {node: i for i, node in enumerate(order_a, 1)}
-    rank_b = {node: i for i, node in enumerate(order_b, 1)}
-    rho = spearman([rank_a[n] for n in common], [rank_b[n] for n in common])
-    top_k = {}
-    for k in ks:
-        if k < 1 or k > len(common):
-            continue
-        set_a, set_b = set(order_a[:k]), set(order_b[:k])
-        overlap = len(set_a & set_b)
-        top_k[str(k)] = {
-            "overlap": overlap,
-            "fraction": round(overlap / k, 4),
-            "expected_by_chance": round(k * k / len(common), 3),
-            "a": order_a[:k],
-            "b": order_b[:k],
-        }
-    only_a = [mapped_a[n]["name"] for n in mapped_a if n not in mapped_b]
-    only_b = [mapped_b[n]["name"] for n in mapped_b if n not in mapped_a]
-
-    def _side(report: dict[str, Any], mapped: dict, unmatched: list, only: list) -> dict[str, Any]:
-        return {
-            "source": report.get("source"),
-            "precision": report.get("precision"),
-            "model": report.get("model"),
-            "method": (report.get("method") or {}).get("name"),
-            "layers": len(report["layers"]),
-            "mapped_to_nodes": len(mapped),
-            "unmatched": unmatched,
-            "not_in_other": only,
-        }
-
-    return {
-        "schema_version": 1,
-        "matched": len(common),
-        "spearman": None if rho is None else round(rho, 4),
-        "top_k": top_k,
-        "a": _side(report_a, mapped_a, unmatched_a, only_a),
-        "b": _side(report_b, mapped_b, unmatched_b, only_b),
-    }
+# Scoring helpers
 
 
 def iter_batches(array: np.ndarray, count: int) -> Iterator[np.ndarray]:

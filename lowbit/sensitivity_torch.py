@@ -39,10 +39,10 @@ kept in the run's manifest.
 
 Report (``layer-sensitivity-report.json`` + ``.csv`` + ``.md``)
 --------------------------------------------------------------
-The format shared with the ONNX-native sensitivity tool: ``schema_version``, ``source`` ("torch"),
-``model``, ``model_sha256``, ``precision``, ``quant_format``, ``method`` (``name``,
-``description``, ``score``, ``higher_is_more_sensitive``), ``data`` (``images``, ``source``,
-``imgsz``), ``device``, ``wall_s``, ``layers`` (``rank``, ``name``, ``op_type``, ``weight``,
+The format shared with the ONNX-native sensitivity tool, written by ``lowbit.sensitivity_report``:
+``schema_version``, ``source`` ("torch"), ``model``, ``model_sha256``, ``precision``, ``quant_format``,
+``method`` (``name``, ``description``, ``score``, ``higher_is_more_sensitive``), ``data`` (``images``,
+``source``, ``imgsz``), ``device``, ``wall_s``, ``layers`` (``rank``, ``name``, ``op_type``, ``weight``,
 ``onnx_node``, ``score``; rank 1 = most sensitive). Added here: ``reference`` with the drift when
 every layer is quantized (``all_layers_quantized``) and when none is (``no_layer_quantized``,
 expected 0: it shows the quantized-but-disabled model reproduces FP32). ``onnx_node`` is null: the
@@ -60,7 +60,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import csv
 import io
 import math
 import time
@@ -68,13 +67,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from lowbit import sensitivity_report
 from lowbit.logs import get_logger
-from lowbit.runs import REPO_ROOT, UserError, atomic_write_json, atomic_write_text, check_input_file
+from lowbit.runs import REPO_ROOT, UserError, check_input_file
 
 log = get_logger("sensitivity_torch")
 
-SCHEMA_VERSION = 1
-REPORT_STEM = "layer-sensitivity-report"
 # The card's layout: <run>/outputs/yolov10m/<format>/per_layer/ whatever YOLOv10 variant was analysed,
 # so the card's next command finds the report.
 OUTPUT_MODEL_DIR = "yolov10m"
@@ -137,25 +135,6 @@ def resolve_weights(weights: Path | None, candidates: tuple[Path, ...] | None = 
     )
 
 
-def read_image_list(list_path: Path) -> list[tuple[str, Path]]:
-    """``(line as written, resolved path)`` per entry; blank lines and ``#`` comments are skipped.
-
-    A relative entry is taken against the repository root first, then against the list's folder
-    (the calibration builder reads lists the same way).
-    """
-    entries = []
-    for raw in list_path.read_text().splitlines():
-        line = raw.split("#", 1)[0].strip()
-        if not line:
-            continue
-        path = Path(line).expanduser()
-        if not path.is_absolute():
-            in_repo = REPO_ROOT / path
-            path = in_repo if in_repo.exists() else (list_path.parent / path)
-        entries.append((line, path))
-    return entries
-
-
 def load_images_from_list(list_path: Path, num_images: int, imgsz: int, flag: str = "--images"):
     """Letterbox the first ``num_images`` listed images with the evaluator's preprocessing.
 
@@ -168,7 +147,7 @@ def load_images_from_list(list_path: Path, num_images: int, imgsz: int, flag: st
     """
     import numpy as np
 
-    from lowbit.preprocess import ImageReadError, preprocess
+    from lowbit.preprocess import ImageReadError, preprocess, read_image_list
 
     check_input_file(list_path, flag)
     entries = read_image_list(list_path)
@@ -577,21 +556,20 @@ def sweep_layers(
     }
 
 
-def rank_layers(layers: list[QuantLayer], per_layer: dict[str, dict[str, float]], score_name: str) -> list[dict]:
-    """Report rows sorted by score, highest first (ties keep module order); rank 1 = most sensitive."""
-    order = {layer.name: i for i, layer in enumerate(layers)}
-    ordered = sorted(layers, key=lambda layer: (-per_layer[layer.name][score_name], order[layer.name]))
-    return [
-        {
-            "rank": rank,
-            "name": layer.name,
-            "op_type": layer.op_type,
-            "weight": layer.weight,
-            "onnx_node": None,
-            "score": per_layer[layer.name][score_name],
-        }
-        for rank, layer in enumerate(ordered, start=1)
-    ]
+def report_layers(layers: list[QuantLayer], per_layer: dict[str, dict[str, float]], score_name: str) -> list[dict]:
+    """The report's ``layers``: sorted by score, highest first (ties keep module order); rank 1 = most sensitive."""
+    return sensitivity_report.rank_layers(
+        [
+            {
+                "name": layer.name,
+                "op_type": layer.op_type,
+                "weight": layer.weight,
+                "onnx_node": None,
+                "score": per_layer[layer.name][score_name],
+            }
+            for layer in layers
+        ]
+    )
 
 
 def spearman(a: list[float], b: list[float]) -> float | None:
@@ -632,65 +610,6 @@ def method_description(metric: str, quant_format: str) -> str:
 def report_dir(run_dir: Path, quant_format: str) -> Path:
     """``<run_dir>/outputs/yolov10m/<quant_format>/per_layer`` (the model card's layout)."""
     return Path(run_dir) / "outputs" / OUTPUT_MODEL_DIR / quant_format / "per_layer"
-
-
-# ---------------------------------------------------------------------------------------------
-# report files
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return repr(value)
-    return str(value)
-
-
-def report_csv(report: dict) -> str:
-    """The ``layers`` table as CSV: rank, name, op_type, weight, onnx_node, score (empty = null)."""
-    buffer = io.StringIO()
-    columns = ["rank", "name", "op_type", "weight", "onnx_node", "score"]
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(columns)
-    for row in report["layers"]:
-        writer.writerow([_cell(row[c]) for c in columns])
-    return buffer.getvalue()
-
-
-def report_markdown(report: dict) -> str:
-    """A readable Markdown page: what was measured, on what, and the ranked table."""
-    method, data = report["method"], report["data"]
-    lines = [
-        f"# Layer sensitivity: {Path(report['model']).name} ({report['quant_format']}, source {report['source']})",
-        "",
-        f"- model: `{report['model']}` (sha256 `{report['model_sha256'][:16]}...`)",
-        f"- method: `{method['name']}`, score `{method['score']}` (higher is more sensitive)",
-        f"- data: {data['images']} images from `{data['source']}` at {data['imgsz']} px",
-        f"- device: {report['device']}, wall time {report['wall_s']:.1f} s",
-    ]
-    reference = report.get("reference")
-    if reference:
-        lines.append(
-            f"- reference: every layer quantized {reference['all_layers_quantized']:.6g}, "
-            f"no layer quantized {reference['no_layer_quantized']:.6g}"
-        )
-    lines += ["", method["description"], ""]
-    lines += ["| rank | name | op_type | weight | onnx_node | score |", "|---:|---|---|---|---|---:|"]
-    for row in report["layers"]:
-        weight = f"`{row['weight']}`" if row["weight"] else ""
-        node = f"`{row['onnx_node']}`" if row["onnx_node"] else ""
-        lines.append(f"| {row['rank']} | `{row['name']}` | {row['op_type']} | {weight} | {node} | {row['score']:.6g} |")
-    return "\n".join(lines) + "\n"
-
-
-def write_report(report: dict, out_dir: Path) -> dict[str, Path]:
-    """Write the report as JSON, CSV and Markdown (each atomically); JSON last, as the completion mark."""
-    out_dir = Path(out_dir)
-    paths = {ext: out_dir / f"{REPORT_STEM}.{ext}" for ext in ("csv", "md", "json")}
-    atomic_write_text(paths["csv"], report_csv(report))
-    atomic_write_text(paths["md"], report_markdown(report))
-    atomic_write_json(paths["json"], report)
-    return paths
 
 
 # ---------------------------------------------------------------------------------------------
@@ -796,7 +715,9 @@ def run_sweep(
             wall_s = shared_s + (time.perf_counter() - t_format)
             results[-1]["report"]["wall_s"] = round(wall_s, 3)
             if not results[-1]["filtered"]:
-                results[-1]["paths"] = write_report(results[-1]["report"], report_dir(run_dir, quant_format))
+                results[-1]["paths"] = sensitivity_report.write_report(
+                    report_dir(run_dir, quant_format), results[-1]["report"]
+                )
     return results
 
 
@@ -844,29 +765,29 @@ def _sweep_one_format(model, quant_format, inputs, images, cache, reg_max, layer
     if noise != 0.0:
         log.warning("%s: all quantizers off, yet output differs from FP32 (%s %.3g)", quant_format, score_name, noise)
 
-    rows = rank_layers(layers, swept["per_layer"], score_name)
-    report = {
-        "schema_version": SCHEMA_VERSION,
-        "source": "torch",
-        "model": str(inputs.weights),
-        "model_sha256": inputs.weights_sha256,
-        "precision": precision,
-        "quant_format": quant_format,
-        "method": {
+    rows = report_layers(layers, swept["per_layer"], score_name)
+    report = sensitivity_report.make_report(
+        source="torch",
+        model=inputs.weights,
+        model_sha256=inputs.weights_sha256,
+        precision=precision,
+        method={
             "name": METHOD_NAME,
             "description": method_description(inputs.metric, quant_format),
             "score": score_name,
             "higher_is_more_sensitive": True,
         },
-        "data": {"images": int(images.shape[0]), "source": inputs.data_source, "imgsz": inputs.imgsz},
-        "device": inputs.device,
-        "wall_s": None,  # set by the caller, which knows the shared setup time
-        "layers": rows,
-        "reference": {
-            "all_layers_quantized": swept["all_layers_quantized"][score_name],
-            "no_layer_quantized": noise,
+        data={"images": int(images.shape[0]), "source": inputs.data_source, "imgsz": inputs.imgsz},
+        device=inputs.device,
+        wall_s=None,  # set by the caller, which knows the shared setup time
+        layers=rows,
+        extra={
+            "reference": {
+                "all_layers_quantized": swept["all_layers_quantized"][score_name],
+                "no_layer_quantized": noise,
+            }
         },
-    }
+    )
     names = [row["name"] for row in rows]
     return {
         "report": report,

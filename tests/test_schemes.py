@@ -12,7 +12,7 @@ import onnx
 import pytest
 from onnx import helper
 
-from lowbit import sensitivity_onnx as sens
+from lowbit import sensitivity_report as report_io
 from lowbit.runs import sha256_file
 
 SCRIPT = "scripts/cv-models/make_yolov10m_candidate_schemes.py"
@@ -24,7 +24,7 @@ def _conv_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
 
 
 def _write_report(path: Path, layers: list[dict], source: str = "torch", precision: str = "fp8") -> Path:
-    report = sens.make_report(
+    report = report_io.make_report(
         source=source,
         model=Path("models/yolo10/yolov10m.pt"),
         model_sha256="0" * 64,
@@ -33,7 +33,7 @@ def _write_report(path: Path, layers: list[dict], source: str = "torch", precisi
         data={"images": 1, "source": "none", "imgsz": 160},
         device="cpu",
         wall_s=0.0,
-        layers=sens.rank_layers(layers),
+        layers=report_io.rank_layers(layers),
     )
     path.write_text(json.dumps(report))
     return path

@@ -1,4 +1,5 @@
-"""ONNX-native layer sensitivity (lowbit.sensitivity_onnx + onnx_layer_sensitivity.py) on the tiny YOLOv10 fixture."""
+"""ONNX-native layer sensitivity (lowbit.sensitivity_onnx + onnx_layer_sensitivity.py) on the tiny YOLOv10 fixture,
+the shared report helpers (lowbit.sensitivity_report) and compare_sensitivity_reports.py."""
 
 from __future__ import annotations
 
@@ -12,8 +13,11 @@ import pytest
 from onnx import numpy_helper
 
 from lowbit import sensitivity_onnx as sens
+from lowbit import sensitivity_report as report_io
+from lowbit.runs import UserError
 
 SCRIPT = "scripts/cv-models/onnx_layer_sensitivity.py"
+COMPARE = "scripts/cv-models/compare_sensitivity_reports.py"
 # A Conv -> SiLU -> Conv chain inside the backbone (the SiLU output feeds only the second Conv).
 PRODUCER = "/model.6/m.0/cv1/conv/Conv"
 HARD_NODE = "/model.6/m.0/cv2/conv/Conv"
@@ -97,7 +101,7 @@ def test_report_follows_schema_and_is_not_degenerate(runs, hard_onnx, precision)
     assert len(layers) > 50
     assert [layer["rank"] for layer in layers] == list(range(1, len(layers) + 1))
     for layer in layers:
-        assert list(layer) == list(sens.LAYER_KEYS)
+        assert list(layer) == list(report_io.LAYER_KEYS)
         assert layer["name"] == layer["onnx_node"] and layer["name"] in node_names
         assert layer["weight"] is None or layer["weight"] in initializers
     scores = np.array([layer["score"] for layer in layers])
@@ -238,39 +242,116 @@ def test_scope_key_recovers_torch_module_names():
 
 
 def test_spearman_and_compare_reports(tiny_yolov10_onnx):
-    assert sens.spearman([1, 2, 3, 4], [1, 2, 3, 4]) == pytest.approx(1.0)
-    assert sens.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
-    assert sens.spearman([1], [1]) is None
+    assert report_io.spearman([1, 2, 3, 4], [1, 2, 3, 4]) == pytest.approx(1.0)
+    assert report_io.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert report_io.spearman([1], [1]) is None
 
     model = onnx.load(str(tiny_yolov10_onnx))
     convs = [n for n in model.graph.node if n.op_type == "Conv"][:12]
-    onnx_layers = sens.rank_layers(
+    onnx_layers = report_io.rank_layers(
         [{"name": n.name, "op_type": "Conv", "weight": n.input[1], "onnx_node": n.name, "score": float(12 - i)}
          for i, n in enumerate(convs)]  # fmt: skip
     )
     # a torch-style report of the same ranking, reversed, plus a layer that exists nowhere
-    torch_layers = sens.rank_layers(
+    torch_layers = report_io.rank_layers(
         [{"name": n.input[1][: -len(".weight")], "op_type": "Conv2d", "weight": n.input[1], "onnx_node": None,
           "score": float(i)} for i, n in enumerate(convs)]  # fmt: skip
         + [{"name": "model.99.bogus", "op_type": "Conv2d", "weight": None, "onnx_node": None, "score": -1.0}]
     )
     a = {"layers": onnx_layers, "source": "onnx"}
     b = {"layers": torch_layers, "source": "torch"}
-    result = sens.compare_reports(a, b, sens.NodeMatcher(model), ks=(5, 10, 20))
+    result = report_io.compare_reports(a, b, sens.NodeMatcher(model), ks=(5, 10, 20))
     assert result["matched"] == 12
     assert result["spearman"] == pytest.approx(-1.0)
     assert result["top_k"]["5"]["overlap"] == 0 and result["top_k"]["10"]["overlap"] == 8
     assert "20" not in result["top_k"]  # K larger than the matched set is skipped
     assert [u["name"] for u in result["b"]["unmatched"]] == ["model.99.bogus"]
-    same = sens.compare_reports(a, a, sens.NodeMatcher(model))
+    same = report_io.compare_reports(a, a, sens.NodeMatcher(model))
     assert same["spearman"] == pytest.approx(1.0) and same["top_k"]["5"]["fraction"] == 1.0
 
 
 def test_load_report_rejects_bad_files(tmp_path):
     path = tmp_path / "r.json"
     path.write_text(json.dumps({"schema_version": 1, "layers": [{"name": "a", "rank": 1}, {"name": "b", "rank": 3}]}))
-    with pytest.raises(sens.UserError, match="--report-json"):
-        sens.load_report(path, "--report-json")
+    with pytest.raises(UserError, match="--report-json"):
+        report_io.load_report(path, "--report-json")
     path.write_text("not json")
-    with pytest.raises(sens.UserError, match="not a readable JSON"):
-        sens.load_report(path, "--report-json")
+    with pytest.raises(UserError, match="not a readable JSON"):
+        report_io.load_report(path, "--report-json")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# compare_sensitivity_reports.py
+
+
+def _hand_report(path: Path, source: str, entries: list[dict]) -> Path:
+    """A small report of the shared schema, written as the tools write it; ``entries`` best first."""
+    layers = report_io.rank_layers([{**entry, "score": float(len(entries) - i)} for i, entry in enumerate(entries)])
+    report = report_io.make_report(
+        source=source, model=Path("model.onnx"), model_sha256="0" * 64, precision="fp8",
+        method={"name": "hand", "description": "hand-written", "score": "s", "higher_is_more_sensitive": True},
+        data={"images": 1, "source": "none", "imgsz": 64}, device="cpu", wall_s=0.0, layers=layers,
+    )  # fmt: skip
+    return report_io.write_report(path, report)["json"]
+
+
+def test_compare_script_pairs_two_existing_reports(load_script, tmp_path, capsys):
+    """An ONNX report and a torch report of the same six convs, in opposite orders, plus one layer each side only."""
+    onnx_entries = [
+        {"name": f"/model.{i}/conv/Conv", "op_type": "Conv", "weight": f"model.{i}.conv.weight",
+         "onnx_node": f"/model.{i}/conv/Conv"} for i in range(6)
+    ] + [{"name": "/model.10/Add", "op_type": "Add", "weight": None, "onnx_node": "/model.10/Add"}]  # fmt: skip
+    torch_entries = [
+        {"name": f"model.{i}.conv", "op_type": "Conv", "weight": f"model.{i}.conv.weight", "onnx_node": None}
+        for i in reversed(range(6))
+    ] + [{"name": "model.9.m", "op_type": "MaxPool", "weight": None, "onnx_node": None}]
+    report_a = _hand_report(tmp_path / "a", "onnx", onnx_entries)
+    report_b = _hand_report(tmp_path / "b", "torch", torch_entries)
+    out = tmp_path / "cmp" / "agreement.json"
+    argv = ["--report-a", str(report_a), "--report-b", str(report_b), "--out", str(out), "--k", "3", "5", "10"]
+    assert load_script(COMPARE).main(argv) == 0
+    assert "6 matched layers, Spearman -1.0" in capsys.readouterr().out
+
+    agreement = json.loads(out.read_text())
+    assert agreement["matched"] == 6 and agreement["spearman"] == pytest.approx(-1.0)
+    assert set(agreement["top_k"]) == {"3", "5"}  # K larger than the matched set is skipped
+    assert agreement["top_k"]["3"]["overlap"] == 0 and agreement["top_k"]["5"]["overlap"] == 4
+    # the torch layers land on the ONNX report's node names through their shared weight names
+    assert agreement["top_k"]["3"]["b"] == ["/model.5/conv/Conv", "/model.4/conv/Conv", "/model.3/conv/Conv"]
+    assert agreement["a"]["not_in_other"] == ["/model.10/Add"] and agreement["b"]["not_in_other"] == ["model.9.m"]
+    assert agreement["a"]["report"] == str(report_a) and agreement["b"]["source"] == "torch"
+    assert agreement["graph"] is None
+    assert json.loads(out.with_suffix(".manifest.json").read_text())["status"] == "ok"
+
+    # never overwrites without --overwrite; a bad report is named by its flag and writes nothing
+    before = out.read_bytes()
+    assert load_script(COMPARE).main(argv) == 2
+    assert "--overwrite" in capsys.readouterr().err and out.read_bytes() == before
+    bogus = tmp_path / "bogus.json"
+    bogus.write_text(json.dumps({"schema_version": 1, "layers": []}))
+    other = tmp_path / "other.json"
+    assert load_script(COMPARE).main(["--report-a", str(report_a), "--report-b", str(bogus), "--out", str(other)]) == 2
+    assert "--report-b" in capsys.readouterr().err and not other.exists()
+
+
+def test_compare_script_maps_onto_a_graph(load_script, tiny_yolov10_onnx, tmp_path):
+    """ONNX rows without weights and torch rows share no report column; --onnx-path pairs them through the graph."""
+    convs = [n for n in onnx.load(str(tiny_yolov10_onnx)).graph.node if n.op_type == "Conv"][:4]
+    report_a = _hand_report(
+        tmp_path / "a", "onnx",
+        [{"name": n.name, "op_type": "Conv", "weight": None, "onnx_node": n.name} for n in convs],
+    )  # fmt: skip
+    report_b = _hand_report(
+        tmp_path / "b", "torch",
+        [{"name": n.input[1][: -len(".weight")], "op_type": "Conv", "weight": n.input[1], "onnx_node": None}
+         for n in convs],
+    )  # fmt: skip
+    common = ["--report-a", str(report_a), "--report-b", str(report_b), "--k", "2"]
+    assert load_script(COMPARE).main([*common, "--out", str(tmp_path / "columns.json")]) == 0
+    assert json.loads((tmp_path / "columns.json").read_text())["matched"] == 0
+    argv = [*common, "--out", str(tmp_path / "graph.json"), "--onnx-path", str(tiny_yolov10_onnx)]
+    assert load_script(COMPARE).main(argv) == 0
+    agreement = json.loads((tmp_path / "graph.json").read_text())
+    assert agreement["matched"] == 4 and agreement["spearman"] == pytest.approx(1.0)
+    assert agreement["top_k"]["2"]["a"] == agreement["top_k"]["2"]["b"] == [n.name for n in convs[:2]]
+    assert agreement["graph"] == str(tiny_yolov10_onnx)

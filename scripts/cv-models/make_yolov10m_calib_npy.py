@@ -23,9 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from lowbit.logs import setup_logging
-from lowbit.preprocess import iter_prepared
+from lowbit.preprocess import iter_prepared, read_image_list
 from lowbit.runs import (
-    REPO_ROOT,
     UserError,
     atomic_write_json,
     check_input_file,
@@ -54,25 +53,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="image decode threads")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     return parser
-
-
-def read_image_list(list_path: Path) -> list[tuple[str, Path]]:
-    """``(line as written, resolved path)`` for each entry; blank lines and ``#`` comments are skipped.
-
-    A relative entry is tried against the repository root first (lists are committed with
-    repo-relative paths), then against the list's own folder.
-    """
-    entries = []
-    for raw in list_path.read_text().splitlines():
-        line = raw.split("#", 1)[0].strip()
-        if not line:
-            continue
-        path = Path(line).expanduser()
-        if not path.is_absolute():
-            in_repo = REPO_ROOT / path
-            path = in_repo if in_repo.exists() else (list_path.parent / path)
-        entries.append((line, path))
-    return entries
 
 
 @cli_entry

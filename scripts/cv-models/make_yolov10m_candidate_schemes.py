@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     import numpy as np
     import onnx
 
-    from lowbit.sensitivity_onnx import NodeMatcher, load_report
+    from lowbit.sensitivity_onnx import NodeMatcher
+    from lowbit.sensitivity_report import load_report
 
     if any(k < 0 for k in args.k):
         raise UserError("--k values must be >= 0")

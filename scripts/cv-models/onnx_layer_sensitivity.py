@@ -15,7 +15,8 @@ Scores the ONNX graph that will be deployed, so no torch<->ONNX name or weight m
 Writes into ``--out-dir``: ``layer-sensitivity-report.json`` (+ ``.csv``, ``.md``; the format shared with
 the torch sweep, ``source: "onnx"``), ``manifest.json``, a log, the Q/DQ model under ``qdq/``, and with
 ``--compare-with`` a ``ranking-agreement.json`` (Spearman rank correlation and top-K overlap with
-another report, e.g. the torch sweep's).
+another report, e.g. the torch sweep's, both mapped onto the nodes of ``--onnx-path``). To compare two
+existing reports without scoring again, use ``compare_sensitivity_reports.py``.
 
 Example::
 
@@ -136,7 +137,7 @@ def validate(args: argparse.Namespace):
     """Check every input before heavy work; returns ``(onnx_path, calib_path, fp32_model, calib, other_report)``."""
     import onnx
 
-    from lowbit import sensitivity_onnx as sens
+    from lowbit.sensitivity_report import load_report
 
     if args.num_images < 1:
         raise UserError("--num-images must be >= 1")
@@ -153,7 +154,7 @@ def validate(args: argparse.Namespace):
     other = None
     if args.compare_with is not None:
         compare_path = check_input_file(resolve_repo_path(args.compare_with), "--compare-with")
-        other = sens.load_report(compare_path, "--compare-with")
+        other = load_report(compare_path, "--compare-with")
 
     try:
         model = onnx.load(str(onnx_path), load_external_data=False)
@@ -183,7 +184,7 @@ def validate(args: argparse.Namespace):
 
 def resolve_out_dir(args: argparse.Namespace) -> Path:
     """``--out-dir``, or a fresh default run folder; refuses to replace finished results without --overwrite."""
-    from lowbit.sensitivity_onnx import report_paths
+    from lowbit.sensitivity_report import report_paths
 
     if args.out_dir is None:
         run = new_run_dir(OUTPUT_ROOT)
@@ -246,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     import onnx
 
     from lowbit import sensitivity_onnx as sens
+    from lowbit import sensitivity_report
     from lowbit.ort_session import check_providers
 
     t_start = time.perf_counter()
@@ -255,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     log_file = out_dir / "onnx_layer_sensitivity.log"
     if args.overwrite:  # a re-run must not leave the previous results looking like its own
-        for path in [*sens.report_paths(out_dir).values(), out_dir / sens.AGREEMENT_FILE, log_file]:
+        previous = [*sensitivity_report.report_paths(out_dir).values(), out_dir / sensitivity_report.AGREEMENT_FILE]
+        for path in [*previous, log_file]:
             path.unlink(missing_ok=True)
     setup_logging(log_file, args.verbose)
 
@@ -330,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         if not np.all(np.isfinite(scores)):
             raise RuntimeError("non-finite sensitivity scores; see the log")
 
-        layers = sens.rank_layers(
+        layers = sensitivity_report.rank_layers(
             [
                 {"name": n.name, "op_type": n.op_type, "weight": n.weight, "onnx_node": n.name, "score": float(s)}
                 for n, s in zip(nodes, scores)
@@ -353,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
             },
         }
         device = "cpu" if args.providers[0] == "CPUExecutionProvider" else "cuda:0"
-        report = sens.make_report(
+        report = sensitivity_report.make_report(
             source="onnx",
             model=onnx_path,
             model_sha256=model_sha,
@@ -364,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
             wall_s=time.perf_counter() - t_start,
             layers=layers,
         )
-        paths = sens.write_report(out_dir, report)
+        paths = sensitivity_report.write_report(out_dir, report)
         for ext, path in paths.items():
             manifest.add_output(f"report_{ext}", path)
         manifest.add_output("qdq_model", qdq_path)
@@ -372,12 +375,12 @@ def main(argv: list[str] | None = None) -> int:
 
         agreement = None
         if other is not None:
-            agreement = sens.compare_reports(report, other, sens.NodeMatcher(fp32_model))
+            agreement = sensitivity_report.compare_reports(report, other, sens.NodeMatcher(fp32_model))
             agreement["a"]["report"] = str(paths["json"])
             agreement["b"]["report"] = str(resolve_repo_path(args.compare_with))
             agreement["graph"] = str(onnx_path)
-            atomic_write_json(out_dir / sens.AGREEMENT_FILE, agreement)
-            manifest.add_output("ranking_agreement", out_dir / sens.AGREEMENT_FILE)
+            atomic_write_json(out_dir / sensitivity_report.AGREEMENT_FILE, agreement)
+            manifest.add_output("ranking_agreement", out_dir / sensitivity_report.AGREEMENT_FILE)
             log.info(
                 "agreement with %s: %d matched nodes, Spearman %s, top-K overlap %s",
                 args.compare_with, agreement["matched"], agreement["spearman"],

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from lowbit.logs import setup_logging
+from lowbit.ort_session import qdq_summary
 from lowbit.runs import UserError, check_input_file, cli_entry, manifest_run, refuse_overwrite
 
 QUANTIZE_MODES = ("int8", "fp8", "int4")
@@ -144,45 +145,6 @@ def count_int4_targets(model) -> int:
         for node in model.graph.node
         if node.op_type in ("Gemm", "MatMul") and len(node.input) > 1 and node.input[1] in initializers
     )
-
-
-WEIGHTED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
-
-
-def qdq_summary(model) -> dict:
-    """Q/DQ pair counts and the compute nodes that run quantized.
-
-    A Conv/Gemm/MatMul with a constant weight is quantized when that weight comes through a
-    DequantizeLinear; its activation input alone does not count, since a Q/DQ pair on a tensor is
-    shared by every consumer, excluded ones included. Any other node is quantized when all of its
-    non-constant inputs come through a DequantizeLinear.
-    """
-    nodes = list(model.graph.node)
-    constants = {init.name for init in model.graph.initializer}
-    dq_outputs = {out for n in nodes if n.op_type == "DequantizeLinear" for out in n.output}
-    q_outputs = {out for n in nodes if n.op_type == "QuantizeLinear" for out in n.output}
-    dq_of_constant = {
-        n.output[0] for n in nodes if n.op_type == "DequantizeLinear" and n.input[0] in constants
-    }
-    pairs = sum(1 for n in nodes if n.op_type == "DequantizeLinear" and n.input[0] in q_outputs)
-
-    def quantized(node) -> bool:
-        if node.op_type in WEIGHTED_OPS and len(node.input) > 1 and (
-            node.input[1] in constants or node.input[1] in dq_of_constant
-        ):
-            return node.input[1] in dq_of_constant
-        variable = [i for i in node.input if i and i not in constants and i not in dq_of_constant]
-        return bool(variable) and all(i in dq_outputs for i in variable)
-
-    quantized_nodes = sorted(
-        n.name for n in nodes if n.op_type not in ("QuantizeLinear", "DequantizeLinear") and quantized(n)
-    )
-    return {
-        "qdq_pairs": pairs,
-        "quantize_linear": sum(1 for n in nodes if n.op_type == "QuantizeLinear"),
-        "dequantize_linear": sum(1 for n in nodes if n.op_type == "DequantizeLinear"),
-        "quantized_nodes": quantized_nodes,
-    }
 
 
 def calibration_eps_used(onnx_path: Path, eps: list[str]) -> list[str]:
