@@ -1,0 +1,755 @@
+"""Inspect a Q/DQ ONNX model for float16 hazards: scales, initializers and the runtime's fp16 rounding.
+
+ModelOpt's ``high_precision_dtype=fp16`` converts every float tensor of a Q/DQ model to float16,
+scales included, and replaces initializer values below fp16's smallest subnormal (5.96e-8) with that
+value. Three things can then go wrong, and this module checks each without running the model:
+
+* **scales**: a scale below fp16's smallest normal number (6.10e-5) is stored as a subnormal (fewer
+  significant bits); one below half the smallest subnormal (2.98e-8) becomes exactly zero in a plain
+  cast, and ModelOpt's clamp turns it into 5.96e-8 instead (a different scale). A zero scale makes
+  DequantizeLinear output zeros and QuantizeLinear divide by zero.
+* **initializers** (weights, biases, constants), compared by name with the FP32 source model:
+  non-zero values that underflowed (flushed or clamped), that became subnormal, or that overflowed
+  fp16's maximum (65504).
+* **the runtime**: a QuantizeLinear whose input is float16 must round ``x / scale`` to the nearest
+  integer, ties to even (ONNX spec). ONNX Runtime's CPU kernel for float16 input truncated toward
+  zero instead (onnxruntime issue 18576; seen on 1.24.4, fixed by 1.30.0), which biases every
+  quantized weight and activation by half a step towards zero. :func:`probe_fp16_quantize_rounding`
+  runs one 8-element QuantizeLinear on the installed onnxruntime to tell which behaviour it has;
+  TensorRT and the CUDA EP round to nearest even and are not affected.
+
+:func:`compare_runs` is the optional dynamic check: it runs two models (e.g. the fp16 Q/DQ model and
+its FP32 source, or an fp32-high-precision Q/DQ model of the same calibration) on a few images with
+every intermediate tensor exposed and reports the relative error per tensor, in graph order, so the
+first diverging tensors show where the two part ways. :func:`with_fp32_quantize` rewrites a model so
+that every float16 QuantizeLinear is computed in float32 (a Cast of its input and a float32 copy of
+its scale, same values): by the ONNX spec the same quantized integers, and on a truncating
+onnxruntime the correctly rounded ones.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+FP16_MIN_NORMAL = float(np.finfo(np.float16).tiny)  # 6.103515625e-05
+FP16_MIN_SUBNORMAL = float(np.finfo(np.float16).smallest_subnormal)  # 5.960464477539063e-08
+FP16_MAX = float(np.finfo(np.float16).max)  # 65504.0
+
+# ONNX element type codes used below (onnx.TensorProto values; kept as ints so this module's static
+# part needs onnx only to load the model).
+FLOAT, FLOAT16, BFLOAT16, DOUBLE = 1, 10, 16, 11
+_QMAX = {2: 255, 3: 127, 4: 65535, 5: 32767, 21: 15, 22: 7}  # uint8, int8, uint16, int16, uint4, int4
+_QMIN = {2: 0, 3: -128, 4: 0, 5: -32768, 21: 0, 22: -8}
+
+ROUNDING_NEAREST_EVEN = "nearest_even"
+ROUNDING_TOWARD_ZERO = "toward_zero"
+
+
+def dtype_name(elem_type: int | None) -> str | None:
+    """ONNX element type name (``FLOAT``, ``FLOAT16`` ...) of a type code, None for None."""
+    import onnx
+
+    if elem_type is None:
+        return None
+    try:
+        return onnx.TensorProto.DataType.Name(elem_type)
+    except ValueError:
+        return f"TYPE_{elem_type}"
+
+
+def fp16_value_counts(values: np.ndarray) -> dict[str, int]:
+    """How the non-zero values of ``values`` fare in float16.
+
+    Args:
+        values: any float array (float16 values are checked as stored).
+
+    Returns:
+        ``nonzero``; ``subnormal``: 0 < |v| < 6.10e-5 (fewer significant bits in fp16);
+        ``to_zero``: non-zero values a plain cast to fp16 makes exactly 0 (|v| <= 2.98e-8);
+        ``below_min_subnormal``: 0 < |v| < 5.96e-8, the values ModelOpt's conversion replaces with
+        5.96e-8; ``overflow``: |v| > 65504 (inf in a plain cast, clamped by ModelOpt);
+        ``nonfinite``: inf or NaN already.
+    """
+    a = np.asarray(values)
+    a64 = a.astype(np.float64)
+    finite = np.isfinite(a64)
+    mag = np.abs(np.where(finite, a64, 0.0))
+    nonzero = mag > 0
+    with np.errstate(over="ignore"):
+        as16 = a64.astype(np.float16)
+    return {
+        "nonzero": int(nonzero.sum()),
+        "subnormal": int((nonzero & (mag < FP16_MIN_NORMAL)).sum()),
+        "to_zero": int((nonzero & (as16 == 0)).sum()),
+        "below_min_subnormal": int((nonzero & (mag < FP16_MIN_SUBNORMAL)).sum()),
+        "overflow": int((mag > FP16_MAX).sum()),
+        "nonfinite": int((~finite).sum()),
+    }
+
+
+def _constant_arrays(model) -> dict[str, np.ndarray]:
+    """Initializers and ``Constant`` node outputs of the main graph, as numpy arrays."""
+    from onnx import numpy_helper
+
+    arrays = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    arrays[node.output[0]] = numpy_helper.to_array(attr.t)
+    return arrays
+
+
+def _elem_types(model) -> dict[str, int]:
+    """Element type of every tensor ONNX type inference can name (inputs, outputs, initializers, values)."""
+    import onnx
+
+    types: dict[str, int] = {}
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    except Exception:  # inference is best effort; declared types are used then
+        inferred = model
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
+            types[vi.name] = vi.type.tensor_type.elem_type
+    for init in model.graph.initializer:
+        types[init.name] = init.data_type
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    types[node.output[0]] = attr.t.data_type
+        elif node.op_type == "Cast":
+            for attr in node.attribute:
+                if attr.name == "to":
+                    types[node.output[0]] = attr.i
+    return types
+
+
+def _attr_int(node, name: str) -> int | None:
+    return next((a.i for a in node.attribute if a.name == name), None)
+
+
+def _summary(values: np.ndarray) -> dict[str, Any]:
+    mag = np.abs(values.astype(np.float64)).ravel()
+    return {
+        "numel": int(mag.size),
+        "min": float(mag.min()) if mag.size else None,
+        "max": float(mag.max()) if mag.size else None,
+    }
+
+
+def _short(names: list[str], limit: int = 8) -> str:
+    return ", ".join(names[:limit]) + (f" ... (+{len(names) - limit})" if len(names) > limit else "")
+
+
+def _range_max(scale: dict[str, Any], quant_code: int | None) -> float | None:
+    """Largest magnitude a Q/DQ pair represents: max scale x the quantized type's largest |integer|."""
+    if quant_code not in _QMAX or scale.get("max") is None:
+        return None
+    return float(scale["max"] * max(abs(_QMIN[quant_code]), _QMAX[quant_code]))
+
+
+def inspect_qdq(model, source=None) -> dict[str, Any]:
+    """Static fp16 report of a Q/DQ model (no inference).
+
+    Args:
+        model: the Q/DQ ``onnx.ModelProto`` (or a path).
+        source: optional FP32 model it was quantized from (``ModelProto`` or path); its
+            initializers are compared by name with the Q/DQ model's float16 ones.
+
+    Returns:
+        A JSON-ready dict with keys:
+
+        * ``pairs``: one entry per QuantizeLinear (with the DequantizeLinear nodes reading it) and
+          per DequantizeLinear of a constant (pre-quantized weights): ``q_node``, ``dq_nodes``,
+          ``tensor`` (the quantized tensor), ``kind`` (``weight`` | ``activation``),
+          ``input_dtype``, ``scale`` {``name``, ``dtype``, ``numel``, ``min``, ``max``,
+          ``subnormal_in_fp16``, ``zero_in_fp16``, ``clamped_in_fp16``} (counts of elements; for an
+          fp32 scale, what a conversion to fp16 would do), ``dq_scales`` (the same for DQ nodes
+          with a scale initializer of their own), ``quant_dtype``,
+          ``range_max`` (scale max x qmax: the largest magnitude the pair can represent),
+          ``range_exceeds_fp16``, ``consumers`` (nodes reading the dequantized tensor);
+        * ``counts``: ``pairs``, ``scales_fp16``, ``scales_fp32``, ``scales_below_fp16_min_normal``
+          (pairs with any scale element < 6.10e-5), ``scales_zero_in_fp16`` (pairs with a scale
+          element that is or would become 0 in fp16), ``scales_clamped_in_fp16`` (fp16 scales
+          equal to 5.96e-8, ModelOpt's replacement for smaller values),
+          ``fp16_quantize_inputs`` (QuantizeLinear nodes whose input is float16),
+          ``range_exceeds_fp16``;
+        * ``fp16_quantize_nodes``: names of those QuantizeLinear nodes;
+        * ``casts``: Cast nodes {``name``, ``input``, ``to``};
+        * ``initializers``: counts by element type, plus ``fp16_subnormal_values``,
+          ``fp16_min_subnormal_values`` (values equal to 5.96e-8), ``fp16_nonfinite_values``;
+        * ``source_comparison`` (with ``source``): per-initializer findings for float16
+          initializers whose FP32 source values underflowed, became subnormal or overflowed, with
+          the op types reading them; ``matched`` and ``unmatched`` counts (see
+          :func:`compare_initializers`);
+        * ``low_scale_pairs`` / ``zero_scale_pairs``: pairs (Q node, or DQ node without Q) with a
+          scale below fp16's min normal / zero in fp16;
+        * ``affected_nodes``: the nodes reading the dequantized tensors of those pairs.
+    """
+    import onnx
+
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(model))
+    graph = model.graph
+    nodes = list(graph.node)
+    consts = _constant_arrays(model)
+    types = _elem_types(model)
+    consumers: dict[str, list] = {}
+    for node in nodes:
+        for name in node.input:
+            if name:
+                consumers.setdefault(name, []).append(node)
+
+    def scale_entry(name: str) -> dict[str, Any]:
+        if name not in consts:
+            return {"name": name, "dtype": dtype_name(types.get(name)), "numel": None, "min": None, "max": None,
+                    "subnormal_in_fp16": None, "zero_in_fp16": None, "clamped_in_fp16": None}
+        values = consts[name]
+        counts = fp16_value_counts(values)
+        mag = np.abs(values.astype(np.float64))
+        is16 = values.dtype == np.float16
+        return {
+            "name": name,
+            "dtype": dtype_name(types.get(name)),
+            **_summary(values),
+            "subnormal_in_fp16": counts["subnormal"],
+            # an fp16 scale that is 0, or an fp32 one a cast to fp16 would flush to 0
+            "zero_in_fp16": int((mag == 0).sum()) if is16 else counts["to_zero"] + int((mag == 0).sum()),
+            "clamped_in_fp16": int((mag == FP16_MIN_SUBNORMAL).sum()) if is16 else counts["below_min_subnormal"],
+        }
+
+    def quant_type(node) -> int | None:
+        if len(node.input) > 2 and node.input[2]:
+            return types.get(node.input[2])
+        for attr in node.attribute:
+            if attr.name == "output_dtype" and attr.i:
+                return attr.i
+        return 2  # ONNX default: uint8
+
+    pairs: list[dict[str, Any]] = []
+    q_outputs = set()
+    for node in nodes:
+        if node.op_type != "QuantizeLinear":
+            continue
+        q_outputs.add(node.output[0])
+        dqs = [c for c in consumers.get(node.output[0], []) if c.op_type == "DequantizeLinear"]
+        readers = [c.name for dq in dqs for c in consumers.get(dq.output[0], [])]
+        qtype = quant_type(node)
+        scale = scale_entry(node.input[1])
+        range_max = _range_max(scale, qtype)
+        # a DQ with its own scale initializer (ModelOpt duplicates shared constants) is checked too
+        dq_scales = [scale_entry(dq.input[1]) for dq in dqs if dq.input[1] != node.input[1]]
+        pairs.append(
+            {
+                "q_node": node.name,
+                "dq_nodes": [dq.name for dq in dqs],
+                "tensor": node.input[0],
+                "kind": "weight" if node.input[0] in consts else "activation",
+                "input_dtype": dtype_name(types.get(node.input[0])),
+                "scale": scale,
+                "dq_scales": dq_scales,
+                "quant_dtype": dtype_name(qtype),
+                "range_max": range_max,
+                "consumers": readers,
+            }
+        )
+    for node in nodes:
+        if node.op_type == "DequantizeLinear" and node.input[0] not in q_outputs:
+            scale = scale_entry(node.input[1])
+            pairs.append(
+                {
+                    "q_node": None,
+                    "dq_nodes": [node.name],
+                    "tensor": node.input[0],
+                    "kind": "weight" if node.input[0] in consts else "activation",
+                    "input_dtype": dtype_name(types.get(node.input[0])),
+                    "scale": scale,
+                    "dq_scales": [],
+                    "quant_dtype": dtype_name(types.get(node.input[0])),
+                    "range_max": _range_max(scale, types.get(node.input[0])),
+                    "consumers": [c.name for c in consumers.get(node.output[0], [])],
+                }
+            )
+    for pair in pairs:
+        pair["range_exceeds_fp16"] = bool(pair["range_max"] is not None and pair["range_max"] > FP16_MAX)
+
+    def any_scale(pair, key) -> bool:
+        return any((s.get(key) or 0) > 0 for s in [pair["scale"], *pair["dq_scales"]])
+
+    low = [p for p in pairs if any_scale(p, "subnormal_in_fp16")]
+    zero = [p for p in pairs if any_scale(p, "zero_in_fp16")]
+    clamped = [p for p in pairs if any_scale(p, "clamped_in_fp16") and p["scale"]["dtype"] == "FLOAT16"]
+    fp16_q = [p["q_node"] for p in pairs if p["q_node"] is not None and p["input_dtype"] == "FLOAT16"]
+    scale_types = [p["scale"]["dtype"] for p in pairs]
+
+    init_types: dict[str, int] = {}
+    fp16_sub = fp16_min_sub = fp16_nonfinite = 0
+    for init in graph.initializer:
+        key = dtype_name(init.data_type)
+        init_types[key] = init_types.get(key, 0) + 1
+        if init.data_type == FLOAT16:
+            values = consts[init.name]
+            counts = fp16_value_counts(values)
+            fp16_sub += counts["subnormal"]
+            fp16_nonfinite += counts["nonfinite"]
+            fp16_min_sub += int((np.abs(values.astype(np.float64)) == FP16_MIN_SUBNORMAL).sum())
+
+    report: dict[str, Any] = {
+        "pairs": pairs,
+        "counts": {
+            "pairs": len(pairs),
+            "scales_fp16": scale_types.count("FLOAT16"),
+            "scales_fp32": scale_types.count("FLOAT"),
+            "scales_below_fp16_min_normal": len(low),
+            "scales_zero_in_fp16": len(zero),
+            "scales_clamped_in_fp16": len(clamped),
+            "fp16_quantize_inputs": len(fp16_q),
+            "range_exceeds_fp16": sum(1 for p in pairs if p["range_exceeds_fp16"] and p["input_dtype"] == "FLOAT16"),
+        },
+        "fp16_quantize_nodes": fp16_q,
+        "casts": [
+            {"name": n.name, "input": n.input[0], "to": dtype_name(_attr_int(n, "to"))}
+            for n in nodes
+            if n.op_type == "Cast"
+        ],
+        "initializers": {
+            "by_dtype": init_types,
+            "fp16_subnormal_values": fp16_sub,
+            "fp16_min_subnormal_values": fp16_min_sub,
+            "fp16_nonfinite_values": fp16_nonfinite,
+        },
+        "affected_nodes": sorted({c for p in low + zero for c in p["consumers"]}),
+        "low_scale_pairs": [p["q_node"] or p["dq_nodes"][0] for p in low],
+        "zero_scale_pairs": [p["q_node"] or p["dq_nodes"][0] for p in zero],
+    }
+    if source is not None:
+        report["source_comparison"] = compare_initializers(model, source, consumers)
+    return report
+
+
+def compare_initializers(model, source, consumers: dict[str, list] | None = None) -> dict[str, Any]:
+    """Float16 initializers of ``model`` against the same-named FP32 initializers of ``source``.
+
+    Returns:
+        ``matched``, ``unmatched`` (fp16 initializers with no FP32 source of that name and shape),
+        ``max_rel_error`` (largest |fp16 - fp32| / max|fp32| over matched tensors), and
+        ``findings``: one entry per tensor with values that underflowed (``to_zero``: flushed by a
+        plain cast; ``below_min_subnormal``: replaced by 5.96e-8 in ModelOpt's conversion),
+        became ``subnormal``, or ``overflow``-ed, with ``readers`` (op types reading it) and
+        ``quantized`` (true when every reader is a QuantizeLinear: the values are then re-rounded
+        to the int8 grid, and an underflow far below the step size changes nothing).
+    """
+    import onnx
+
+    if not isinstance(source, onnx.ModelProto):
+        source = onnx.load(str(source))
+    if consumers is None:
+        consumers = {}
+        for node in model.graph.node:
+            for name in node.input:
+                consumers.setdefault(name, []).append(node)
+    src = {i.name: i for i in source.graph.initializer if i.data_type in (FLOAT, DOUBLE)}
+    from onnx import numpy_helper
+
+    findings = []
+    matched = unmatched = 0
+    worst = 0.0
+    for init in model.graph.initializer:
+        if init.data_type != FLOAT16:
+            continue
+        ref = src.get(init.name)
+        if ref is None or list(ref.dims) != list(init.dims):
+            unmatched += 1
+            continue
+        matched += 1
+        ref_values = numpy_helper.to_array(ref).astype(np.float64)
+        new_values = numpy_helper.to_array(init).astype(np.float64)
+        peak = np.abs(ref_values).max() if ref_values.size else 0.0
+        if peak > 0:
+            worst = max(worst, float(np.abs(new_values - ref_values).max() / peak))
+        counts = fp16_value_counts(ref_values)
+        if counts["subnormal"] or counts["overflow"]:
+            readers = [c.op_type for c in consumers.get(init.name, [])]
+            findings.append(
+                {
+                    "initializer": init.name,
+                    "numel": int(ref_values.size),
+                    "subnormal": counts["subnormal"],
+                    "to_zero": counts["to_zero"],
+                    "below_min_subnormal": counts["below_min_subnormal"],
+                    "overflow": counts["overflow"],
+                    "readers": sorted(set(readers)),
+                    "quantized": bool(readers) and all(r == "QuantizeLinear" for r in readers),
+                }
+            )
+    return {"matched": matched, "unmatched": unmatched, "max_rel_error": worst, "findings": findings}
+
+
+def probe_fp16_quantize_rounding(providers: Iterable[str] = ("CPUExecutionProvider",)) -> dict[str, Any]:
+    """Run one float16 QuantizeLinear on the installed onnxruntime and name its rounding.
+
+    Inputs 0.6, 1.5, 2.5, 2.7, -0.6, -1.5, -2.7 with scale 1: round-half-to-even gives
+    1, 2, 2, 3, -1, -2, -3; truncation gives 0, 1, 2, 2, 0, -1, -2.
+
+    Returns:
+        ``{"onnxruntime": version, "provider": used, "rounding": "nearest_even" | "toward_zero" |
+        "other" | "unavailable", "outputs": [...], "error": str | None}``.
+    """
+    values = np.array([0.6, 1.5, 2.5, 2.7, -0.6, -1.5, -2.7], dtype=np.float16)
+    nearest = [1, 2, 2, 3, -1, -2, -3]
+    toward_zero = [0, 1, 2, 2, 0, -1, -2]
+    try:
+        import onnx
+        import onnxruntime as ort
+        from onnx import TensorProto, helper, numpy_helper
+    except ImportError as exc:
+        return {"onnxruntime": None, "provider": None, "rounding": "unavailable", "outputs": None, "error": str(exc)}
+    graph = helper.make_graph(
+        [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["y"])],
+        "fp16_quantize_probe",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [len(values)])],
+        [helper.make_tensor_value_info("y", TensorProto.INT8, [len(values)])],
+        [numpy_helper.from_array(np.array(1.0, np.float16), "s"), numpy_helper.from_array(np.array(0, np.int8), "z")],
+    )
+    # IR 9 / opset 19: the oldest that allows a float16 scale, loadable by every onnxruntime >= 1.16
+    probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)], ir_version=9)
+    onnx.checker.check_model(probe)
+    try:
+        session = ort.InferenceSession(probe.SerializeToString(), providers=list(providers))
+        out = session.run(None, {"x": values})[0].astype(int).tolist()
+        used = session.get_providers()[0]
+    except Exception as exc:  # an EP or kernel missing: report, never fail the inspection
+        return {
+            "onnxruntime": ort.__version__,
+            "provider": None,
+            "rounding": "unavailable",
+            "outputs": None,
+            "error": str(exc),
+        }
+    rounding = ROUNDING_NEAREST_EVEN if out == nearest else ROUNDING_TOWARD_ZERO if out == toward_zero else "other"
+    return {"onnxruntime": ort.__version__, "provider": used, "rounding": rounding, "outputs": out, "error": None}
+
+
+def with_fp32_quantize(model):
+    """Copy of ``model`` where every float16 QuantizeLinear computes in float32.
+
+    The input gets a ``Cast`` to float (constant inputs are converted in place of the cast) and
+    the scale a float32 copy holding the same fp16 values, so by the ONNX spec the quantized
+    integers are unchanged; on an onnxruntime whose float16 QuantizeLinear truncates (see
+    :func:`probe_fp16_quantize_rounding`) they become the correctly rounded ones. Everything else
+    (DequantizeLinear, the fp16 compute between pairs) is left as it is.
+
+    Returns:
+        ``(new_model, count)``: the rewritten ``ModelProto`` and the number of nodes changed.
+    """
+    import copy
+
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(model))
+    model = copy.deepcopy(model)
+    graph = model.graph
+    types = _elem_types(model)
+    inits = {i.name: i for i in graph.initializer}
+    new_nodes = []
+    inputs32: dict[str, str] = {}
+    scales32: dict[str, str] = {}
+    changed = 0
+    for node in graph.node:
+        if node.op_type == "QuantizeLinear" and types.get(node.input[0]) == FLOAT16:
+            source_name, scale_name = node.input[0], node.input[1]
+            if scale_name in inits:  # a scale computed at run time is left as it is
+                if source_name not in inputs32:
+                    as32 = f"{source_name}_fp32_for_quantize"
+                    if source_name in inits:
+                        values = numpy_helper.to_array(inits[source_name]).astype(np.float32)
+                        graph.initializer.append(numpy_helper.from_array(values, as32))
+                    else:
+                        cast = helper.make_node("Cast", [source_name], [as32], to=TensorProto.FLOAT, name=as32)
+                        new_nodes.append(cast)
+                    inputs32[source_name] = as32
+                if scale_name not in scales32:
+                    scales32[scale_name] = f"{scale_name}_fp32_for_quantize"
+                    scale = numpy_helper.to_array(inits[scale_name]).astype(np.float32)
+                    graph.initializer.append(numpy_helper.from_array(scale, scales32[scale_name]))
+                node.input[0] = inputs32[source_name]
+                node.input[1] = scales32[scale_name]
+                changed += 1
+        new_nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(new_nodes)
+    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    kept = [init for init in graph.initializer if init.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    return model, changed
+
+
+def _exposed_session(model, names: list[str] | None = None):
+    """An onnxruntime CPU session of ``model`` with every typed intermediate tensor as an output.
+
+    Graph optimizations are off so the values are those of the graph as written (no fusion into
+    QLinear kernels). Returns ``(session, ordered_names)`` with names in node order.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    value_info = {vi.name: vi for vi in model.graph.value_info}
+    declared = {o.name for o in model.graph.output}
+    order = [o.name for o in model.graph.output]
+    wanted = set(names) if names is not None else None
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            continue
+        for out in node.output:
+            if out in value_info and out not in declared and (wanted is None or out in wanted):
+                model.graph.output.append(value_info[out])
+                declared.add(out)
+                order.append(out)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session, order
+
+
+def _node_order(model) -> list[tuple[str, str, str]]:
+    """``(tensor, op_type, node)`` for every node output, in graph order."""
+    return [(out, node.op_type, node.name) for node in model.graph.node for out in node.output]
+
+
+def compare_runs(model, reference, images: np.ndarray, threshold: float = 0.05, top: int = 10) -> dict[str, Any]:
+    """Per-tensor relative error of ``model`` against ``reference`` on ``images`` (ORT CPU, no fusion).
+
+    Tensors are matched by name and shape; the error of a tensor is
+    ``||model - reference|| / ||reference||`` over all images (accumulated per image, so memory
+    stays flat in the number of images).
+
+    Args:
+        model: the model under test (``ModelProto`` or path).
+        reference: the model to compare against (FP32 source, or another Q/DQ model).
+        images: float32 array [N, C, H, W]; each image runs as a batch of one.
+        threshold: relative error from which a tensor counts as diverged.
+        top: how many of the worst tensors to list.
+
+    Returns:
+        ``images``, ``threshold``, ``compared`` (tensors matched), ``outputs`` (per model output:
+        ``rel_error``, ``max_abs``, ``ref_max_abs``), ``first_diverging`` (up to ``top`` tensors in
+        graph order whose error exceeds ``threshold``, each with ``tensor``, ``op``, ``node``,
+        ``rel_error``), ``worst`` (the ``top`` largest errors), ``tensors`` (all, graph order).
+    """
+    import onnx
+
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(model))
+    if not isinstance(reference, onnx.ModelProto):
+        reference = onnx.load(str(reference))
+    session, names = _exposed_session(model)
+    ref_session, ref_names = _exposed_session(reference)
+    common = [n for n in names if n in set(ref_names)]
+    index = {n: i for i, n in enumerate(names)}
+    ref_index = {n: i for i, n in enumerate(ref_names)}
+    input_name = session.get_inputs()[0].name
+    ref_input = ref_session.get_inputs()[0].name
+    sq_diff = dict.fromkeys(common, 0.0)
+    sq_ref = dict.fromkeys(common, 0.0)
+    max_abs = dict.fromkeys(common, 0.0)
+    ref_max = dict.fromkeys(common, 0.0)
+    shape_mismatch: set[str] = set()
+    for i in range(images.shape[0]):
+        x = np.ascontiguousarray(images[i : i + 1], dtype=np.float32)
+        outs = session.run(None, {input_name: x})
+        ref_outs = ref_session.run(None, {ref_input: x})
+        for name in common:
+            a = np.asarray(outs[index[name]])
+            b = np.asarray(ref_outs[ref_index[name]])
+            if a.shape != b.shape or not (np.issubdtype(a.dtype, np.number) and np.issubdtype(b.dtype, np.number)):
+                shape_mismatch.add(name)
+                continue
+            a = a.astype(np.float64)
+            b = b.astype(np.float64)
+            sq_diff[name] += float(np.square(a - b).sum())
+            sq_ref[name] += float(np.square(b).sum())
+            max_abs[name] = max(max_abs[name], float(np.abs(a - b).max()) if a.size else 0.0)
+            ref_max[name] = max(ref_max[name], float(np.abs(b).max()) if b.size else 0.0)
+    ops = {t: (op, node) for t, op, node in _node_order(model)}
+    rows = []
+    for name in common:
+        if name in shape_mismatch:
+            continue
+        denom = np.sqrt(sq_ref[name])
+        rel = float(np.sqrt(sq_diff[name]) / denom) if denom > 0 else (0.0 if sq_diff[name] == 0 else float("inf"))
+        op, node = ops.get(name, ("Input", ""))
+        rows.append({"tensor": name, "op": op, "node": node, "rel_error": rel, "max_abs_diff": max_abs[name]})
+    graph_outputs = [o.name for o in model.graph.output]
+    by_name = {r["tensor"]: r for r in rows}
+    outputs = {
+        name: {
+            "rel_error": by_name[name]["rel_error"],
+            "max_abs_diff": by_name[name]["max_abs_diff"],
+            "ref_max_abs": ref_max[name],
+        }
+        for name in graph_outputs
+        if name in by_name
+    }
+    # graph order, outputs last (the session lists the declared outputs first)
+    ordered = [r for r in rows if r["tensor"] not in graph_outputs]
+    ordered += [by_name[n] for n in graph_outputs if n in by_name]
+    diverging = [r for r in ordered if r["rel_error"] > threshold]
+    return {
+        "images": int(images.shape[0]),
+        "threshold": threshold,
+        "compared": len(rows),
+        "outputs": outputs,
+        "first_diverging": diverging[:top],
+        "worst": sorted(rows, key=lambda r: -r["rel_error"])[:top],
+        "tensors": ordered,
+    }
+
+
+def output_error(model, reference, images: np.ndarray) -> dict[str, float]:
+    """Relative error of each output of ``model`` against ``reference`` (both ORT CPU, default optimizations)."""
+    import onnx
+    import onnxruntime as ort
+
+    def session(m):
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        data = m.SerializeToString() if isinstance(m, onnx.ModelProto) else str(m)
+        return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+
+    s, r = session(model), session(reference)
+    names = [o.name for o in s.get_outputs()]
+    sq_diff = dict.fromkeys(names, 0.0)
+    sq_ref = dict.fromkeys(names, 0.0)
+    for i in range(images.shape[0]):
+        x = np.ascontiguousarray(images[i : i + 1], dtype=np.float32)
+        outs = s.run(None, {s.get_inputs()[0].name: x})
+        ref_outs = r.run(None, {r.get_inputs()[0].name: x})
+        for name, a, b in zip(names, outs, ref_outs):
+            a = np.asarray(a, np.float64)
+            b = np.asarray(b, np.float64)
+            sq_diff[name] += float(np.square(a - b).sum())
+            sq_ref[name] += float(np.square(b).sum())
+    return {n: float(np.sqrt(sq_diff[n] / sq_ref[n])) if sq_ref[n] > 0 else 0.0 for n in names}
+
+
+def verdict(report: dict[str, Any]) -> list[str]:
+    """Human-readable verdict lines of an :func:`inspect_qdq` report (plus ``runtime`` if present)."""
+    counts = report["counts"]
+    lines = [
+        f"{counts['scales_below_fp16_min_normal']} of {counts['pairs']} Q/DQ scales below fp16 min normal "
+        f"({FP16_MIN_NORMAL:.3g}); {counts['scales_zero_in_fp16']} quantize to zero in fp16; "
+        f"{counts['scales_clamped_in_fp16']} clamped to {FP16_MIN_SUBNORMAL:.3g}; affected nodes: "
+        + (_short(report["affected_nodes"]) if report["affected_nodes"] else "none")
+    ]
+    inits = report["initializers"]
+    if inits["fp16_nonfinite_values"]:
+        lines.append(f"{inits['fp16_nonfinite_values']} fp16 initializer values are inf/NaN")
+    comparison = report.get("source_comparison")
+    if comparison is not None:
+        under = [f for f in comparison["findings"] if f["to_zero"] or f["below_min_subnormal"]]
+        over = [f for f in comparison["findings"] if f["overflow"]]
+        harmful = [f["initializer"] for f in under + over if not f["quantized"]]
+        lines.append(
+            f"initializers vs FP32 source: {comparison['matched']} compared, {len(under)} with values below fp16's "
+            f"smallest subnormal ({sum(f['below_min_subnormal'] for f in under)} values), {len(over)} overflowing; "
+            + (f"read by non-quantizing nodes: {_short(harmful)}" if harmful else
+               "all of them are re-quantized by QuantizeLinear (an underflow far below the step size changes no "
+               "int8 value)")
+        )
+    n16 = counts["fp16_quantize_inputs"]
+    runtime = report.get("runtime")
+    if n16:
+        text = f"{n16} QuantizeLinear nodes take float16 input"
+        if runtime and runtime.get("rounding") == ROUNDING_TOWARD_ZERO:
+            text += (
+                f"; this onnxruntime {runtime['onnxruntime']} ({runtime['provider']}) rounds them toward zero "
+                "instead of "
+                "to nearest even: every quantized tensor is biased half a step towards zero and accuracy measured on "
+                "it is too low (TensorRT and the CUDA EP round correctly); evaluate an fp32-high-precision model or "
+                "the fp32-quantize rewrite (inspect_qdq_model.py --write-fp32-quantize), or use onnxruntime >= 1.30"
+            )
+        elif runtime and runtime.get("rounding") == ROUNDING_NEAREST_EVEN:
+            text += f"; this onnxruntime {runtime['onnxruntime']} ({runtime['provider']}) rounds them correctly"
+        elif runtime:
+            detail = runtime.get("error") or runtime.get("outputs")
+            text += f"; the fp16 rounding of this onnxruntime is {runtime.get('rounding')} ({detail})"
+        lines.append(text)
+    if counts["range_exceeds_fp16"]:
+        lines.append(
+            f"{counts['range_exceeds_fp16']} fp16 pairs can represent values beyond fp16's max ({FP16_MAX:.0f})"
+        )
+    return lines
+
+
+def findings_present(report: dict[str, Any]) -> bool:
+    """True when the report holds anything that changes results: zero scales, non-finite values,
+    un-requantized under/overflows, or fp16 QuantizeLinear on a truncating runtime."""
+    counts = report["counts"]
+    if counts["scales_zero_in_fp16"] or report["initializers"]["fp16_nonfinite_values"] or counts["range_exceeds_fp16"]:
+        return True
+    comparison = report.get("source_comparison") or {"findings": []}
+    if any(
+        not f["quantized"] and (f["to_zero"] or f["below_min_subnormal"] or f["overflow"])
+        for f in comparison["findings"]
+    ):
+        return True
+    runtime = report.get("runtime") or {}
+    return bool(counts["fp16_quantize_inputs"] and runtime.get("rounding") == ROUNDING_TOWARD_ZERO)
+
+
+def pairs_table(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Flat rows of the per-pair table (CSV): one per Q/DQ pair, graph order."""
+    rows = []
+    for p in report["pairs"]:
+        s = p["scale"]
+        rows.append(
+            {
+                "q_node": p["q_node"] or "",
+                "dq_nodes": ";".join(p["dq_nodes"]),
+                "tensor": p["tensor"],
+                "kind": p["kind"],
+                "input_dtype": p["input_dtype"] or "",
+                "quant_dtype": p["quant_dtype"] or "",
+                "scale_dtype": s["dtype"] or "",
+                "scale_numel": s["numel"],
+                "scale_min": s["min"],
+                "scale_max": s["max"],
+                "subnormal_in_fp16": s["subnormal_in_fp16"],
+                "zero_in_fp16": s["zero_in_fp16"],
+                "clamped_in_fp16": s["clamped_in_fp16"],
+                "range_max": p["range_max"],
+                "consumers": ";".join(p["consumers"]),
+            }
+        )
+    return rows
+
+
+def load_images(path: Path, count: int, input_shape: list) -> np.ndarray:
+    """The first ``count`` images of a calibration ``.npy`` [N,C,H,W] float32, checked against the model input."""
+    from lowbit.runs import UserError
+
+    try:
+        data = np.load(path, mmap_mode="r")
+    except ValueError as exc:
+        raise UserError(f"--calib-path: {path} is not a .npy array ({exc})") from exc
+    dims = [d if isinstance(d, int) and d > 0 else None for d in input_shape]
+    if data.dtype != np.float32 or data.ndim != 4 or any(
+        want is not None and have != want for have, want in zip(data.shape[1:], dims[1:])
+    ):
+        raise UserError(
+            f"--calib-path: {path} holds {data.dtype} {list(data.shape)}; the model input needs float32 "
+            f"[N,{','.join(str(d) for d in dims[1:])}]"
+        )
+    if data.shape[0] < 1:
+        raise UserError(f"--calib-path: {path} holds no images")
+    return np.ascontiguousarray(data[:count])
