@@ -753,3 +753,25 @@ def load_images(path: Path, count: int, input_shape: list) -> np.ndarray:
     if data.shape[0] < 1:
         raise UserError(f"--calib-path: {path} holds no images")
     return np.ascontiguousarray(data[:count])
+
+
+def fp16_quantize_hazard(model, providers: Iterable[str] = ("CPUExecutionProvider",)) -> dict[str, Any] | None:
+    """The float16-QuantizeLinear rounding hazard of running ``model`` on this onnxruntime, or None.
+
+    Returns None when no QuantizeLinear takes float16 input, or when the installed onnxruntime
+    rounds float16 QuantizeLinear to nearest even on ``providers``; otherwise
+    ``{"fp16_quantize_inputs": N, "runtime": probe result, "message": one line}``.
+    """
+    counts = inspect_qdq(model)["counts"]
+    if not counts["fp16_quantize_inputs"]:
+        return None
+    runtime = probe_fp16_quantize_rounding(providers)
+    if runtime.get("rounding") == ROUNDING_NEAREST_EVEN:
+        return None
+    message = (
+        f"{counts['fp16_quantize_inputs']} QuantizeLinear nodes take float16 input and onnxruntime "
+        f"{runtime.get('onnxruntime')} ({runtime.get('provider')}) rounds them {runtime.get('rounding')}: "
+        "accuracy measured here is too low (TensorRT and the CUDA EP round to nearest even); evaluate the "
+        "fp32-quantize rewrite (inspect_qdq_model.py --write-fp32-quantize) or quantize with high precision fp32"
+    )
+    return {"fp16_quantize_inputs": counts["fp16_quantize_inputs"], "runtime": runtime, "message": message}

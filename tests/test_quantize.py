@@ -172,3 +172,19 @@ def test_wrapper_maps_card_env_vars(tmp_path, tiny_yolov10_onnx, calib_npy):
     assert settings["calibration_method"] == "max"
     assert settings["use_zero_point"] is False  # the string "False" is a real False, unlike ModelOpt's CLI
     assert settings["calibration_eps_requested"] == ["cuda:0", "cpu"]
+
+
+def test_fp16_high_precision_records_the_cpu_rounding_hazard(tmp_path, load_script, tiny_yolov10_onnx, calib_npy):
+    out = tmp_path / "tiny-int8-fp16.onnx"
+    rc = load_script(SCRIPT).main(
+        ["--onnx-path", str(tiny_yolov10_onnx), "--calib-path", str(calib_npy), "--output-path", str(out),
+         "--high-precision-dtype", "fp16"]
+    )
+    assert rc == 0
+    hazard = json.loads(out.with_suffix(".manifest.json").read_text())["extra"]["fp16_quantize_hazard"]
+    from lowbit.qdq_inspect import probe_fp16_quantize_rounding
+
+    if probe_fp16_quantize_rounding()["rounding"] == "nearest_even":
+        assert hazard is None  # a fixed onnxruntime: nothing to warn about
+    else:
+        assert hazard["fp16_quantize_inputs"] > 50 and "float16" in hazard["message"]

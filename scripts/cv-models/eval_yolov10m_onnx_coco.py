@@ -45,6 +45,8 @@ Outputs, all next to ``--out``:
       ``session_config``, ``graph_optimization_level``, ``disable_cpu_fallback``
     - ``timing_s``: ``session_create``, ``warmup``, ``loop``, ``coco_eval``, ``total``
     - ``args``, ``versions``
+    - ``warnings``: conditions that make the numbers untrustworthy, e.g. float16 QuantizeLinear
+      inputs on an onnxruntime CPU EP that rounds them toward zero (``lowbit.qdq_inspect``)
 * ``detections.json``: COCO result records [{image_id, category_id, bbox [x,y,w,h], score}].
 * ``manifest.json``: run manifest (argv, git commit, versions, input sha256, status).
 * ``eval.log``: the run's log; ``ort_cache/``: TensorRT engine and timing caches.
@@ -294,6 +296,14 @@ def run_eval(args: argparse.Namespace, argv: list[str] | None) -> tuple[dict, Pa
         )
         session_create_s = time.perf_counter() - t0
         log.info("session on %s (%.2f s)", ", ".join(session_info["providers_used"]), session_create_s)
+        run_warnings: list[str] = []
+        if session_info["qdq"]["is_qdq"] and ort_session.CPU in session_info["providers_used"]:
+            from lowbit.qdq_inspect import fp16_quantize_hazard
+
+            hazard = fp16_quantize_hazard(onnx_path)
+            if hazard is not None:
+                log.warning("%s", hazard["message"])
+                run_warnings.append(hazard["message"])
         input_name, input_shape, input_dtype = ort_session.check_image_input(session, args.imgsz, onnx_path)
         input_np_dtype = np.float16 if input_dtype == "tensor(float16)" else np.float32
         output_meta = session.get_outputs()
@@ -448,6 +458,7 @@ def run_eval(args: argparse.Namespace, argv: list[str] | None) -> tuple[dict, Pa
             },
             "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             "versions": package_versions(),
+            "warnings": run_warnings,
         }
         if result["latency_ms"]["n"] == 0:
             log.warning(

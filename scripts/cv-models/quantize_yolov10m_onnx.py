@@ -297,6 +297,15 @@ def main(argv: list[str] | None = None) -> int:
             raise RuntimeError("the quantized model produced NaN/Inf on a calibration image")
         del session
 
+        fp16_hazard = None
+        if args.high_precision_dtype != "fp32":
+            from lowbit.qdq_inspect import fp16_quantize_hazard
+
+            fp16_hazard = fp16_quantize_hazard(quantized)
+            if fp16_hazard is not None:
+                logger.warning("%s", fp16_hazard["message"])
+        manifest.update(fp16_quantize_hazard=fp16_hazard)
+
         shutil.move(str(work_output), output_path)
         shutil.rmtree(work_dir, ignore_errors=True)
         manifest.add_output("model", output_path)
