@@ -244,6 +244,21 @@ def check_input_file(path: Path, flag: str) -> Path:
     return path
 
 
+def load_script(path: str | os.PathLike):
+    """Import a card script by path (``scripts/cv-models`` has a hyphen, so it is no package).
+
+    Scripts that run another step call its ``main([...])`` through this, so the step runs exactly
+    as the card's command does.
+    """
+    import importlib.util
+
+    path = Path(path)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def cli_entry(main_fn):
     """Decorate a script's ``main(argv=None) -> int``: a UserError becomes one line on stderr, exit 2.
 

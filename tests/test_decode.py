@@ -127,7 +127,6 @@ def test_end2end_layout_is_filtered_like_ultralytics(v10_head_outputs):
 
 
 def test_nms_matches_ultralytics_non_max_suppression(v10_head_outputs):
-    import torch
     from ultralytics.utils.nms import non_max_suppression
 
     decoded = v10_head_outputs["decoded_o2m"]  # torch [1, 84, A], xywh + sigmoid

@@ -23,7 +23,6 @@ Writes ``bench.json`` (``--out``) plus the evaluator's own run under ``eval/`` n
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import time
 from pathlib import Path
@@ -37,6 +36,7 @@ from lowbit.runs import (
     atomic_write_json,
     check_input_file,
     cli_entry,
+    load_script,
     new_run_dir,
     package_versions,
     refuse_overwrite,
@@ -45,14 +45,6 @@ from lowbit.runs import (
 
 log = get_logger("bench_eval")
 EVAL_SCRIPT = Path(__file__).resolve().parent / "eval_yolov10m_onnx_coco.py"
-
-
-def _load_eval_script():
-    # The evaluator is a script, not a package module: load it by path so the benchmark times the real thing.
-    spec = importlib.util.spec_from_file_location("eval_yolov10m_onnx_coco", EVAL_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,7 +95,7 @@ def _pipeline_rate(items, imgsz: int, workers: int) -> float:
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    eval_script = _load_eval_script()
+    eval_script = load_script(EVAL_SCRIPT)
     from lowbit import coco_eval, ort_session
     from lowbit.preprocess import prepare_image
 

@@ -18,14 +18,21 @@ Example::
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 from lowbit.coco_eval import category_mapping, evaluate_bbox, load_coco, select_image_ids
 from lowbit.logs import setup_logging
-from lowbit.runs import UserError, atomic_write_json, check_input_file, cli_entry, manifest_run, refuse_overwrite
+from lowbit.runs import (
+    UserError,
+    atomic_write_json,
+    check_input_file,
+    cli_entry,
+    load_script,
+    manifest_run,
+    refuse_overwrite,
+)
 
 EVAL_SCRIPT = Path(__file__).with_name("eval_yolov10m_onnx_coco.py")
 
@@ -54,13 +61,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load_eval_script():
-    spec = importlib.util.spec_from_file_location("eval_yolov10m_onnx_coco", EVAL_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         manifest.add_input(weights)
         manifest.add_input(onnx_path)
         ours_out = work / "ours" / "metrics.json"
-        rc = _load_eval_script().main(
+        rc = load_script(EVAL_SCRIPT).main(
             ["--onnx-path", str(onnx_path), "--data-root", str(args.data_root), "--max-images", str(args.max_images),
              "--imgsz", str(args.imgsz), "--providers", "CPUExecutionProvider", "--warmup-runs", "1",
              "--out", str(ours_out), "--overwrite"]

@@ -22,13 +22,20 @@ Example (what ``materialize_yolov10m_lowbit_candidates.sh`` runs)::
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 from lowbit.logs import get_logger, setup_logging
-from lowbit.runs import UserError, atomic_write_json, atomic_write_text, check_input_file, cli_entry, manifest_run
+from lowbit.runs import (
+    UserError,
+    atomic_write_json,
+    atomic_write_text,
+    check_input_file,
+    cli_entry,
+    load_script,
+    manifest_run,
+)
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_ONNX = Path("models/cv-models/yolov10m/checkpoints/yolov10m.onnx")
@@ -61,14 +68,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--skip-latency", type=int, default=10)
     parser.add_argument("--overwrite", action="store_true", help="rebuild candidates that already exist")
     return parser
-
-
-def _load(name: str):
-    """Import a sibling script (hyphenated folder: not a package) to call its ``main``."""
-    spec = importlib.util.spec_from_file_location(name.removesuffix(".py"), HERE / name)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def scheme_files(schemes_dir: Path, ks: list[int], include_random: bool) -> list[tuple[str, Path]]:
@@ -113,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--data-root: {args.data_root}/annotations/instances_val2017.json not found (needed by --eval)")
     out_dir = args.run_root / f"candidates-{args.quant_mode}"
     setup_logging(out_dir / "materialize.log")
-    quantizer = _load("quantize_yolov10m_onnx.py")
-    evaluator = _load("eval_yolov10m_onnx_coco.py") if args.eval else None
+    quantizer = load_script(HERE / "quantize_yolov10m_onnx.py")
+    evaluator = load_script(HERE / "eval_yolov10m_onnx_coco.py") if args.eval else None
 
     rows = []
     with manifest_run(out_dir / "manifest.json", "materialize_yolov10m_lowbit_candidates.py", vars(args)) as manifest:

@@ -29,7 +29,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -43,6 +42,7 @@ from lowbit.runs import (
     atomic_write_json,
     check_input_file,
     cli_entry,
+    load_script,
     manifest_run,
     new_run_dir,
     resolve_repo_path,
@@ -122,15 +122,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true", help="replace the results in an existing --out-dir")
     parser.add_argument("--verbose", action="store_true", help="debug logging on the console")
     return parser
-
-
-def _load_quantize_script():
-    # The quantizer is a script (its folder name has a hyphen, so it is no package): load it by path
-    # and run its main(), so the Q/DQ model scored here is made exactly as the card's step 3 makes it.
-    spec = importlib.util.spec_from_file_location("quantize_yolov10m_onnx", QUANTIZE_SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def validate(args: argparse.Namespace):
@@ -214,7 +205,7 @@ def quantize(args, onnx_path: Path, calib_path: Path, qdq_path: Path, calib_imag
     if args.overwrite:
         argv.append("--overwrite")
     try:
-        rc = _load_quantize_script().main(argv)
+        rc = load_script(QUANTIZE_SCRIPT).main(argv)
     finally:
         setup_logging(log_file, args.verbose)  # the quantizer installed its own log handlers
     if rc != 0:
