@@ -30,6 +30,9 @@ TRT = "TensorrtExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 
+# Execution providers ModelOpt's ONNX quantizer accepts for calibration (its own spelling).
+MODELOPT_CALIBRATION_EPS = ("cpu", "cuda:0", "cuda:1", "cuda:2", "cuda:3", "trt")
+
 # Names this module knows how to configure; anything else is rejected before ORT sees it.
 KNOWN_PROVIDERS = (
     TRT,

@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# The model card's checkpoint: a symlink the user points at their yolov10m.onnx (never committed).
+CARD_ONNX_PATH = Path("models/cv-models/yolov10m/checkpoints/yolov10m.onnx")
 
 # Packages whose versions decide results; recorded in every manifest.
 TRACKED_PACKAGES = (

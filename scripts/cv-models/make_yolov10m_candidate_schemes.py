@@ -32,6 +32,7 @@ from pathlib import Path
 
 from lowbit.logs import get_logger, setup_logging
 from lowbit.runs import (
+    CARD_ONNX_PATH,
     UserError,
     atomic_write_json,
     check_input_file,
@@ -41,7 +42,7 @@ from lowbit.runs import (
 )
 
 SCRIPT = "make_yolov10m_candidate_schemes.py"
-DEFAULT_ONNX = Path("models/cv-models/yolov10m/checkpoints/yolov10m.onnx")
+DEFAULT_ONNX = CARD_ONNX_PATH
 SUMMARY_FILE = "schemes_summary.json"
 LOG_FILE = "make_yolov10m_candidate_schemes.log"
 log = get_logger("candidate_schemes")

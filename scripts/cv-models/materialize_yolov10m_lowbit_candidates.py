@@ -28,6 +28,7 @@ from pathlib import Path
 
 from lowbit.logs import get_logger, setup_logging
 from lowbit.runs import (
+    CARD_ONNX_PATH,
     UserError,
     atomic_write_json,
     atomic_write_text,
@@ -38,7 +39,7 @@ from lowbit.runs import (
 )
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_ONNX = Path("models/cv-models/yolov10m/checkpoints/yolov10m.onnx")
+DEFAULT_ONNX = CARD_ONNX_PATH
 log = get_logger("materialize")
 
 

@@ -36,7 +36,9 @@ from pathlib import Path
 import numpy as np
 
 from lowbit.logs import get_logger, setup_logging
+from lowbit.ort_session import MODELOPT_CALIBRATION_EPS
 from lowbit.runs import (
+    CARD_ONNX_PATH,
     REPO_ROOT,
     UserError,
     atomic_write_json,
@@ -50,12 +52,12 @@ from lowbit.runs import (
 )
 
 SCRIPT = "onnx_layer_sensitivity.py"
-DEFAULT_ONNX = Path("models/cv-models/yolov10m/checkpoints/yolov10m.onnx")
+DEFAULT_ONNX = CARD_ONNX_PATH
 OUTPUT_ROOT = REPO_ROOT / "tmp" / "yolov10m_layer_sensitivity"
 QUANTIZE_SCRIPT = Path(__file__).resolve().parent / "quantize_yolov10m_onnx.py"
 PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider")
 # quantize_yolov10m_onnx.py's --calibration-eps choices, checked here so a typo fails before any work.
-CALIBRATION_EPS = ("cpu", "cuda:0", "cuda:1", "cuda:2", "cuda:3", "trt")
+CALIBRATION_EPS = MODELOPT_CALIBRATION_EPS
 log = get_logger("onnx_layer_sensitivity")
 
 

@@ -28,12 +28,12 @@ from pathlib import Path
 import numpy as np
 
 from lowbit.logs import setup_logging
-from lowbit.ort_session import qdq_summary
+from lowbit.ort_session import MODELOPT_CALIBRATION_EPS, qdq_summary
 from lowbit.runs import UserError, check_input_file, cli_entry, manifest_run, refuse_overwrite
 
 QUANTIZE_MODES = ("int8", "fp8", "int4")
 CALIBRATION_METHODS = ("entropy", "max")
-CALIBRATION_EPS = ("cpu", "cuda:0", "cuda:1", "cuda:2", "cuda:3", "trt")
+CALIBRATION_EPS = MODELOPT_CALIBRATION_EPS
 HIGH_PRECISION_DTYPES = ("fp32", "fp16", "bf16")
 # fp32 keeps every non-quantized tensor in float32. ModelOpt's own default is fp16, which on YOLOv10
 # collapses accuracy (see the model card's INT8 section); pass fp16 explicitly to get it.
