@@ -113,6 +113,7 @@ def test_fp8_with_exclusions(tmp_path, load_script, tiny_yolov10_onnx, calib_npy
         ("bad_calib_shape", "--calib-path"),
         ("unknown_node", "--nodes-to-exclude"),
         ("int4", "Gemm/MatMul"),
+        ("unknown_op_type", "--op-types-to-quantize"),
     ],
 )
 def test_bad_input_is_one_clear_error(case, message, tmp_path, load_script, tiny_yolov10_onnx, calib_npy, capsys):
@@ -128,6 +129,8 @@ def test_bad_input_is_one_clear_error(case, message, tmp_path, load_script, tiny
         extra = ["--nodes-to-exclude", "/model.999/Conv"]
     elif case == "int4":
         extra = ["--quantize-mode", "int4"]
+    elif case == "unknown_op_type":
+        extra = ["--op-types-to-quantize", "Conv2d"]
     out = tmp_path / "out.onnx"
     argv = [x for kv in args.items() for x in kv] + ["--output-path", str(out), *extra]
     rc = load_script(SCRIPT).main(argv)
@@ -135,6 +138,27 @@ def test_bad_input_is_one_clear_error(case, message, tmp_path, load_script, tiny
     assert rc == 2
     assert message in err and err.count("\n") == 1
     assert not out.exists()
+
+
+def test_wrapper_maps_op_types_to_quantize(tmp_path, tiny_yolov10_onnx, calib_npy):
+    result = _wrapper(
+        {"RUN_ROOT": str(tmp_path), "CALIB_PATH": str(calib_npy), "ONNX_PATH": str(tiny_yolov10_onnx),
+         "OP_TYPES_TO_QUANTIZE": "Conv"},
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = tmp_path / "onnx" / "yolov10m-int8-qdq.onnx"
+    settings = json.loads(out.with_suffix(".manifest.json").read_text())["extra"]["settings"]
+    assert settings["op_types_to_quantize"] == ["Conv"]
+    graph = onnx.load(str(out)).graph
+    # ModelOpt quantizes a tensor, not an edge: a DQ output may also reach the Add/Concat beside a Conv,
+    # but every Q/DQ pair must exist for a Conv
+    consumers: dict[str, set[str]] = {}
+    for n in graph.node:
+        for name in n.input:
+            consumers.setdefault(name, set()).add(n.op_type)
+    dqs = [n for n in graph.node if n.op_type == "DequantizeLinear"]
+    assert dqs and all("Conv" in consumers.get(n.output[0], set()) for n in dqs)
 
 
 def _wrapper(env_extra: dict[str, str], tmp_path: Path) -> subprocess.CompletedProcess:

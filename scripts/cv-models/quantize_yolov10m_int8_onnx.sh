@@ -11,6 +11,8 @@
 #   HIGH_PRECISION_DTYPE  fp32 (default: keeps INT8 accuracy on YOLOv10) | fp16 (ModelOpt's default; see the card) | bf16
 #   NODES_TO_EXCLUDE      space- or comma-separated exact ONNX node names to keep unquantized
 #   EXCLUDE_JSON          a scheme JSON with 'nodes_to_exclude' (from make_yolov10m_candidate_schemes.py)
+#   OP_TYPES_TO_QUANTIZE  space-separated ONNX op types to quantize (default: ModelOpt's choice)
+#   OP_TYPES_TO_EXCLUDE   space-separated ONNX op types never to quantize
 #   PASSES                ModelOpt passes (default concat_elimination); "none" disables them
 #   QUANTIZE_MODE         int8 (default) | fp8; the output name follows it: yolov10m-<mode>-qdq.onnx
 #   OUTPUT_NAME           override the output file name
@@ -40,6 +42,8 @@ case "${USE_ZERO_POINT:-False}" in
 esac
 [[ -n "${NODES_TO_EXCLUDE:-}" ]] && args+=(--nodes-to-exclude ${NODES_TO_EXCLUDE//,/ })
 [[ -n "${EXCLUDE_JSON:-}" ]] && args+=(--exclude-json "$EXCLUDE_JSON")
+[[ -n "${OP_TYPES_TO_QUANTIZE:-}" ]] && args+=(--op-types-to-quantize ${OP_TYPES_TO_QUANTIZE//,/ })
+[[ -n "${OP_TYPES_TO_EXCLUDE:-}" ]] && args+=(--op-types-to-exclude ${OP_TYPES_TO_EXCLUDE//,/ })
 if [[ "${PASSES:-concat_elimination}" == "none" ]]; then args+=(--passes); else args+=(--passes ${PASSES:-concat_elimination}); fi
 [[ "${OVERWRITE:-0}" == "1" ]] && args+=(--overwrite)
 

@@ -85,6 +85,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="a scheme JSON with a 'nodes_to_exclude' list (from make_yolov10m_candidate_schemes.py); added to --nodes-to-exclude",
     )
     parser.add_argument(
+        "--op-types-to-quantize",
+        nargs="+",
+        default=None,
+        help="quantize only nodes of these ONNX op types (default: ModelOpt's choice, e.g. Conv, MatMul, Add, "
+        "Concat, MaxPool, Resize inputs for int8)",
+    )
+    parser.add_argument(
+        "--op-types-to-exclude",
+        nargs="+",
+        default=None,
+        help="never quantize nodes of these ONNX op types",
+    )
+    parser.add_argument(
         "--passes",
         nargs="*",
         choices=PASSES,
@@ -120,6 +133,14 @@ def parse_exclusions(args: argparse.Namespace, node_names: set[str]) -> list[str
         shown = ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")
         raise UserError(f"--nodes-to-exclude: {len(unknown)} name(s) are not nodes of the model: {shown}")
     return names
+
+
+def check_op_types(args: argparse.Namespace, op_types: set[str]) -> None:
+    """--op-types-to-quantize/--op-types-to-exclude must name op types the graph has."""
+    for flag, values in (("--op-types-to-quantize", args.op_types_to_quantize), ("--op-types-to-exclude", args.op_types_to_exclude)):
+        unknown = [v for v in values or [] if v not in op_types]
+        if unknown:
+            raise UserError(f"{flag}: {', '.join(unknown)} not an op type of the model (it has: {', '.join(sorted(op_types))})")
 
 
 def exact_patterns(names: list[str]) -> list[str]:
@@ -185,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             "Use int8 or fp8."
         )
     exclusions = parse_exclusions(args, {n.name for n in model.graph.node})
+    check_op_types(args, {n.op_type for n in model.graph.node})
 
     # Memory-map: the calibration tensor can be larger than what we want resident twice.
     try:
@@ -218,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
         "use_zero_point": args.use_zero_point,
         "use_zero_point_effective": use_zero_point_effective,
         "passes": args.passes,
+        "op_types_to_quantize": args.op_types_to_quantize,
+        "op_types_to_exclude": args.op_types_to_exclude,
         "calibrate_per_node": args.calibrate_per_node,
         "calibration_images": int(calib.shape[0]),
         "nodes_to_exclude": exclusions,
@@ -270,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
                 high_precision_dtype=args.high_precision_dtype,
                 use_zero_point=args.use_zero_point,
                 passes=list(args.passes),
+                op_types_to_quantize=args.op_types_to_quantize,
+                op_types_to_exclude=args.op_types_to_exclude,
                 calibrate_per_node=args.calibrate_per_node,
                 output_path=str(work_output),
                 log_level="INFO",
