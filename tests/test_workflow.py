@@ -42,8 +42,11 @@ def test_workflow_end_to_end_then_resume(tiny_run):
     for path in ("baseline-coco/metrics.json", "calib/calib_yolov10m_160.npy", "onnx/yolov10m-int8-qdq.onnx",
                  "int8-coco/metrics.json", "schemes/scheme_k0.json", "schemes/scheme_k2.json",
                  "onnx/yolov10m-fp8-k0.onnx", "onnx/yolov10m-fp8-k2.onnx", "fp8-k2-coco/metrics.json",
+                 "schemes-int8/scheme_k2.json", "onnx/yolov10m-int8-k2.onnx", "int8-k2-coco/metrics.json",
                  "report.md", "report.json", "pareto.png"):
         assert (run / path).exists(), path
+    # INT8 with no exclusions is the int8 step; it is not quantized a second time as a K=0 candidate
+    assert not (run / "onnx" / "yolov10m-int8-k0.onnx").exists()
     assert list((run / "baseline-onnx").glob("*/smoke.json"))
 
     # the report's numbers are the per-step metrics files' numbers
@@ -53,7 +56,7 @@ def test_workflow_end_to_end_then_resume(tiny_run):
         metrics = json.loads(metrics_path.read_text())["metrics"]
         variant = by_metrics[metrics_path.resolve()]
         assert variant["map50_95"] == metrics["map50_95"] and variant["map50"] == metrics["map50"]
-    assert len(by_metrics) == 4  # FP32, INT8, FP8 K=0, FP8 K=2
+    assert len(by_metrics) == 5  # FP32, INT8, FP8 K=0, FP8 K=2, INT8 K=2
 
     # second run: every step is skipped, nothing is rewritten
     before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and ".steps" not in p.parts and p.name != "workflow.json" and p.suffix != ".log"}

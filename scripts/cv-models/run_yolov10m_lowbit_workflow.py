@@ -88,8 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--calibration-method", choices=("entropy", "max"), default="entropy", help="INT8 step (default: entropy)")
     parser.add_argument("--high-precision-dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
                         help="non-quantized tensors of every Q/DQ model (default: fp32; fp16 collapses YOLOv10 INT8, see the card)")
-    parser.add_argument("--candidate-modes", nargs="*", choices=("fp8", "int8"), default=["fp8"],
-                        help="low-bit candidate families K in --ks (default: fp8, the card's; nothing to skip step 4)")
+    parser.add_argument("--candidate-modes", nargs="*", choices=("fp8", "int8"), default=["fp8", "int8"],
+                        help="low-bit candidate families K in --ks (default: fp8 int8; INT8 K=0 is the int8 step; "
+                        "nothing to skip step 4)")
     parser.add_argument("--ks", type=int, nargs="+", default=[0, 5, 10, 20], help="top-K exclusions (default: 0 5 10 20)")
     parser.add_argument("--sensitivity", choices=("onnx", "torch"), default="onnx",
                         help="ranking source: ONNX-native on the deployed graph (default) or the torch sweep on --weights")
@@ -205,20 +206,24 @@ def plan(args: argparse.Namespace, run: Path) -> list[Step]:
                        "--out-dir", str(schemes), "--onnx-path", str(args.onnx_path), "--k", *map(str, args.ks), "--overwrite"]
         if args.random_control is not None:
             scheme_argv += ["--random-control", str(args.random_control)]
+        # INT8 with no exclusions is the card's step 3 (the int8 step): do not quantize it twice
+        mode_ks = [k for k in args.ks if k != 0] if mode == "int8" else list(args.ks)
         materialize_env = {
             "RUN_ROOT": str(run), "CALIB_PATH": str(calib), "SCHEMES_DIR": str(schemes), "ONNX_PATH": str(args.onnx_path),
-            "KS": " ".join(map(str, args.ks)), "QUANT_MODE": mode, "HIGH_PRECISION_DTYPE": args.high_precision_dtype,
+            "KS": " ".join(map(str, mode_ks)), "QUANT_MODE": mode, "HIGH_PRECISION_DTYPE": args.high_precision_dtype,
             "EVAL": "1", "DATA_ROOT": str(args.data_root), "MAX_IMAGES": str(args.max_images),
             "PROVIDERS": " ".join(args.providers), "IMGSZ": str(args.imgsz), "OVERWRITE": "1",
             "INCLUDE_RANDOM": "1" if args.random_control is not None else "0",
         }
+        if not mode_ks:
+            continue
         steps += [
             sens,
-            Step(f"schemes-{mode}", scheme_argv, outputs=[schemes / f"scheme_k{k}.json" for k in args.ks],
+            Step(f"schemes-{mode}", scheme_argv, outputs=[schemes / f"scheme_k{k}.json" for k in mode_ks],
                  inputs=[report, args.onnx_path], family="schemes"),
             Step(f"candidates-{mode}", ["bash", str(SCRIPTS / "materialize_yolov10m_lowbit_candidates.sh")],
                  outputs=[run / f"candidates-{mode}" / "summary.json"],
-                 inputs=[args.onnx_path, calib, ann, *(schemes / f"scheme_k{k}.json" for k in args.ks)],
+                 inputs=[args.onnx_path, calib, ann, *(schemes / f"scheme_k{k}.json" for k in mode_ks)],
                  env=materialize_env, family="candidates"),
         ]
     evaluated = [s.outputs[0] for s in steps if s.name in ("baseline", "int8-eval") or s.family == "candidates"]
