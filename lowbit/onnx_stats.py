@@ -34,6 +34,16 @@ _SUB_BYTE_BITS = {"INT4": 4, "UINT4": 4, "FLOAT4E2M1": 4, "INT2": 2, "UINT2": 2}
 Dim = int | str
 
 
+def tensor_consumers(graph: Any) -> dict[str, list[Any]]:
+    """The nodes of an ``onnx.GraphProto`` that read each tensor, by tensor name (empty optional inputs skipped)."""
+    table: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            if name:
+                table.setdefault(name, []).append(node)
+    return table
+
+
 @dataclass
 class TensorSpec:
     """Name, ONNX element type name (``FLOAT``, ``FLOAT16`` ...) and shape (ints, or symbol strings)."""

@@ -22,6 +22,7 @@ from typing import Any
 import onnx
 
 from lowbit.logs import get_logger
+from lowbit.onnx_stats import tensor_consumers
 from lowbit.runs import UserError
 
 log = get_logger("ort_session")
@@ -154,10 +155,7 @@ def qdq_info(model: onnx.ModelProto | str | Path) -> dict[str, Any]:
     def elem_type(name: str) -> int | None:
         return initializer_types.get(name) or constant_types.get(name) or value_types.get(name)
 
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    consumers = tensor_consumers(graph)
 
     dtypes: set[str] = set()
     pairs = 0

@@ -34,6 +34,8 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from lowbit.onnx_stats import tensor_consumers
+
 FP16_MIN_NORMAL = float(np.finfo(np.float16).tiny)  # 6.103515625e-05
 FP16_MIN_SUBNORMAL = float(np.finfo(np.float16).smallest_subnormal)  # 5.960464477539063e-08
 FP16_MAX = float(np.finfo(np.float16).max)  # 65504.0
@@ -199,11 +201,7 @@ def inspect_qdq(model, source=None) -> dict[str, Any]:
     nodes = list(graph.node)
     consts = _constant_arrays(model)
     types = _elem_types(model)
-    consumers: dict[str, list] = {}
-    for node in nodes:
-        for name in node.input:
-            if name:
-                consumers.setdefault(name, []).append(node)
+    consumers = tensor_consumers(graph)
 
     def scale_entry(name: str) -> dict[str, Any]:
         if name not in consts:

@@ -34,6 +34,7 @@ import onnx
 from onnx import helper
 
 from lowbit.logs import get_logger
+from lowbit.onnx_stats import tensor_consumers
 from lowbit.runs import UserError
 from lowbit.sensitivity_report import Match
 
@@ -94,15 +95,6 @@ def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
     return {out: node for node in graph.node for out in node.output if out}
 
 
-def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
-    table: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            if name:
-                table.setdefault(name, []).append(node)
-    return table
-
-
 def qdq_pairs(graph: onnx.GraphProto) -> dict[str, QDQPair]:
     """Every DequantizeLinear of ``graph`` keyed by its output tensor name."""
     producers = _producers(graph)
@@ -156,7 +148,7 @@ def _float_graph_nodes(
         and the map DQ output -> float tensor.
     """
     bypass = {out: pair.float_input for out, pair in pairs.items() if pair.quantize is not None}
-    consumers = _consumers(graph)
+    consumers = tensor_consumers(graph)
     removable_q = set()
     for pair in pairs.values():
         q = pair.quantize
@@ -372,7 +364,7 @@ class NodeMatcher:
         self.order = {node.name: i for i, node in enumerate(graph.node) if node.name}
         self.initializers = {init.name for init in graph.initializer}
         self.initializers |= {n.output[0] for n in graph.node if n.op_type == "Constant"}
-        self._consumers = _consumers(graph)
+        self._consumers = tensor_consumers(graph)
         self._scopes: dict[tuple[str, str], list[str]] = {}
         for node in graph.node:
             key = scope_key(node.name) if node.name else None

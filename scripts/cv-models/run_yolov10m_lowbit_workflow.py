@@ -187,6 +187,10 @@ def plan(args: argparse.Namespace, run: Path) -> list[Step]:
              outputs=[run / "int8-coco" / "metrics.json"], inputs=[int8_model, ann]),
     ]
     for mode in args.candidate_modes:
+        # INT8 with no exclusions is the card's step 3 (the int8 step): do not quantize it twice
+        mode_ks = [k for k in args.ks if k != 0] if mode == "int8" else list(args.ks)
+        if not mode_ks:
+            continue
         schemes = run / ("schemes" if mode == "fp8" else f"schemes-{mode}")
         if args.sensitivity == "onnx":
             report = run / f"sensitivity-onnx-{mode}" / "outputs" / "yolov10m" / f"onnx-{mode}" / "per_layer" / "layer-sensitivity-report.json"
@@ -206,8 +210,6 @@ def plan(args: argparse.Namespace, run: Path) -> list[Step]:
                        "--out-dir", str(schemes), "--onnx-path", str(args.onnx_path), "--k", *map(str, args.ks), "--overwrite"]
         if args.random_control is not None:
             scheme_argv += ["--random-control", str(args.random_control)]
-        # INT8 with no exclusions is the card's step 3 (the int8 step): do not quantize it twice
-        mode_ks = [k for k in args.ks if k != 0] if mode == "int8" else list(args.ks)
         materialize_env = {
             "RUN_ROOT": str(run), "CALIB_PATH": str(calib), "SCHEMES_DIR": str(schemes), "ONNX_PATH": str(args.onnx_path),
             "KS": " ".join(map(str, mode_ks)), "QUANT_MODE": mode, "HIGH_PRECISION_DTYPE": args.high_precision_dtype,
@@ -215,8 +217,6 @@ def plan(args: argparse.Namespace, run: Path) -> list[Step]:
             "PROVIDERS": " ".join(args.providers), "IMGSZ": str(args.imgsz), "OVERWRITE": "1",
             "INCLUDE_RANDOM": "1" if args.random_control is not None else "0",
         }
-        if not mode_ks:
-            continue
         steps += [
             sens,
             Step(f"schemes-{mode}", scheme_argv, outputs=[schemes / f"scheme_k{k}.json" for k in mode_ks],
