@@ -8,7 +8,6 @@ whose manifest does not say ``ok`` is never mistaken for a finished result.
 from __future__ import annotations
 
 import datetime as _dt
-import functools
 import hashlib
 import json
 import os
@@ -48,7 +47,17 @@ os.umask(_UMASK)
 
 
 class UserError(Exception):
-    """Bad input from the user: printed as one line, exit status 2, no traceback."""
+    """Bad input from the user: printed as one line, exit status 2, no traceback.
+
+    Args:
+        message: what is wrong and how to fix it.
+        flag: the flag, env var or file the error is about (``"--max-images"``, ``"CALIB_PATH"``),
+            so callers and tests can tell which input failed without parsing the wording.
+    """
+
+    def __init__(self, message: str, *, flag: str | None = None):
+        super().__init__(message)
+        self.flag = flag
 
 
 def timestamp() -> str:
@@ -259,20 +268,3 @@ def load_script(path: str | os.PathLike):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def cli_entry(main_fn):
-    """Decorate a script's ``main(argv=None) -> int``: a UserError becomes one line on stderr, exit 2.
-
-    Tests call the decorated ``main([...])`` and read the return code, exactly as the shell does.
-    """
-
-    @functools.wraps(main_fn)
-    def wrapper(argv: list[str] | None = None) -> int:
-        try:
-            return int(main_fn(argv) or 0)
-        except UserError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-
-    return wrapper

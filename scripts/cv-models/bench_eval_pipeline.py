@@ -35,13 +35,13 @@ from lowbit.runs import (
     UserError,
     atomic_write_json,
     check_input_file,
-    cli_entry,
     load_script,
     new_run_dir,
     package_versions,
     refuse_overwrite,
     resolve_repo_path,
 )
+from lowbit.cli import cli_entry
 
 log = get_logger("bench_eval")
 EVAL_SCRIPT = Path(__file__).resolve().parent / "eval_yolov10m_onnx_coco.py"

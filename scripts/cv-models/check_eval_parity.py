@@ -28,11 +28,11 @@ from lowbit.runs import (
     UserError,
     atomic_write_json,
     check_input_file,
-    cli_entry,
     load_script,
     manifest_run,
     refuse_overwrite,
 )
+from lowbit.cli import cli_entry
 
 EVAL_SCRIPT = Path(__file__).with_name("eval_yolov10m_onnx_coco.py")
 

@@ -28,11 +28,11 @@ from lowbit.runs import (
     UserError,
     atomic_write_json,
     check_input_file,
-    cli_entry,
     manifest_run,
     refuse_overwrite,
     resolve_repo_path,
 )
+from lowbit.cli import cli_entry
 from lowbit.sensitivity_report import compare_reports, load_report
 
 SCRIPT = "compare_sensitivity_reports.py"

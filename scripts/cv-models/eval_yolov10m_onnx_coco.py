@@ -70,12 +70,12 @@ from lowbit.runs import (
     UserError,
     atomic_write_json,
     check_input_file,
-    cli_entry,
     manifest_run,
     new_run_dir,
     package_versions,
     resolve_repo_path,
 )
+from lowbit.cli import cli_entry
 
 SCRIPT = "eval_yolov10m_onnx_coco.py"
 SCHEMA_VERSION = 1

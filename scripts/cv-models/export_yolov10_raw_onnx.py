@@ -30,7 +30,14 @@ from lowbit.export import (
     raw_head_reference,
 )
 from lowbit.logs import get_logger, setup_logging
-from lowbit.runs import UserError, cli_entry, manifest_run, refuse_overwrite, resolve_repo_path, sha256_file
+from lowbit.runs import (
+    UserError,
+    manifest_run,
+    refuse_overwrite,
+    resolve_repo_path,
+    sha256_file,
+)
+from lowbit.cli import cli_entry
 
 log = get_logger("export_yolov10_raw_onnx")
 

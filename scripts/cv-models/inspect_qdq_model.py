@@ -39,11 +39,11 @@ from lowbit.runs import (
     atomic_write_json,
     atomic_write_text,
     check_input_file,
-    cli_entry,
     manifest_run,
     refuse_overwrite,
     resolve_repo_path,
 )
+from lowbit.cli import cli_entry
 
 SCRIPT = "scripts/cv-models/inspect_qdq_model.py"
 log = get_logger("inspect_qdq_model")

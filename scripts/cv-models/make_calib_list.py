@@ -20,7 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
-from lowbit.runs import REPO_ROOT, UserError, atomic_write_text, check_input_file, cli_entry, refuse_overwrite
+from lowbit.runs import (
+    REPO_ROOT,
+    UserError,
+    atomic_write_text,
+    check_input_file,
+    refuse_overwrite,
+)
+from lowbit.cli import cli_entry
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 
 from lowbit.logs import get_logger, setup_logging
-from lowbit.runs import UserError, cli_entry
+from lowbit.runs import UserError
+from lowbit.cli import cli_entry
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -43,10 +43,10 @@ from lowbit.runs import (
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
-    cli_entry,
     manifest_run,
     resolve_repo_path,
 )
+from lowbit.cli import cli_entry
 
 SCRIPT = "make_lowbit_report.py"
 OUTPUT_FILES = ("report.json", "report.md", "pareto.png")

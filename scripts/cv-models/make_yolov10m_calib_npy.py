@@ -28,11 +28,11 @@ from lowbit.runs import (
     UserError,
     atomic_write_json,
     check_input_file,
-    cli_entry,
     manifest_run,
     refuse_overwrite,
     sha256_file,
 )
+from lowbit.cli import cli_entry
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -36,10 +36,10 @@ from lowbit.runs import (
     UserError,
     atomic_write_json,
     check_input_file,
-    cli_entry,
     manifest_run,
     resolve_repo_path,
 )
+from lowbit.cli import cli_entry
 
 SCRIPT = "make_yolov10m_candidate_schemes.py"
 DEFAULT_ONNX = CARD_ONNX_PATH

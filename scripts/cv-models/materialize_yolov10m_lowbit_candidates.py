@@ -33,10 +33,10 @@ from lowbit.runs import (
     atomic_write_json,
     atomic_write_text,
     check_input_file,
-    cli_entry,
     load_script,
     manifest_run,
 )
+from lowbit.cli import cli_entry
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_ONNX = CARD_ONNX_PATH

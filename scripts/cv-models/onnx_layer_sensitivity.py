@@ -43,13 +43,13 @@ from lowbit.runs import (
     UserError,
     atomic_write_json,
     check_input_file,
-    cli_entry,
     load_script,
     manifest_run,
     new_run_dir,
     resolve_repo_path,
     sha256_file,
 )
+from lowbit.cli import cli_entry
 
 SCRIPT = "onnx_layer_sensitivity.py"
 DEFAULT_ONNX = CARD_ONNX_PATH

@@ -20,11 +20,11 @@ from lowbit.runs import (
     UserError,
     atomic_write_json,
     check_input_file,
-    cli_entry,
     manifest_run,
     refuse_overwrite,
     resolve_repo_path,
 )
+from lowbit.cli import cli_entry
 
 log = get_logger("onnx_model_stats")
 

@@ -29,7 +29,13 @@ import numpy as np
 
 from lowbit.logs import setup_logging
 from lowbit.ort_session import MODELOPT_CALIBRATION_EPS, qdq_summary
-from lowbit.runs import UserError, check_input_file, cli_entry, manifest_run, refuse_overwrite
+from lowbit.runs import (
+    UserError,
+    check_input_file,
+    manifest_run,
+    refuse_overwrite,
+)
+from lowbit.cli import cli_entry
 
 QUANTIZE_MODES = ("int8", "fp8", "int4")
 CALIBRATION_METHODS = ("entropy", "max")

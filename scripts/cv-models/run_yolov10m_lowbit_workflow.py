@@ -40,7 +40,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lowbit.logs import setup_logging
-from lowbit.runs import REPO_ROOT, UserError, atomic_write_json, cli_entry, sha256_file
+from lowbit.runs import (
+    REPO_ROOT,
+    UserError,
+    atomic_write_json,
+    sha256_file,
+)
+from lowbit.cli import cli_entry
 
 SCRIPTS = REPO_ROOT / "scripts" / "cv-models"
 SMOKE = REPO_ROOT / "models" / "cv-models" / "helpers" / "run_random_onnx_inference.py"

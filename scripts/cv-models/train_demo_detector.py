@@ -27,7 +27,14 @@ import time
 from pathlib import Path
 
 from lowbit.logs import get_logger, setup_logging
-from lowbit.runs import UserError, atomic_write_json, cli_entry, manifest_run, new_run_dir, timestamp
+from lowbit.runs import (
+    UserError,
+    atomic_write_json,
+    manifest_run,
+    new_run_dir,
+    timestamp,
+)
+from lowbit.cli import cli_entry
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -23,7 +23,15 @@ from pathlib import Path
 
 from lowbit import sensitivity_torch as sens
 from lowbit.logs import setup_logging
-from lowbit.runs import UserError, check_input_file, cli_entry, manifest_run, new_run_dir, resolve_repo_path, timestamp
+from lowbit.runs import (
+    UserError,
+    check_input_file,
+    manifest_run,
+    new_run_dir,
+    resolve_repo_path,
+    timestamp,
+)
+from lowbit.cli import cli_entry
 
 SCRIPT = "scripts/cv-models/yolov10m_layer_sensitivity.py"
 DEFAULT_OUTPUT_ROOT = Path("tmp/yolov10m_layer_sensitivity")

@@ -37,12 +37,12 @@ from lowbit.runs import (
     UserError,
     atomic_write_json,
     check_input_file,
-    cli_entry,
     manifest_run,
     new_run_dir,
     package_versions,
     resolve_repo_path,
 )
+from lowbit.cli import cli_entry
 
 log = get_logger("run_random_onnx_inference")
 
