@@ -78,21 +78,81 @@ def test_card_command_exists_with_its_flags_and_env_vars(call):
             assert re.search(rf"\b{var}\b", text), f"{script} does not read the card's env var {var}"
 
 
-def test_pixi_manifest_matches_pip_path():
+def _pins(requirements: list[str], name: str) -> list[str]:
+    return [r for r in requirements if re.match(rf"{re.escape(name)}(\[[^]]*\])?\s*[~=<>!]", r)]
+
+
+def test_pyproject_extras_pick_one_onnxruntime_build_per_cuda_major():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    base, extras = project["dependencies"], project["optional-dependencies"]
+    assert not _pins(base, "onnxruntime-gpu"), "the ORT build must come from the cu12/cu13 extra"
+    for requirements in [base, *extras.values()]:
+        assert not _pins(requirements, "onnxruntime"), "plain onnxruntime must never be a dependency"
+    assert _pins(extras["cu12"], "onnxruntime-gpu") == ["onnxruntime-gpu~=1.24.2"]  # ModelOpt 0.47's own pin
+    (cu13,) = _pins(extras["cu13"], "onnxruntime-gpu")
+    assert cu13.startswith("onnxruntime-gpu[cuda,cudnn]~=1.31")
+
+
+def _name(requirement: str) -> str:
+    from packaging.requirements import Requirement
+
+    return Requirement(requirement).name.lower().replace("_", "-")
+
+
+def test_pyproject_lists_modelopt_onnx_extra_except_onnxruntime():
+    """The [onnx] extra is spelled out (so the ORT pin can differ): it must match the installed ModelOpt."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    wanted = set()
+    for text in metadata.requires("nvidia-modelopt") or []:
+        req = Requirement(text)
+        if req.marker is not None and req.marker.evaluate({"extra": "onnx"}) and not req.marker.evaluate({"extra": ""}):
+            wanted.add(_name(text))
+    assert "onnx-graphsurgeon" in wanted  # the marker logic found the extra
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    listed = {_name(r) for r in project["dependencies"]}
+    for extra in ("cu12", "cu13"):
+        extra_names = {_name(r) for r in project["optional-dependencies"][extra]}
+        # the extra's cupy-cuda12x / onnxruntime-gpu pins are replaced per CUDA major
+        missing = wanted - listed - extra_names - {"cupy-cuda12x", "onnxruntime-gpu"}
+        assert not missing, f"nvidia-modelopt[onnx] needs {sorted(missing)}, not listed for {extra}"
+        assert {"onnxruntime-gpu"} <= extra_names and any(n.startswith("cupy-cuda") for n in extra_names)
+
+
+def test_pixi_environments_install_the_project_with_one_cuda_extra():
     pixi = tomllib.loads((REPO / "pixi.toml").read_text())
-    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
-    # Both environments get the Python packages from the editable project, i.e. pyproject.toml's list.
-    project_dep = pixi["pypi-dependencies"]["lowbit"]
-    assert project_dep["path"] == "." and project_dep["editable"] is True
-    assert set(pixi["environments"]) == {"default", "rtx5090"}
-    assert pixi["environments"]["rtx5090"]["features"] == ["rtx5090"]
-    deps = " ".join(pyproject["project"]["dependencies"])
-    assert "onnxruntime-gpu" in deps
-    assert not re.search(r"(?<![\w-])onnxruntime(?![\w-])", deps), "plain onnxruntime must never be a dependency"
-    extra = pixi["feature"]["rtx5090"]["pypi-dependencies"]
-    assert "tensorrt-cu12" in extra
-    assert not any(name.startswith("onnxruntime") for name in extra), "rtx5090 must reuse the project's onnxruntime-gpu"
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert set(pixi["environments"]) == {"default", "rtx5090", "cuda13"}
+    assert "pypi-dependencies" not in pixi, "lowbit comes from exactly one cu12/cu13 feature per environment"
+    majors = {}
+    for env, spec in pixi["environments"].items():
+        cuda_features = [f for f in spec["features"] if f in ("cu12", "cu13")]
+        assert len(cuda_features) == 1, f"pixi env {env}: {spec['features']}"
+        dep = pixi["feature"][cuda_features[0]]["pypi-dependencies"]["lowbit"]
+        assert dep["path"] == "." and dep["editable"] is True
+        assert set(dep["extras"]) <= set(extras) and cuda_features[0] in dep["extras"]
+        majors[env] = cuda_features[0]
+    assert majors == {"default": "cu12", "rtx5090": "cu12", "cuda13": "cu13"}
+    trt = pixi["feature"]["rtx5090"]["pypi-dependencies"]
+    assert "tensorrt-cu12" in trt, "ORT 1.24's TensorRT EP is built against TensorRT 10 for CUDA 12"
+    assert not any(name.startswith("onnxruntime") for name in trt), "rtx5090 must reuse the project's onnxruntime-gpu"
     assert float(pixi["feature"]["rtx5090"]["system-requirements"]["cuda"]) >= 12.8  # Blackwell
+    assert float(pixi["feature"]["cu13"]["system-requirements"]["cuda"]) >= 13.0
+
+
+@pytest.mark.parametrize("cuda, venv", [("12", ".venv"), ("13", ".venv-cu13")])
+def test_make_env_cuda_selects_venv_and_extra(cuda, venv):
+    out = subprocess.run(
+        ["make", "-n", "-B", "env", f"CUDA={cuda}"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout
+    assert f"{venv}/bin/python -m pip install -e '.[dev,cu{cuda}]'" in out
+
+
+def test_make_env_rejects_unknown_cuda():
+    proc = subprocess.run(["make", "-n", "env", "CUDA=11"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode != 0 and "CUDA" in proc.stderr
 
 
 def test_pixi_tasks_refer_to_existing_scripts():
