@@ -168,14 +168,21 @@ def cli_entry(main_fn):
       return 2. An OSError without a filename, or with another errno, is re-raised with its
       traceback, since it points at a bug rather than at a path the user gave.
 
-    Argparse's own errors (``SystemExit(2)``) pass through unchanged. Tests call the decorated
-    ``main([...])`` and read the return code, exactly as the shell does.
+    - ``SystemExit`` (argparse's usage errors, exit 2 after ``error: argument --flag: ...``; and
+      ``--help``, exit 0): its code is returned, so ``main([...])`` never raises for bad flags.
+
+    Tests call the decorated ``main([...])`` and read the return code, exactly as the shell does.
     """
 
     @functools.wraps(main_fn)
     def wrapper(argv: list[str] | None = None) -> int:
         try:
             return int(main_fn(argv) or 0)
+        except SystemExit as exc:
+            if exc.code is None or isinstance(exc.code, int):
+                return exc.code or 0
+            print(exc.code, file=sys.stderr)  # sys.exit("message") convention
+            return 1
         except UserError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2

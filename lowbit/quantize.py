@@ -269,7 +269,11 @@ def validate_settings(settings: QuantizeSettings) -> _Inputs:
     _check_choices(settings)
     onnx_path = check_input_file(settings.onnx_path, "--onnx-path")
     check_output_path(settings.output_path, "--output-path", settings.overwrite, suffix=".onnx")
-    model = load_model_proto(onnx_path, "--onnx-path")
+    try:
+        model = load_model_proto(onnx_path, "--onnx-path")
+    except UserError as exc:
+        exc.flag = exc.flag or "--onnx-path"
+        raise
     refuse_int4(settings.quantize_mode, model=model)
     exclusions = parse_exclusions(settings, {n.name for n in model.graph.node})
     check_op_types(settings, {n.op_type for n in model.graph.node})
