@@ -196,8 +196,11 @@ def test_fp16_high_precision_records_the_cpu_rounding_hazard(tmp_path, load_scri
 # --- int32 bias DequantizeLinear folding -------------------------------------------------------
 
 
-def _int32_bias_qdq_model(zero_point: bool = False) -> onnx.ModelProto:
-    """x -> Q/DQ (int8) -> Conv(DQ int8 per-channel weight, DQ int32 per-channel bias) -> y, plus a shared scale."""
+def _int32_bias_qdq_model(zero_point: bool = False, output_qdq: bool = False) -> onnx.ModelProto:
+    """x -> Q/DQ (int8) -> Conv(DQ int8 per-channel weight, DQ int32 per-channel bias) [-> Q/DQ] -> y.
+
+    With ``output_qdq`` the Conv is a full DQ -> Conv -> Q group, the pattern ORT's CPU EP may fuse.
+    """
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
@@ -223,8 +226,14 @@ def _int32_bias_qdq_model(zero_point: bool = False) -> onnx.ModelProto:
         helper.make_node("DequantizeLinear", ["x_q", "x_scale", "x_zp"], ["x_dq"], name="x_dq"),
         helper.make_node("DequantizeLinear", ["w_q", "w_scale"], ["w"], name="w_dq", axis=0),
         helper.make_node("DequantizeLinear", bias_inputs, ["b"], name="/conv/Conv_bias_dq", axis=0),
-        helper.make_node("Conv", ["x_dq", "w", "b"], ["y"], name="/conv/Conv", pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["x_dq", "w", "b"], ["y_f" if output_qdq else "y"], name="/conv/Conv", pads=[1, 1, 1, 1]),
     ]
+    if output_qdq:
+        inits += [numpy_helper.from_array(np.array(0.05, np.float32), "y_scale"), numpy_helper.from_array(np.array(0, np.int8), "y_zp")]
+        nodes += [
+            helper.make_node("QuantizeLinear", ["y_f", "y_scale", "y_zp"], ["y_q"], name="y_q"),
+            helper.make_node("DequantizeLinear", ["y_q", "y_scale", "y_zp"], ["y"], name="y_dq"),
+        ]
     graph = helper.make_graph(
         nodes,
         "int32_bias",
@@ -248,11 +257,11 @@ def _run(model: onnx.ModelProto, x: np.ndarray, optimize: bool) -> np.ndarray:
     return session.run(None, {"x": x})[0]
 
 
-@pytest.mark.parametrize("zero_point", [False, True])
-def test_fold_int32_bias_dequantize_keeps_the_outputs(zero_point):
+@pytest.mark.parametrize("zero_point, output_qdq", [(False, False), (True, False), (False, True)])
+def test_fold_int32_bias_dequantize_keeps_the_outputs(zero_point, output_qdq):
     from lowbit.quantize import fold_int32_bias_dequantize
 
-    model = _int32_bias_qdq_model(zero_point)
+    model = _int32_bias_qdq_model(zero_point, output_qdq)
     x = np.random.default_rng(1).uniform(-1, 1, (1, 3, 8, 8)).astype(np.float32)
     before = {opt: _run(model, x, opt) for opt in (False, True)}
 
