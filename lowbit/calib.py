@@ -129,9 +129,7 @@ def _open_npy(path: Path, flag: str) -> np.ndarray:
     if not head:
         raise UserError(f"{flag}: {path} is empty (0 bytes)", flag=flag)
     if head.startswith(_ZIP_MAGIC):
-        raise UserError(
-            f"{flag}: {path} is an .npz archive; give the float32 [N,3,H,W] .npy array itself", flag=flag
-        )
+        raise UserError(f"{flag}: {path} is an .npz archive; give the float32 [N,3,H,W] .npy array itself", flag=flag)
     if head != _NPY_MAGIC:
         raise UserError(f"{flag}: {path} is not a .npy file", flag=flag)
     try:
@@ -151,9 +149,7 @@ def _first_non_finite(data: np.ndarray) -> tuple[int, int] | None:
     return None
 
 
-def load_calib_tensor(
-    path: Path, flag: str, imgsz: int | None = None, max_images: int | None = None
-) -> np.ndarray:
+def load_calib_tensor(path: Path, flag: str, imgsz: int | None = None, max_images: int | None = None) -> np.ndarray:
     """Load and check a calibration tensor (float32 ``[N, 3, H, W]`` RGB in [0, 1] from make_yolov10m_calib_npy.py).
 
     Args:
@@ -172,9 +168,7 @@ def load_calib_tensor(
     """
     data = _open_npy(Path(path), flag)
     if data.dtype != np.float32 or data.ndim != 4 or data.shape[1] != 3:
-        raise UserError(
-            f"{flag}: {path} holds {data.dtype} {list(data.shape)}; expected float32 [N,3,H,W]", flag=flag
-        )
+        raise UserError(f"{flag}: {path} holds {data.dtype} {list(data.shape)}; expected float32 [N,3,H,W]", flag=flag)
     if imgsz is not None and data.shape[2:] != (imgsz, imgsz):
         raise UserError(
             f"{flag}: {path} holds {data.shape[2]}x{data.shape[3]} images; the model needs {imgsz}x{imgsz}",

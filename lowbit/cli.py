@@ -147,7 +147,9 @@ def existing_file(text: str) -> Path:
     if not path.exists():
         raise argparse.ArgumentTypeError(f"{path} does not exist")
     if not path.is_file():
-        raise argparse.ArgumentTypeError(f"{path} is a folder, not a file" if path.is_dir() else f"{path} is not a file")
+        raise argparse.ArgumentTypeError(
+            f"{path} is a folder, not a file" if path.is_dir() else f"{path} is not a file"
+        )
     return path
 
 

@@ -25,10 +25,11 @@ import logging
 import re
 import shutil
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -193,7 +194,9 @@ def parse_exclusions(settings, node_names: set[str]) -> list[str]:
             scheme = json.loads(path.read_text())
             names += list(scheme["nodes_to_exclude"])
         except (ValueError, KeyError, TypeError) as e:
-            raise UserError(f"--exclude-json: {path} has no 'nodes_to_exclude' list ({e})", flag="--exclude-json") from e
+            raise UserError(
+                f"--exclude-json: {path} has no 'nodes_to_exclude' list ({e})", flag="--exclude-json"
+            ) from e
         if not all(isinstance(n, str) for n in names):
             raise UserError(f"--exclude-json: {path}'s 'nodes_to_exclude' holds non-strings", flag="--exclude-json")
     names = list(dict.fromkeys(names))  # keep order, drop repeats
@@ -249,7 +252,9 @@ def _model_input_chw(model, flag: str = "--onnx-path") -> tuple[int, int, int]:
     inputs = [vi for vi in model.graph.input if vi.name not in initializers]
     if len(inputs) != 1:
         raise UserError(f"{flag}: the model has {len(inputs)} inputs; expected one image input", flag=flag)
-    dims = [d.dim_value if d.HasField("dim_value") else d.dim_param or "?" for d in inputs[0].type.tensor_type.shape.dim]
+    dims = [
+        d.dim_value if d.HasField("dim_value") else d.dim_param or "?" for d in inputs[0].type.tensor_type.shape.dim
+    ]
     if len(dims) != 4 or not all(isinstance(d, int) and d > 0 for d in dims[1:]) or dims[1] != 3:
         raise UserError(
             f"{flag}: input {inputs[0].name!r} has shape {dims}; quantization needs [N,3,H,W] with static H and W",
@@ -454,7 +459,9 @@ def _package_log_file(log_file: Path) -> Iterator[None]:
         handler.close()
 
 
-def _run_modelopt(settings: QuantizeSettings, inputs: _Inputs, work_input: Path, work_output: Path, log_file: Path) -> float:
+def _run_modelopt(
+    settings: QuantizeSettings, inputs: _Inputs, work_input: Path, work_output: Path, log_file: Path
+) -> float:
     """Run ModelOpt's ``quantize`` on the work copy; returns its wall time in seconds."""
     from modelopt.onnx.quantization import quantize  # heavy: imported only when quantizing
 
@@ -615,7 +622,9 @@ def quantize_onnx(settings: QuantizeSettings, argv: list[str] | None = None) -> 
     paths = run_paths(settings.output_path)
     paths["manifest"].parent.mkdir(parents=True, exist_ok=True)
     if settings.use_zero_point and settings.quantize_mode != "int4":
-        log.warning("use_zero_point=True has no effect in %s mode (ModelOpt 0.47 uses it for int4 only)", settings.quantize_mode)
+        log.warning(
+            "use_zero_point=True has no effect in %s mode (ModelOpt 0.47 uses it for int4 only)", settings.quantize_mode
+        )
     record = dataclasses.asdict(settings)
     with _package_log_file(paths["log"]), manifest_run(paths["manifest"], MANIFEST_SCRIPT, record, argv) as manifest:
         manifest.add_input(onnx_path)

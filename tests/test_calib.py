@@ -173,7 +173,7 @@ def test_relative_entry_error_names_every_place_looked(tmp_path):
 def test_hash_in_a_file_name_is_not_a_comment(tmp_path, images):
     named = images[0].with_name("img#1.jpg")
     named.write_bytes(images[0].read_bytes())
-    listing = _write_list(tmp_path, ["# header", f"  # indented comment", str(named), f"{images[1]}  # trailing note", f"{images[2]}\t# tab"])
+    listing = _write_list(tmp_path, ["# header", "  # indented comment", str(named), f"{images[1]}  # trailing note", f"{images[2]}\t# tab"])
     entries = read_image_list(listing, "--list")
     assert [e.path for e in entries] == [named, images[1], images[2]]
     assert [e.line_no for e in entries] == [3, 4, 5]

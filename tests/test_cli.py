@@ -167,10 +167,12 @@ def test_check_output_path_read_only_folder(tmp_path):
 def test_script_help_and_usage_errors_exit_cleanly():
     script = Path(__file__).resolve().parent.parent / "scripts/cv-models/make_calib_list.py"
     env = {**os.environ, "PYTHONPATH": str(script.parents[2])}
-    ok = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, env=env, timeout=120)
+    ok = subprocess.run(
+        [sys.executable, str(script), "--help"], check=False, capture_output=True, text=True, env=env, timeout=120
+    )
     assert ok.returncode == 0 and "--eval-max-images" in ok.stdout
     bad = subprocess.run(
         [sys.executable, str(script), "--eval-max-images", "-5", "--out", "x.txt"],
-        capture_output=True, text=True, env=env, timeout=120,
+        check=False, capture_output=True, text=True, env=env, timeout=120,
     )  # fmt: skip
     assert bad.returncode == 2 and "--eval-max-images" in bad.stderr and "Traceback" not in bad.stderr
