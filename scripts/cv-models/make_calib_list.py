@@ -20,14 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
+from lowbit.cli import cli_entry, non_negative_int, positive_int
 from lowbit.runs import (
     REPO_ROOT,
     UserError,
     atomic_write_text,
     check_input_file,
-    refuse_overwrite,
+    check_output_path,
 )
-from lowbit.cli import cli_entry
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,10 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--images-dir", type=Path, default=None, help="default: <data-root>/val2017")
     parser.add_argument("--ann-file", type=Path, default=None, help="default: <data-root>/annotations/instances_val2017.json")
     parser.add_argument(
-        "--eval-max-images", type=int, required=True, help="size of the evaluator's slice (first N ids) to stay clear of"
+        "--eval-max-images",
+        type=non_negative_int,
+        required=True,
+        help="size of the evaluator's slice (first N ids) to stay clear of",
     )
-    parser.add_argument("--num", type=int, default=100, help="images in the list")
-    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--num", type=positive_int, default=100, help="images in the list")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="sampling seed")
     parser.add_argument("--out", type=Path, required=True, help="list file to write")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     return parser
@@ -54,7 +57,8 @@ def select_calibration_ids(image_ids: list[int], eval_max_images: int, num: int,
     pool = sorted(image_ids)[eval_max_images:]
     if len(pool) < num:
         raise UserError(
-            f"--num {num}: only {len(pool)} images remain after the first {eval_max_images} (the evaluation slice)"
+            f"--num {num}: only {len(pool)} images remain after the first {eval_max_images} (the evaluation slice)",
+            flag="--num",
         )
     picked = np.random.default_rng(seed).choice(len(pool), size=num, replace=False)
     return sorted(pool[i] for i in picked)
@@ -67,20 +71,40 @@ def _display_path(path: Path) -> str:
         return str(path.resolve())
 
 
+def read_image_names(ann_file: Path) -> dict[int, str]:
+    """``{image id: file_name}`` of a COCO annotations file; UserError(--ann-file) when it is malformed."""
+    try:
+        images = json.loads(ann_file.read_text(encoding="utf-8"))["images"]
+        names = {int(img["id"]): str(img["file_name"]) for img in images}
+    except UnicodeDecodeError as exc:
+        raise UserError(f"--ann-file: {ann_file} is not a text (JSON) file", flag="--ann-file") from exc
+    except ValueError as exc:
+        raise UserError(f"--ann-file: {ann_file} is not valid JSON ({exc})", flag="--ann-file") from exc
+    except (KeyError, TypeError) as exc:
+        raise UserError(
+            f"--ann-file: {ann_file} is not COCO instances JSON: needs 'images' entries with 'id' and 'file_name' "
+            f"(missing {exc})",
+            flag="--ann-file",
+        ) from exc
+    if len(names) != len(images):
+        raise UserError(f"--ann-file: {ann_file} repeats image ids", flag="--ann-file")
+    return names
+
+
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     images_dir = args.images_dir or args.data_root / "val2017"
     ann_file = check_input_file(args.ann_file or args.data_root / "annotations" / "instances_val2017.json", "--ann-file")
-    if args.num < 1 or args.eval_max_images < 0:
-        raise UserError("--num must be >= 1 and --eval-max-images >= 0")
-    refuse_overwrite(args.out, args.overwrite)
-    images = {img["id"]: img["file_name"] for img in json.loads(ann_file.read_text())["images"]}
+    check_output_path(args.out, "--out", args.overwrite)
+    images = read_image_names(ann_file)
     ids = select_calibration_ids(list(images), args.eval_max_images, args.num, args.seed)
     paths = [images_dir / images[i] for i in ids]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
-        raise UserError(f"--images-dir: {len(missing)} selected image(s) not found, e.g. {missing[0]}")
+        raise UserError(
+            f"--images-dir: {len(missing)} selected image(s) not found, e.g. {missing[0]}", flag="--images-dir"
+        )
     header = (
         f"# {args.num} calibration images from {_display_path(ann_file)}: ids after the first "
         f"{args.eval_max_images} (the evaluation slice), seed {args.seed}\n"

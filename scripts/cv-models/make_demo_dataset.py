@@ -22,9 +22,12 @@ import os
 import time
 from pathlib import Path
 
+from lowbit.cli import cli_entry, int_range, non_negative_int, positive_int
 from lowbit.logs import get_logger, setup_logging
 from lowbit.runs import UserError
-from lowbit.cli import cli_entry
+
+# Image ids are split-offset (train from 1000001), so a split holds fewer than a million images.
+SPLIT_SIZE = int_range(1, 999_999)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,12 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--splits", nargs="+", choices=("val", "train"), default=["val"], help="splits to generate"
     )
     parser.add_argument(
-        "--num-val", type=int, default=600, help="images in val2017 (ids 1..N; 1..500 evaluation, 501..600 calibration)"
+        "--num-val", type=SPLIT_SIZE, default=600, help="images in val2017 (ids 1..N; 1..500 evaluation, 501..600 calibration)"
     )
-    parser.add_argument("--num-train", type=int, default=4000, help="images in train2017 (ids from 1000001)")
-    parser.add_argument("--seed", type=int, default=0, help="dataset seed; each image's seed is (seed, split, index)")
+    parser.add_argument("--num-train", type=SPLIT_SIZE, default=4000, help="images in train2017 (ids from 1000001)")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="dataset seed; each image's seed is (seed, split, index)")
     parser.add_argument(
-        "--workers", type=int, default=os.cpu_count() or 1, help="worker processes (output does not depend on it)"
+        "--workers", type=positive_int, default=os.cpu_count() or 1, help="worker processes (output does not depend on it)"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace splits that already exist")
     parser.add_argument("--verbose", action="store_true", help="debug logging")
@@ -58,28 +61,21 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(verbose=args.verbose)
     log = get_logger("make_demo_dataset")
 
-    if args.workers < 1:
-        raise UserError(f"--workers must be >= 1, got {args.workers}")
-    if args.seed < 0:
-        raise UserError(f"--seed must be >= 0, got {args.seed}")
     splits = list(dict.fromkeys(args.splits))  # keep order, drop repeats
     counts = {"val": args.num_val, "train": args.num_train}
-    for split in splits:
-        flag = f"--num-{split}"
-        if not 1 <= counts[split] < 1_000_000:
-            raise UserError(f"{flag} must be in 1..999999, got {counts[split]}")
 
     # lazy: importing the generator pulls in OpenCV; --help and argument errors should not wait for it
     from lowbit import synth
 
     root = args.out_root
     if root.exists() and not root.is_dir():
-        raise UserError(f"--out-root: {root} exists and is not a directory")
+        raise UserError(f"--out-root: {root} exists and is not a directory", flag="--out-root")
     for split in splits:  # check every split before generating any, so a refusal leaves nothing half done
         if synth.split_complete(root, split) and not args.overwrite:
             name = synth.split_dir_name(split)
             raise UserError(
-                f"{root / 'annotations' / f'instances_{name}.json'} already exists; pass --overwrite to replace it"
+                f"{root / 'annotations' / f'instances_{name}.json'} already exists; pass --overwrite to replace it",
+                flag="--overwrite",
             )
 
     summary = []

@@ -22,17 +22,17 @@ from pathlib import Path
 
 import numpy as np
 
+from lowbit.calib import read_image_list
+from lowbit.cli import cli_entry, existing_file, imgsz, positive_int
 from lowbit.logs import setup_logging
-from lowbit.preprocess import iter_prepared, read_image_list
+from lowbit.preprocess import iter_prepared
 from lowbit.runs import (
     UserError,
     atomic_write_json,
-    check_input_file,
+    check_output_path,
     manifest_run,
-    refuse_overwrite,
     sha256_file,
 )
-from lowbit.cli import cli_entry
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,73 +43,72 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--list",
-        type=Path,
+        type=existing_file,
         required=True,
-        help="text file, one image path per line; relative paths resolve against the repo root, then the list's folder",
+        help="text file, one image path per line ('#' at a line start or after a space begins a comment); "
+        "relative paths resolve against the repo root, then the list's folder",
     )
     parser.add_argument("--out", type=Path, required=True, help="output .npy, float32 [N,3,imgsz,imgsz]")
-    parser.add_argument("--imgsz", type=int, default=640, help="square model input side in pixels")
-    parser.add_argument("--max-images", type=int, default=None, help="use only the first N listed images")
-    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="image decode threads")
+    parser.add_argument("--imgsz", type=imgsz, default=640, help="square model input side in pixels (multiple of 32)")
+    parser.add_argument("--max-images", type=positive_int, default=None, help="use only the first N listed images")
+    parser.add_argument("--workers", type=positive_int, default=min(4, os.cpu_count() or 1), help="image decode threads")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     return parser
+
+
+def write_tensor(entries: list[tuple[str, Path]], out: Path, imgsz: int, workers: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stream the preprocessed images into ``out`` (renamed into place only when all were read).
+
+    Returns:
+        Per-channel sum and sum of squares over all pixels (float64, shape [3]).
+
+    Raises:
+        UserError(--list): every image that could not be decoded, in one message.
+    """
+    from tqdm import tqdm
+
+    shape = (len(entries), 3, imgsz, imgsz)
+    tmp = out.with_name(f".{out.name}.partial.npy")
+    channel_sum = np.zeros(3, np.float64)
+    channel_sq = np.zeros(3, np.float64)
+    unreadable: list[str] = []
+    try:
+        data = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+        items = [(i, path) for i, (_, path) in enumerate(entries)]
+        for prepared in tqdm(iter_prepared(items, imgsz, workers=workers), total=len(entries), desc="calib", unit="img"):
+            if prepared.error is not None:
+                unreadable.append(f"{prepared.path} ({prepared.error.reason})")
+                continue
+            data[prepared.key] = prepared.chw
+            channel_sum += prepared.chw.sum(axis=(1, 2), dtype=np.float64)
+            channel_sq += np.square(prepared.chw, dtype=np.float64).sum(axis=(1, 2))
+        if unreadable:
+            raise UserError(f"--list: {len(unreadable)} image(s) could not be read: {'; '.join(unreadable)}", flag="--list")
+        data.flush()
+        del data
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return channel_sum, channel_sq
 
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    list_path = check_input_file(args.list, "--list")
-    if args.imgsz < 32 or args.imgsz % 32:
-        raise UserError(f"--imgsz must be a positive multiple of 32, got {args.imgsz}")
-    if args.max_images is not None and args.max_images < 1:
-        raise UserError(f"--max-images must be >= 1, got {args.max_images}")
-    out: Path = args.out
-    if out.suffix != ".npy":
-        raise UserError(f"--out: {out} must end in .npy")
-    refuse_overwrite(out, args.overwrite)
-    entries = read_image_list(list_path)
-    if not entries:
-        raise UserError(f"--list: {list_path} lists no images")
-    if args.max_images is not None:
-        entries = entries[: args.max_images]
-    missing = [line for line, path in entries if not path.is_file()]
-    if missing:
-        raise UserError(f"--list: {len(missing)} listed image(s) not found: {', '.join(missing)}")
+    list_path: Path = args.list
+    out: Path = check_output_path(args.out, "--out", args.overwrite, suffix=".npy")
+    entries = [(entry.text, entry.path) for entry in read_image_list(list_path, "--list", args.max_images)]
 
     out.parent.mkdir(parents=True, exist_ok=True)
     sidecar = out.with_suffix(".json")
-    manifest_path = out.with_suffix(".manifest.json")
     logger = setup_logging(out.with_suffix(".log"))
     n = len(entries)
     shape = (n, 3, args.imgsz, args.imgsz)
     logger.info("calibration tensor %s from %d images of %s", list(shape), n, list_path)
 
-    from tqdm import tqdm
-
-    tmp = out.with_name(f".{out.name}.partial.npy")
-    with manifest_run(manifest_path, "make_yolov10m_calib_npy.py", vars(args)) as manifest:
+    with manifest_run(out.with_suffix(".manifest.json"), "make_yolov10m_calib_npy.py", vars(args), argv) as manifest:
         list_sha = manifest.add_input(list_path)
-        data = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
-        channel_sum = np.zeros(3, np.float64)
-        channel_sq = np.zeros(3, np.float64)
-        unreadable: list[str] = []
-        try:
-            items = [(i, path) for i, (_, path) in enumerate(entries)]
-            for prepared in tqdm(iter_prepared(items, args.imgsz, workers=args.workers), total=n, desc="calib", unit="img"):
-                if prepared.error is not None:
-                    unreadable.append(f"{prepared.path} ({prepared.error.reason})")
-                    continue
-                data[prepared.key] = prepared.chw
-                channel_sum += prepared.chw.sum(axis=(1, 2), dtype=np.float64)
-                channel_sq += np.square(prepared.chw, dtype=np.float64).sum(axis=(1, 2))
-            if unreadable:
-                raise UserError(f"--list: {len(unreadable)} image(s) could not be read: {'; '.join(unreadable)}")
-            data.flush()
-            del data
-            os.replace(tmp, out)
-        finally:
-            tmp.unlink(missing_ok=True)
-
+        channel_sum, channel_sq = write_tensor(entries, out, args.imgsz, args.workers)
         count = n * args.imgsz * args.imgsz
         mean = channel_sum / count
         std = np.sqrt(np.maximum(channel_sq / count - mean**2, 0.0))

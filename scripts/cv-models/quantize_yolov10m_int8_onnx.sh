@@ -7,7 +7,7 @@
 #   ONNX_PATH             default models/cv-models/yolov10m/checkpoints/yolov10m.onnx
 #   CALIBRATION_METHOD    entropy (default) | max
 #   CALIBRATION_EPS       space-separated ORT EPs for calibration, e.g. "cuda:0 cpu" (default "cpu")
-#   USE_ZERO_POINT        True|False (default False); only affects int4 in ModelOpt 0.47, recorded either way
+#   USE_ZERO_POINT        boolean (default false); only affects int4 in ModelOpt 0.47, recorded either way
 #   HIGH_PRECISION_DTYPE  fp32 (default: keeps INT8 accuracy on YOLOv10) | fp16 (ModelOpt's default; see the card) | bf16
 #   NODES_TO_EXCLUDE      space- or comma-separated exact ONNX node names to keep unquantized
 #   EXCLUDE_JSON          a scheme JSON with 'nodes_to_exclude' (from make_yolov10m_candidate_schemes.py)
@@ -16,8 +16,21 @@
 #   PASSES                ModelOpt passes (default concat_elimination); "none" disables them
 #   QUANTIZE_MODE         int8 (default) | fp8; the output name follows it: yolov10m-<mode>-qdq.onnx
 #   OUTPUT_NAME           override the output file name
-#   OVERWRITE=1           replace an existing output
+#   OVERWRITE             boolean (default false): replace an existing output
+# Booleans accept 1/true/yes and 0/false/no (any case); anything else is an error naming the variable.
 set -euo pipefail
+
+# bool VAR DEFAULT: print "1" or "0" for the env var VAR, or fail naming it.
+bool() {
+  local value="${!1:-$2}"
+  case "${value,,}" in
+    1|true|yes) echo 1 ;;
+    0|false|no|"") echo 0 ;;
+    *) echo "error: $1='$value' is not a boolean (use 1/true/yes or 0/false/no)" >&2; return 2 ;;
+  esac
+}
+use_zero_point="$(bool USE_ZERO_POINT 0)" || exit 2
+overwrite="$(bool OVERWRITE 0)" || exit 2
 
 : "${RUN_ROOT:?RUN_ROOT is required (e.g. tmp/yolov10m_lowbit/<run-id>)}"
 : "${CALIB_PATH:?CALIB_PATH is required (the .npy from make_yolov10m_calib_npy.py)}"
@@ -35,17 +48,13 @@ args=(
   --high-precision-dtype "${HIGH_PRECISION_DTYPE:-fp32}"
 )
 [[ -n "${CALIBRATION_METHOD:-}" ]] && args+=(--calibration-method "$CALIBRATION_METHOD")
-case "${USE_ZERO_POINT:-False}" in
-  True|true|1|yes) args+=(--use-zero-point) ;;
-  False|false|0|no|"") args+=(--no-use-zero-point) ;;
-  *) echo "error: USE_ZERO_POINT='$USE_ZERO_POINT' (choose from True, False)" >&2; exit 2 ;;
-esac
+if [[ "$use_zero_point" == 1 ]]; then args+=(--use-zero-point); else args+=(--no-use-zero-point); fi
 [[ -n "${NODES_TO_EXCLUDE:-}" ]] && args+=(--nodes-to-exclude ${NODES_TO_EXCLUDE//,/ })
 [[ -n "${EXCLUDE_JSON:-}" ]] && args+=(--exclude-json "$EXCLUDE_JSON")
 [[ -n "${OP_TYPES_TO_QUANTIZE:-}" ]] && args+=(--op-types-to-quantize ${OP_TYPES_TO_QUANTIZE//,/ })
 [[ -n "${OP_TYPES_TO_EXCLUDE:-}" ]] && args+=(--op-types-to-exclude ${OP_TYPES_TO_EXCLUDE//,/ })
 if [[ "${PASSES:-concat_elimination}" == "none" ]]; then args+=(--passes); else args+=(--passes ${PASSES:-concat_elimination}); fi
-[[ "${OVERWRITE:-0}" == "1" ]] && args+=(--overwrite)
+if [[ "$overwrite" == 1 ]]; then args+=(--overwrite); fi
 
 echo "+ $PYTHON scripts/cv-models/quantize_yolov10m_onnx.py ${args[*]}" >&2
 exec "$PYTHON" "$(dirname "$0")/quantize_yolov10m_onnx.py" "${args[@]}"
