@@ -28,8 +28,10 @@ with the smallest loss; ``reason`` says so.
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any
 
 from lowbit.runs import UserError
 
@@ -142,7 +144,7 @@ class _Cache:
 
     def violations(self) -> list[tuple[int, int]]:
         ordered = sorted(self.points.values(), key=lambda p: p.k)
-        return [(a.k, b.k) for a, b in zip(ordered, ordered[1:]) if a.meets and not b.meets]
+        return [(a.k, b.k) for a, b in itertools.pairwise(ordered) if a.meets and not b.meets]
 
 
 def _bisect_lowest_bracket(cache: _Cache) -> bool:
@@ -244,7 +246,9 @@ def search_smallest_k(
         scanned = True
         complete = _scan_below(cache)
     if not complete:
-        reason = f"probe budget of {max_probes} spent: K is the smallest evaluated K meeting the budget, not proven smallest"
+        reason = (
+            f"probe budget of {max_probes} spent: K is the smallest evaluated K meeting the budget, not proven smallest"
+        )
     elif scanned:
         reason = "non-monotone curve: every K below the answer was evaluated and misses the budget"
     else:

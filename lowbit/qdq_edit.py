@@ -30,7 +30,7 @@ _QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 FLOAT_SUFFIX = "__float"
 
 
-def _constant_values(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
+def constant_values(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
     """Initializers and ``Constant`` node outputs of ``graph``, by tensor name."""
     values = {init.name: init for init in graph.initializer}
     for node in graph.node:
@@ -53,9 +53,9 @@ def dequantize_constant(dq_node: onnx.NodeProto, constants: dict[str, onnx.Tenso
 
     inputs = [name for name in dq_node.input if name]
     tensors = [constants[name] for name in inputs]
-    node = helper.make_node("DequantizeLinear", inputs, ["y"], **{
-        attr.name: helper.get_attribute_value(attr) for attr in dq_node.attribute
-    })
+    node = helper.make_node(
+        "DequantizeLinear", inputs, ["y"], **{attr.name: helper.get_attribute_value(attr) for attr in dq_node.attribute}
+    )
     graph = helper.make_graph([node], "dequantize", [], [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
                               initializer=tensors)  # fmt: skip
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", max(opset, 19))])
@@ -130,7 +130,7 @@ def remove_qdq_for_nodes(
     if unknown:
         raise UserError(f"{flag}: no node named {', '.join(map(repr, unknown))} in the Q/DQ graph", flag=flag)
     producers = {out: node for node in graph.node for out in node.output if out}
-    constants = _constant_values(graph)
+    constants = constant_values(graph)
     opset = _default_opset(model)
     added: dict[str, str] = {}  # DQ output of a stored constant -> its float initializer
     for name in dict.fromkeys(node_names):

@@ -34,7 +34,9 @@ def test_monotone_curve_bisects_to_the_smallest_k():
     result = search_smallest_k(curve, ks_max=80, budget=0.5, baseline=BASELINE)
     expected = next(k for k, d in enumerate(curve.deltas) if d <= 0.5)
     assert result.found and result.k == expected
-    assert result.delta == pytest.approx(curve.deltas[expected]) and result.map == pytest.approx(BASELINE - result.delta)
+    assert result.delta == pytest.approx(curve.deltas[expected]) and result.map == pytest.approx(
+        BASELINE - result.delta
+    )
     assert result.order[:2] == [0, 80] and result.order == curve.calls
     assert expected - 1 in curve.calls  # K-1 evaluated and misses: nothing assumed at the answer
     assert not result.monotone_violations and not result.scanned

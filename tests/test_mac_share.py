@@ -19,15 +19,23 @@ MATMUL_MACS = 4 * 256 * 256  # [4, 256] @ [256, 256]
 def _qdq(prefix: str, tensor: str, dtype: int, scale_shape=(), axis=None, stored=False):
     """Nodes and initializers of a Q -> DQ pair on ``tensor`` (or, with ``stored``, one DQ of a quantized constant)."""
     scale = numpy_helper.from_array(np.full(scale_shape, 0.05, np.float32), f"{prefix}_scale")
-    zero = helper.make_tensor(f"{prefix}_zp", dtype, list(scale_shape), np.zeros(int(np.prod(scale_shape)), int).tolist())
+    zero = helper.make_tensor(
+        f"{prefix}_zp", dtype, list(scale_shape), np.zeros(int(np.prod(scale_shape)), int).tolist()
+    )
     kwargs = {} if axis is None else {"axis": axis}
     dq_in = f"{prefix}_q"
     nodes = []
     if not stored:
-        nodes.append(helper.make_node("QuantizeLinear", [tensor, scale.name, zero.name], [dq_in], name=f"{prefix}_Q", **kwargs))
+        nodes.append(
+            helper.make_node("QuantizeLinear", [tensor, scale.name, zero.name], [dq_in], name=f"{prefix}_Q", **kwargs)
+        )
     else:
         dq_in = tensor
-    nodes.append(helper.make_node("DequantizeLinear", [dq_in, scale.name, zero.name], [f"{prefix}_dq"], name=f"{prefix}_DQ", **kwargs))
+    nodes.append(
+        helper.make_node(
+            "DequantizeLinear", [dq_in, scale.name, zero.name], [f"{prefix}_dq"], name=f"{prefix}_DQ", **kwargs
+        )
+    )
     return nodes, [scale, zero], f"{prefix}_dq"
 
 
