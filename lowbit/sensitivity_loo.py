@@ -27,6 +27,14 @@ of images the FP32 output is computed once and every variant is compared with it
 running sums is kept. Inputs dequantized from stored quantized constants have no float value other
 than the dequantized one, so they need no gate (as in ``remove_qdq_for_nodes``).
 
+Cost: ``3 + nodes`` full inferences per image (FP32, full Q/DQ, every scored node in float, and
+each leave-one-out). For a ~100-node detector at 640 px that is minutes on ORT's CPU EP per image
+batch of a few images, and seconds on the CUDA EP: on CPU, score few images.
+
+With ``ORT_ENABLE_ALL`` a leave-one-out variant and the edited model of ``remove_qdq_for_nodes``
+agree to float rounding only (ORT fuses the two graphs differently; with optimizations disabled they
+are bit-identical), and a rounding difference can flip a downstream Q/DQ rounding.
+
 Quantization is simulated as the Q/DQ arithmetic in float (the gates keep ONNX Runtime from fusing
 INT8 Q/DQ groups into integer kernels), which is what TensorRT's explicit quantization follows and
 what ``lowbit.sensitivity_onnx`` measures locally.
