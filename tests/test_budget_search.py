@@ -1,0 +1,117 @@
+"""Budget search over K (lowbit.budget_search): pure logic on synthetic accuracy curves."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from lowbit.budget_search import search_smallest_k
+from lowbit.runs import UserError
+
+BASELINE = 50.0  # FP32 mAP in AP points
+
+
+class Curve:
+    """``evaluate`` over a table of losses (AP points) by K; records every call."""
+
+    def __init__(self, deltas):
+        self.deltas = list(deltas)
+        self.calls: list[int] = []
+
+    def __call__(self, k: int) -> float:
+        self.calls.append(k)
+        return BASELINE - self.deltas[k]
+
+
+def monotone(ks_max: int = 80, start: float = 1.4, rate: float = 0.1):
+    return Curve([start * math.exp(-rate * k) for k in range(ks_max + 1)])
+
+
+def test_monotone_curve_bisects_to_the_smallest_k():
+    curve = monotone()
+    result = search_smallest_k(curve, ks_max=80, budget=0.5, baseline=BASELINE)
+    expected = next(k for k, d in enumerate(curve.deltas) if d <= 0.5)
+    assert result.found and result.k == expected
+    assert result.delta == pytest.approx(curve.deltas[expected]) and result.map == pytest.approx(
+        BASELINE - result.delta
+    )
+    assert result.order[:2] == [0, 80] and result.order == curve.calls
+    assert expected - 1 in curve.calls  # K-1 evaluated and misses: nothing assumed at the answer
+    assert not result.monotone_violations and not result.scanned
+    assert len(curve.calls) <= 2 + math.ceil(math.log2(80))
+    json.dumps(result.to_dict())
+
+
+@pytest.mark.parametrize("budget", [0.05, 0.3, 0.5, 1.0, 1.39])
+def test_probe_count_is_logarithmic_and_no_k_twice(budget):
+    curve = monotone(ks_max=100)
+    result = search_smallest_k(curve, ks_max=100, budget=budget, baseline=BASELINE)
+    assert len(curve.calls) == len(set(curve.calls)), "a K was evaluated twice"
+    assert len(curve.calls) <= 2 + math.ceil(math.log2(100))
+    assert result.found and result.k == next(k for k, d in enumerate(curve.deltas) if d <= budget)
+
+
+def test_k0_already_meets_the_budget_with_one_probe():
+    curve = monotone(start=0.4)
+    result = search_smallest_k(curve, ks_max=80, budget=0.5, baseline=BASELINE)
+    assert result.found and result.k == 0 and curve.calls == [0]
+
+
+def test_budget_nothing_meets_returns_best_point():
+    curve = Curve([1.4, 1.0, 0.9, 0.8, 0.7, 0.75, 0.72])
+    result = search_smallest_k(curve, ks_max=6, budget=0.5, baseline=BASELINE)
+    assert not result.found
+    assert curve.calls == [0, 6]  # nothing meets at either end: no bisection
+    assert result.k == 6 and result.delta == pytest.approx(0.72)
+    assert "no evaluated K meets" in result.reason
+
+
+def test_non_monotone_curve_found_through_seeds_is_scanned_below():
+    # K=5 meets, K=10 misses (noise), K=20 meets: bisection alone could stop at 5 or in 10..20
+    deltas = [1.4, 0.9, 0.8, 0.45, 0.7, 0.4, 0.6, 0.6, 0.6, 0.6, 0.6] + [0.3] * 10
+    curve = Curve(deltas)
+    result = search_smallest_k(curve, ks_max=20, budget=0.5, baseline=BASELINE, seed_ks=(5, 10))
+    assert (5, 10) in result.monotone_violations
+    assert result.scanned and result.exhaustive_below
+    assert result.found and result.k == 3  # 3 meets though 4 does not: found by the scan
+    assert len(curve.calls) == len(set(curve.calls))
+    assert set(range(3)) <= set(curve.calls)
+
+
+def test_non_monotone_scan_is_bounded_by_max_probes():
+    deltas = [1.4] + [0.9] * 9 + [0.4] + [0.9] * 9 + [0.4] * 21
+    curve = Curve(deltas)
+    result = search_smallest_k(curve, ks_max=40, budget=0.5, baseline=BASELINE, seed_ks=(10, 20), max_probes=6)
+    assert len(curve.calls) == 6
+    assert result.found and result.k == 10 and not result.exhaustive_below
+    assert "probe budget" in result.reason
+
+
+def test_known_points_are_not_re_evaluated():
+    curve = monotone()
+    known = {k: BASELINE - curve.deltas[k] for k in (0, 5, 10, 20)}
+    result = search_smallest_k(curve, ks_max=80, budget=0.5, baseline=BASELINE, known=known)
+    assert not set(known) & set(curve.calls)
+    assert result.k == next(k for k, d in enumerate(curve.deltas) if d <= 0.5)
+    assert [p.k for p in result.curve()] == sorted(set(curve.calls) | set(known))
+
+
+def test_budget_is_inclusive():
+    curve = Curve([1.0, 0.5, 0.2])
+    assert search_smallest_k(curve, ks_max=2, budget=0.5, baseline=BASELINE).k == 1
+
+
+@pytest.mark.parametrize("budget", [0.0, -0.5, float("nan")])
+def test_non_positive_budget_is_rejected(budget):
+    with pytest.raises(UserError) as info:
+        search_smallest_k(monotone(), ks_max=80, budget=budget, baseline=BASELINE)
+    assert info.value.flag == "--budget-ap"
+
+
+def test_bad_arguments_are_rejected():
+    with pytest.raises(ValueError):
+        search_smallest_k(monotone(), ks_max=80, budget=0.5, baseline=BASELINE, seed_ks=(81,))
+    with pytest.raises(ValueError):
+        search_smallest_k(monotone(), ks_max=80, budget=0.5, baseline=BASELINE, max_probes=0)
