@@ -75,7 +75,9 @@ def _entry_error(ann_file: Path, flag: str, what: str, index: int, problem: str)
 def check_instances(dataset: Any, ann_file: Path, flag: str) -> None:
     """Validate the parts of a COCO instances dict that bbox evaluation reads (see :func:`load_coco`)."""
     if not isinstance(dataset, dict) or not dataset.get("images") or not dataset.get("categories"):
-        raise UserError(f"{flag}: {ann_file} has no 'images' or no 'categories'; expected COCO instances json", flag=flag)
+        raise UserError(
+            f"{flag}: {ann_file} has no 'images' or no 'categories'; expected COCO instances json", flag=flag
+        )
     for key in ("images", "categories", "annotations"):
         if not isinstance(dataset.get(key, []), list):
             raise UserError(f"{flag}: {ann_file}: '{key}' is not a list", flag=flag)
@@ -144,7 +146,8 @@ def detections_to_records(
         cls = int(cls)
         if not 0 <= cls < n_cats:
             raise UserError(
-                f"the model predicted class index {cls}, but the annotation file has only {n_cats} categories"
+                f"the model predicted class index {cls}, but the annotation file has only {n_cats} categories",
+                flag="--ann-file",
             )
         x1, y1, x2, y2 = (float(v) for v in box)
         records.append(
@@ -221,7 +224,7 @@ def evaluate_bbox(coco_gt, records: list[dict[str, Any]], image_ids: list[int]) 
     """
     from faster_coco_eval import COCOeval_faster
 
-    image_set = set(int(i) for i in image_ids)
+    image_set = {int(i) for i in image_ids}
     records = [r for r in records if int(r["image_id"]) in image_set]
     lines: list[str] = []
     evaluator = COCOeval_faster(coco_gt, results_dataset(coco_gt, records), iouType="bbox", print_function=lines.append)
@@ -233,3 +236,51 @@ def evaluate_bbox(coco_gt, records: list[dict[str, Any]], image_ids: list[int]) 
     metrics["per_class_ap"] = per_class_ap(np.asarray(evaluator.eval["precision"]), evaluator.params.catIds, coco_gt)
     metrics["num_detections"] = len(records)
     return metrics, "\n".join(str(line) for line in lines)
+
+
+def pycocotools_stats(coco_gt, records: list[dict[str, Any]], image_ids: list[int]) -> np.ndarray:
+    """The 12 COCOeval stats from pycocotools itself: the reference :func:`evaluate_bbox` is held to.
+
+    Used by the tests and the evaluation benchmark only. The records are copied first, since
+    pycocotools' ``loadRes`` writes into them.
+
+    Args:
+        coco_gt: ground truth from :func:`load_coco` (its dataset dict is re-indexed by pycocotools).
+        records: detection records.
+        image_ids: images to score.
+
+    Returns:
+        float64 ``[12]`` in STAT_KEYS order.
+    """
+    import contextlib
+    import io
+
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    image_set = {int(i) for i in image_ids}
+    copies = [dict(r, bbox=list(r["bbox"])) for r in records if int(r["image_id"]) in image_set]
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+        gt = COCO()
+        gt.dataset = coco_gt.dataset
+        gt.createIndex()
+        dt = gt.loadRes(copies) if copies else _pycocotools_empty(gt)
+        evaluator = COCOeval(gt, dt, iouType="bbox")
+        evaluator.params.imgIds = sorted(image_set)
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return np.asarray(evaluator.stats, dtype=np.float64)
+
+
+def _pycocotools_empty(coco_gt):
+    from pycocotools.coco import COCO
+
+    empty = COCO()
+    empty.dataset = {
+        "images": coco_gt.dataset["images"],
+        "categories": coco_gt.dataset["categories"],
+        "annotations": [],
+    }
+    empty.createIndex()
+    return empty

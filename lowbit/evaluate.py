@@ -150,6 +150,7 @@ class _Plan:
     onnx_path: Path
     images_dir: Path
     ann_file: Path
+    images_flag: str
     coco: Any
     category_ids: list[int]
     num_images_in_set: int
@@ -192,7 +193,7 @@ def validate_settings(s: EvalSettings) -> None:
         ("--max-images", s.max_images is None or s.max_images >= 1, f"must be >= 1, got {s.max_images}"),
         ("--warmup-runs", s.warmup_runs >= 0, f"must be >= 0, got {s.warmup_runs}"),
         ("--skip-latency", s.skip_latency >= 0, f"must be >= 0, got {s.skip_latency}"),
-        ("--imgsz", s.imgsz >= 32 and s.imgsz % 32 == 0, f"must be a positive multiple of 32 (the P5 stride), got {s.imgsz}"),
+        ("--imgsz", s.imgsz >= 32 and s.imgsz % 32 == 0, f"must be a multiple of 32 (the P5 stride), got {s.imgsz}"),
         ("--conf", 0.0 <= s.conf < 1.0, f"must be in [0, 1), got {s.conf}"),
         ("--iou", 0.0 < s.iou <= 1.0, f"must be in (0, 1], got {s.iou}"),
         ("--max-det", s.max_det >= 1, f"must be >= 1, got {s.max_det}"),
@@ -201,6 +202,17 @@ def validate_settings(s: EvalSettings) -> None:
     for flag, ok, problem in checks:
         if not ok:
             raise UserError(f"{flag} {problem}", flag=flag)
+
+
+@contextlib.contextmanager
+def _about(flag: str):
+    """Give a UserError raised inside, that does not say which input it is about, ``flag``."""
+    try:
+        yield
+    except UserError as exc:
+        if getattr(exc, "flag", None) is None:
+            exc.flag = flag
+        raise
 
 
 def resolve_data_paths(s: EvalSettings) -> tuple[Path, Path, str]:
@@ -218,7 +230,8 @@ def resolve_data_paths(s: EvalSettings) -> tuple[Path, Path, str]:
     ann_flag = "--ann-file" if s.ann_file else "--data-root"
     if not images_dir.is_dir():
         raise UserError(f"{images_flag}: image folder {images_dir} does not exist", flag=images_flag)
-    check_input_file(ann_file, ann_flag)
+    with _about(ann_flag):
+        check_input_file(ann_file, ann_flag)
     return images_dir, ann_file, ann_flag
 
 
@@ -260,11 +273,11 @@ def _select_images(plan: _Plan) -> None:
         raise UserError(
             f"{len(plan.skipped)} of {len(plan.selected)} images listed in {plan.ann_file} are missing under "
             f"{plan.images_dir} (first: {plan.skipped[0]['file']}); fix the dataset or pass --skip-missing",
-            flag="--skip-missing",
+            flag=plan.images_flag,
         )
     if not plan.items:
         raise UserError(
-            f"none of the {len(plan.selected)} selected images exists under {plan.images_dir}", flag="--images-dir"
+            f"none of the {len(plan.selected)} selected images exists under {plan.images_dir}", flag=plan.images_flag
         )
 
 
@@ -273,8 +286,10 @@ def _load_dataset(s: EvalSettings) -> _Plan:
     from lowbit import coco_eval, ort_session
 
     validate_settings(s)
-    ort_session.check_providers(list(s.providers), s.disable_cpu_fallback, "--providers")
-    onnx_path = check_input_file(resolve_repo_path(s.onnx_path), "--onnx-path")
+    with _about("--providers"):
+        ort_session.check_providers(list(s.providers), s.disable_cpu_fallback, "--providers")
+    with _about("--onnx-path"):
+        onnx_path = check_input_file(resolve_repo_path(s.onnx_path), "--onnx-path")
     images_dir, ann_file, ann_flag = resolve_data_paths(s)
     out = None
     if s.out is not None:
@@ -293,9 +308,25 @@ def _load_dataset(s: EvalSettings) -> _Plan:
     notes = []
     if s.max_images is not None and s.max_images > len(all_ids):
         notes.append(f"--max-images {s.max_images} is larger than the set; using all {len(all_ids)} images")
-    plan = _Plan(s, onnx_path, images_dir, ann_file, coco, category_ids, len(all_ids), selected, [], [], notes, out)
+    images_flag = "--images-dir" if s.images_dir else "--data-root"
+    plan = _Plan(
+        s, onnx_path, images_dir, ann_file, images_flag, coco, category_ids, len(all_ids), selected, [], [], notes, out
+    )
     _select_images(plan)
     return plan
+
+
+def _check_input_size(session, imgsz: int) -> None:
+    """A static input side that differs from ``imgsz`` is an ``--imgsz`` error (the model is fine)."""
+    inputs = session.get_inputs()
+    shape = list(inputs[0].shape) if len(inputs) == 1 else []
+    for dim in shape[2:4] if len(shape) == 4 else []:
+        if isinstance(dim, int) and dim != imgsz:
+            raise UserError(
+                f"--imgsz {imgsz} does not match the model input {inputs[0].name!r} of shape {shape}; "
+                f"pass --imgsz {dim}",
+                flag="--imgsz",
+            )
 
 
 def _open_session(plan: _Plan) -> None:
@@ -309,12 +340,15 @@ def _open_session(plan: _Plan) -> None:
             plan.out = new_run_dir(REPO_ROOT / DEFAULT_OUTPUT_ROOT) / "metrics.json"
         cache_dir = plan.out.parent / "ort_cache"
     t0 = time.perf_counter()
-    plan.session, plan.session_info = ort_session.build_session(
-        plan.onnx_path, list(s.providers), disable_cpu_fallback=s.disable_cpu_fallback, cache_dir=cache_dir,
-        flag="--providers",
-    )  # fmt: skip
+    with _about("--providers"):
+        plan.session, plan.session_info = ort_session.build_session(
+            plan.onnx_path, list(s.providers), disable_cpu_fallback=s.disable_cpu_fallback, cache_dir=cache_dir,
+            flag="--providers",
+        )  # fmt: skip
     plan.session_create_s = time.perf_counter() - t0
-    plan.input_spec = ort_session.check_image_input(plan.session, s.imgsz, plan.onnx_path)
+    _check_input_size(plan.session, s.imgsz)
+    with _about("--onnx-path"):
+        plan.input_spec = ort_session.check_image_input(plan.session, s.imgsz, plan.onnx_path)
     outputs = plan.session.get_outputs()
     if len(outputs) > 1:
         plan.warnings.append(f"the model has {len(outputs)} outputs; using the first, {outputs[0].name}")
@@ -373,7 +407,7 @@ def _accept(plan: _Plan, loop: _Loop, item) -> bool:
     """Record a prepared image's stage times; an unreadable one fails the run or is skipped."""
     if item.error is not None:
         if not plan.settings.skip_missing:
-            raise UserError(f"{item.error}; fix the dataset or pass --skip-missing", flag="--skip-missing")
+            raise UserError(f"{item.error}; fix the dataset or pass --skip-missing", flag=plan.images_flag)
         log.warning("skipping image %s: %s", item.key, item.error.reason)
         plan.skipped.append({"id": int(item.key), "file": str(item.path), "reason": item.error.reason})
         return False
@@ -604,7 +638,8 @@ def _log_start(plan: _Plan) -> None:
     for note in plan.notes + plan.warnings:
         log.warning("%s", note)
     if plan.skipped:
-        log.warning("skipping %d missing images (--skip-missing), first: %s", len(plan.skipped), plan.skipped[0]["file"])
+        first = plan.skipped[0]["file"]
+        log.warning("skipping %d missing images (--skip-missing), first: %s", len(plan.skipped), first)
 
 
 def _score_and_write(plan: _Plan, loop: _Loop, manifest, timing_s: dict, t_start: float) -> EvalResult:
@@ -614,7 +649,7 @@ def _score_and_write(plan: _Plan, loop: _Loop, manifest, timing_s: dict, t_start
     if not loop.evaluated_ids:
         raise UserError(
             f"none of the {len(plan.selected)} selected images could be read (see {plan.out.parent / 'eval.log'})",
-            flag="--images-dir",
+            flag=plan.images_flag,
         )
     if plan.settings.nms and plan.layout.kind == "end2end":
         log.warning("--nms has no effect on an end-to-end output; rows were only filtered by --conf")
@@ -626,7 +661,8 @@ def _score_and_write(plan: _Plan, loop: _Loop, manifest, timing_s: dict, t_start
     shas = (manifest.data["inputs"][str(plan.onnx_path)], manifest.data["inputs"][str(plan.ann_file)])
     record = build_record(plan, loop, metrics, timing_s, shas)
     if record["latency_ms"]["n"] == 0:
-        log.warning("no latency sample left: %d timed runs, --skip-latency %d", len(loop.latencies_s), plan.settings.skip_latency)
+        runs, skip = len(loop.latencies_s), plan.settings.skip_latency
+        log.warning("no latency sample left: %d timed runs, --skip-latency %d", runs, skip)
     detections_path = plan.out.parent / "detections.json"
     atomic_write_json(detections_path, loop.records)
     atomic_write_json(plan.out, record)  # last: its presence means the run completed
@@ -656,9 +692,10 @@ def evaluate(settings: EvalSettings, argv: list[str] | None = None) -> EvalResul
     plan = prepare(settings)
     timing_s = {"prepare": time.perf_counter() - t_start, "session_create": plan.session_create_s}
     out = _make_output_dir(plan)
-    with _log_to(out.parent / "eval.log"), manifest_run(
-        out.parent / "manifest.json", SCRIPT, settings_dict(settings), argv
-    ) as manifest:
+    with (
+        _log_to(out.parent / "eval.log"),
+        manifest_run(out.parent / "manifest.json", SCRIPT, settings_dict(settings), argv) as manifest,
+    ):
         _log_start(plan)
         manifest.add_input(plan.onnx_path)
         manifest.add_input(plan.ann_file)

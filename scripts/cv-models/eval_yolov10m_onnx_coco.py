@@ -95,17 +95,25 @@ def format_summary(result: EvalResult) -> str:
     skipped = f", {ds['num_images_skipped']} skipped" if ds["num_images_skipped"] else ""
     return "\n".join(
         [
-            f"model      {record['model']['path']}  ({record['model']['output']['layout']} output, "
-            f"{record['postprocess']['mode']})",
+            (
+                f"model      {record['model']['path']}  ({record['model']['output']['layout']} output, "
+                f"{record['postprocess']['mode']})"
+            ),
             f"providers  {', '.join(prov['providers_used'])}{on_cpu}",
-            f"images     {ds['num_images_evaluated']} evaluated{skipped} "
-            f"(first {ds['num_images_selected']} of {ds['num_images_in_set']} ids)",
+            (
+                f"images     {ds['num_images_evaluated']} evaluated{skipped} "
+                f"(first {ds['num_images_selected']} of {ds['num_images_in_set']} ids)"
+            ),
             f"mAP50-95   {m['map50_95']:.4f}   mAP50 {m['map50']:.4f}   mAP75 {m['map75']:.4f}",
-            f"APs/m/l    {m['map_small']:.4f} / {m['map_medium']:.4f} / {m['map_large']:.4f}   "
-            f"AR1/10/100 {m['ar1']:.4f} / {m['ar10']:.4f} / {m['ar100']:.4f}",
-            f"latency    on {lat['provider']}{on_cpu}: mean {_ms(lat['mean'])}  p50 {_ms(lat['p50'])}  "
-            f"p90 {_ms(lat['p90'])}  p99 {_ms(lat['p99'])}  "
-            f"(n={lat['n']}, warmup {lat['warmup_runs']}, skipped {lat['skipped']})",
+            (
+                f"APs/m/l    {m['map_small']:.4f} / {m['map_medium']:.4f} / {m['map_large']:.4f}   "
+                f"AR1/10/100 {m['ar1']:.4f} / {m['ar10']:.4f} / {m['ar100']:.4f}"
+            ),
+            (
+                f"latency    on {lat['provider']}{on_cpu}: mean {_ms(lat['mean'])}  p50 {_ms(lat['p50'])}  "
+                f"p90 {_ms(lat['p90'])}  p99 {_ms(lat['p99'])}  "
+                f"(n={lat['n']}, warmup {lat['warmup_runs']}, skipped {lat['skipped']})"
+            ),
             f"throughput {thr['images_per_s']} images/s end to end ({thr['workers']} prefetch workers)",
             f"metrics    {result.path}",
         ]
