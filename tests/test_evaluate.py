@@ -81,7 +81,7 @@ def gt_in_input_pixels():
 def _dfl_logits(distance: float) -> np.ndarray:
     """16 bin logits whose softmax expectation is ``distance`` (mass split over two neighbouring bins)."""
     logits = np.full(16, -100.0, np.float32)
-    low = int(math.floor(distance))
+    low = math.floor(distance)
     frac = distance - low
     if frac < 1e-6:
         logits[low] = 0.0
