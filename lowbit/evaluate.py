@@ -284,12 +284,14 @@ def _select_images(plan: _Plan) -> None:
 def _load_dataset(s: EvalSettings) -> _Plan:
     """Checks that need no session: settings, paths, annotations, the images selected."""
     from lowbit import coco_eval, ort_session
+    from lowbit.onnx_stats import load_model_proto
 
     validate_settings(s)
     with _about("--providers"):
         ort_session.check_providers(list(s.providers), s.disable_cpu_fallback, "--providers")
     with _about("--onnx-path"):
         onnx_path = check_input_file(resolve_repo_path(s.onnx_path), "--onnx-path")
+        load_model_proto(onnx_path, "--onnx-path")  # a non-model fails here, before any output exists
     images_dir, ann_file, ann_flag = resolve_data_paths(s)
     out = None
     if s.out is not None:

@@ -364,3 +364,12 @@ def test_out_that_is_a_folder_or_under_a_file(dataset, raw_model, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
     expect_user_error(settings(raw_model, dataset, blocker / "run" / "metrics.json"), "--out")
+
+
+@pytest.mark.parametrize("content", [b"", b"not a model"])
+def test_a_file_that_is_no_onnx_model(dataset, tmp_path, content):
+    model = tmp_path / "broken.onnx"
+    model.write_bytes(content)
+    out = tmp_path / "run" / "metrics.json"
+    expect_user_error(settings(model, dataset, out), "--onnx-path")
+    assert not out.parent.exists()
