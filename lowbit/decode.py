@@ -305,7 +305,11 @@ def nms_class_aware(
 
 
 def detect_layout(
-    shape: list | tuple, imgsz: int, num_classes: int | None = None, reg_max: int = REG_MAX
+    shape: list | tuple,
+    imgsz: int,
+    num_classes: int | None = None,
+    reg_max: int = REG_MAX,
+    flag: str = "--onnx-path",
 ) -> OutputLayout:
     """Identify the layout of a model output from its shape.
 
@@ -314,6 +318,8 @@ def detect_layout(
         imgsz: square input side, fixes the expected anchor count.
         num_classes: classes the output must carry (e.g. from the annotation file); resolves the
             raw/decoded ambiguity. None: any ``C > 4*reg_max`` is taken as raw.
+        reg_max: DFL bins per box side.
+        flag: the flag that named the model, carried by the error.
 
     Raises:
         UserError: the shape fits none of the layouts; the message names the shape.
@@ -327,25 +333,25 @@ def detect_layout(
     if num_classes is not None:
         hint += f" with nc={num_classes}"
     if len(shape) != 3 or (isinstance(shape[0], int) and shape[0] != 1):
-        raise UserError(f"unknown model output layout {shape}: {hint}")
+        raise UserError(f"unknown model output layout {shape}: {hint}", flag=flag)
     channels, anchors = shape[1], shape[2]
     if not isinstance(channels, int) or not isinstance(anchors, int):
-        raise UserError(f"model output shape {shape} is not static; {hint}")
+        raise UserError(f"model output shape {shape} is not static; {hint}", flag=flag)
     if anchors == 6 and channels != expected_anchors:
         return OutputLayout("end2end", None, channels)
     if anchors != expected_anchors:
-        raise UserError(f"unknown model output layout {shape}: {hint}")
+        raise UserError(f"unknown model output layout {shape}: {hint}", flag=flag)
     if num_classes is not None:
         if channels == 4 * reg_max + num_classes:
             return OutputLayout("raw", num_classes, anchors)
         if channels == 4 + num_classes:
             return OutputLayout("decoded", num_classes, anchors)
-        raise UserError(f"unknown model output layout {shape}: {hint}")
+        raise UserError(f"unknown model output layout {shape}: {hint}", flag=flag)
     if channels > 4 * reg_max:
         return OutputLayout("raw", channels - 4 * reg_max, anchors)
     if channels > 4:
         return OutputLayout("decoded", channels - 4, anchors)
-    raise UserError(f"unknown model output layout {shape}: {hint}")
+    raise UserError(f"unknown model output layout {shape}: {hint}", flag=flag)
 
 
 def postprocess(
@@ -374,9 +380,7 @@ def postprocess(
     if layout.kind == "end2end":
         rows = output.reshape(-1, 6)
         rows = rows[rows[:, 4] > conf][:max_det]
-        return Detections(
-            rows[:, :4].astype(np.float32), rows[:, 4].astype(np.float32), rows[:, 5].astype(np.int64)
-        )
+        return Detections(rows[:, :4].astype(np.float32), rows[:, 4].astype(np.float32), rows[:, 5].astype(np.int64))
     if layout.kind == "raw":
         if nms:
             boxes, scores = _raw_candidates(output, imgsz, conf)

@@ -60,10 +60,10 @@ def read_image_list(list_path: Path) -> list[tuple[str, Path]]:
 class ImageReadError(UserError):
     """An image file is missing, empty, or cannot be decoded."""
 
-    def __init__(self, path: str | Path, reason: str):
+    def __init__(self, path: str | Path, reason: str, flag: str | None = None):
         self.path = Path(path)
         self.reason = reason
-        super().__init__(f"cannot read image {self.path}: {reason}")
+        super().__init__(f"cannot read image {self.path}: {reason}", flag=flag)
 
 
 @dataclass(frozen=True)

@@ -179,8 +179,13 @@ def test_dfl_expectation_of_one_hot_bins():
     ],
 )
 def test_unknown_layouts_raise_user_error_naming_the_shape(shape, nc):
-    with pytest.raises(UserError, match=r"unknown model output layout \[" + ", ".join(map(str, shape))):
+    with pytest.raises(UserError) as info:
         decode.detect_layout(shape, 640, num_classes=nc)
+    assert info.value.flag == "--onnx-path"
+    assert str(shape) in str(info.value)  # the shape, not wording, is what the user needs to see
+    with pytest.raises(UserError) as info:
+        decode.detect_layout(shape, 640, num_classes=nc, flag="--model")
+    assert info.value.flag == "--model"
 
 
 def test_layout_detection_for_the_card_model_shapes():
@@ -217,3 +222,44 @@ def test_exported_onnx_decodes_like_ultralytics(tiny_yolov10_pt, tiny_yolov10_on
     # the exporter's own check allows ~4e-4 between fused ONNX and torch logits (max |logit| ~ 1e2)
     np.testing.assert_allclose(boxes, expected[:4].T, atol=1e-2)
     np.testing.assert_allclose(scores, expected[4:].T, atol=1e-4)
+
+
+@pytest.mark.parametrize("key, nms", [("decoded_o2m", True), ("decoded_o2m", False), ("end2end", False)])
+def test_metric_on_decoded_and_end2end_outputs_equals_pycocotools(v10_head_outputs, tmp_path, key, nms):
+    """faster-coco-eval (the evaluator's metric) and pycocotools score the same decoded detections alike.
+
+    Ground truth: the 40 best end-to-end rows, jittered (not clipped: this random head's boxes reach
+    far outside the image), plus a few boxes no detection matches, so the AP is neither 0 nor 1.
+    """
+    import json
+
+    from lowbit import coco_eval
+
+    rng = np.random.default_rng(0)
+    rows = v10_head_outputs["end2end"][0][:40]
+    annotations = []
+    for x1, y1, x2, y2, _, cls in rows:
+        box = np.array([x1, y1, x2 - x1, y2 - y1]) + rng.normal(0, 0.05 * (x2 - x1), 4)  # random-head boxes overflow
+        annotations.append({"id": len(annotations) + 1, "image_id": 1, "category_id": int(cls) + 1,
+                            "bbox": [float(v) for v in box], "area": float(box[2] * box[3]), "iscrowd": 0})  # fmt: skip
+    for cls in range(5):
+        annotations.append({"id": len(annotations) + 1, "image_id": 1, "category_id": cls + 1,
+                            "bbox": [5.0, 5.0, 20.0, 20.0], "area": 400.0, "iscrowd": 0})  # fmt: skip
+    dataset = {
+        "images": [{"id": 1, "file_name": "1.jpg", "width": IMGSZ, "height": IMGSZ}],
+        "annotations": annotations,
+        "categories": [{"id": i + 1, "name": f"c{i}"} for i in range(v10_head_outputs["nc"])],
+    }
+    path = tmp_path / "gt.json"
+    path.write_text(json.dumps(dataset))
+    coco = coco_eval.load_coco(path)
+    output = np.asarray(v10_head_outputs[key])
+    layout = decode.detect_layout(output.shape, IMGSZ, num_classes=v10_head_outputs["nc"])
+    dets = decode.postprocess(output, layout, IMGSZ, conf=0.001, nms=nms)
+    cat_ids, _ = coco_eval.category_mapping(coco)
+    records = coco_eval.detections_to_records(1, dets.boxes, dets.scores, dets.classes, cat_ids)
+    metrics, _ = coco_eval.evaluate_bbox(coco, records, [1])
+    reference = coco_eval.pycocotools_stats(coco, records, [1])
+    np.testing.assert_allclose([metrics[k] for k in coco_eval.STAT_KEYS], reference, atol=1e-4, rtol=0)
+    if key == "end2end":
+        assert 0.05 < metrics["map50_95"] < 0.95

@@ -1,55 +1,57 @@
-"""Benchmark of the COCO evaluator's own cost: how close it runs to pure ``session.run``.
+"""Benchmark of the COCO evaluator (lowbit.evaluate): its metric step and its end-to-end speed.
 
-Example:
+Example (on a GPU machine, sweeping the prefetch worker count):
 
     python scripts/cv-models/bench_eval_pipeline.py \
-      --onnx-path models/cv-models/yolov10m/checkpoints/yolov10m.onnx \
-      --data-root datasets/coco2017/source-data --max-images 50 --imgsz 640 \
-      --providers CPUExecutionProvider --workers 2
+      --onnx-path models/cv-models/yolov10n-demo-shapes/yolov10n-demo-shapes.onnx \
+      --data-root datasets/demo-shapes --max-images 300 --imgsz 640 \
+      --providers CUDAExecutionProvider --disable-cpu-fallback --workers 1 2 4 8
 
-Reports, in one run, on the same images:
+Prints, from one run on the same images and model:
 
-(a) the evaluator's end-to-end loop time (eval_yolov10m_onnx_coco.py's ``throughput.loop_wall_s``:
-    decode + preprocess + inference + postprocess, warm-up and COCO scoring excluded) against the
-    time of ``session.run`` alone over the same, already preprocessed inputs (measured before and
-    after the evaluator, averaged) -> overhead in percent (goal: <= 5 % on CPU for yolov10m);
-(b) images/s of the data pipeline alone (decode + letterbox in ``--workers`` threads) against the
-    single-thread rate times ``--workers`` (ideal scaling);
-(c) the pycocotools scoring time of those detections (no faster evaluator is used).
+(a) the metric step: faster-coco-eval (what the evaluator uses) against pycocotools on the same
+    detections, seconds each, the speed-up (goal >= 5x) and the largest difference of the 12 COCO
+    stats (goal: identical, <= 1e-4);
+(b) end to end: the evaluator's images/s (prefetch, inference and postprocessing; warm-up and
+    scoring excluded) against bare ``session.run`` images/s over the same, already preprocessed
+    inputs on the same providers (goal >= 0.9), one row per ``--workers`` count.
 
-Writes ``bench.json`` (``--out``) plus the evaluator's own run under ``eval/`` next to it.
+Writes ``bench.json`` (``--out``) and each evaluator run under ``eval-w<N>/`` beside it.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 from pathlib import Path
 
 import numpy as np
 
+from lowbit.cli import cli_entry
+from lowbit.evaluate import EvalSettings, evaluate, resolve_data_paths
 from lowbit.logs import get_logger, setup_logging
 from lowbit.runs import (
     REPO_ROOT,
     UserError,
     atomic_write_json,
     check_input_file,
-    load_script,
     new_run_dir,
     package_versions,
     refuse_overwrite,
     resolve_repo_path,
 )
-from lowbit.cli import cli_entry
 
 log = get_logger("bench_eval")
-EVAL_SCRIPT = Path(__file__).resolve().parent / "eval_yolov10m_onnx_coco.py"
+METRIC_SPEEDUP_GOAL = 5.0
+END_TO_END_GOAL = 0.9
+STAT_TOLERANCE = 1e-4
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Evaluator overhead vs pure session.run, and data-pipeline scaling.",
+        description="Evaluator benchmark: metric step vs pycocotools, end to end vs bare session.run.",
         allow_abbrev=False,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -66,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--imgsz", type=int, default=640, help="square letterbox side, pixels")
     parser.add_argument("--providers", nargs="+", default=["CPUExecutionProvider"], help="ORT providers, in order")
     parser.add_argument("--disable-cpu-fallback", action="store_true", help="fail if any node would run on CPU")
-    parser.add_argument("--workers", type=int, default=4, help="prefetch threads of the evaluator and for (b)")
+    parser.add_argument(
+        "--workers", type=int, nargs="+", default=[4], help="prefetch worker counts to sweep; one evaluator run each"
+    )
     parser.add_argument("--warmup-runs", type=int, default=3, help="untimed session.run calls before each timing")
     parser.add_argument(
         "--out", type=Path, default=None, help="bench.json path; None means tmp/bench_eval_pipeline/<time>/bench.json"
@@ -75,131 +79,175 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _pure_session_run(session, input_name: str, output_name: str, tensors: list[np.ndarray], warmup: int) -> float:
-    for _ in range(warmup):
+def validate(args: argparse.Namespace) -> Path:
+    """Check the flags and return the bench.json path (nothing is written)."""
+    if args.max_images < 1:
+        raise UserError(f"--max-images must be >= 1, got {args.max_images}", flag="--max-images")
+    if min(args.workers) < 0:
+        raise UserError(f"--workers must be >= 0, got {min(args.workers)}", flag="--workers")
+    if args.warmup_runs < 0:
+        raise UserError(f"--warmup-runs must be >= 0, got {args.warmup_runs}", flag="--warmup-runs")
+    check_input_file(resolve_repo_path(args.onnx_path), "--onnx-path")
+    resolve_data_paths(eval_settings(args, args.workers[0], None))
+    if args.out is None:
+        return new_run_dir(REPO_ROOT / "tmp" / "bench_eval_pipeline") / "bench.json"
+    out = args.out if args.out.is_absolute() else Path.cwd() / args.out
+    refuse_overwrite(out, args.overwrite)
+    return out
+
+
+def eval_settings(args: argparse.Namespace, workers: int, out: Path) -> EvalSettings:
+    return EvalSettings(
+        onnx_path=args.onnx_path,
+        data_root=args.data_root,
+        images_dir=args.images_dir,
+        ann_file=args.ann_file,
+        max_images=args.max_images,
+        providers=list(args.providers),
+        disable_cpu_fallback=args.disable_cpu_fallback,
+        warmup_runs=args.warmup_runs,
+        skip_latency=0,
+        imgsz=args.imgsz,
+        out=out,
+        workers=workers,
+        overwrite=True,
+    )
+
+
+def metric_step(coco, records: list[dict], image_ids: list[int]) -> dict:
+    """(a): time faster-coco-eval and pycocotools on the same detections and compare their stats."""
+    from lowbit import coco_eval
+
+    t0 = time.perf_counter()
+    metrics, _ = coco_eval.evaluate_bbox(coco, records, image_ids)
+    faster_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    reference = coco_eval.pycocotools_stats(coco, records, image_ids)
+    pycocotools_s = time.perf_counter() - t0
+    ours = np.array([metrics[k] for k in coco_eval.STAT_KEYS])
+    diff = float(np.abs(ours - reference).max())
+    return {
+        "images": len(image_ids),
+        "detections": len(records),
+        "faster_coco_eval_s": round(faster_s, 4),
+        "pycocotools_s": round(pycocotools_s, 4),
+        "speedup": round(pycocotools_s / faster_s, 2) if faster_s > 0 else None,
+        "max_abs_stat_diff": diff,
+        "identical": diff <= STAT_TOLERANCE,
+        "goal_speedup": METRIC_SPEEDUP_GOAL,
+    }
+
+
+def bare_session_run(args: argparse.Namespace, onnx_path: Path, items: list[tuple[int, Path]], cache: Path) -> dict:
+    """images/s of ``session.run`` alone over preprocessed inputs (measured twice, averaged)."""
+    from lowbit import ort_session
+    from lowbit.preprocess import prepare_image
+
+    session, info = ort_session.build_session(
+        onnx_path, list(args.providers), args.disable_cpu_fallback, cache_dir=cache, flag="--providers"
+    )
+    input_name, _, input_dtype = ort_session.check_image_input(session, args.imgsz, onnx_path)
+    dtype = np.float16 if input_dtype == "tensor(float16)" else np.float32
+    tensors = [prepare_image(key, path, args.imgsz).chw[None].astype(dtype) for key, path in items]
+    output_name = session.get_outputs()[0].name
+    for _ in range(args.warmup_runs):
         session.run([output_name], {input_name: tensors[0]})
-    t0 = time.perf_counter()
-    for x in tensors:
-        session.run([output_name], {input_name: x})
-    return time.perf_counter() - t0
+    times = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        for x in tensors:
+            session.run([output_name], {input_name: x})
+        times.append(time.perf_counter() - t0)
+    seconds = sum(times) / len(times)
+    return {
+        "images": len(tensors),
+        "seconds": round(seconds, 4),
+        "runs_s": [round(t, 4) for t in times],
+        "images_per_s": round(len(tensors) / seconds, 3),
+        "providers_used": info["providers_used"],
+    }
 
 
-def _pipeline_rate(items, imgsz: int, workers: int) -> float:
-    from lowbit.preprocess import iter_prepared
+def sweep_workers(args: argparse.Namespace, out: Path) -> tuple[list[dict], object]:
+    """(b): one evaluator run per worker count; returns the rows (ratios still empty) and the first result."""
+    rows, first = [], None
+    for workers in args.workers:
+        result = evaluate(eval_settings(args, workers, out.parent / f"eval-w{workers}" / "metrics.json"))
+        first = first or result
+        rate = result.record["throughput"]["images_per_s"]
+        rows.append(
+            {
+                "workers": workers,
+                "eval_images_per_s": rate,
+                "ratio_to_session_run": None,
+                "latency_provider": result.record["latency_ms"]["provider"],
+                "stage_means_ms": {k: v["mean"] for k, v in result.record["stages_ms"].items()},
+                "metrics_path": str(result.path),
+            }
+        )
+        log.info("workers %d: %.1f images/s end to end", workers, rate or 0.0)
+    return rows, first
 
-    t0 = time.perf_counter()
-    n = sum(1 for _ in iter_prepared(items, imgsz, workers))
-    return n / (time.perf_counter() - t0)
+
+def run_bench(args: argparse.Namespace, out: Path) -> dict:
+    from lowbit import coco_eval
+
+    onnx_path = resolve_repo_path(args.onnx_path)
+    _, ann_file, ann_flag = resolve_data_paths(eval_settings(args, args.workers[0], out))
+    coco = coco_eval.load_coco(ann_file, ann_flag)
+    rows, first = sweep_workers(args, out)
+    image_ids = first.record["dataset"]["image_ids"]
+    images_dir = Path(first.record["dataset"]["images_dir"])
+    items = [(i, images_dir / coco.imgs[i]["file_name"]) for i in image_ids]
+    bare = bare_session_run(args, onnx_path, items, out.parent / "ort_cache")
+    for row in rows:  # the ratio needs the bare rate, measured after the sweep on a warm page cache
+        rate = row["eval_images_per_s"]
+        row["ratio_to_session_run"] = round(rate / bare["images_per_s"], 3) if rate else None
+    records = json.loads(first.detections_path.read_text())
+    best = max(rows, key=lambda r: r["eval_images_per_s"] or 0.0)
+    return {
+        "model": str(onnx_path),
+        "imgsz": args.imgsz,
+        "providers_requested": list(args.providers),
+        "metric_step": metric_step(coco, records, image_ids),
+        "session_run": bare,
+        "end_to_end": rows,
+        "best_workers": best["workers"],
+        "goal_end_to_end_ratio": END_TO_END_GOAL,
+        "host_cpus": os.cpu_count(),
+        "versions": package_versions(),
+    }
+
+
+def format_summary(bench: dict, out: Path) -> str:
+    metric, bare = bench["metric_step"], bench["session_run"]
+    providers = ", ".join(bare["providers_used"])
+    verdict = "identical" if metric["identical"] else "DIFFERENT"
+    lines = [
+        f"model        {bench['model']}  ({bare['images']} images, imgsz {bench['imgsz']}, {providers})",
+        f"(a) metric   faster-coco-eval {metric['faster_coco_eval_s']:.3f} s, pycocotools {metric['pycocotools_s']:.3f} s"
+        + f" -> {metric['speedup']}x (goal >= {METRIC_SPEEDUP_GOAL:g}x); {metric['detections']} detections,"
+        + f" max |stat diff| {metric['max_abs_stat_diff']:.1e} ({verdict})",
+        f"(b) session.run alone {bare['images_per_s']:.1f} images/s; evaluator end to end (goal >= {END_TO_END_GOAL}):",
+    ]
+    for row in bench["end_to_end"]:
+        lines.append(
+            f"    workers {row['workers']:>2}  {row['eval_images_per_s']:.1f} images/s  "
+            f"ratio {row['ratio_to_session_run']}  wait {row['stage_means_ms']['wait']} ms/image  "
+            f"(latency on {row['latency_provider']})"
+        )
+    lines += [f"best workers {bench['best_workers']}", f"bench.json   {out}"]
+    return "\n".join(lines)
 
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    eval_script = load_script(EVAL_SCRIPT)
-    from lowbit import coco_eval, ort_session
-    from lowbit.preprocess import prepare_image
-
-    if args.max_images < 1:
-        raise UserError(f"--max-images must be >= 1, got {args.max_images}")
-    if args.workers < 1:
-        raise UserError(f"--workers must be >= 1 for the scaling comparison, got {args.workers}")
-    onnx_path = check_input_file(resolve_repo_path(args.onnx_path), "--onnx-path")
-    images_dir, ann_file = eval_script.resolve_data_paths(args)
-    if args.out is None:
-        out = new_run_dir(REPO_ROOT / "tmp" / "bench_eval_pipeline") / "bench.json"
-    else:
-        out = args.out if args.out.is_absolute() else Path.cwd() / args.out
-        refuse_overwrite(out, args.overwrite)
-
-    coco = coco_eval.load_coco(ann_file, "--ann-file" if args.ann_file else "--data-root")
-    ids = coco_eval.select_image_ids(coco, args.max_images)
-    items = [(i, images_dir / coco.imgs[i]["file_name"]) for i in ids]
-    missing = [str(p) for _, p in items if not p.is_file()]
-    if missing:
-        raise UserError(f"{len(missing)} selected images are missing (first: {missing[0]})")
-
-    # (b) data pipeline alone; files read once first so both rates see a warm page cache
-    for _, path in items:
-        path.read_bytes()
-    single_rate = _pipeline_rate(items, args.imgsz, 0)
-    pool_rate = _pipeline_rate(items, args.imgsz, args.workers)
-
-    # (a) pure session.run on preprocessed inputs, the evaluator, pure session.run again
-    tensors = []
-    for key, path in items:
-        prepared = prepare_image(key, path, args.imgsz)
-        if prepared.error is not None:
-            raise UserError(str(prepared.error))
-        tensors.append(prepared.chw[None])
-    session, info = ort_session.build_session(
-        onnx_path, args.providers, args.disable_cpu_fallback, cache_dir=out.parent / "ort_cache"
-    )
-    input_name, _, input_dtype = ort_session.check_image_input(session, args.imgsz, onnx_path)
-    if input_dtype == "tensor(float16)":
-        tensors = [t.astype(np.float16) for t in tensors]
-    output_name = session.get_outputs()[0].name
-    pure_before = _pure_session_run(session, input_name, output_name, tensors, args.warmup_runs)
-
-    eval_argv = [
-        "--onnx-path", str(onnx_path), "--images-dir", str(images_dir), "--ann-file", str(ann_file),
-        "--max-images", str(args.max_images), "--imgsz", str(args.imgsz), "--providers", *args.providers,
-        "--warmup-runs", str(args.warmup_runs), "--skip-latency", "0", "--workers", str(args.workers),
-        "--out", str(out.parent / "eval" / "metrics.json"), "--overwrite",
-    ]  # fmt: skip
-    if args.disable_cpu_fallback:
-        eval_argv.append("--disable-cpu-fallback")
-    result, _ = eval_script.run_eval(eval_script.build_parser().parse_args(eval_argv), eval_argv)
-    setup_logging(out.parent / "bench.log")  # the evaluator pointed the logger at its own file
-
-    pure_after = _pure_session_run(session, input_name, output_name, tensors, args.warmup_runs)
-    pure_s = (pure_before + pure_after) / 2
-    loop_s = result["throughput"]["loop_wall_s"]
-    n = len(tensors)
-    stages = result["stages_ms"]
-    bench = {
-        "model": str(onnx_path),
-        "images": n,
-        "imgsz": args.imgsz,
-        "providers_used": info["providers_used"],
-        "workers": args.workers,
-        "end_to_end_vs_session_run": {
-            "eval_loop_s": loop_s,
-            "session_run_s": round(pure_s, 4),
-            "session_run_s_before": round(pure_before, 4),
-            "session_run_s_after": round(pure_after, 4),
-            "overhead_pct": round((loop_s - pure_s) / pure_s * 100, 2),
-            "eval_images_per_s": result["throughput"]["images_per_s"],
-            "session_run_images_per_s": round(n / pure_s, 3),
-            "eval_stage_means_ms": {name: values["mean"] for name, values in stages.items()},
-        },
-        "data_pipeline": {
-            "single_thread_images_per_s": round(single_rate, 3),
-            "pool_images_per_s": round(pool_rate, 3),
-            "ideal_images_per_s": round(single_rate * args.workers, 3),
-            "scaling_efficiency": round(pool_rate / (single_rate * args.workers), 3),
-        },
-        "coco_eval": {"evaluator": "pycocotools", "seconds": result["timing_s"]["coco_eval"]},
-        "host_cpus": os.cpu_count(),
-        "versions": package_versions(),
-    }
+    setup_logging()
+    out = validate(args)
+    bench = run_bench(args, out)
     atomic_write_json(out, bench)
-
-    e2e, pipe = bench["end_to_end_vs_session_run"], bench["data_pipeline"]
-    print(
-        "\n".join(
-            [
-                f"model            {onnx_path}  ({n} images, imgsz {args.imgsz}, {', '.join(info['providers_used'])})",
-                f"(a) eval loop    {loop_s:.3f} s   session.run alone {pure_s:.3f} s "
-                f"(before {pure_before:.3f}, after {pure_after:.3f})   overhead {e2e['overhead_pct']:+.2f} %",
-                "    stage means  " + "  ".join(f"{k} {v:.2f} ms" for k, v in e2e["eval_stage_means_ms"].items()),
-                f"(b) pipeline     {pipe['pool_images_per_s']:.1f} images/s with {args.workers} workers   "
-                f"single thread {pipe['single_thread_images_per_s']:.1f} x {args.workers} = "
-                f"{pipe['ideal_images_per_s']:.1f}   efficiency {pipe['scaling_efficiency']:.2f}",
-                f"(c) pycocotools  {bench['coco_eval']['seconds']:.3f} s",
-                f"bench.json       {out}",
-            ]
-        )
-    )
+    print(format_summary(bench, out))
     return 0
 
 

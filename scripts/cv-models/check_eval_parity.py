@@ -1,9 +1,9 @@
 """Verify the ONNX evaluator against ultralytics' own validation of the same weights on the same images.
 
-Runs (1) ``eval_yolov10m_onnx_coco.py`` on the raw-head ONNX export and (2) ultralytics ``val`` on
+Runs (1) the evaluator (``lowbit.evaluate``, what ``eval_yolov10m_onnx_coco.py`` runs) on the raw-head ONNX export and (2) ultralytics ``val`` on
 the ``.pt`` it was exported from, both with the square letterbox, batch 1 and the one-to-one head,
 on the first ``--max-images`` image ids. Writes ``parity.json`` with three numbers per metric:
-ours, ultralytics' detections scored by pycocotools (same metric code as ours: isolates
+ours, ultralytics' detections scored by our metric code (faster-coco-eval: isolates
 pre/post-processing), and ultralytics' own mAP (its own interpolation and 300 detections per image,
 so it differs from COCO's definition by a few tenths of a point).
 
@@ -18,23 +18,14 @@ Example::
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from lowbit.coco_eval import category_mapping, evaluate_bbox, load_coco, select_image_ids
-from lowbit.logs import setup_logging
-from lowbit.runs import (
-    UserError,
-    atomic_write_json,
-    check_input_file,
-    load_script,
-    manifest_run,
-    refuse_overwrite,
-)
 from lowbit.cli import cli_entry
-
-EVAL_SCRIPT = Path(__file__).with_name("eval_yolov10m_onnx_coco.py")
+from lowbit.coco_eval import category_mapping, evaluate_bbox, load_coco, select_image_ids
+from lowbit.evaluate import EvalSettings, evaluate
+from lowbit.logs import setup_logging
+from lowbit.runs import UserError, atomic_write_json, check_input_file, manifest_run, refuse_overwrite
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,19 +73,23 @@ def main(argv: list[str] | None = None) -> int:
     with manifest_run(work / "parity.manifest.json", "check_eval_parity.py", vars(args)) as manifest:
         manifest.add_input(weights)
         manifest.add_input(onnx_path)
-        ours_out = work / "ours" / "metrics.json"
-        rc = load_script(EVAL_SCRIPT).main(
-            ["--onnx-path", str(onnx_path), "--data-root", str(args.data_root), "--max-images", str(args.max_images),
-             "--imgsz", str(args.imgsz), "--providers", "CPUExecutionProvider", "--warmup-runs", "1",
-             "--out", str(ours_out), "--overwrite"]
+        settings = EvalSettings(
+            onnx_path=onnx_path,
+            data_root=args.data_root,
+            max_images=args.max_images,
+            imgsz=args.imgsz,
+            providers=["CPUExecutionProvider"],
+            warmup_runs=1,
+            out=work / "ours" / "metrics.json",
+            overwrite=True,
         )
-        if rc != 0:
-            raise RuntimeError(f"the evaluator failed (exit {rc})")
-        ours = json.loads(ours_out.read_text())["metrics"]
+        ours = evaluate(settings).record["metrics"]
 
         from lowbit import ultralytics_peer
 
-        data_yaml = ultralytics_peer.write_val_subset(work / "ultralytics", [yolo_images / files[i] for i in image_ids], names)
+        data_yaml = ultralytics_peer.write_val_subset(
+            work / "ultralytics", [yolo_images / files[i] for i in image_ids], names
+        )
         own, records = ultralytics_peer.ultralytics_val(
             weights, data_yaml, (work / "ultralytics").absolute(), imgsz=args.imgsz, one2one=True, device=args.device
         )
@@ -106,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             "head": "one-to-one (ultralytics nms=False)",
             "letterbox": f"square {args.imgsz}, batch 1 (ultralytics rect=False)",
             "ours": {k: ours[k] for k in ("map50_95", "map50")},
-            "ultralytics_detections_pycocotools": {k: theirs_coco[k] for k in ("map50_95", "map50")},
+            "ultralytics_detections_same_metric": {k: theirs_coco[k] for k in ("map50_95", "map50")},
             "ultralytics_own_metric": own,
         }
         result["diff_ap_points"] = {
@@ -119,10 +114,10 @@ def main(argv: list[str] | None = None) -> int:
 
     d = result["diff_ap_points"]
     print(
-        f"mAP50-95: ours {ours['map50_95']:.4f} | ultralytics dets+pycocotools {theirs_coco['map50_95']:.4f} "
+        f"mAP50-95: ours {ours['map50_95']:.4f} | ultralytics dets, our metric {theirs_coco['map50_95']:.4f} "
         f"({d['vs_ultralytics_detections']['map50_95']:+.2f} AP) | ultralytics own metric {own['map50_95']:.4f} "
         f"({d['vs_ultralytics_own_metric']['map50_95']:+.2f} AP)\n"
-        f"mAP50:    ours {ours['map50']:.4f} | ultralytics dets+pycocotools {theirs_coco['map50']:.4f} "
+        f"mAP50:    ours {ours['map50']:.4f} | ultralytics dets, our metric {theirs_coco['map50']:.4f} "
         f"({d['vs_ultralytics_detections']['map50']:+.2f} AP) | ultralytics own metric {own['map50']:.4f} "
         f"({d['vs_ultralytics_own_metric']['map50']:+.2f} AP)"
     )

@@ -5,8 +5,8 @@ model on the requested execution providers, and writes into a new run directory 
 --output-root:
 
 * ``smoke.json``: per output name/shape/dtype/min/max/mean/std (over finite elements) and
-  NaN/Inf counts; latency of every timed run in ms; the providers ONNX Runtime actually
-  assigned with their options; session config; package versions; the model's sha256;
+  NaN/Inf counts; latency in ms (``lowbit.latency.latency_stats`` keys, plus ``runs``: every
+  timed run); the providers ONNX Runtime actually assigned with their options; session config; package versions; the model's sha256;
 * ``manifest.json`` (status ``ok``, or ``failed`` with the reason) and ``run.log``.
 
 Exit status: 0 ok; 1 when an output holds NaN or Inf (smoke.json is still written, manifest
@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from lowbit.cli import cli_entry
+from lowbit.latency import latency_stats
 from lowbit.logs import get_logger, setup_logging
 from lowbit.onnx_stats import graph_inputs, load_model_proto, parse_input_shapes, resolve_input_shapes
 from lowbit.ort_session import CPU, build_session, check_providers
@@ -42,7 +43,6 @@ from lowbit.runs import (
     package_versions,
     resolve_repo_path,
 )
-from lowbit.cli import cli_entry
 
 log = get_logger("run_random_onnx_inference")
 
@@ -112,7 +112,7 @@ def random_inputs(session, shapes: dict[str, list[int]], seed: int) -> tuple[dic
         elif ort_type == "tensor(bool)":
             value = rng.random(shape) < 0.5
             distribution = "bernoulli(0.5)"
-        elif ort_type.startswith("tensor(int") or ort_type.startswith("tensor(uint"):
+        elif ort_type.startswith(("tensor(int", "tensor(uint")):
             dtype = np.dtype(ort_type[len("tensor(") : -1])
             value = rng.integers(0, 10, size=shape).astype(dtype)
             distribution = "integers[0,10)"
@@ -150,18 +150,6 @@ def output_stats(name: str, value) -> dict[str, Any]:
         }
     )
     return result
-
-
-def latency_summary(latencies_ms: list[float]) -> dict[str, Any]:
-    ordered = sorted(latencies_ms)
-    return {
-        "runs": [round(t, 4) for t in latencies_ms],
-        "mean": statistics.fmean(ordered),
-        "p50": statistics.median(ordered),
-        "min": ordered[0],
-        "max": ordered[-1],
-        "std": statistics.pstdev(ordered),
-    }
 
 
 def _num(value: float | None) -> str:
@@ -217,12 +205,12 @@ def _smoke(args, argv, model: Path, shapes, batch_assumed_for, run_dir: Path) ->
 
         for _ in range(args.warmup_runs):
             session.run(None, feeds)
-        latencies_ms = []
+        latencies_s = []
         outputs = None
         for _ in range(args.runs):
             start = time.perf_counter()
             outputs = session.run(None, feeds)
-            latencies_ms.append((time.perf_counter() - start) * 1000.0)
+            latencies_s.append(time.perf_counter() - start)
 
         stats = [output_stats(spec.name, value) for spec, value in zip(session.get_outputs(), outputs)]
         non_finite = [s["name"] for s in stats if s["nan_count"] or s["inf_count"]]
@@ -243,7 +231,10 @@ def _smoke(args, argv, model: Path, shapes, batch_assumed_for, run_dir: Path) ->
             "batch_assumed_for": batch_assumed_for,
             "outputs": stats,
             "non_finite_outputs": non_finite,
-            "latency_ms": latency_summary(latencies_ms),
+            "latency_ms": {
+                **latency_stats(latencies_s, skip=0, warmup_runs=args.warmup_runs),
+                "runs": [round(t * 1000.0, 4) for t in latencies_s],
+            },
             "onnxruntime": {"version": ort.__version__, "device": ort.get_device()},
             "versions": package_versions(),
         }
