@@ -58,11 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(verbose=args.verbose)
     model = check_input_file(resolve_repo_path(args.model), "--model")
     if args.batch < 1:
-        raise UserError(f"--batch must be >= 1, got {args.batch}")
+        raise UserError(f"--batch must be >= 1, got {args.batch}", flag="--batch")
     overrides = parse_input_shapes(args.input_shape)
     if args.json_out is not None:
         if args.json_out.suffix.lower() != ".json":
-            raise UserError(f"--json-out must end in .json, got {args.json_out}")
+            raise UserError(f"--json-out must end in .json, got {args.json_out}", flag="--json-out")
         refuse_overwrite(args.json_out, args.overwrite, "--overwrite")
 
     if args.json_out is None:

@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from lowbit.logs import setup_logging
-from lowbit.ort_session import MODELOPT_CALIBRATION_EPS, qdq_summary
+from lowbit.ort_session import MODELOPT_CALIBRATION_EPS
+from lowbit.qdq_graph import qdq_summary
 from lowbit.runs import (
     UserError,
     check_input_file,
