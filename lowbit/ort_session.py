@@ -738,8 +738,8 @@ def check_image_input(
             problems.append(f"channels {_dim_text(shape[1])}, expected 3")
     if problems:
         raise UserError(
-            f"{model_flag}: {where}input {name!r} has shape {shape}: {'; '.join(problems)} "
-            "(H and W may be static or dynamic)",
+            f"{model_flag}: {where}input {name!r} has shape {shape}; expected [1,3,H,W] ({'; '.join(problems)}; "
+            "H and W may be static or dynamic)",
             flag=model_flag,
         )
     if imgsz is not None:
