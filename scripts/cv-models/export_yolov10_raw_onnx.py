@@ -18,6 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from lowbit.cli import cli_entry
 from lowbit.export import (
     DEFAULT_OPSET,
     DEFAULT_RTOL,
@@ -37,7 +38,6 @@ from lowbit.runs import (
     resolve_repo_path,
     sha256_file,
 )
-from lowbit.cli import cli_entry
 
 log = get_logger("export_yolov10_raw_onnx")
 

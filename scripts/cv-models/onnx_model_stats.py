@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lowbit.cli import cli_entry
 from lowbit.logs import get_logger, setup_logging
 from lowbit.onnx_stats import format_markdown, format_text, model_stats, parse_input_shapes
 from lowbit.runs import (
@@ -24,7 +25,6 @@ from lowbit.runs import (
     refuse_overwrite,
     resolve_repo_path,
 )
-from lowbit.cli import cli_entry
 
 log = get_logger("onnx_model_stats")
 
