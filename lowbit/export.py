@@ -89,9 +89,10 @@ def resolve_yaml(weights: str | Path) -> Path:
                 return matches[0]
         raise UserError(
             f"--weights: {weights} is neither a file nor an architecture shipped with ultralytics "
-            f"(looked under {cfg_root}); e.g. yolov10m.yaml"
+            f"(looked under {cfg_root}); e.g. yolov10m.yaml",
+            flag="--weights",
         )
-    raise UserError(f"--weights: {weights} does not exist")
+    raise UserError(f"--weights: {weights} does not exist", flag="--weights")
 
 
 def _load_pt_checkpoint(source: Path):
@@ -115,12 +116,14 @@ def _load_pt_checkpoint(source: Path):
             checkpoint = torch.load(str(source), map_location="cpu", weights_only=False)
     except Exception as exc:  # zip/pickle/import errors: whatever the file is, it is not a usable checkpoint
         raise UserError(
-            f"--weights: {source} is not a loadable ultralytics checkpoint ({type(exc).__name__}: {exc})"
+            f"--weights: {source} is not a loadable ultralytics checkpoint ({type(exc).__name__}: {exc})",
+            flag="--weights",
         ) from exc
     model = (checkpoint.get("ema") or checkpoint.get("model")) if isinstance(checkpoint, dict) else checkpoint
     if not isinstance(model, torch.nn.Module) or not hasattr(model, "model"):
         raise UserError(
-            f"--weights: {source} is not a loadable ultralytics checkpoint (no detection model under 'ema'/'model')"
+            f"--weights: {source} is not a loadable ultralytics checkpoint (no detection model under 'ema'/'model')",
+            flag="--weights",
         )
     for module in model.modules():
         if isinstance(module, torch.nn.Upsample) and not hasattr(module, "recompute_scale_factor"):
@@ -148,7 +151,7 @@ def load_yolov10(weights: str | Path, nc: int | None = None, seed: int = 0) -> L
 
     suffix = Path(weights).suffix.lower()
     if nc is not None and nc < 1:
-        raise UserError(f"--nc must be >= 1, got {nc}")
+        raise UserError(f"--nc must be >= 1, got {nc}", flag="--nc")
     if suffix == ".pt":
         source = check_input_file(Path(weights), "--weights")
         model = _load_pt_checkpoint(source)
@@ -165,20 +168,24 @@ def load_yolov10(weights: str | Path, nc: int | None = None, seed: int = 0) -> L
                 model = DetectionModel(cfg, nc=nc, verbose=False)
             except Exception as exc:
                 raise UserError(
-                    f"--weights: could not build a model from {source} ({type(exc).__name__}: {exc})"
+                    f"--weights: could not build a model from {source} ({type(exc).__name__}: {exc})",
+                    flag="--weights",
                 ) from exc
         kind = "yaml"
     else:
-        raise UserError(f"--weights: expected a .pt checkpoint or a .yaml architecture, got {weights}")
+        raise UserError(
+            f"--weights: expected a .pt checkpoint or a .yaml architecture, got {weights}", flag="--weights"
+        )
 
     head = model.model[-1]
     if getattr(head, "one2one_cv2", None) is None or getattr(head, "one2one_cv3", None) is None:
         raise UserError(
             f"--weights: {source} has no one-to-one (NMS-free) detection head "
-            f"({type(head).__name__}); only YOLOv10-style end-to-end heads can be exported to this format"
+            f"({type(head).__name__}); only YOLOv10-style end-to-end heads can be exported to this format",
+            flag="--weights",
         )
     if kind == "pt" and nc is not None and nc != head.nc:
-        raise UserError(f"--nc {nc} does not match the checkpoint {source}, which has nc={head.nc}")
+        raise UserError(f"--nc {nc} does not match the checkpoint {source}, which has nc={head.nc}", flag="--nc")
     model = model.float().cpu().eval()
     return LoadedModel(model=model, source=source, kind=kind, nc=int(head.nc))
 
@@ -272,6 +279,71 @@ def check_static_shapes(model_proto) -> list[str]:
     return bad
 
 
+def _torch_export(model, path: Path, imgsz: int, opset: int, output_name: str) -> None:
+    """``torch.onnx.export`` of the prepared model to ``path``, with the checkpoint's I/O names."""
+    import torch
+
+    images = torch.zeros(1, 3, imgsz, imgsz)
+    with warnings.catch_warnings():
+        # The TorchScript-based exporter is deprecated in favour of dynamo; it is used on purpose
+        # because only it names nodes after the module hierarchy like the checkpoint.
+        warnings.simplefilter("ignore", category=DeprecationWarning)
+        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+        with torch.no_grad():
+            torch.onnx.export(
+                model,
+                (images,),
+                str(path),
+                dynamo=False,
+                opset_version=opset,
+                input_names=[INPUT_NAME],
+                output_names=[output_name],
+                do_constant_folding=True,
+                # True skips the exporter's initializer de-duplication, which would merge equal
+                # tensors (e.g. the zero biases of an untrained model) behind Identity nodes and
+                # make initializer-based parameter counts disagree with the module's.
+                keep_initializers_as_inputs=True,
+            )
+
+
+def _check_exported_graph(proto, output_name: str, imgsz: int, expected_shape: list[int]) -> dict[str, str]:
+    """Give the head's last Concat the checkpoint's name and check I/O names and static shapes.
+
+    Returns:
+        ``{old node name: new name}`` for what was renamed.
+
+    Raises:
+        RuntimeError: the graph is not in the checkpoint's format (a bug, not user input).
+    """
+    import onnx
+
+    graph = proto.graph
+    _strip_initializer_inputs(graph)
+    concat_node_name = output_name[: -len("_output_0")]
+    renamed: dict[str, str] = {}
+    producer = next((n for n in graph.node if output_name in n.output), None)
+    if producer is None or producer.op_type != "Concat":
+        raise RuntimeError(f"exported graph: output {output_name} is not produced by a Concat node")
+    if producer.name != concat_node_name:
+        # Different torch versions may number scoped nodes differently; the checkpoint's name wins.
+        renamed[producer.name] = concat_node_name
+        producer.name = concat_node_name
+    if [i.name for i in graph.input] != [INPUT_NAME] or [o.name for o in graph.output] != [output_name]:
+        raise RuntimeError(
+            f"exported graph has inputs {[i.name for i in graph.input]} and outputs "
+            f"{[o.name for o in graph.output]}; expected [{INPUT_NAME}] and [{output_name}]"
+        )
+    out_shape = _static_dims(graph.output[0])
+    in_shape = _static_dims(graph.input[0])
+    if out_shape != expected_shape or in_shape != [1, 3, imgsz, imgsz]:
+        raise RuntimeError(f"exported shapes {in_shape} -> {out_shape}; expected -> {expected_shape}")
+    onnx.checker.check_model(proto, full_check=True)
+    dynamic = check_static_shapes(proto)
+    if dynamic:
+        raise RuntimeError(f"exported graph has tensors without a static shape: {dynamic[:5]}")
+    return renamed
+
+
 def export_raw_head_onnx(model, out: Path, imgsz: int, opset: int = DEFAULT_OPSET) -> dict[str, Any]:
     """Export a model prepared by :func:`prepare_raw_head_model` to ``out`` (written atomically).
 
@@ -290,67 +362,19 @@ def export_raw_head_onnx(model, out: Path, imgsz: int, opset: int = DEFAULT_OPSE
         RuntimeError: the exported graph is not in the expected format (a bug, not user input).
     """
     import onnx
-    import torch
 
     head = model.model[-1]
-    head_index = len(model.model) - 1
-    output_name = head_output_name(head_index, head.nl)
-    concat_node_name = output_name[: -len("_output_0")]
+    output_name = head_output_name(len(model.model) - 1, head.nl)
     expected_shape = [1, head.no, num_anchors(imgsz, tuple(int(s) for s in head.stride.tolist()))]
-    images = torch.zeros(1, 3, imgsz, imgsz)
-
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        with warnings.catch_warnings():
-            # The TorchScript-based exporter is deprecated in favour of dynamo; it is used on purpose
-            # because only it names nodes after the module hierarchy like the checkpoint.
-            warnings.simplefilter("ignore", category=DeprecationWarning)
-            warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
-            with torch.no_grad():
-                torch.onnx.export(
-                    model,
-                    (images,),
-                    str(tmp),
-                    dynamo=False,
-                    opset_version=opset,
-                    input_names=[INPUT_NAME],
-                    output_names=[output_name],
-                    do_constant_folding=True,
-                    # True skips the exporter's initializer de-duplication, which would merge equal
-                    # tensors (e.g. the zero biases of an untrained model) behind Identity nodes and
-                    # make initializer-based parameter counts disagree with the module's.
-                    keep_initializers_as_inputs=True,
-                )
+        _torch_export(model, tmp, imgsz, opset, output_name)
         proto = onnx.load(str(tmp))
-        graph = proto.graph
-        _strip_initializer_inputs(graph)
-
-        renamed: dict[str, str] = {}
-        producer = next((n for n in graph.node if output_name in n.output), None)
-        if producer is None or producer.op_type != "Concat":
-            raise RuntimeError(f"exported graph: output {output_name} is not produced by a Concat node")
-        if producer.name != concat_node_name:
-            # Different torch versions may number scoped nodes differently; the checkpoint's name wins.
-            renamed[producer.name] = concat_node_name
-            producer.name = concat_node_name
-
-        if [i.name for i in graph.input] != [INPUT_NAME] or [o.name for o in graph.output] != [output_name]:
-            raise RuntimeError(
-                f"exported graph has inputs {[i.name for i in graph.input]} and outputs "
-                f"{[o.name for o in graph.output]}; expected [{INPUT_NAME}] and [{output_name}]"
-            )
-        out_shape = _static_dims(graph.output[0])
-        in_shape = _static_dims(graph.input[0])
-        if out_shape != expected_shape or in_shape != [1, 3, imgsz, imgsz]:
-            raise RuntimeError(f"exported shapes {in_shape} -> {out_shape}; expected -> {expected_shape}")
-        onnx.checker.check_model(proto, full_check=True)
-        dynamic = check_static_shapes(proto)
-        if dynamic:
-            raise RuntimeError(f"exported graph has tensors without a static shape: {dynamic[:5]}")
+        renamed = _check_exported_graph(proto, output_name, imgsz, expected_shape)
         onnx.save(proto, str(tmp))
         # mkstemp creates 0600 files; give the export the mode a plain open() would.
         umask = os.umask(0)
@@ -365,8 +389,8 @@ def export_raw_head_onnx(model, out: Path, imgsz: int, opset: int = DEFAULT_OPSE
         "output_name": output_name,
         "output_shape": expected_shape,
         "opset": opset,
-        "num_nodes": len(graph.node),
-        "num_initializers": len(graph.initializer),
+        "num_nodes": len(proto.graph.node),
+        "num_initializers": len(proto.graph.initializer),
         "renamed": renamed,
     }
 
@@ -384,9 +408,10 @@ def onnx_vs_reference(onnx_path: Path, reference, images) -> dict[str, float]:
         ``max_abs_diff / max(max_abs_reference, 1e-12)``.
     """
     import numpy as np
-    import onnxruntime as ort
 
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    from lowbit.ort_session import CPU, build_session
+
+    session, _ = build_session(onnx_path, [CPU], model_flag="--out")
     (output,) = session.run(None, {session.get_inputs()[0].name: images.numpy()})
     ref = reference.numpy()
     if output.shape != ref.shape:
@@ -403,7 +428,8 @@ def onnx_vs_reference(onnx_path: Path, reference, images) -> dict[str, float]:
 def check_imgsz(imgsz: int, max_stride: int) -> None:
     if imgsz < max_stride or imgsz % max_stride:
         raise UserError(
-            f"--imgsz must be a positive multiple of {max_stride} (the model's largest stride), got {imgsz}"
+            f"--imgsz must be a positive multiple of {max_stride} (the model's largest stride), got {imgsz}",
+            flag="--imgsz",
         )
 
 

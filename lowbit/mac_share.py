@@ -10,7 +10,7 @@ Rules:
 
 * MACs per node: ``lowbit.onnx_stats.node_macs`` at the shapes ONNX shape inference gives (symbolic
   batch dims set to ``batch``); ``total_macs`` sums every Conv/MatMul/Gemm node.
-* low precision: the node is in ``lowbit.ort_session.qdq_summary``'s ``quantized_nodes`` (a
+* low precision: the node is in ``lowbit.qdq_graph.qdq_summary``'s ``quantized_nodes`` (a
   Conv/Gemm/MatMul with a constant weight counts when that weight comes through a DequantizeLinear;
   otherwise every non-constant input must come through one).
 * dtype (``by_dtype`` key): the element type its quantized inputs are stored in (``int8``,
@@ -28,10 +28,9 @@ from typing import Any
 
 import onnx
 
-# _shape_table: the tensor -> shape map count_macs uses; node_macs needs it per node.
 from lowbit.onnx_stats import (
     COMPUTE_OPS,
-    _shape_table,
+    shape_table,
     graph_inputs,
     infer_shapes,
     load_model_proto,
@@ -39,7 +38,7 @@ from lowbit.onnx_stats import (
     resolve_input_shapes,
     with_input_shapes,
 )
-from lowbit.ort_session import qdq_summary
+from lowbit.qdq_graph import qdq_summary
 
 UNQUANTIZED = "unknown"  # by_dtype key when a quantized node's element type cannot be read
 
@@ -126,7 +125,7 @@ def low_precision_mac_share(
     proto = model if isinstance(model, onnx.ModelProto) else load_model_proto(Path(model), flag)
     shapes, _ = resolve_input_shapes(graph_inputs(proto), input_shapes, batch)
     inferred = infer_shapes(with_input_shapes(proto, shapes))
-    table = _shape_table(inferred)
+    table = shape_table(inferred)
     graph = inferred.graph
     quantized = set(qdq_summary(graph)["quantized_nodes"])
     producers = {out: node for node in graph.node for out in node.output if out}

@@ -24,24 +24,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from lowbit.qdq_graph import dtype_name, element_bits
 from lowbit.runs import UserError
 
 MIB = 1024 * 1024
 COMPUTE_OPS = ("Conv", "MatMul", "Gemm")
-# Element widths (bits) ONNX stores packed below one byte.
-_SUB_BYTE_BITS = {"INT4": 4, "UINT4": 4, "FLOAT4E2M1": 4, "INT2": 2, "UINT2": 2}
 
 Dim = int | str
-
-
-def tensor_consumers(graph: Any) -> dict[str, list[Any]]:
-    """The nodes of an ``onnx.GraphProto`` that read each tensor, by tensor name (empty optional inputs skipped)."""
-    table: dict[str, list[Any]] = {}
-    for node in graph.node:
-        for name in node.input:
-            if name:
-                table.setdefault(name, []).append(node)
-    return table
 
 
 @dataclass
@@ -51,15 +40,6 @@ class TensorSpec:
     name: str
     dtype: str
     shape: list[Dim] | None  # None: the graph declares no shape at all
-
-
-def _dtype_name(elem_type: int) -> str:
-    import onnx
-
-    try:
-        return onnx.TensorProto.DataType.Name(elem_type)
-    except ValueError:
-        return f"TYPE_{elem_type}"
 
 
 def tensor_spec(value_info) -> TensorSpec:
@@ -73,7 +53,7 @@ def tensor_spec(value_info) -> TensorSpec:
                 shape.append(int(dim.dim_value))
             else:
                 shape.append(dim.dim_param or "?")
-    return TensorSpec(value_info.name, _dtype_name(tensor_type.elem_type), shape)
+    return TensorSpec(value_info.name, dtype_name(tensor_type.elem_type), shape)
 
 
 def load_model_proto(path: Path, flag: str = "--model"):
@@ -83,9 +63,9 @@ def load_model_proto(path: Path, flag: str = "--model"):
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # DecodeError, ValueError, ...: whatever protobuf says about a non-model
-        raise UserError(f"{flag}: {path} is not an ONNX model ({type(exc).__name__}: {exc})") from exc
+        raise UserError(f"{flag}: {path} is not an ONNX model ({type(exc).__name__}: {exc})", flag=flag) from exc
     if not proto.graph.node or not proto.graph.output:
-        raise UserError(f"{flag}: {path} is not an ONNX model (no graph nodes or outputs)")
+        raise UserError(f"{flag}: {path} is not an ONNX model (no graph nodes or outputs)", flag=flag)
     return proto
 
 
@@ -106,15 +86,15 @@ def parse_input_shapes(values: list[str] | None, flag: str = "--input-shape") ->
         name, sep, dims_text = value.rpartition("=")
         key = name if sep else None
         if sep and not name:
-            raise UserError(f"{flag}: {value!r} has an empty input name; use NAME=D0,D1,...")
+            raise UserError(f"{flag}: {value!r} has an empty input name; use NAME=D0,D1,...", flag=flag)
         try:
             dims = [int(d) for d in dims_text.replace("x", ",").split(",") if d.strip()]
         except ValueError as exc:
-            raise UserError(f"{flag}: {value!r} is not NAME=D0,D1,... with integer dims") from exc
+            raise UserError(f"{flag}: {value!r} is not NAME=D0,D1,... with integer dims", flag=flag) from exc
         if not dims or any(d < 1 for d in dims):
-            raise UserError(f"{flag}: {value!r} needs one or more dims, each >= 1")
+            raise UserError(f"{flag}: {value!r} needs one or more dims, each >= 1", flag=flag)
         if key in shapes:
-            raise UserError(f"{flag}: shape for {key or 'the input'} given twice")
+            raise UserError(f"{flag}: shape for {key or 'the input'} given twice", flag=flag)
         shapes[key] = dims
     return shapes
 
@@ -143,12 +123,14 @@ def resolve_input_shapes(
     if None in overrides:
         if len(inputs) != 1:
             names = ", ".join(i.name for i in inputs)
-            raise UserError(f"{flag}: the model has {len(inputs)} inputs ({names}); use NAME=D0,D1,...")
+            raise UserError(f"{flag}: the model has {len(inputs)} inputs ({names}); use NAME=D0,D1,...", flag=flag)
         overrides[inputs[0].name] = overrides.pop(None)
     known = {i.name for i in inputs}
     unknown = sorted(set(overrides) - known)
     if unknown:
-        raise UserError(f"{flag}: no model input named {', '.join(unknown)}; inputs: {', '.join(sorted(known))}")
+        raise UserError(
+            f"{flag}: no model input named {', '.join(unknown)}; inputs: {', '.join(sorted(known))}", flag=flag
+        )
 
     shapes: dict[str, list[int]] = {}
     assumed: list[str] = []
@@ -159,17 +141,19 @@ def resolve_input_shapes(
             if declared is not None:
                 if len(given) != len(declared):
                     raise UserError(
-                        f"{flag}: {spec.name} has rank {len(declared)} {declared}, got {len(given)} dims {given}"
+                        f"{flag}: {spec.name} has rank {len(declared)} {declared}, got {len(given)} dims {given}",
+                        flag=flag,
                     )
                 for axis, (want, got) in enumerate(zip(declared, given)):
                     if isinstance(want, int) and want > 0 and want != got:
                         raise UserError(
-                            f"{flag}: {spec.name} dim {axis} is fixed to {want} by the model, got {got} ({given})"
+                            f"{flag}: {spec.name} dim {axis} is fixed to {want} by the model, got {got} ({given})",
+                            flag=flag,
                         )
             shapes[spec.name] = list(given)
             continue
         if declared is None:
-            raise UserError(f"input {spec.name!r} declares no shape; pass {flag} {spec.name}=D0,D1,...")
+            raise UserError(f"input {spec.name!r} declares no shape; pass {flag} {spec.name}=D0,D1,...", flag=flag)
         dims: list[int] = []
         dynamic_axes = []
         for axis, dim in enumerate(declared):
@@ -186,7 +170,8 @@ def resolve_input_shapes(
             raise UserError(
                 f"input {spec.name!r} has non-static dims {shown} (axes {dynamic_axes}); "
                 f"pass {flag} {spec.name}="
-                + ",".join(str(d) if d > 0 else _dim_hint(declared[axis], axis) for axis, d in enumerate(dims))
+                + ",".join(str(d) if d > 0 else _dim_hint(declared[axis], axis) for axis, d in enumerate(dims)),
+                flag=flag,
             )
         shapes[spec.name] = dims
     return shapes, assumed
@@ -197,17 +182,6 @@ def _dim_hint(declared: Dim, axis: int) -> str:
     return declared if isinstance(declared, str) and declared not in ("", "?") else f"D{axis}"
 
 
-def _element_bits(elem_type: int) -> int:
-    import onnx
-
-    name = _dtype_name(elem_type)
-    if name in _SUB_BYTE_BITS:
-        return _SUB_BYTE_BITS[name]
-    if name == "STRING":
-        return 0
-    return int(onnx.helper.tensor_dtype_to_np_dtype(elem_type).itemsize) * 8
-
-
 def count_parameters(proto) -> tuple[int, int]:
     """``(element count, bytes)`` over the main graph's initializers."""
     count = 0
@@ -215,7 +189,7 @@ def count_parameters(proto) -> tuple[int, int]:
     for init in proto.graph.initializer:
         numel = math.prod(init.dims) if init.dims else 1
         count += numel
-        bits = _element_bits(init.data_type)
+        bits = element_bits(init.data_type)
         if bits:
             total_bits += numel * bits
         else:  # strings: their stored lengths
@@ -239,17 +213,17 @@ def with_input_shapes(proto, shapes: dict[str, list[int]]):
     return fixed
 
 
-def infer_shapes(proto):
+def infer_shapes(proto, flag: str = "--model"):
     """ONNX shape inference with data propagation (shape arithmetic such as Shape->Gather->Reshape)."""
     import onnx
 
     try:
         return onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
     except Exception as exc:
-        raise UserError(f"ONNX shape inference failed: {type(exc).__name__}: {exc}") from exc
+        raise UserError(f"{flag}: ONNX shape inference failed: {type(exc).__name__}: {exc}", flag=flag) from exc
 
 
-def _shape_table(proto) -> dict[str, list[Dim] | None]:
+def shape_table(proto) -> dict[str, list[Dim] | None]:
     graph = proto.graph
     table: dict[str, list[Dim] | None] = {}
     for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
@@ -295,7 +269,7 @@ def node_macs(node, shapes: dict[str, list[Dim] | None]) -> int | None:
 
 def count_macs(inferred_proto) -> tuple[dict[str, int], list[str]]:
     """MACs per op type over the main graph, and names of compute nodes whose shapes are unknown."""
-    shapes = _shape_table(inferred_proto)
+    shapes = shape_table(inferred_proto)
     by_op = {op: 0 for op in COMPUTE_OPS}
     unresolved = []
     for node in inferred_proto.graph.node:

@@ -29,37 +29,27 @@ onnxruntime the correctly rounded ones.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
+from onnx import TensorProto
 
-from lowbit.onnx_stats import tensor_consumers
+from lowbit.logs import get_logger
+from lowbit.ort_session import build_session
+from lowbit.qdq_graph import dtype_name, quant_max_magnitude, quantize_output_type, tensor_consumers
 
 FP16_MIN_NORMAL = float(np.finfo(np.float16).tiny)  # 6.103515625e-05
 FP16_MIN_SUBNORMAL = float(np.finfo(np.float16).smallest_subnormal)  # 5.960464477539063e-08
 FP16_MAX = float(np.finfo(np.float16).max)  # 65504.0
 
-# ONNX element type codes used below (onnx.TensorProto values; kept as ints so this module's static
-# part needs onnx only to load the model).
-FLOAT, FLOAT16, BFLOAT16, DOUBLE = 1, 10, 16, 11
-_QMAX = {2: 255, 3: 127, 4: 65535, 5: 32767, 21: 15, 22: 7}  # uint8, int8, uint16, int16, uint4, int4
-_QMIN = {2: 0, 3: -128, 4: 0, 5: -32768, 21: 0, 22: -8}
+FLOAT, FLOAT16, DOUBLE = TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE
+
+log = get_logger("qdq_inspect")
 
 ROUNDING_NEAREST_EVEN = "nearest_even"
 ROUNDING_TOWARD_ZERO = "toward_zero"
-
-
-def dtype_name(elem_type: int | None) -> str | None:
-    """ONNX element type name (``FLOAT``, ``FLOAT16`` ...) of a type code, None for None."""
-    import onnx
-
-    if elem_type is None:
-        return None
-    try:
-        return onnx.TensorProto.DataType.Name(elem_type)
-    except ValueError:
-        return f"TYPE_{elem_type}"
 
 
 def fp16_value_counts(values: np.ndarray) -> dict[str, int]:
@@ -112,7 +102,7 @@ def _elem_types(model) -> dict[str, int]:
     types: dict[str, int] = {}
     try:
         inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
-    except Exception:  # inference is best effort; declared types are used then
+    except Exception:  # noqa: BLE001 - inference is best effort; declared types are used then
         inferred = model
     for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
         if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
@@ -149,10 +139,11 @@ def _short(names: list[str], limit: int = 8) -> str:
 
 
 def _range_max(scale: dict[str, Any], quant_code: int | None) -> float | None:
-    """Largest magnitude a Q/DQ pair represents: max scale x the quantized type's largest |integer|."""
-    if quant_code not in _QMAX or scale.get("max") is None:
+    """Largest magnitude a Q/DQ pair represents: max scale x the quantized type's largest magnitude."""
+    largest = quant_max_magnitude(quant_code)
+    if largest is None or scale.get("max") is None:
         return None
-    return float(scale["max"] * max(abs(_QMIN[quant_code]), _QMAX[quant_code]))
+    return float(scale["max"] * largest)
 
 
 def inspect_qdq(model, source=None) -> dict[str, Any]:
@@ -198,37 +189,63 @@ def inspect_qdq(model, source=None) -> dict[str, Any]:
     if not isinstance(model, onnx.ModelProto):
         model = onnx.load(str(model))
     graph = model.graph
-    nodes = list(graph.node)
     consts = _constant_arrays(model)
     types = _elem_types(model)
     consumers = tensor_consumers(graph)
+    pairs = _pair_entries(list(graph.node), consts, types, consumers)
+    report: dict[str, Any] = {"pairs": pairs, **_pair_counts(pairs)}
+    report["casts"] = [
+        {"name": n.name, "input": n.input[0], "to": dtype_name(_attr_int(n, "to"))}
+        for n in graph.node
+        if n.op_type == "Cast"
+    ]
+    report["initializers"] = _initializer_stats(graph, consts)
+    if source is not None:
+        report["source_comparison"] = compare_initializers(model, source, consumers)
+    return report
 
-    def scale_entry(name: str) -> dict[str, Any]:
-        if name not in consts:
-            return {"name": name, "dtype": dtype_name(types.get(name)), "numel": None, "min": None, "max": None,
-                    "subnormal_in_fp16": None, "zero_in_fp16": None, "clamped_in_fp16": None}
-        values = consts[name]
-        counts = fp16_value_counts(values)
-        mag = np.abs(values.astype(np.float64))
-        is16 = values.dtype == np.float16
-        return {
-            "name": name,
-            "dtype": dtype_name(types.get(name)),
-            **_summary(values),
-            "subnormal_in_fp16": counts["subnormal"],
-            # an fp16 scale that is 0, or an fp32 one a cast to fp16 would flush to 0
-            "zero_in_fp16": int((mag == 0).sum()) if is16 else counts["to_zero"] + int((mag == 0).sum()),
-            "clamped_in_fp16": int((mag == FP16_MIN_SUBNORMAL).sum()) if is16 else counts["below_min_subnormal"],
-        }
 
-    def quant_type(node) -> int | None:
-        if len(node.input) > 2 and node.input[2]:
-            return types.get(node.input[2])
-        for attr in node.attribute:
-            if attr.name == "output_dtype" and attr.i:
-                return attr.i
-        return 2  # ONNX default: uint8
+def _scale_entry(name: str, consts: dict[str, np.ndarray], types: dict[str, int]) -> dict[str, Any]:
+    """What a scale tensor holds and what fp16 does (or would do) to it; values None for a computed scale."""
+    if name not in consts:
+        return {"name": name, "dtype": dtype_name(types.get(name)), "numel": None, "min": None, "max": None,
+                "subnormal_in_fp16": None, "zero_in_fp16": None, "clamped_in_fp16": None}
+    values = consts[name]
+    counts = fp16_value_counts(values)
+    mag = np.abs(values.astype(np.float64))
+    is16 = values.dtype == np.float16
+    return {
+        "name": name,
+        "dtype": dtype_name(types.get(name)),
+        **_summary(values),
+        "subnormal_in_fp16": counts["subnormal"],
+        # an fp16 scale that is 0, or an fp32 one a cast to fp16 would flush to 0
+        "zero_in_fp16": int((mag == 0).sum()) if is16 else counts["to_zero"] + int((mag == 0).sum()),
+        "clamped_in_fp16": int((mag == FP16_MIN_SUBNORMAL).sum()) if is16 else counts["below_min_subnormal"],
+    }
 
+
+def _pair_entry(q_node, dq_nodes: list, quant_code: int | None, scale: dict[str, Any], dq_scales: list[dict],
+                readers: list[str], consts: dict, types: dict[str, int]) -> dict[str, Any]:
+    tensor = (q_node or dq_nodes[0]).input[0]
+    range_max = _range_max(scale, quant_code)
+    return {
+        "q_node": q_node.name if q_node is not None else None,
+        "dq_nodes": [dq.name for dq in dq_nodes],
+        "tensor": tensor,
+        "kind": "weight" if tensor in consts else "activation",
+        "input_dtype": dtype_name(types.get(tensor)),
+        "scale": scale,
+        "dq_scales": dq_scales,
+        "quant_dtype": dtype_name(quant_code),
+        "range_max": range_max,
+        "consumers": readers,
+        "range_exceeds_fp16": bool(range_max is not None and range_max > FP16_MAX),
+    }
+
+
+def _pair_entries(nodes: list, consts: dict, types: dict[str, int], consumers: dict[str, list]) -> list[dict]:
+    """One entry per QuantizeLinear (with its DQ readers), then per DequantizeLinear of a stored constant."""
     pairs: list[dict[str, Any]] = []
     q_outputs = set()
     for node in nodes:
@@ -237,44 +254,21 @@ def inspect_qdq(model, source=None) -> dict[str, Any]:
         q_outputs.add(node.output[0])
         dqs = [c for c in consumers.get(node.output[0], []) if c.op_type == "DequantizeLinear"]
         readers = [c.name for dq in dqs for c in consumers.get(dq.output[0], [])]
-        qtype = quant_type(node)
-        scale = scale_entry(node.input[1])
-        range_max = _range_max(scale, qtype)
         # a DQ with its own scale initializer (ModelOpt duplicates shared constants) is checked too
-        dq_scales = [scale_entry(dq.input[1]) for dq in dqs if dq.input[1] != node.input[1]]
-        pairs.append(
-            {
-                "q_node": node.name,
-                "dq_nodes": [dq.name for dq in dqs],
-                "tensor": node.input[0],
-                "kind": "weight" if node.input[0] in consts else "activation",
-                "input_dtype": dtype_name(types.get(node.input[0])),
-                "scale": scale,
-                "dq_scales": dq_scales,
-                "quant_dtype": dtype_name(qtype),
-                "range_max": range_max,
-                "consumers": readers,
-            }
-        )
+        dq_scales = [_scale_entry(dq.input[1], consts, types) for dq in dqs if dq.input[1] != node.input[1]]
+        scale = _scale_entry(node.input[1], consts, types)
+        pairs.append(_pair_entry(node, dqs, quantize_output_type(node, types), scale, dq_scales, readers, consts,
+                                 types))
     for node in nodes:
         if node.op_type == "DequantizeLinear" and node.input[0] not in q_outputs:
-            scale = scale_entry(node.input[1])
-            pairs.append(
-                {
-                    "q_node": None,
-                    "dq_nodes": [node.name],
-                    "tensor": node.input[0],
-                    "kind": "weight" if node.input[0] in consts else "activation",
-                    "input_dtype": dtype_name(types.get(node.input[0])),
-                    "scale": scale,
-                    "dq_scales": [],
-                    "quant_dtype": dtype_name(types.get(node.input[0])),
-                    "range_max": _range_max(scale, types.get(node.input[0])),
-                    "consumers": [c.name for c in consumers.get(node.output[0], [])],
-                }
-            )
-    for pair in pairs:
-        pair["range_exceeds_fp16"] = bool(pair["range_max"] is not None and pair["range_max"] > FP16_MAX)
+            readers = [c.name for c in consumers.get(node.output[0], [])]
+            scale = _scale_entry(node.input[1], consts, types)
+            pairs.append(_pair_entry(None, [node], types.get(node.input[0]), scale, [], readers, consts, types))
+    return pairs
+
+
+def _pair_counts(pairs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The report's ``counts``, ``fp16_quantize_nodes``, ``affected_nodes`` and low/zero-scale pair lists."""
 
     def any_scale(pair, key) -> bool:
         return any((s.get(key) or 0) > 0 for s in [pair["scale"], *pair["dq_scales"]])
@@ -284,21 +278,7 @@ def inspect_qdq(model, source=None) -> dict[str, Any]:
     clamped = [p for p in pairs if any_scale(p, "clamped_in_fp16") and p["scale"]["dtype"] == "FLOAT16"]
     fp16_q = [p["q_node"] for p in pairs if p["q_node"] is not None and p["input_dtype"] == "FLOAT16"]
     scale_types = [p["scale"]["dtype"] for p in pairs]
-
-    init_types: dict[str, int] = {}
-    fp16_sub = fp16_min_sub = fp16_nonfinite = 0
-    for init in graph.initializer:
-        key = dtype_name(init.data_type)
-        init_types[key] = init_types.get(key, 0) + 1
-        if init.data_type == FLOAT16:
-            values = consts[init.name]
-            counts = fp16_value_counts(values)
-            fp16_sub += counts["subnormal"]
-            fp16_nonfinite += counts["nonfinite"]
-            fp16_min_sub += int((np.abs(values.astype(np.float64)) == FP16_MIN_SUBNORMAL).sum())
-
-    report: dict[str, Any] = {
-        "pairs": pairs,
+    return {
         "counts": {
             "pairs": len(pairs),
             "scales_fp16": scale_types.count("FLOAT16"),
@@ -310,24 +290,31 @@ def inspect_qdq(model, source=None) -> dict[str, Any]:
             "range_exceeds_fp16": sum(1 for p in pairs if p["range_exceeds_fp16"] and p["input_dtype"] == "FLOAT16"),
         },
         "fp16_quantize_nodes": fp16_q,
-        "casts": [
-            {"name": n.name, "input": n.input[0], "to": dtype_name(_attr_int(n, "to"))}
-            for n in nodes
-            if n.op_type == "Cast"
-        ],
-        "initializers": {
-            "by_dtype": init_types,
-            "fp16_subnormal_values": fp16_sub,
-            "fp16_min_subnormal_values": fp16_min_sub,
-            "fp16_nonfinite_values": fp16_nonfinite,
-        },
         "affected_nodes": sorted({c for p in low + zero for c in p["consumers"]}),
         "low_scale_pairs": [p["q_node"] or p["dq_nodes"][0] for p in low],
         "zero_scale_pairs": [p["q_node"] or p["dq_nodes"][0] for p in zero],
     }
-    if source is not None:
-        report["source_comparison"] = compare_initializers(model, source, consumers)
-    return report
+
+
+def _initializer_stats(graph, consts: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Initializer counts by element type, and the fp16 ones' subnormal / 5.96e-8 / non-finite values."""
+    init_types: dict[str, int] = {}
+    fp16_sub = fp16_min_sub = fp16_nonfinite = 0
+    for init in graph.initializer:
+        key = dtype_name(init.data_type)
+        init_types[key] = init_types.get(key, 0) + 1
+        if init.data_type == FLOAT16:
+            values = consts[init.name]
+            counts = fp16_value_counts(values)
+            fp16_sub += counts["subnormal"]
+            fp16_nonfinite += counts["nonfinite"]
+            fp16_min_sub += int((np.abs(values.astype(np.float64)) == FP16_MIN_SUBNORMAL).sum())
+    return {
+        "by_dtype": init_types,
+        "fp16_subnormal_values": fp16_sub,
+        "fp16_min_subnormal_values": fp16_min_sub,
+        "fp16_nonfinite_values": fp16_nonfinite,
+    }
 
 
 def compare_initializers(model, source, consumers: dict[str, list] | None = None) -> dict[str, Any]:
@@ -418,10 +405,10 @@ def probe_fp16_quantize_rounding(providers: Iterable[str] = ("CPUExecutionProvid
     probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)], ir_version=9)
     onnx.checker.check_model(probe)
     try:
-        session = ort.InferenceSession(probe.SerializeToString(), providers=list(providers))
+        session, _ = build_session(probe, list(providers), log_severity_level=3, model_flag="fp16 rounding probe")
         out = session.run(None, {"x": values})[0].astype(int).tolist()
         used = session.get_providers()[0]
-    except Exception as exc:  # an EP or kernel missing: report, never fail the inspection
+    except Exception as exc:  # noqa: BLE001 - an EP or kernel missing: report, never fail the inspection
         return {
             "onnxruntime": ort.__version__,
             "provider": None,
@@ -490,14 +477,13 @@ def with_fp32_quantize(model):
     return model, changed
 
 
-def _exposed_session(model, names: list[str] | None = None):
+def _exposed_session(model, names: list[str] | None = None, model_flag: str = "--onnx-path"):
     """An onnxruntime CPU session of ``model`` with every typed intermediate tensor as an output.
 
     Graph optimizations are off so the values are those of the graph as written (no fusion into
     QLinear kernels). Returns ``(session, ordered_names)`` with names in node order.
     """
     import onnx
-    import onnxruntime as ort
 
     model = onnx.shape_inference.infer_shapes(model, strict_mode=False)
     value_info = {vi.name: vi for vi in model.graph.value_info}
@@ -512,10 +498,10 @@ def _exposed_session(model, names: list[str] | None = None):
                 model.graph.output.append(value_info[out])
                 declared.add(out)
                 order.append(out)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session, _ = build_session(
+        model, ["CPUExecutionProvider"], graph_optimization_level="ORT_DISABLE_ALL", log_severity_level=3,
+        model_flag=model_flag,
+    )
     return session, order
 
 
@@ -551,49 +537,25 @@ def compare_runs(model, reference, images: np.ndarray, threshold: float = 0.05, 
     if not isinstance(reference, onnx.ModelProto):
         reference = onnx.load(str(reference))
     session, names = _exposed_session(model)
-    ref_session, ref_names = _exposed_session(reference)
+    ref_session, ref_names = _exposed_session(reference, model_flag="--reference-onnx")
     common = [n for n in names if n in set(ref_names)]
-    index = {n: i for i, n in enumerate(names)}
-    ref_index = {n: i for i, n in enumerate(ref_names)}
-    input_name = session.get_inputs()[0].name
-    ref_input = ref_session.get_inputs()[0].name
-    sq_diff = dict.fromkeys(common, 0.0)
-    sq_ref = dict.fromkeys(common, 0.0)
-    max_abs = dict.fromkeys(common, 0.0)
-    ref_max = dict.fromkeys(common, 0.0)
-    shape_mismatch: set[str] = set()
-    for i in range(images.shape[0]):
-        x = np.ascontiguousarray(images[i : i + 1], dtype=np.float32)
-        outs = session.run(None, {input_name: x})
-        ref_outs = ref_session.run(None, {ref_input: x})
-        for name in common:
-            a = np.asarray(outs[index[name]])
-            b = np.asarray(ref_outs[ref_index[name]])
-            if a.shape != b.shape or not (np.issubdtype(a.dtype, np.number) and np.issubdtype(b.dtype, np.number)):
-                shape_mismatch.add(name)
-                continue
-            a = a.astype(np.float64)
-            b = b.astype(np.float64)
-            sq_diff[name] += float(np.square(a - b).sum())
-            sq_ref[name] += float(np.square(b).sum())
-            max_abs[name] = max(max_abs[name], float(np.abs(a - b).max()) if a.size else 0.0)
-            ref_max[name] = max(ref_max[name], float(np.abs(b).max()) if b.size else 0.0)
+    stats = _accumulate_errors(session, names, ref_session, ref_names, common, images)
     ops = {t: (op, node) for t, op, node in _node_order(model)}
     rows = []
     for name in common:
-        if name in shape_mismatch:
+        if name in stats["shape_mismatch"]:
             continue
-        denom = np.sqrt(sq_ref[name])
-        rel = float(np.sqrt(sq_diff[name]) / denom) if denom > 0 else (0.0 if sq_diff[name] == 0 else float("inf"))
+        diff, ref = stats["sq_diff"][name], stats["sq_ref"][name]
+        rel = float(np.sqrt(diff) / np.sqrt(ref)) if ref > 0 else (0.0 if diff == 0 else float("inf"))
         op, node = ops.get(name, ("Input", ""))
-        rows.append({"tensor": name, "op": op, "node": node, "rel_error": rel, "max_abs_diff": max_abs[name]})
+        rows.append({"tensor": name, "op": op, "node": node, "rel_error": rel, "max_abs_diff": stats["max_abs"][name]})
     graph_outputs = [o.name for o in model.graph.output]
     by_name = {r["tensor"]: r for r in rows}
     outputs = {
         name: {
             "rel_error": by_name[name]["rel_error"],
             "max_abs_diff": by_name[name]["max_abs_diff"],
-            "ref_max_abs": ref_max[name],
+            "ref_max_abs": stats["ref_max"][name],
         }
         for name in graph_outputs
         if name in by_name
@@ -613,18 +575,42 @@ def compare_runs(model, reference, images: np.ndarray, threshold: float = 0.05, 
     }
 
 
+def _accumulate_errors(session, names, ref_session, ref_names, common: list[str], images: np.ndarray) -> dict:
+    """Run every image through both sessions; per tensor in ``common``: summed squared difference and reference
+    (``sq_diff``, ``sq_ref``), largest |difference| and |reference| (``max_abs``, ``ref_max``), and the names
+    whose shapes or types differ between the two (``shape_mismatch``)."""
+    index = {n: i for i, n in enumerate(names)}
+    ref_index = {n: i for i, n in enumerate(ref_names)}
+    input_name = session.get_inputs()[0].name
+    ref_input = ref_session.get_inputs()[0].name
+    stats: dict[str, Any] = {key: dict.fromkeys(common, 0.0) for key in ("sq_diff", "sq_ref", "max_abs", "ref_max")}
+    stats["shape_mismatch"] = set()
+    for i in range(images.shape[0]):
+        x = np.ascontiguousarray(images[i : i + 1], dtype=np.float32)
+        outs = session.run(None, {input_name: x})
+        ref_outs = ref_session.run(None, {ref_input: x})
+        for name in common:
+            a = np.asarray(outs[index[name]])
+            b = np.asarray(ref_outs[ref_index[name]])
+            if a.shape != b.shape or not (np.issubdtype(a.dtype, np.number) and np.issubdtype(b.dtype, np.number)):
+                stats["shape_mismatch"].add(name)
+                continue
+            a = a.astype(np.float64)
+            b = b.astype(np.float64)
+            stats["sq_diff"][name] += float(np.square(a - b).sum())
+            stats["sq_ref"][name] += float(np.square(b).sum())
+            stats["max_abs"][name] = max(stats["max_abs"][name], float(np.abs(a - b).max()) if a.size else 0.0)
+            stats["ref_max"][name] = max(stats["ref_max"][name], float(np.abs(b).max()) if b.size else 0.0)
+    return stats
+
+
 def output_error(model, reference, images: np.ndarray) -> dict[str, float]:
     """Relative error of each output of ``model`` against ``reference`` (both ORT CPU, default optimizations)."""
-    import onnx
-    import onnxruntime as ort
 
-    def session(m):
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        data = m.SerializeToString() if isinstance(m, onnx.ModelProto) else str(m)
-        return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    def session(m, model_flag: str):
+        return build_session(m, ["CPUExecutionProvider"], log_severity_level=3, model_flag=model_flag)[0]
 
-    s, r = session(model), session(reference)
+    s, r = session(model, "--onnx-path"), session(reference, "--reference-onnx")
     names = [o.name for o in s.get_outputs()]
     sq_diff = dict.fromkeys(names, 0.0)
     sq_ref = dict.fromkeys(names, 0.0)
@@ -638,6 +624,53 @@ def output_error(model, reference, images: np.ndarray) -> dict[str, float]:
             sq_diff[name] += float(np.square(a - b).sum())
             sq_ref[name] += float(np.square(b).sum())
     return {n: float(np.sqrt(sq_diff[n] / sq_ref[n])) if sq_ref[n] > 0 else 0.0 for n in names}
+
+
+def complete_report(
+    report: dict[str, Any],
+    model,
+    reference=None,
+    images: np.ndarray | None = None,
+    reference_label: str | None = None,
+    *,
+    rewrite: bool = False,
+    threshold: float = 0.05,
+    top: int = 10,
+):
+    """Add the runtime probe, the optional dynamic comparison and the verdict to an :func:`inspect_qdq` report.
+
+    Args:
+        report: from :func:`inspect_qdq` on ``model``; completed in place with ``runtime``, ``dynamic``
+            and ``fp32_quantize_check`` (with ``images``), ``verdict`` and ``findings``.
+        model: the inspected ``ModelProto``.
+        reference: the model to compare against when ``images`` are given.
+        images: float32 [N, C, H, W] (:func:`load_images`), or None for the static report only.
+        reference_label: how the report names ``reference``.
+        rewrite: also build the fp32-quantize rewrite even without images.
+        threshold, top: see :func:`compare_runs`.
+
+    Returns:
+        The :func:`with_fp32_quantize` rewrite of ``model`` when it was built, else None.
+    """
+    report["runtime"] = probe_fp16_quantize_rounding()
+    fixed = None
+    if report["counts"]["fp16_quantize_inputs"] and (rewrite or images is not None):
+        fixed, changed = with_fp32_quantize(model)
+        log.info("%d float16 QuantizeLinear nodes rewritten to compute in float32", changed)
+    if images is not None:
+        log.info("running %d images through the model and %s (all tensors exposed)", len(images), reference_label)
+        dynamic = compare_runs(model, reference, images, threshold=threshold, top=top)
+        dynamic["reference"] = reference_label
+        report["dynamic"] = dynamic
+        if fixed is not None:
+            report["fp32_quantize_check"] = {
+                "images": len(images),
+                "nodes": report["counts"]["fp16_quantize_inputs"],
+                "outputs": output_error(model, fixed, images),
+            }
+    report["verdict"] = verdict(report)
+    report["findings"] = findings_present(report)
+    return fixed
 
 
 def verdict(report: dict[str, Any]) -> list[str]:
@@ -732,24 +765,44 @@ def pairs_table(report: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def load_images(path: Path, count: int, input_shape: list) -> np.ndarray:
-    """The first ``count`` images of a calibration ``.npy`` [N,C,H,W] float32, checked against the model input."""
+def _dims_text(dims: list) -> str:
+    """``[N, 3, h, w]``-style text of a model input: static dims as numbers, dynamic ones by name (``any``)."""
+    return "[" + ", ".join(str(d) if isinstance(d, int) and d > 0 else (str(d) if d else "any") for d in dims) + "]"
+
+
+def load_images(path: Path, count: int, input_shape: list, flag: str = "--calib-path") -> np.ndarray:
+    """The first ``count`` images of a calibration ``.npy`` [N,C,H,W] float32, checked against the model input.
+
+    Args:
+        path: the ``.npy`` file.
+        count: images wanted (fewer are returned when the file holds fewer).
+        input_shape: the model input's dims: ints for static dims, symbol names (or None) for dynamic
+            ones, which accept any size.
+        flag: the CLI flag that named ``path``.
+    """
     from lowbit.runs import UserError
 
     try:
-        data = np.load(path, mmap_mode="r")
-    except ValueError as exc:
-        raise UserError(f"--calib-path: {path} is not a .npy array ({exc})") from exc
-    dims = [d if isinstance(d, int) and d > 0 else None for d in input_shape]
-    if data.dtype != np.float32 or data.ndim != 4 or any(
-        want is not None and have != want for have, want in zip(data.shape[1:], dims[1:])
-    ):
+        data = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, EOFError, OSError) as exc:
+        raise UserError(f"{flag}: {path} is not a .npy array ({type(exc).__name__}: {exc})", flag=flag) from exc
+    if not isinstance(data, np.ndarray):  # an .npz archive
+        raise UserError(f"{flag}: {path} is an .npz archive; give one .npy array [N,3,H,W]", flag=flag)
+    wanted = ["N", *list(input_shape)[1:]]
+    mismatch = [
+        f"dim {axis} is {have}, the model needs {want}"
+        for axis, (have, want) in enumerate(zip(data.shape, wanted), start=0)
+        if axis > 0 and isinstance(want, int) and want > 0 and have != want
+    ]
+    if data.dtype != np.float32 or data.ndim != len(wanted) or mismatch:
+        detail = "; ".join(mismatch) or f"dtype {data.dtype}, rank {data.ndim}"
         raise UserError(
-            f"--calib-path: {path} holds {data.dtype} {list(data.shape)}; the model input needs float32 "
-            f"[N,{','.join(str(d) for d in dims[1:])}]"
+            f"{flag}: {path} holds {data.dtype} {list(data.shape)} ({detail}); the model input takes float32 "
+            f"{_dims_text(wanted)} (dynamic dims take any size)",
+            flag=flag,
         )
     if data.shape[0] < 1:
-        raise UserError(f"--calib-path: {path} holds no images")
+        raise UserError(f"{flag}: {path} holds no images", flag=flag)
     return np.ascontiguousarray(data[:count])
 
 

@@ -493,7 +493,7 @@ def _fold_and_summarize(work_output: Path, log_file: Path) -> tuple[Any, dict[st
     """Fold int32 bias DequantizeLinear nodes of ModelOpt's output, save it, and summarize its Q/DQ graph."""
     import onnx
 
-    from lowbit.ort_session import qdq_summary
+    from lowbit.qdq_graph import qdq_summary
 
     quantized = onnx.load(str(work_output))
     folded = fold_int32_bias_dequantize(quantized)

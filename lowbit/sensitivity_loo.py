@@ -2,8 +2,8 @@
 
 Method
 ------
-For every quantized node of a Q/DQ model (``lowbit.sensitivity_onnx.find_quantized_nodes``: the
-compute nodes ``lowbit.ort_session.qdq_summary`` calls quantized), the model in which only that
+For every quantized node of a Q/DQ model (``lowbit.qdq_graph.find_quantized_nodes``: the
+compute nodes ``lowbit.qdq_graph.qdq_summary`` calls quantized), the model in which only that
 node runs in float (``lowbit.qdq_edit.remove_qdq_for_nodes([node])``: its inputs read the float
 tensors behind their Q/DQ pairs) is run on the sensitivity images, and its raw head output
 ``[B, 4 * reg_max + nc, A]`` is compared with the FP32 output through the torch sweep's
@@ -57,7 +57,7 @@ from lowbit import sensitivity_report
 from lowbit.logs import get_logger
 from lowbit.qdq_edit import constant_values, float_source
 from lowbit.runs import UserError
-from lowbit.sensitivity_onnx import QuantizedNode, find_quantized_nodes
+from lowbit.qdq_graph import QuantizedNode, find_quantized_nodes
 from lowbit.sensitivity_torch import METRICS, drift_sums, finish_scores
 
 log = get_logger("sensitivity_loo")

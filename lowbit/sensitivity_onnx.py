@@ -26,15 +26,15 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import onnx
 from onnx import helper
 
 from lowbit.logs import get_logger
-from lowbit.onnx_stats import tensor_consumers
+from lowbit.qdq_graph import QDQPair, QuantizedNode, find_quantized_nodes, qdq_pairs, tensor_consumers
 from lowbit.runs import UserError
 from lowbit.sensitivity_report import Match
 
@@ -51,7 +51,6 @@ METHOD_DESCRIPTION = (
     "the error propagates to the detector output. SQNR (dB) = -10*log10(score)."
 )
 
-_QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 # Ops a weight initializer may pass through on its way to the compute node that uses it.
 _PASS_THROUGH_OPS = ("QuantizeLinear", "DequantizeLinear", "Cast", "Identity")
 # Torch module types (as a report may spell them) -> ONNX op types they export to.
@@ -69,73 +68,6 @@ _OP_SUFFIX = re.compile(r"^(?P<op>[A-Za-z][A-Za-z0-9]*?)(?:_\d+)?$")
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Q/DQ graph analysis
-
-
-@dataclass
-class QDQPair:
-    """One QuantizeLinear -> DequantizeLinear pair (``quantize`` is None for a DQ of a stored constant)."""
-
-    dequantize: onnx.NodeProto
-    quantize: onnx.NodeProto | None
-    float_input: str  # the FP32 tensor the pair quantizes (or the DQ output itself when there is no Q)
-
-
-@dataclass
-class QuantizedNode:
-    """A compute node of the Q/DQ graph that reads at least one dequantized tensor."""
-
-    name: str
-    op_type: str
-    index: int  # position in the Q/DQ graph's node list
-    quantized_inputs: list[int] = field(default_factory=list)  # input positions fed by a DQ
-    weight: str | None = None  # float weight initializer behind a quantized input, if any
-
-
-def _producers(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
-    return {out: node for node in graph.node for out in node.output if out}
-
-
-def qdq_pairs(graph: onnx.GraphProto) -> dict[str, QDQPair]:
-    """Every DequantizeLinear of ``graph`` keyed by its output tensor name."""
-    producers = _producers(graph)
-    pairs: dict[str, QDQPair] = {}
-    for node in graph.node:
-        if node.op_type != "DequantizeLinear":
-            continue
-        source = producers.get(node.input[0])
-        if source is not None and source.op_type == "QuantizeLinear":
-            pairs[node.output[0]] = QDQPair(node, source, source.input[0])
-        else:
-            pairs[node.output[0]] = QDQPair(node, None, node.output[0])
-    return pairs
-
-
-def find_quantized_nodes(graph: onnx.GraphProto) -> list[QuantizedNode]:
-    """Compute nodes that run quantized (``lowbit.ort_session.qdq_summary``'s rule), in graph order.
-
-    A node that only reads a Q/DQ pair shared with another consumer (e.g. a Conv left unquantized,
-    or a Concat/Split beside quantized consumers) is not a quantization target and is not scored.
-    """
-    from lowbit.ort_session import qdq_summary
-
-    pairs = qdq_pairs(graph)
-    initializers = {init.name for init in graph.initializer}
-    targets = set(qdq_summary(graph)["quantized_nodes"])
-    nodes = []
-    for index, node in enumerate(graph.node):
-        if node.op_type in _QDQ_OPS or node.name not in targets:
-            continue
-        positions = [i for i, name in enumerate(node.input) if name in pairs]
-        if not positions:
-            continue
-        weight = None
-        for i in positions:
-            source = pairs[node.input[i]].float_input
-            if source in initializers:
-                weight = source
-                break
-        nodes.append(QuantizedNode(node.name, node.op_type, index, positions, weight))
-    return nodes
 
 
 def _float_graph_nodes(
@@ -172,7 +104,78 @@ def _float_graph_nodes(
     return kept, indices, bypass
 
 
-def build_local_error_model(qdq_model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[QuantizedNode], list[str]]:
+def _check_float_scales(graph: onnx.GraphProto, pairs: dict[str, QDQPair], model_flag: str) -> None:
+    """Refuse Q/DQ scales stored in another type than float32 (the shadow copies compute in float32)."""
+    initializer_types = {init.name: init.data_type for init in graph.initializer}
+    for pair in pairs.values():
+        scale = pair.dequantize.input[1]
+        if initializer_types.get(scale, onnx.TensorProto.FLOAT) != onnx.TensorProto.FLOAT:
+            raise UserError(
+                f"Q/DQ scale {scale!r} is not float32: score models quantized with high precision fp32 "
+                "(quantize_yolov10m_onnx.py --high-precision-dtype fp32)",
+                flag=model_flag,
+            )
+
+
+def _shadow_qdq_input(pair: QDQPair, dq_out: str) -> list[onnx.NodeProto]:
+    """Copies of a Q->DQ pair that read the FP32 tensor and write ``<dq_out>__sens``."""
+    q_copy = onnx.NodeProto()
+    q_copy.CopyFrom(pair.quantize)
+    q_copy.name = f"{pair.quantize.name}__sens"
+    q_copy.input[0] = pair.float_input
+    q_copy.output[0] = f"{pair.quantize.output[0]}__sens"
+    dq_copy = onnx.NodeProto()
+    dq_copy.CopyFrom(pair.dequantize)
+    dq_copy.name = f"{pair.dequantize.name}__sens"
+    dq_copy.input[0] = q_copy.output[0]
+    dq_copy.output[0] = f"{dq_out}__sens"
+    return [q_copy, dq_copy]
+
+
+def _shadow_group(
+    k: int, original: onnx.NodeProto, qnode: QuantizedNode, pairs: dict[str, QDQPair], bypass: dict[str, str],
+    shadow_qdq: dict[str, str],
+) -> tuple[list[onnx.NodeProto], list[str]]:
+    """Nodes scoring quantized node ``k``: its shadow copy (through fresh Q/DQ copies) and two error scalars.
+
+    ``shadow_qdq`` (DQ output -> shadow DQ output) is shared across nodes so each pair is copied once.
+    Returns ``(nodes, [sse output, ref output])``.
+    """
+    group: list[onnx.NodeProto] = []
+    inputs = list(original.input)
+    for i in qnode.quantized_inputs:
+        dq_out = original.input[i]
+        pair = pairs[dq_out]
+        if pair.quantize is None:
+            continue  # a stored quantized constant: FP32 graph and shadow read the same dequantized value
+        if dq_out not in shadow_qdq:
+            copies = _shadow_qdq_input(pair, dq_out)
+            group += copies
+            shadow_qdq[dq_out] = copies[1].output[0]
+        inputs[i] = shadow_qdq[dq_out]
+    # Inputs that were not quantized for this node keep reading the float graph's tensors.
+    inputs = [name if j in qnode.quantized_inputs else bypass.get(name, name) for j, name in enumerate(inputs)]
+    shadow = onnx.NodeProto()
+    shadow.CopyFrom(original)
+    shadow.name = f"{original.name}__sens"
+    del shadow.input[:]
+    shadow.input.extend(inputs)
+    del shadow.output[:]
+    shadow.output.extend(f"{out}__sens" if out else "" for out in original.output)
+    reference = original.output[0]
+    diff, sse, ref = f"__sens_diff_{k}", f"__sens_sse_{k}", f"__sens_ref_{k}"
+    group += [
+        shadow,
+        helper.make_node("Sub", [shadow.output[0], reference], [diff], name=f"__sens_sub_{k}"),
+        helper.make_node("ReduceSumSquare", [diff], [sse], name=f"__sens_sse_{k}", keepdims=0),
+        helper.make_node("ReduceSumSquare", [reference], [ref], name=f"__sens_ref_{k}", keepdims=0),
+    ]
+    return group, [sse, ref]
+
+
+def build_local_error_model(
+    qdq_model: onnx.ModelProto, model_flag: str = "--qdq-path"
+) -> tuple[onnx.ModelProto, list[QuantizedNode], list[str]]:
     """The FP32 graph of ``qdq_model`` plus one shadow (Q/DQ-input) copy and two error scalars per quantized node.
 
     Graph outputs: the original outputs (``reference_outputs``, to check the recovered FP32 graph against
@@ -182,6 +185,7 @@ def build_local_error_model(qdq_model: onnx.ModelProto) -> tuple[onnx.ModelProto
 
     Args:
         qdq_model: a Q/DQ model whose non-quantized tensors are float32 (ModelOpt ``high_precision_dtype=fp32``).
+        model_flag: the flag (or file role) that named ``qdq_model``, carried by errors.
 
     Returns:
         ``(model, nodes, reference_outputs)``.
@@ -193,86 +197,35 @@ def build_local_error_model(qdq_model: onnx.ModelProto) -> tuple[onnx.ModelProto
     pairs = qdq_pairs(graph)
     nodes = find_quantized_nodes(graph)
     if not nodes:
-        raise UserError("the Q/DQ model has no node that reads a dequantized tensor; nothing to score")
-    initializer_types = {init.name: init.data_type for init in graph.initializer}
-    for pair in pairs.values():
-        scale = pair.dequantize.input[1]
-        if initializer_types.get(scale, onnx.TensorProto.FLOAT) != onnx.TensorProto.FLOAT:
-            raise UserError(
-                f"Q/DQ scale {scale!r} is not float32: score models quantized with high precision fp32 "
-                "(quantize_yolov10m_onnx.py --high-precision-dtype fp32)"
-            )
-
+        raise UserError(
+            "the Q/DQ model has no node that reads a dequantized tensor; nothing to score", flag=model_flag
+        )
+    _check_float_scales(graph, pairs, model_flag)
     float_nodes, kept_indices, bypass = _float_graph_nodes(graph, pairs)
     position = {original: i for i, original in enumerate(kept_indices)}  # Q/DQ-graph index -> float-graph index
-
-    shadow_qdq: dict[str, str] = {}  # DQ output -> shadow DQ output (shared by every shadow consumer)
+    shadow_qdq: dict[str, str] = {}
     insert_after: dict[int, list[onnx.NodeProto]] = {}
-    outputs = []
+    outputs: list[str] = []
     for k, qnode in enumerate(nodes):
-        original = graph.node[qnode.index]
-        where = position[qnode.index]
-        group: list[onnx.NodeProto] = []
-        inputs = list(original.input)
-        for i in qnode.quantized_inputs:
-            dq_out = original.input[i]
-            pair = pairs[dq_out]
-            if pair.quantize is None:
-                continue  # a stored quantized constant: FP32 graph and shadow read the same dequantized value
-            if dq_out not in shadow_qdq:
-                q_copy = onnx.NodeProto()
-                q_copy.CopyFrom(pair.quantize)
-                q_copy.name = f"{pair.quantize.name}__sens"
-                q_copy.input[0] = pair.float_input
-                q_copy.output[0] = f"{pair.quantize.output[0]}__sens"
-                dq_copy = onnx.NodeProto()
-                dq_copy.CopyFrom(pair.dequantize)
-                dq_copy.name = f"{pair.dequantize.name}__sens"
-                dq_copy.input[0] = q_copy.output[0]
-                dq_copy.output[0] = f"{dq_out}__sens"
-                group += [q_copy, dq_copy]
-                shadow_qdq[dq_out] = dq_copy.output[0]
-            inputs[i] = shadow_qdq[dq_out]
-        # Inputs that were not quantized for this node keep reading the float graph's tensors.
-        inputs = [name if j in qnode.quantized_inputs else bypass.get(name, name) for j, name in enumerate(inputs)]
-        shadow = onnx.NodeProto()
-        shadow.CopyFrom(original)
-        shadow.name = f"{original.name}__sens"
-        del shadow.input[:]
-        shadow.input.extend(inputs)
-        del shadow.output[:]
-        shadow.output.extend(f"{out}__sens" if out else "" for out in original.output)
-        reference = original.output[0]
-        diff = f"__sens_diff_{k}"
-        sse, ref = f"__sens_sse_{k}", f"__sens_ref_{k}"
-        group += [
-            shadow,
-            helper.make_node("Sub", [shadow.output[0], reference], [diff], name=f"__sens_sub_{k}"),
-            helper.make_node("ReduceSumSquare", [diff], [sse], name=f"__sens_sse_{k}", keepdims=0),
-            helper.make_node("ReduceSumSquare", [reference], [ref], name=f"__sens_ref_{k}", keepdims=0),
-        ]
-        insert_after.setdefault(where, []).extend(group)
-        outputs += [sse, ref]
-
+        group, scalars = _shadow_group(k, graph.node[qnode.index], qnode, pairs, bypass, shadow_qdq)
+        insert_after.setdefault(position[qnode.index], []).extend(group)
+        outputs += scalars
     ordered: list[onnx.NodeProto] = []
     for i, node in enumerate(float_nodes):
         ordered.append(node)
         ordered.extend(insert_after.get(i, []))
-
-    reference_outputs = []
-    extra_nodes = []
-    for out in graph.output:
-        name = out.name
-        if name in bypass:  # a graph output that was itself dequantized: expose the float tensor under its name
-            extra_nodes.append(helper.make_node("Identity", [bypass[name]], [name], name=f"{name}__sens_identity"))
-        reference_outputs.append(name)
-
+    # A graph output that was itself dequantized: expose the float tensor under its name.
+    extra_nodes = [
+        helper.make_node("Identity", [bypass[out.name]], [out.name], name=f"{out.name}__sens_identity")
+        for out in graph.output
+        if out.name in bypass
+    ]
+    reference_outputs = [out.name for out in graph.output]
     new_graph = helper.make_graph(
         ordered + extra_nodes,
         f"{graph.name}_local_error",
         list(graph.input),
-        list(graph.output)
-        + [helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, []) for name in outputs],
+        list(graph.output) + [helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, []) for name in outputs],
         initializer=list(graph.initializer),
     )
     model = helper.make_model(new_graph, opset_imports=list(qdq_model.opset_import))
@@ -280,23 +233,30 @@ def build_local_error_model(qdq_model: onnx.ModelProto) -> tuple[onnx.ModelProto
     return model, nodes, reference_outputs
 
 
-def local_error_session(model: onnx.ModelProto, providers: list[str], intra_op_threads: int = 0):
-    """ONNX Runtime session for a :func:`build_local_error_model` graph.
+def local_error_session(
+    model: onnx.ModelProto,
+    providers: list[str],
+    intra_op_threads: int = 0,
+    flag: str = "--providers",
+    model_flag: str = "--qdq-path",
+):
+    """ONNX Runtime session for a :func:`build_local_error_model` graph (through ``lowbit.ort_session.build_session``).
 
     ORT's QDQ transformers are disabled (``session.disable_quant_qdq=1``) for INT8 and FP8 alike: the
     Q/DQ pairs then run as written, which is the simulation TensorRT's explicit quantization follows,
     and FP8 Q/DQ graphs need it on CPU anyway (see ``lowbit.ort_session``).
     """
-    import onnxruntime as ort
+    from lowbit.ort_session import CFG_DISABLE_QUANT_QDQ, build_session
 
-    from lowbit.ort_session import CFG_DISABLE_QUANT_QDQ
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if intra_op_threads:
-        options.intra_op_num_threads = int(intra_op_threads)
-    options.add_session_config_entry(CFG_DISABLE_QUANT_QDQ, "1")
-    return ort.InferenceSession(model.SerializeToString(), options, providers=list(providers))
+    session, _ = build_session(
+        model,
+        list(providers),
+        intra_op_threads=intra_op_threads,
+        flag=flag,
+        session_config={CFG_DISABLE_QUANT_QDQ: "1"},
+        model_flag=model_flag,
+    )
+    return session
 
 
 def score_local_errors(

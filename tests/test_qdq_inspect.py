@@ -281,3 +281,25 @@ def test_tiny_yolov10_fp16_high_precision(load_script, tiny_yolov10_onnx, tiny_y
     rewritten = onnx.load(str(fixed))
     assert qi.inspect_qdq(rewritten)["counts"]["fp16_quantize_inputs"] == 0
     assert "first tensors with rel error" in capsys.readouterr().out
+
+
+def test_calibration_for_a_model_with_dynamic_height_and_width(tmp_path):
+    """Dynamic H/W take any size; a wrong channel count or a non-array file is a --calib-path error."""
+    from lowbit.runs import UserError
+
+    calib = tmp_path / "calib.npy"
+    np.save(calib, np.zeros((2, 3, 16, 24), np.float32))
+    assert qi.load_images(calib, 1, [1, 3, "height", "width"]).shape == (1, 3, 16, 24)
+    assert qi.load_images(calib, 5, ["batch", 3, None, None]).shape == (2, 3, 16, 24)
+    np.save(calib, np.zeros((2, 1, 16, 24), np.float32))
+    with pytest.raises(UserError) as exc:
+        qi.load_images(calib, 1, [1, 3, "height", "width"])
+    assert exc.value.flag == "--calib-path" and "None" not in str(exc.value)
+    empty = tmp_path / "empty.npy"
+    empty.write_bytes(b"")
+    archive = tmp_path / "calib.npz"
+    np.savez(archive, x=np.zeros((1, 3, 4, 4), np.float32))
+    for bad in (empty, archive):
+        with pytest.raises(UserError) as exc:
+            qi.load_images(bad, 1, [1, 3, 4, 4], flag="--calib")
+        assert exc.value.flag == "--calib"

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import pytest
 
-from lowbit.onnx_stats import tensor_consumers
+from lowbit.qdq_graph import tensor_consumers
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = "scripts/cv-models/quantize_yolov10m_onnx.py"

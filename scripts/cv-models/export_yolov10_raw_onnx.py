@@ -18,6 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from lowbit.cli import cli_entry
 from lowbit.export import (
     DEFAULT_OPSET,
     DEFAULT_RTOL,
@@ -37,7 +38,6 @@ from lowbit.runs import (
     resolve_repo_path,
     sha256_file,
 )
-from lowbit.cli import cli_entry
 
 log = get_logger("export_yolov10_raw_onnx")
 
@@ -82,11 +82,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out = Path(args.out)
     if out.suffix.lower() != ".onnx":
-        raise UserError(f"--out must end in .onnx, got {out}")
+        raise UserError(f"--out must end in .onnx, got {out}", flag="--out")
     if not 13 <= args.opset <= 20:
-        raise UserError(f"--opset must be between 13 and 20, got {args.opset}")
+        raise UserError(f"--opset must be between 13 and 20, got {args.opset}", flag="--opset")
     if args.rtol <= 0:
-        raise UserError(f"--rtol must be > 0, got {args.rtol}")
+        raise UserError(f"--rtol must be > 0, got {args.rtol}", flag="--rtol")
     refuse_overwrite(out, args.overwrite)
     weights = resolve_repo_path(args.weights)
 

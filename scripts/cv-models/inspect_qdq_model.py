@@ -28,10 +28,12 @@ QuantizeLinear nodes on an onnxruntime that truncates them); 2 for bad input.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 from pathlib import Path
 
+from lowbit.cli import cli_entry
 from lowbit.logs import get_logger, setup_logging
 from lowbit.runs import (
     UserError,
@@ -43,7 +45,6 @@ from lowbit.runs import (
     refuse_overwrite,
     resolve_repo_path,
 )
-from lowbit.cli import cli_entry
 
 SCRIPT = "scripts/cv-models/inspect_qdq_model.py"
 log = get_logger("inspect_qdq_model")
@@ -92,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check_suffix(path: Path | None, suffix: str, flag: str) -> None:
     if path is not None and path.suffix.lower() != suffix:
-        raise UserError(f"{flag} must end in {suffix}, got {path}")
+        raise UserError(f"{flag} must end in {suffix}, got {path}", flag=flag)
 
 
 def _load(path: Path, flag: str):
@@ -101,7 +102,9 @@ def _load(path: Path, flag: str):
     try:
         return onnx.load(str(path))
     except Exception as exc:  # protobuf raises several types for a file that is not a model
-        raise UserError(f"{flag}: {path} is not a readable ONNX model ({type(exc).__name__}: {exc})") from exc
+        raise UserError(
+            f"{flag}: {path} is not a readable ONNX model ({type(exc).__name__}: {exc})", flag=flag
+        ) from exc
 
 
 def _csv_text(rows: list[dict]) -> str:
@@ -114,8 +117,9 @@ def _csv_text(rows: list[dict]) -> str:
 
 
 def _input_shape(model) -> list:
+    """The first input's dims: ints where static, the symbol name (or None) where dynamic."""
     dims = model.graph.input[0].type.tensor_type.shape.dim
-    return [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in dims]
 
 
 def format_report(report: dict, model_path: Path) -> str:
@@ -158,103 +162,104 @@ def format_report(report: dict, model_path: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _validated_paths(args) -> dict[str, Path | None]:
+    """Input paths checked and resolved, and the flag combinations checked, before anything is read."""
+    def optional(path: Path | None, flag: str) -> Path | None:
+        return check_input_file(resolve_repo_path(path), flag) if path else None
+
+    paths = {
+        "model": check_input_file(resolve_repo_path(args.onnx_path), "--onnx-path"),
+        "source": optional(args.source_onnx, "--source-onnx"),
+        "reference": optional(args.reference_onnx, "--reference-onnx"),
+        "calib": optional(args.calib_path, "--calib-path"),
+    }
+    if args.num_images < 1:
+        raise UserError(f"--num-images must be >= 1, got {args.num_images}", flag="--num-images")
+    if not args.threshold > 0:
+        raise UserError(f"--threshold must be > 0, got {args.threshold}", flag="--threshold")
+    if args.top < 1:
+        raise UserError(f"--top must be >= 1, got {args.top}", flag="--top")
+    if paths["reference"] is not None and paths["calib"] is None:
+        raise UserError("--reference-onnx is used only with --calib-path; give both", flag="--reference-onnx")
+    if paths["calib"] is not None and paths["reference"] is None and paths["source"] is None:
+        raise UserError(
+            "--calib-path needs a model to compare against: give --reference-onnx or --source-onnx", flag="--calib-path"
+        )
+    _check_suffix(args.json_out, ".json", "--json-out")
+    _check_suffix(args.csv_out, ".csv", "--csv-out")
+    _check_suffix(args.write_fp32_quantize, ".onnx", "--write-fp32-quantize")
+    if args.write_fp32_quantize is not None and args.write_fp32_quantize.resolve() == paths["model"].resolve():
+        raise UserError("--write-fp32-quantize must differ from --onnx-path", flag="--write-fp32-quantize")
+    return paths
+
+
+def _manifest_path(outputs: list[tuple[Path, str]]) -> Path | None:
+    """``<stem>.inspect.manifest.json`` beside the first output: never the quantizer's ``<stem>.manifest.json``."""
+    if not outputs:
+        return None
+    stem = outputs[0][0].with_suffix("")
+    name = f"{stem.name}.manifest.json" if stem.name.endswith(".inspect") else f"{stem.name}.inspect.manifest.json"
+    return stem.with_name(name)
+
+
+def _write_outputs(args, report: dict, fixed, outputs: list[tuple[Path, str]], manifest=None) -> None:
+    from lowbit.qdq_inspect import pairs_table
+
+    if args.write_fp32_quantize is not None:
+        atomic_write_bytes(args.write_fp32_quantize, fixed.SerializeToString())
+        log.info("wrote %s", args.write_fp32_quantize)
+    if args.json_out is not None:
+        atomic_write_json(args.json_out, report)
+        log.info("wrote %s", args.json_out)
+    if args.csv_out is not None:
+        atomic_write_text(args.csv_out, _csv_text(pairs_table(report)))
+        log.info("wrote %s", args.csv_out)
+    if manifest is not None:
+        for path, flag in outputs:
+            manifest.add_output(flag.lstrip("-"), path)
+        manifest.update(verdict=report["verdict"], findings=report["findings"], counts=report["counts"])
+
+
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(verbose=args.verbose)
-    model_path = check_input_file(resolve_repo_path(args.onnx_path), "--onnx-path")
-    source_path = (
-        check_input_file(resolve_repo_path(args.source_onnx), "--source-onnx") if args.source_onnx else None
-    )
-    reference_path = (
-        check_input_file(resolve_repo_path(args.reference_onnx), "--reference-onnx") if args.reference_onnx else None
-    )
-    calib_path = check_input_file(resolve_repo_path(args.calib_path), "--calib-path") if args.calib_path else None
-    if args.num_images < 1:
-        raise UserError(f"--num-images must be >= 1, got {args.num_images}")
-    if not args.threshold > 0:
-        raise UserError(f"--threshold must be > 0, got {args.threshold}")
-    if args.top < 1:
-        raise UserError(f"--top must be >= 1, got {args.top}")
-    if reference_path is not None and calib_path is None:
-        raise UserError("--reference-onnx is used only with --calib-path; give both")
-    if calib_path is not None and reference_path is None and source_path is None:
-        raise UserError("--calib-path needs a model to compare against: give --reference-onnx or --source-onnx")
-    _check_suffix(args.json_out, ".json", "--json-out")
-    _check_suffix(args.csv_out, ".csv", "--csv-out")
-    _check_suffix(args.write_fp32_quantize, ".onnx", "--write-fp32-quantize")
+    paths = _validated_paths(args)
     outputs = [(p, f) for p, f in ((args.json_out, "--json-out"), (args.csv_out, "--csv-out"),
                                    (args.write_fp32_quantize, "--write-fp32-quantize")) if p is not None]
-    if args.write_fp32_quantize is not None and args.write_fp32_quantize.resolve() == model_path.resolve():
-        raise UserError("--write-fp32-quantize must differ from --onnx-path")
-    manifest_path = None
-    if outputs:
-        # "<stem>.inspect.manifest.json": never the quantizer's "<stem>.manifest.json" beside the same model
-        stem = outputs[0][0].with_suffix("")
-        name = f"{stem.name}.manifest.json" if stem.name.endswith(".inspect") else f"{stem.name}.inspect.manifest.json"
-        manifest_path = stem.with_name(name)
     for path, _flag in outputs:
         refuse_overwrite(path, args.overwrite)
 
     from lowbit import qdq_inspect
 
-    model = _load(model_path, "--onnx-path")
-    source = _load(source_path, "--source-onnx") if source_path else None
-    reference = _load(reference_path, "--reference-onnx") if reference_path else source
+    model = _load(paths["model"], "--onnx-path")
+    source = _load(paths["source"], "--source-onnx") if paths["source"] else None
+    reference = _load(paths["reference"], "--reference-onnx") if paths["reference"] else source
     images = None
-    if calib_path is not None:
-        images = qdq_inspect.load_images(calib_path, args.num_images, _input_shape(model))
+    if paths["calib"] is not None:
+        images = qdq_inspect.load_images(paths["calib"], args.num_images, _input_shape(model))
     # the static part is quick: run it before anything is written, so a useless rewrite request fails early
     report = qdq_inspect.inspect_qdq(model, source)
     if args.write_fp32_quantize is not None and not report["counts"]["fp16_quantize_inputs"]:
-        raise UserError(f"--write-fp32-quantize: {model_path} has no float16 QuantizeLinear node to rewrite")
-
-    def run(manifest=None) -> dict:
-        report["model"] = str(model_path)
-        report["source"] = str(source_path) if source_path else None
-        report["runtime"] = qdq_inspect.probe_fp16_quantize_rounding()
-        fixed = None
-        if report["counts"]["fp16_quantize_inputs"] and (args.write_fp32_quantize or images is not None):
-            fixed, changed = qdq_inspect.with_fp32_quantize(model)
-            log.info("%d float16 QuantizeLinear nodes rewritten to compute in float32", changed)
-        if images is not None:
-            log.info("running %d images through %s and %s (all tensors exposed)", len(images), model_path,
-                     reference_path or source_path)
-            dynamic = qdq_inspect.compare_runs(model, reference, images, threshold=args.threshold, top=args.top)
-            dynamic["reference"] = str(reference_path or source_path)
-            report["dynamic"] = dynamic
-            if fixed is not None:
-                report["fp32_quantize_check"] = {
-                    "images": len(images),
-                    "nodes": report["counts"]["fp16_quantize_inputs"],
-                    "outputs": qdq_inspect.output_error(model, fixed, images),
-                }
-        if args.write_fp32_quantize is not None:
-            atomic_write_bytes(args.write_fp32_quantize, fixed.SerializeToString())
-            log.info("wrote %s", args.write_fp32_quantize)
-        report["verdict"] = qdq_inspect.verdict(report)
-        report["findings"] = qdq_inspect.findings_present(report)
-        if args.json_out is not None:
-            atomic_write_json(args.json_out, report)
-            log.info("wrote %s", args.json_out)
-        if args.csv_out is not None:
-            atomic_write_text(args.csv_out, _csv_text(qdq_inspect.pairs_table(report)))
-            log.info("wrote %s", args.csv_out)
-        if manifest is not None:
-            for path, flag in outputs:
-                manifest.add_output(flag.lstrip("-"), path)
-            manifest.update(verdict=report["verdict"], findings=report["findings"], counts=report["counts"])
-        return report
-
-    if manifest_path is not None:
-        with manifest_run(manifest_path, SCRIPT, vars(args), argv) as manifest:
-            for path in (model_path, source_path, reference_path, calib_path):
-                if path is not None:
-                    manifest.add_input(path)
-            run(manifest)
-    else:
-        run()
-    print(format_report(report, model_path), end="")
+        raise UserError(
+            f"--write-fp32-quantize: {paths['model']} has no float16 QuantizeLinear node to rewrite",
+            flag="--write-fp32-quantize",
+        )
+    report["model"] = str(paths["model"])
+    report["source"] = str(paths["source"]) if paths["source"] else None
+    reference_label = str(paths["reference"] or paths["source"])
+    manifest_path = _manifest_path(outputs)
+    context = manifest_run(manifest_path, SCRIPT, vars(args), argv) if manifest_path else contextlib.nullcontext()
+    with context as manifest:
+        for path in paths.values() if manifest is not None else ():
+            if path is not None:
+                manifest.add_input(path)
+        fixed = qdq_inspect.complete_report(
+            report, model, reference, images, reference_label,
+            rewrite=args.write_fp32_quantize is not None, threshold=args.threshold, top=args.top,
+        )
+        _write_outputs(args, report, fixed, outputs, manifest)
+    print(format_report(report, paths["model"]), end="")
     return 1 if (args.fail_on_findings and report["findings"]) else 0
 
 

@@ -216,8 +216,7 @@ def quantize(args, onnx_path: Path, calib_path: Path, qdq_path: Path, calib_imag
 
 def check_qdq_model(qdq_model, fp32_model, precision: str, flag: str) -> None:
     """The Q/DQ model must quantize to ``precision`` and its quantized nodes must be nodes of the FP32 graph."""
-    from lowbit.ort_session import qdq_info
-    from lowbit.sensitivity_onnx import find_quantized_nodes
+    from lowbit.qdq_graph import find_quantized_nodes, qdq_info
 
     info = qdq_info(qdq_model)
     if not info["is_qdq"]:

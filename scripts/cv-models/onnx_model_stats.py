@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lowbit.cli import cli_entry
 from lowbit.logs import get_logger, setup_logging
 from lowbit.onnx_stats import format_markdown, format_text, model_stats, parse_input_shapes
 from lowbit.runs import (
@@ -24,7 +25,6 @@ from lowbit.runs import (
     refuse_overwrite,
     resolve_repo_path,
 )
-from lowbit.cli import cli_entry
 
 log = get_logger("onnx_model_stats")
 
@@ -58,11 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(verbose=args.verbose)
     model = check_input_file(resolve_repo_path(args.model), "--model")
     if args.batch < 1:
-        raise UserError(f"--batch must be >= 1, got {args.batch}")
+        raise UserError(f"--batch must be >= 1, got {args.batch}", flag="--batch")
     overrides = parse_input_shapes(args.input_shape)
     if args.json_out is not None:
         if args.json_out.suffix.lower() != ".json":
-            raise UserError(f"--json-out must end in .json, got {args.json_out}")
+            raise UserError(f"--json-out must end in .json, got {args.json_out}", flag="--json-out")
         refuse_overwrite(args.json_out, args.overwrite, "--overwrite")
 
     if args.json_out is None:
