@@ -35,7 +35,7 @@ import numpy as np
 
 from lowbit.calib import load_calib_tensor
 from lowbit.logs import get_logger
-from lowbit.ort_session import MODELOPT_CALIBRATION_EPS
+from lowbit.ort_session import MODELOPT_CALIBRATION_EPS, check_calibration_eps
 from lowbit.runs import UserError, check_input_file, check_output_path, manifest_run
 
 QUANTIZE_MODES = ("int8", "fp8", "int4")  # int4 is listed so that asking for it gets a reason, not "invalid choice"
@@ -240,8 +240,8 @@ def _check_choices(settings: QuantizeSettings) -> None:
         unknown = [v for v in values if v not in choices]
         if unknown:
             raise UserError(f"{flag}: {', '.join(unknown)} not one of {', '.join(choices)}", flag=flag)
-    if not settings.calibration_eps:
-        raise UserError("--calibration-eps: give at least one execution provider", flag="--calibration-eps")
+    # spelling, repeats, and whether each CUDA/TensorRT EP's libraries load (ModelOpt only warns and drops one)
+    check_calibration_eps(list(settings.calibration_eps), flag="--calibration-eps")
     if settings.max_calib_images is not None and settings.max_calib_images < 1:
         raise UserError(f"--max-calib-images must be >= 1, got {settings.max_calib_images}", flag="--max-calib-images")
 
