@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if any(k < 1 for k in args.k):
-        raise UserError(f"--k values must be >= 1, got {args.k}")
+        raise UserError(f"--k values must be >= 1, got {args.k}", flag="--k")
     path_a = check_input_file(resolve_repo_path(args.report_a), "--report-a")
     path_b = check_input_file(resolve_repo_path(args.report_b), "--report-b")
     report_a = load_report(path_a, "--report-a")
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--onnx-path: {onnx_path} is not a readable ONNX model ({e})") from e
     out: Path = args.out
     if out.suffix != ".json":
-        raise UserError(f"--out: {out} must end in .json")
+        raise UserError(f"--out: {out} must end in .json", flag="--out")
     refuse_overwrite(out, args.overwrite)
 
     out.parent.mkdir(parents=True, exist_ok=True)
