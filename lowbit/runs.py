@@ -136,9 +136,40 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def refuse_overwrite(path: Path, overwrite: bool, flag: str = "--overwrite") -> None:
-    """Raise UserError when ``path`` exists and the user did not ask to overwrite it."""
+    """Raise UserError (about ``flag``) when ``path`` exists and the user did not ask to overwrite it."""
     if path.exists() and not overwrite:
-        raise UserError(f"{path} already exists; pass {flag} to replace it")
+        raise UserError(f"{path} already exists; pass {flag} to replace it", flag=flag)
+
+
+def check_output_path(
+    path: Path, flag: str, overwrite: bool = False, overwrite_flag: str = "--overwrite", suffix: str | None = None
+) -> Path:
+    """Check, before any heavy work, that a result file can be written at ``path``.
+
+    Rejects, with a UserError about ``flag``: a name not ending in ``suffix`` (when given), a path
+    that is a folder, a folder component that is a file, a nearest existing parent folder this
+    process may not write to, and (about ``overwrite_flag``) an existing file without ``overwrite``.
+    Nothing is created: writers make the missing folders when they write.
+
+    Returns:
+        ``path`` unchanged.
+    """
+    path = Path(path)
+    if suffix is not None and path.suffix != suffix:
+        raise UserError(f"{flag}: {path} must end in {suffix}", flag=flag)
+    if path.is_dir():
+        raise UserError(f"{flag}: {path} is a folder; give a file name inside it", flag=flag)
+    parent = path.parent
+    while not parent.exists() and not parent.is_symlink() and parent != parent.parent:
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise UserError(f"{flag}: {parent} is a file, so {path} cannot be created below it", flag=flag)
+    if parent.is_symlink() and not parent.exists():
+        raise UserError(f"{flag}: {parent} is a symlink to {os.readlink(parent)}, which does not exist", flag=flag)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{flag}: cannot write to the folder {parent} (permission denied)", flag=flag)
+    refuse_overwrite(path, overwrite, overwrite_flag)
+    return path
 
 
 def peak_rss_mb() -> float:
@@ -247,11 +278,13 @@ def check_input_file(path: Path, flag: str) -> Path:
     """
     path = Path(path)
     if path.is_symlink() and not path.exists():
-        raise UserError(f"{flag}: {path} is a symlink to {os.readlink(path)}, which does not exist")
+        raise UserError(f"{flag}: {path} is a symlink to {os.readlink(path)}, which does not exist", flag=flag)
     if not path.exists():
-        raise UserError(f"{flag}: {path} does not exist")
+        raise UserError(f"{flag}: {path} does not exist", flag=flag)
+    if path.is_dir():
+        raise UserError(f"{flag}: {path} is a folder, not a file", flag=flag)
     if not path.is_file():
-        raise UserError(f"{flag}: {path} is not a file")
+        raise UserError(f"{flag}: {path} is not a file", flag=flag)
     return path
 
 
