@@ -273,6 +273,12 @@ def load_scheme(path: Path, flag: str) -> Scheme:
     named = _SCHEME_NAME.match(path.name)
     if named and int(named.group(1)) != scheme.k:
         raise UserError(f"{flag}: {path} is named for K={named.group(1)} but holds 'k' {scheme.k}", flag=flag)
+    if named and named.group(2) is not None:  # a random control: the name carries its seed
+        seed = int(named.group(2))
+        if scheme.random_seed not in (None, seed):
+            raise UserError(f"{flag}: {path} is named for seed {seed} but holds 'random_seed' {scheme.random_seed}",
+                            flag=flag)  # fmt: skip
+        scheme.random_seed = seed
     return scheme
 
 
