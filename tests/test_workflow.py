@@ -45,14 +45,16 @@ def test_workflow_end_to_end_then_resume(tiny_run):
     first = _run(argv)
     assert first.returncode == 0, first.stderr[-3000:]
     run = root / "runs" / "tiny"
-    for path in ("baseline-coco/metrics.json", "calib/calib_yolov10m_160.npy", "onnx/yolov10m-int8-qdq.onnx",
+    stem = "yolov10n-tiny"  # output names follow the model, not the card's yolov10m
+    for path in ("baseline-coco/metrics.json", f"calib/calib_{stem}_160.npy", f"onnx/{stem}-int8-qdq.onnx",
                  "int8-coco/metrics.json", "schemes/scheme_k0.json", "schemes/scheme_k2.json",
-                 "onnx/yolov10m-fp8-k0.onnx", "onnx/yolov10m-fp8-k2.onnx", "fp8-k2-coco/metrics.json",
-                 "schemes-int8/scheme_k2.json", "onnx/yolov10m-int8-k2.onnx", "int8-k2-coco/metrics.json",
+                 f"onnx/{stem}-fp8-k0.onnx", f"onnx/{stem}-fp8-k2.onnx", "fp8-k2-coco/metrics.json",
+                 "schemes-int8/scheme_k2.json", f"onnx/{stem}-int8-k2.onnx", "int8-k2-coco/metrics.json",
                  "report.md", "report.json", "pareto.png"):
         assert (run / path).exists(), path
+    assert not list(run.rglob("yolov10m*")) and not list(run.rglob("*/yolov10m/*"))
     # INT8 with no exclusions is the int8 step; it is not quantized a second time as a K=0 candidate
-    assert not (run / "onnx" / "yolov10m-int8-k0.onnx").exists()
+    assert not (run / "onnx" / f"{stem}-int8-k0.onnx").exists()
     assert list((run / "baseline-onnx").glob("*/smoke.json"))
 
     # the report's numbers are the per-step metrics files' numbers
@@ -94,7 +96,7 @@ def test_failed_step_leaves_no_record(tmp_path, tiny_run):
     result = _run(args)
     assert result.returncode == 1
     run = root / "runs" / "broken"
-    assert not (run / ".steps" / "calib.json").exists() and not (run / "calib" / "calib_yolov10m_160.npy").exists()
+    assert not (run / ".steps" / "calib.json").exists() and not list((run / "calib").glob("*.npy"))
     assert not (run / "report.md").exists()
 
 
