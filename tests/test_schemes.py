@@ -17,7 +17,6 @@ from lowbit import sensitivity_report as report_io
 from lowbit.runs import UserError, sha256_file
 
 SCRIPT = "scripts/cv-models/make_yolov10m_candidate_schemes.py"
-QUANTIZE = "scripts/cv-models/quantize_yolov10m_onnx.py"
 
 
 def _conv_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
@@ -75,7 +74,7 @@ def test_torch_report_maps_through_weight_names(load_script, fp32_model, torch_r
     by_weight = {n.input[1]: n.name for n in _conv_nodes(fp32_model)}
     ranked = json.loads(torch_report.read_text())["layers"]
     node_names = {n.name for n in fp32_model.graph.node}
-    quantize = load_script(QUANTIZE)
+    from lowbit import quantize
     for k in (0, 5, 10, 20):
         scheme = json.loads((out / f"scheme_k{k}.json").read_text())
         assert scheme["k"] == k and scheme["precision"] == "fp8"
