@@ -244,6 +244,9 @@ def test_bad_k_and_overwrite(load_script, torch_report, tiny_yolov10_onnx, tmp_p
     missing = tmp_path / "missing.json"
     rc = _run(load_script, "--report-json", missing, "--out-dir", tmp_path / "o2", "--onnx-path", tiny_yolov10_onnx)
     assert rc == 2 and not (tmp_path / "o2").exists()
+    with pytest.raises(UserError) as exc:
+        load_script(SCRIPT).main.__wrapped__(["--report-json", str(missing), "--out-dir", str(tmp_path / "o2")])
+    assert exc.value.flag == "--report-json"
     not_a_report = tmp_path / "not_a_report.json"
     not_a_report.write_text("[1, 2]")
     with pytest.raises(UserError) as exc:

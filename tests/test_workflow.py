@@ -37,7 +37,7 @@ def tiny_run(tmp_path_factory, tiny_yolov10_onnx, tiny_yolov10_spec, load_script
 
 
 def _run(argv: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(WORKFLOW), *argv], cwd=REPO, capture_output=True, text=True, timeout=900)
+    return subprocess.run([sys.executable, str(WORKFLOW), *argv], cwd=REPO, capture_output=True, text=True, timeout=900, check=False)
 
 
 def test_workflow_end_to_end_then_resume(tiny_run):
@@ -219,5 +219,5 @@ def test_workflow_runs_the_wrappers_commands(wf, sensitivity, tmp_path):
 def test_wrappers_refuse_an_unknown_boolean(wrapper, tmp_path):
     env = {"RUN_ROOT": str(tmp_path), "CALIB_PATH": str(tmp_path / "c.npy"), "OVERWRITE": "maybe",
            "PATH": os.environ["PATH"], "PYTHON": str(_argv_dumper(tmp_path))}  # fmt: skip
-    result = subprocess.run(["bash", str(WRAPPERS / wrapper)], env=env, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(["bash", str(WRAPPERS / wrapper)], env=env, capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 2 and result.stdout == ""

@@ -37,6 +37,7 @@ from pathlib import Path
 
 from lowbit import report as lowbit_report
 from lowbit import trt
+from lowbit.cli import cli_entry
 from lowbit.logs import get_logger, setup_logging
 from lowbit.runs import (
     UserError,
@@ -46,7 +47,6 @@ from lowbit.runs import (
     manifest_run,
     resolve_repo_path,
 )
-from lowbit.cli import cli_entry
 
 SCRIPT = "make_lowbit_report.py"
 OUTPUT_FILES = ("report.json", "report.md", "pareto.png")

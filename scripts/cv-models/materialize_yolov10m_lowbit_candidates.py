@@ -300,11 +300,9 @@ def summary_row(args: argparse.Namespace, c: Candidate, record: dict) -> dict:
 def summary_markdown(rows: list[dict]) -> str:
     lines = ["| candidate | excluded | Q/DQ pairs | mAP50-95 | mAP50 | p50 ms |", "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
-        fmt = lambda key: f"{r[key]:.4f}" if r.get(key) is not None else "-"  # noqa: E731
+        ap, ap50 = (f"{r[key]:.4f}" if r.get(key) is not None else "-" for key in ("map50_95", "map50"))
         p50 = f"{r['latency_ms_p50']:.1f}" if r.get("latency_ms_p50") is not None else "-"  # None: too few timed runs
-        lines.append(
-            f"| {r['candidate']} | {len(r['excluded_nodes'])} | {r['qdq_pairs']} | {fmt('map50_95')} | {fmt('map50')} | {p50} |"
-        )
+        lines.append(f"| {r['candidate']} | {len(r['excluded_nodes'])} | {r['qdq_pairs']} | {ap} | {ap50} | {p50} |")
     return "\n".join(lines) + "\n"
 
 

@@ -397,7 +397,7 @@ def run_step(run: Path, step: Step, log_dir: Path) -> float:
         log.flush()
         # stderr carries the scripts' logs and progress bars: keep it on the console (each script also
         # writes its own log file in the run dir); stdout, the scripts' summaries, goes to the step log.
-        proc = subprocess.run(step.argv, cwd=REPO_ROOT, env=env, stdout=log)
+        proc = subprocess.run(step.argv, cwd=REPO_ROOT, env=env, stdout=log, check=False)
     elapsed = time.perf_counter() - t0
     if proc.returncode != 0:
         raise StepFailed(step.name, proc.returncode, log_file)
