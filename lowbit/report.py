@@ -373,6 +373,34 @@ def _sort_key(v: dict) -> tuple:
     )
 
 
+def _pick_baseline(floats: list[dict], variants: list[dict]) -> dict:
+    """The FP32 evaluation the others are compared with; repeats become ``fp32_repeat``.
+
+    Raises:
+        UserError: the FP32 evaluations are of different models, or a variant was quantized from another model.
+    """
+    models = {}
+    for v in floats:
+        models.setdefault(v["model_sha256"], []).append(v["metrics_path"])
+    if len(models) > 1:
+        listing = "; ".join(f"sha256 {sha[:12]}: {', '.join(paths)}" for sha, paths in models.items())
+        raise UserError(
+            f"--run-dir: the FP32 evaluations are of different models ({listing}); report one model at a time",
+            flag="--run-dir",
+        )
+    baseline = floats[0]  # discovery order: first run dir given, then path order
+    for v in floats[1:]:
+        v["role"] = "fp32_repeat"
+    for v in variants:
+        if v["source_model_sha256"] and v["source_model_sha256"] != baseline["model_sha256"]:
+            raise UserError(
+                f"--run-dir: {v['metrics_path']} is a quantization of model sha256 {v['source_model_sha256'][:12]} "
+                f"but the FP32 evaluation ({baseline['metrics_path']}) is of sha256 {baseline['model_sha256'][:12]}",
+                flag="--run-dir",
+            )
+    return baseline
+
+
 def collect_variants(run_dirs: Iterable[Path]) -> dict:
     """Read every evaluation under ``run_dirs``: ``{"run_dirs", "dataset", "baseline", "variants", "notes"}``.
 
@@ -410,25 +438,7 @@ def collect_variants(run_dirs: Iterable[Path]) -> dict:
             + "; evaluate the float model first (card step 1, baseline-coco/metrics.json)",
             flag="--run-dir",
         )
-    models = {}
-    for v in floats:
-        models.setdefault(v["model_sha256"], []).append(v["metrics_path"])
-    if len(models) > 1:
-        listing = "; ".join(f"sha256 {sha[:12]}: {', '.join(paths)}" for sha, paths in models.items())
-        raise UserError(
-            f"--run-dir: the FP32 evaluations are of different models ({listing}); report one model at a time",
-            flag="--run-dir",
-        )
-    baseline = floats[0]  # discovery order: first run dir given, then path order
-    for v in floats[1:]:
-        v["role"] = "fp32_repeat"
-    for v in variants:
-        if v["source_model_sha256"] and v["source_model_sha256"] != baseline["model_sha256"]:
-            raise UserError(
-                f"--run-dir: {v['metrics_path']} is a quantization of model sha256 {v['source_model_sha256'][:12]} "
-                f"but the FP32 evaluation ({baseline['metrics_path']}) is of sha256 {baseline['model_sha256'][:12]}",
-                flag="--run-dir",
-            )
+    baseline = _pick_baseline(floats, variants)
     notes = []
     unknown_source = [v["label"] for v in variants if v["role"] in ("quantized", "random_control")
                       and not v["source_model_sha256"]]
