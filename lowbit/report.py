@@ -189,7 +189,7 @@ def _scheme_info(manifest: dict | None, model_path: str, run_dir: Path) -> dict 
             "scheme": _rel(scheme_path),
         }
     match = _STEM_K.search(Path(model_path).stem)
-    if match:  # the materializer's file naming: yolov10m-<mode>-k{K}[_random{SEED}].onnx
+    if match:  # the materializer's file naming: <model>-<mode>-k{K}[_random{SEED}].onnx
         return {
             "k": int(match.group(1)),
             "random_seed": int(match.group(2)) if match.group(2) else None,
@@ -337,7 +337,8 @@ def _check_comparable(variants: list[dict]) -> None:
             raise UserError(
                 f"--run-dir: the evaluations use different {what}, so their mAP cannot be compared:\n"
                 + "\n".join(lines)
-                + "\npass run dirs whose evaluations share one image set and one post-processing"
+                + "\npass run dirs whose evaluations share one image set and one post-processing",
+                flag="--run-dir",
             )
 
 
@@ -372,6 +373,34 @@ def _sort_key(v: dict) -> tuple:
     )
 
 
+def _pick_baseline(floats: list[dict], variants: list[dict]) -> dict:
+    """The FP32 evaluation the others are compared with; repeats become ``fp32_repeat``.
+
+    Raises:
+        UserError: the FP32 evaluations are of different models, or a variant was quantized from another model.
+    """
+    models = {}
+    for v in floats:
+        models.setdefault(v["model_sha256"], []).append(v["metrics_path"])
+    if len(models) > 1:
+        listing = "; ".join(f"sha256 {sha[:12]}: {', '.join(paths)}" for sha, paths in models.items())
+        raise UserError(
+            f"--run-dir: the FP32 evaluations are of different models ({listing}); report one model at a time",
+            flag="--run-dir",
+        )
+    baseline = floats[0]  # discovery order: first run dir given, then path order
+    for v in floats[1:]:
+        v["role"] = "fp32_repeat"
+    for v in variants:
+        if v["source_model_sha256"] and v["source_model_sha256"] != baseline["model_sha256"]:
+            raise UserError(
+                f"--run-dir: {v['metrics_path']} is a quantization of model sha256 {v['source_model_sha256'][:12]} "
+                f"but the FP32 evaluation ({baseline['metrics_path']}) is of sha256 {baseline['model_sha256'][:12]}",
+                flag="--run-dir",
+            )
+    return baseline
+
+
 def collect_variants(run_dirs: Iterable[Path]) -> dict:
     """Read every evaluation under ``run_dirs``: ``{"run_dirs", "dataset", "baseline", "variants", "notes"}``.
 
@@ -387,7 +416,7 @@ def collect_variants(run_dirs: Iterable[Path]) -> dict:
     seen: set[Path] = set()
     for run_dir in run_dirs:
         if not run_dir.is_dir():
-            raise UserError(f"--run-dir: {run_dir} is not a directory")
+            raise UserError(f"--run-dir: {run_dir} is not a directory", flag="--run-dir")
         for metrics_path in discover_metrics(run_dir):
             if metrics_path.resolve() in seen:  # nested or repeated run dirs
                 continue
@@ -396,7 +425,8 @@ def collect_variants(run_dirs: Iterable[Path]) -> dict:
     if not variants:
         raise UserError(
             "--run-dir: no metrics.json written by eval_yolov10m_onnx_coco.py under "
-            + ", ".join(str(d) for d in run_dirs)
+            + ", ".join(str(d) for d in run_dirs),
+            flag="--run-dir",
         )
     _check_comparable(variants)
 
@@ -405,23 +435,10 @@ def collect_variants(run_dirs: Iterable[Path]) -> dict:
         raise UserError(
             "--run-dir: no FP32 evaluation (a metrics.json of a model without Q/DQ) under "
             + ", ".join(str(d) for d in run_dirs)
-            + "; evaluate the float model first (card step 1, baseline-coco/metrics.json)"
+            + "; evaluate the float model first (card step 1, baseline-coco/metrics.json)",
+            flag="--run-dir",
         )
-    models = {}
-    for v in floats:
-        models.setdefault(v["model_sha256"], []).append(v["metrics_path"])
-    if len(models) > 1:
-        listing = "; ".join(f"sha256 {sha[:12]}: {', '.join(paths)}" for sha, paths in models.items())
-        raise UserError(f"--run-dir: the FP32 evaluations are of different models ({listing}); report one model at a time")
-    baseline = floats[0]  # discovery order: first run dir given, then path order
-    for v in floats[1:]:
-        v["role"] = "fp32_repeat"
-    for v in variants:
-        if v["source_model_sha256"] and v["source_model_sha256"] != baseline["model_sha256"]:
-            raise UserError(
-                f"--run-dir: {v['metrics_path']} is a quantization of model sha256 {v['source_model_sha256'][:12]} "
-                f"but the FP32 evaluation ({baseline['metrics_path']}) is of sha256 {baseline['model_sha256'][:12]}"
-            )
+    baseline = _pick_baseline(floats, variants)
     notes = []
     unknown_source = [v["label"] for v in variants if v["role"] in ("quantized", "random_control")
                       and not v["source_model_sha256"]]
@@ -483,6 +500,63 @@ def variant_latency(v: dict, axis: dict, key: str = "p50") -> float | None:
     return (v.get("latency_ms") or {}).get(key)
 
 
+def _recommendation(pick: dict, reason: str, axis: dict | None = None, within: list[dict] | None = None) -> dict:
+    """The ``recommended`` dict of the report for ``pick``."""
+    return {
+        "variant": pick["label"],
+        "metrics_path": pick["metrics_path"],
+        "reason": reason,
+        "latency_source": axis["source"] if axis else None,
+        "latency_provider": None if axis is None else (
+            "TensorRT (trtexec GPU compute time)" if axis["source"] == "tensorrt" else pick["provider"]
+        ),
+        "latency_ms": variant_latency(pick, axis) if axis else None,
+        "within_budget": [v["label"] for v in (within or [])],
+    }
+
+
+def _provider_caveats(timed: list[dict], baseline: dict) -> list[str]:
+    """Why ORT latencies of these variants may not rank them as TensorRT would."""
+    caveats = []
+    providers = sorted({v["provider"] for v in timed + [baseline] if v["provider"]})
+    if len(providers) > 1:
+        caveats.append(
+            "latencies come from different execution providers (" + ", ".join(short_provider(p) for p in providers)
+            + ") and are not comparable with each other"
+        )
+    if providers and all(p == "CPUExecutionProvider" for p in providers):
+        caveats.append(
+            "only CPU execution-provider latencies exist: CPU-EP latency of Q/DQ models does not predict "
+            "TensorRT speed, so re-check this choice with TensorRT (make_lowbit_report.py --tensorrt auto "
+            "where trtexec is installed)"
+        )
+    elif not all(p in TRT_LIKE_PROVIDERS for p in providers):
+        caveats.append(
+            "latencies come from ONNX Runtime providers other than TensorRT, which do not predict TensorRT "
+            "speed of Q/DQ models; re-check this choice with TensorRT"
+        )
+    return caveats
+
+
+def _fastest_within(within: list[dict], timed: list[dict], axis: dict, budget_ap: float, latency_tie_pct: float):
+    """The fastest timed variant (ties within ``latency_tie_pct`` % go to the most accurate) and the reason text."""
+    fastest = min(variant_latency(v, axis) for v in timed)
+    tied = [v for v in timed if variant_latency(v, axis) <= fastest * (1.0 + latency_tie_pct / 100.0)]
+    pick = sorted(tied, key=lambda v: (-v["map50_95"], variant_latency(v, axis), v["label"]))[0]
+    where = "TensorRT GPU compute time" if axis["source"] == "tensorrt" else f"{short_provider(pick['provider'])} p50"
+    parts = [
+        f"{pick['label']} is the fastest of the {len(within)} quantized variant(s) within the {budget_ap:g} AP "
+        f"budget ({variant_latency(pick, axis):.2f} ms {where}, ΔAP {pick['delta_ap']:+.2f})"
+    ]
+    others = [v["label"] for v in tied if v is not pick]
+    if others:
+        parts.append(
+            f"{', '.join(others)} ran within {latency_tie_pct:g}% of the fastest and {pick['label']} is the most "
+            "accurate of them"
+        )
+    return pick, parts
+
+
 def recommend(
     variants: list[dict],
     budget_ap: float = DEFAULT_BUDGET_AP,
@@ -502,26 +576,12 @@ def recommend(
     """
     baseline = next(v for v in variants if v["role"] == "baseline")
     quantized = [v for v in variants if v["role"] == "quantized"]
-
-    def result(pick: dict, reason: str, axis: dict | None = None, within: list[dict] | None = None) -> dict:
-        return {
-            "variant": pick["label"],
-            "metrics_path": pick["metrics_path"],
-            "reason": reason,
-            "latency_source": axis["source"] if axis else None,
-            "latency_provider": None if axis is None else (
-                "TensorRT (trtexec GPU compute time)" if axis["source"] == "tensorrt" else pick["provider"]
-            ),
-            "latency_ms": variant_latency(pick, axis) if axis else None,
-            "within_budget": [v["label"] for v in (within or [])],
-        }
-
     if not quantized:
-        return result(baseline, f"{baseline['label']}: no quantized variant was evaluated")
+        return _recommendation(baseline, f"{baseline['label']}: no quantized variant was evaluated")
     within = [v for v in quantized if v["delta_ap"] >= -budget_ap - _EPS]
     if not within:
         best = max(quantized, key=lambda v: v["delta_ap"])
-        return result(
+        return _recommendation(
             baseline,
             f"no quantized variant stays within the {budget_ap:g} AP budget: the most accurate, {best['label']}, "
             f"loses {-best['delta_ap']:.2f} AP (mAP50-95 {best['map50_95']:.4f} vs {baseline['map50_95']:.4f}); "
@@ -531,7 +591,7 @@ def recommend(
     timed = [v for v in within if variant_latency(v, axis) is not None]
     if not timed:
         pick = max(within, key=lambda v: (v["delta_ap"], v["label"]))
-        return result(
+        return _recommendation(
             pick,
             f"{pick['label']} is the most accurate of the {len(within)} quantized variant(s) within the "
             f"{budget_ap:g} AP budget (ΔAP {pick['delta_ap']:+.2f}); no latency was measured for them, so speed "
@@ -539,57 +599,23 @@ def recommend(
             axis,
             within,
         )
-    fastest = min(variant_latency(v, axis) for v in timed)
-    tied = [v for v in timed if variant_latency(v, axis) <= fastest * (1.0 + latency_tie_pct / 100.0)]
-    pick = sorted(tied, key=lambda v: (-v["map50_95"], variant_latency(v, axis), v["label"]))[0]
-    pick_ms = variant_latency(pick, axis)
-    where = "TensorRT GPU compute time" if axis["source"] == "tensorrt" else f"{short_provider(pick['provider'])} p50"
-    parts = [
-        f"{pick['label']} is the fastest of the {len(within)} quantized variant(s) within the {budget_ap:g} AP "
-        f"budget ({pick_ms:.2f} ms {where}, ΔAP {pick['delta_ap']:+.2f})"
-    ]
-    others = [v["label"] for v in tied if v is not pick]
-    if others:
-        parts.append(
-            f"{', '.join(others)} ran within {latency_tie_pct:g}% of the fastest and {pick['label']} is the most "
-            "accurate of them"
-        )
-    base_ms = variant_latency(baseline, axis)
+    pick, parts = _fastest_within(within, timed, axis, budget_ap, latency_tie_pct)
+    pick_ms, base_ms = variant_latency(pick, axis), variant_latency(baseline, axis)
     trt_like = axis["source"] == "tensorrt" or (
         pick["provider"] in TRT_LIKE_PROVIDERS and baseline["provider"] in TRT_LIKE_PROVIDERS
     )
     if base_ms is not None and pick_ms >= base_ms:
         if trt_like:
-            return result(
-                baseline,
-                parts[0] + f", but it is not faster than {baseline['label']} ({pick_ms:.2f} vs {base_ms:.2f} ms "
-                f"{'TensorRT GPU compute time' if axis['source'] == 'tensorrt' else 'TensorRT EP p50'}); keep "
-                f"{baseline['label']}",
-                axis,
-                within,
-            )
+            where = "TensorRT GPU compute time" if axis["source"] == "tensorrt" else "TensorRT EP p50"
+            reason = (f"{parts[0]}, but it is not faster than {baseline['label']} ({pick_ms:.2f} vs {base_ms:.2f} ms "
+                      f"{where}); keep {baseline['label']}")  # fmt: skip
+            return _recommendation(baseline, reason, axis, within)
         parts.append(f"on this provider it is slower than {baseline['label']} ({pick_ms:.2f} vs {base_ms:.2f} ms)")
     elif base_ms is not None:
         parts.append(f"{base_ms / pick_ms:.2f}x faster than {baseline['label']} ({base_ms:.2f} ms)")
     if axis["source"] == "onnxruntime":
-        providers = sorted({v["provider"] for v in timed + [baseline] if v["provider"]})
-        if len(providers) > 1:
-            parts.append(
-                "latencies come from different execution providers (" + ", ".join(short_provider(p) for p in providers)
-                + ") and are not comparable with each other"
-            )
-        if providers and all(p == "CPUExecutionProvider" for p in providers):
-            parts.append(
-                "only CPU execution-provider latencies exist: CPU-EP latency of Q/DQ models does not predict "
-                "TensorRT speed, so re-check this choice with TensorRT (make_lowbit_report.py --tensorrt auto "
-                "where trtexec is installed)"
-            )
-        elif not all(p in TRT_LIKE_PROVIDERS for p in providers):
-            parts.append(
-                "latencies come from ONNX Runtime providers other than TensorRT, which do not predict TensorRT "
-                "speed of Q/DQ models; re-check this choice with TensorRT"
-            )
-    return result(pick, "; ".join(parts), axis, within)
+        parts += _provider_caveats(timed, baseline)
+    return _recommendation(pick, "; ".join(parts), axis, within)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -838,6 +864,70 @@ def _place_labels(ax, items: list[tuple[float, float, str, bool]], renderer) -> 
         placed.append(best[1])
 
 
+_MARKERS = ["o", "^", "D", "v", "P", "s"]
+
+
+def _point_style(v: dict, providers: list[str], per_provider: bool) -> tuple[str, str, str]:
+    """``(color, marker, legend kind)`` of one variant's point."""
+    if v["role"] in ("baseline", "fp32_repeat"):
+        return "black", "s", "FP32"
+    if v["role"] == "random_control":
+        return "0.5", "x", "random control"
+    if per_provider:
+        marker = _MARKERS[providers.index(v["provider"] or "") % len(_MARKERS)]
+        return "tab:blue", marker, f"quantized, {short_provider(v['provider'])}"
+    return "tab:blue", "o", "quantized"
+
+
+def _scatter_variants(ax, report: dict, xs: list[float | None], providers: list[str], per_provider: bool) -> list:
+    """One point per variant with a known x, the pick starred; returns the label items to place."""
+    rec = report["recommended"]["variant"]
+    items, seen_kinds = [], set()
+    for v, x in zip(report["variants"], xs):
+        if x is None:
+            continue
+        color, marker, kind = _point_style(v, providers, per_provider)
+        ax.scatter([x], [v["delta_ap"]], s=60, c=color, marker=marker, zorder=3,
+                   label=None if kind in seen_kinds else kind)  # fmt: skip
+        seen_kinds.add(kind)
+        if v["label"] == rec:
+            ax.scatter([x], [v["delta_ap"]], s=420, marker="*", facecolors="gold", edgecolors="darkred",
+                       linewidths=1.2, zorder=4, label="recommended")  # fmt: skip
+        items.append((x, v["delta_ap"], v["label"] + (" (recommended)" if v["label"] == rec else ""), v["label"] == rec))
+    return items
+
+
+def _draw_panel(ax, report: dict, xs: list[float | None], xlabel: str, providers: list[str], per_provider: bool,
+                y_range: tuple[float, float]) -> list:  # fmt: skip
+    """One ΔAP-vs-x panel: points, Pareto front, FP32 and budget lines; returns the label items to place."""
+    budget = report["budget_ap"]
+    items = _scatter_variants(ax, report, xs, providers, per_provider)
+    pts = [(x, y) for x, y, _, _ in items]
+    front = _pareto_front(pts)
+    if len(front) > 1:
+        ax.step([p[0] for p in front], [p[1] for p in front], where="post", ls=":", c="tab:green",
+                lw=1.2, zorder=2, label="Pareto front")  # fmt: skip
+    if not pts:
+        ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes, fontsize=12)
+    missing = [v["label"] for v, x in zip(report["variants"], xs) if x is None]
+    if missing and pts:
+        ax.text(0.01, 0.01, "not plotted (unknown): " + ", ".join(missing), transform=ax.transAxes,
+                fontsize=7.5, color="0.35", va="bottom")  # fmt: skip
+    ax.axhline(0.0, c="0.4", lw=1, label=f"{report['baseline']['label']} (ΔAP 0)")
+    ax.axhline(-budget, c="tab:red", ls="--", lw=1.2, label=f"budget −{budget:g} AP")
+    ax.axhspan(y_range[0], -budget, color="tab:red", alpha=0.06)
+    ax.set_ylim(*y_range)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("ΔAP vs FP32 (mAP50-95 points)")
+    ax.grid(alpha=0.3)
+    if pts:
+        xs_ok = [p[0] for p in pts]
+        span = (max(xs_ok) - min(xs_ok)) or max(abs(xs_ok[0]), 1.0)
+        ax.set_xlim(min(xs_ok) - 0.08 * span, max(xs_ok) + 0.45 * span)  # room for labels on the right
+    ax.legend(loc="upper right", fontsize=8, framealpha=0.85)
+    return items
+
+
 def plot_pareto(report: dict) -> bytes:
     """PNG bytes: ΔAP vs latency (left) and vs model size (right), labelled, with budget line and the pick."""
     # Only the plot needs matplotlib. A Figure on an Agg canvas avoids pyplot's global state and any display.
@@ -846,81 +936,29 @@ def plot_pareto(report: dict) -> bytes:
 
     variants = report["variants"]
     axis = report["latency_axis"]
-    rec = report["recommended"]["variant"]
-    budget = report["budget_ap"]
     ds = report["dataset"]
     fig = Figure(figsize=(14, 6.2), dpi=110)
     canvas = FigureCanvasAgg(fig)
     ax_lat, ax_size = fig.subplots(1, 2)
-    markers = ["o", "^", "D", "v", "P", "s"]
     providers = sorted({v["provider"] or "" for v in variants})
     ys = [v["delta_ap"] for v in variants]
-    y_lo = min(ys + [-budget]) - 0.6
-    y_hi = max(ys + [0.0]) + 0.6
-    labels_to_place = []
-
-    def draw(ax, xs: list[float | None], xlabel: str, per_provider: bool) -> None:
-        pts, items, seen_kinds = [], [], set()
-        for v, x in zip(variants, xs):
-            if x is None:
-                continue
-            if v["role"] in ("baseline", "fp32_repeat"):
-                color, marker, kind = "black", "s", "FP32"
-            elif v["role"] == "random_control":
-                color, marker, kind = "0.5", "x", "random control"
-            else:
-                color, marker, kind = "tab:blue", "o", "quantized"
-                if per_provider:
-                    marker = markers[providers.index(v["provider"] or "") % len(markers)]
-                    kind = f"quantized, {short_provider(v['provider'])}"
-            ax.scatter([x], [v["delta_ap"]], s=60, c=color, marker=marker, zorder=3,
-                       label=None if kind in seen_kinds else kind)
-            seen_kinds.add(kind)
-            if v["label"] == rec:
-                ax.scatter([x], [v["delta_ap"]], s=420, marker="*", facecolors="gold", edgecolors="darkred",
-                           linewidths=1.2, zorder=4, label="recommended")
-            pts.append((x, v["delta_ap"]))
-            items.append((x, v["delta_ap"], v["label"] + (" (recommended)" if v["label"] == rec else ""),
-                          v["label"] == rec))
-        front = _pareto_front(pts)
-        if len(front) > 1:
-            ax.step([p[0] for p in front], [p[1] for p in front], where="post", ls=":", c="tab:green",
-                    lw=1.2, zorder=2, label="Pareto front")
-        if not pts:
-            ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes, fontsize=12)
-        missing = [v["label"] for v, x in zip(variants, xs) if x is None]
-        if missing and pts:
-            ax.text(0.01, 0.01, "not plotted (unknown): " + ", ".join(missing), transform=ax.transAxes,
-                    fontsize=7.5, color="0.35", va="bottom")
-        ax.axhline(0.0, c="0.4", lw=1, label=f"{report['baseline']['label']} (ΔAP 0)")
-        ax.axhline(-budget, c="tab:red", ls="--", lw=1.2, label=f"budget −{budget:g} AP")
-        ax.axhspan(y_lo, -budget, color="tab:red", alpha=0.06)
-        ax.set_ylim(y_lo, y_hi)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("ΔAP vs FP32 (mAP50-95 points)")
-        ax.grid(alpha=0.3)
-        if pts:
-            xs_ok = [p[0] for p in pts]
-            span = (max(xs_ok) - min(xs_ok)) or max(abs(xs_ok[0]), 1.0)
-            ax.set_xlim(min(xs_ok) - 0.08 * span, max(xs_ok) + 0.45 * span)  # room for labels on the right
-        ax.legend(loc="upper right", fontsize=8, framealpha=0.85)
-        labels_to_place.append((ax, items))
-
-    lat_xs = [variant_latency(v, axis) for v in variants]
+    y_range = (min(ys + [-report["budget_ap"]]) - 0.6, max(ys + [0.0]) + 0.6)
     per_provider = axis["source"] == "onnxruntime" and len(providers) > 1
-    draw(ax_lat, lat_xs, "latency p50, ms — " + axis["description"], per_provider)
+    lat_xs = [variant_latency(v, axis) for v in variants]
+    lat_items = _draw_panel(ax_lat, report, lat_xs, "latency p50, ms — " + axis["description"], providers,
+                            per_provider, y_range)  # fmt: skip
     ax_lat.set_title("ΔAP vs latency (up and left is better)", fontsize=10)
     size_xs = [v["model_bytes"] / 1e6 if v["model_bytes"] else None for v in variants]
-    draw(ax_size, size_xs, "ONNX model file size, MB", False)
+    size_items = _draw_panel(ax_size, report, size_xs, "ONNX model file size, MB", providers, False, y_range)
     ax_size.set_title("ΔAP vs model size", fontsize=10)
     fig.suptitle(
         f"{ds['name']}: {ds['num_images']} images — FP32 mAP50-95 {report['baseline']['map50_95']:.4f} — "
-        f"latency: {axis['description']}\nrecommended: {rec}",
+        f"latency: {axis['description']}\nrecommended: {report['recommended']['variant']}",
         fontsize=11,
     )
     fig.tight_layout(rect=(0, 0, 1, 0.95))
     renderer = canvas.get_renderer()
-    for ax, items in labels_to_place:
+    for ax, items in ((ax_lat, lat_items), (ax_size, size_items)):
         _place_labels(ax, items, renderer)
     buf = io.BytesIO()
     canvas.print_png(buf)

@@ -172,23 +172,24 @@ def load_report(path: Path, flag: str) -> dict[str, Any]:
     """
     try:
         report = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"{flag}: {path} is not a readable JSON file ({e})") from e
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"{flag}: {path} is not a readable JSON file ({e})", flag=flag) from e
     if not isinstance(report, dict) or not isinstance(report.get("layers"), list):
-        raise UserError(f"{flag}: {path} has no 'layers' list; expected a {REPORT_STEM}.json")
+        raise UserError(f"{flag}: {path} has no 'layers' list; expected a {REPORT_STEM}.json", flag=flag)
     if report.get("schema_version") != SCHEMA_VERSION:
         raise UserError(
-            f"{flag}: {path} has schema_version {report.get('schema_version')!r}; expected {SCHEMA_VERSION}"
+            f"{flag}: {path} has schema_version {report.get('schema_version')!r}; expected {SCHEMA_VERSION}",
+            flag=flag,
         )
     layers = report["layers"]
     if not layers:
-        raise UserError(f"{flag}: {path} ranks no layers")
+        raise UserError(f"{flag}: {path} ranks no layers", flag=flag)
     for i, layer in enumerate(layers):
         if not (isinstance(layer, dict) and isinstance(layer.get("name"), str) and isinstance(layer.get("rank"), int)):
-            raise UserError(f"{flag}: {path} layer #{i} lacks a string 'name' or an integer 'rank'")
+            raise UserError(f"{flag}: {path} layer #{i} lacks a string 'name' or an integer 'rank'", flag=flag)
     ranks = sorted(layer["rank"] for layer in layers)
     if ranks != list(range(1, len(layers) + 1)):
-        raise UserError(f"{flag}: {path} ranks are not 1..{len(layers)} without gaps or repeats")
+        raise UserError(f"{flag}: {path} ranks are not 1..{len(layers)} without gaps or repeats", flag=flag)
     report["layers"] = sorted(layers, key=lambda layer: layer["rank"])
     return report
 
@@ -242,30 +243,18 @@ class ReportColumnMatcher:
         return Match(layer["name"], "name")
 
 
-def spearman(ranks_a: list[float], ranks_b: list[float]) -> float | None:
-    """Spearman rank correlation of two paired lists (re-ranked, ties averaged); None for fewer than 2 pairs."""
-    import numpy as np  # only here: reading and writing reports needs no numpy
+def spearman(values_a: list[float], values_b: list[float]) -> float | None:
+    """Spearman rank correlation of two paired lists (``scipy.stats.spearmanr``: ties get their average rank).
 
-    if len(ranks_a) != len(ranks_b):
+    Returns None for fewer than 2 pairs or a constant list (no correlation is defined there).
+    """
+    if len(values_a) != len(values_b):
         raise ValueError("spearman: lists differ in length")
-    if len(ranks_a) < 2:
+    if len(values_a) < 2 or len(set(values_a)) < 2 or len(set(values_b)) < 2:
         return None
+    from scipy.stats import spearmanr  # only here: reading and writing reports needs no scipy
 
-    def _ranks(values: list[float]) -> np.ndarray:
-        values = np.asarray(values, dtype=np.float64)
-        order = np.argsort(values, kind="stable")
-        ranks = np.empty(len(values))
-        ranks[order] = np.arange(1, len(values) + 1)
-        for v in np.unique(values):  # average ranks over ties
-            tie = values == v
-            if tie.sum() > 1:
-                ranks[tie] = ranks[tie].mean()
-        return ranks
-
-    ra, rb = _ranks(ranks_a), _ranks(ranks_b)
-    if ra.std() == 0 or rb.std() == 0:
-        return None
-    return float(np.corrcoef(ra, rb)[0, 1])
+    return float(spearmanr(values_a, values_b).statistic)
 
 
 def _mapped(report: dict[str, Any], matcher: LayerMatcher) -> tuple[dict[str, dict], list[dict]]:

@@ -1,4 +1,4 @@
-"""make_yolov10m_candidate_schemes.py: report layers -> exact ONNX node exclusions, on the tiny YOLOv10 graph."""
+"""lowbit.schemes and make_yolov10m_candidate_schemes.py: report layers -> exact ONNX node exclusions, on the tiny YOLOv10 graph."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ import onnx
 import pytest
 from onnx import helper
 
+from lowbit import schemes
 from lowbit import sensitivity_report as report_io
-from lowbit.runs import sha256_file
+from lowbit.runs import UserError, sha256_file
 
 SCRIPT = "scripts/cv-models/make_yolov10m_candidate_schemes.py"
-QUANTIZE = "scripts/cv-models/quantize_yolov10m_onnx.py"
 
 
 def _conv_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
@@ -74,7 +74,7 @@ def test_torch_report_maps_through_weight_names(load_script, fp32_model, torch_r
     by_weight = {n.input[1]: n.name for n in _conv_nodes(fp32_model)}
     ranked = json.loads(torch_report.read_text())["layers"]
     node_names = {n.name for n in fp32_model.graph.node}
-    quantize = load_script(QUANTIZE)
+    from lowbit import quantize
     for k in (0, 5, 10, 20):
         scheme = json.loads((out / f"scheme_k{k}.json").read_text())
         assert scheme["k"] == k and scheme["precision"] == "fp8"
@@ -189,17 +189,17 @@ def test_onnx_report_uses_its_node_names(load_script, fp32_model, tiny_yolov10_o
     assert json.loads((out / "schemes_summary.json").read_text())["matched_via"] == {"onnx_node": 8}
 
 
-def test_fails_when_too_many_top_layers_do_not_map(load_script, fp32_model, tiny_yolov10_onnx, tmp_path, capsys):
+def test_fails_when_too_many_top_layers_do_not_map(fp32_model, tiny_yolov10_onnx, tmp_path):
     layers = _torch_layers(fp32_model)
     for i, layer in enumerate(sorted(layers, key=lambda x: -x["score"])[:20]):
         if i % 4:  # 15 of the top 20: names and weights that exist in no graph
             layer.update(name=f"backbone.block{i}.conv", weight=None)
     report = _write_report(tmp_path / "bogus.json", layers)
     out = tmp_path / "out"
-    assert _run(load_script, "--report-json", report, "--out-dir", out, "--onnx-path", tiny_yolov10_onnx) == 2
-    err = capsys.readouterr().err
-    assert "15 of the top 20 layers" in err and "--max-unmatched-frac" in err
-    assert not list(out.glob("scheme_k*.json")) and not (out / "schemes_summary.json").exists()
+    with pytest.raises(UserError) as exc:
+        schemes.build_schemes(report, tiny_yolov10_onnx, out, [0, 5, 10, 20])
+    assert exc.value.flag == "--max-unmatched-frac"
+    assert not out.exists()
 
     # a few unmatched layers (3 of the top 20 = 15% <= 20%) are skipped and listed; K still counts mapped nodes
     layers = _torch_layers(fp32_model)
@@ -207,28 +207,35 @@ def test_fails_when_too_many_top_layers_do_not_map(load_script, fp32_model, tiny
     for layer in top[:3]:
         layer.update(name=layer["name"].replace("model.", "net."), weight=None)
     report = _write_report(tmp_path / "few.json", layers)
-    assert _run(load_script, "--report-json", report, "--out-dir", out, "--onnx-path", tiny_yolov10_onnx) == 0
-    summary = json.loads((out / "schemes_summary.json").read_text())
-    assert [u["rank"] for u in summary["unmatched"]] == [1, 2, 3]
-    assert all("no initializer" in u["reason"] for u in summary["unmatched"])
+    result = schemes.build_schemes(report, tiny_yolov10_onnx, out, [0, 5, 10, 20])
+    assert [u["rank"] for u in result.summary["unmatched"]] == [1, 2, 3]
+    assert all(u["reason"] for u in result.summary["unmatched"])
     scheme = json.loads((out / "scheme_k20.json").read_text())
     assert len(scheme["nodes_to_exclude"]) == 20 and scheme["layers"][0] == top[3]["name"]
 
 
-def test_bad_k_and_overwrite(load_script, torch_report, tiny_yolov10_onnx, tmp_path, capsys):
+@pytest.mark.parametrize(
+    ("ks", "frac", "flag"),
+    [([0, 10_000], 0.2, "--k"), ([-1], 0.2, "--k"), ([], 0.2, "--k"), ([5], 1.5, "--max-unmatched-frac")],
+)
+def test_bad_settings_name_their_flag(ks, frac, flag, torch_report, tiny_yolov10_onnx, tmp_path):
     out = tmp_path / "out"
-    n_layers = len(json.loads(torch_report.read_text())["layers"])
-    assert _run(load_script, "--report-json", torch_report, "--out-dir", out, "--onnx-path", tiny_yolov10_onnx,
-                "--k", 0, n_layers + 1) == 2  # fmt: skip
-    assert f"--k {n_layers + 1}" in capsys.readouterr().err and not out.exists()
-    rc = _run(load_script, "--report-json", torch_report, "--out-dir", out, "--onnx-path", tiny_yolov10_onnx, "--k", -1)
-    assert rc == 2
-    assert "--k" in capsys.readouterr().err
+    with pytest.raises(UserError) as exc:
+        schemes.build_schemes(torch_report, tiny_yolov10_onnx, out, ks, max_unmatched_frac=frac)
+    assert exc.value.flag == flag
+    assert not out.exists()
 
+
+def test_bad_k_and_overwrite(load_script, torch_report, tiny_yolov10_onnx, tmp_path):
+    out = tmp_path / "out"
+    assert _run(load_script, "--report-json", torch_report, "--out-dir", out, "--onnx-path", tiny_yolov10_onnx,
+                "--k", -1) == 2  # fmt: skip
+    assert not out.exists()
     assert _run(load_script, "--report-json", torch_report, "--out-dir", out, "--onnx-path", tiny_yolov10_onnx,
                 "--random-control", 1) == 0  # fmt: skip
-    assert _run(load_script, "--report-json", torch_report, "--out-dir", out, "--onnx-path", tiny_yolov10_onnx) == 2
-    assert "--overwrite" in capsys.readouterr().err
+    with pytest.raises(UserError) as exc:
+        schemes.build_schemes(torch_report, tiny_yolov10_onnx, out, [0, 5])
+    assert exc.value.flag == "--overwrite"
     # --overwrite replaces the whole set: the random controls of the first run do not linger
     assert _run(load_script, "--report-json", torch_report, "--out-dir", out, "--onnx-path", tiny_yolov10_onnx,
                 "--k", 0, 5, "--overwrite") == 0  # fmt: skip
@@ -236,5 +243,65 @@ def test_bad_k_and_overwrite(load_script, torch_report, tiny_yolov10_onnx, tmp_p
 
     missing = tmp_path / "missing.json"
     rc = _run(load_script, "--report-json", missing, "--out-dir", tmp_path / "o2", "--onnx-path", tiny_yolov10_onnx)
-    assert rc == 2
-    assert "--report-json" in capsys.readouterr().err
+    assert rc == 2 and not (tmp_path / "o2").exists()
+    with pytest.raises(UserError) as exc:
+        load_script(SCRIPT).main.__wrapped__(["--report-json", str(missing), "--out-dir", str(tmp_path / "o2")])
+    assert exc.value.flag == "--report-json"
+    not_a_report = tmp_path / "not_a_report.json"
+    not_a_report.write_text("[1, 2]")
+    with pytest.raises(UserError) as exc:
+        schemes.build_schemes(not_a_report, tiny_yolov10_onnx, tmp_path / "o3", [0])
+    assert exc.value.flag == "--report-json"
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "",  # zero bytes
+        "not json",
+        "[]",
+        '{"nodes_to_exclude": []}',  # no k
+        '{"k": 1, "nodes_to_exclude": "a"}',
+        '{"k": 2, "nodes_to_exclude": ["a"]}',  # k disagrees with the list
+        '{"k": 2, "nodes_to_exclude": ["a", "a"]}',
+        '{"k": -1, "nodes_to_exclude": []}',
+        '{"k": true, "nodes_to_exclude": ["a"]}',
+        '{"k": 1, "nodes_to_exclude": [3]}',
+        '{"k": 0, "nodes_to_exclude": [], "random_seed": "x"}',
+    ],
+)
+def test_malformed_scheme_is_a_user_error(content, tmp_path):
+    path = tmp_path / "scheme_k0.json"
+    path.write_text(content)
+    with pytest.raises(UserError) as exc:
+        schemes.load_scheme(path, "--schemes-dir")
+    assert exc.value.flag == "--schemes-dir"
+
+
+def test_scheme_file_name_must_match_its_k(tmp_path):
+    path = tmp_path / "scheme_k5.json"
+    path.write_text(json.dumps({"k": 0, "nodes_to_exclude": []}))
+    with pytest.raises(UserError) as exc:
+        schemes.load_scheme(path, "--schemes-dir")
+    assert exc.value.flag == "--schemes-dir"
+    path = tmp_path / "scheme_k2_random3.json"
+    path.write_text(json.dumps({"k": 2, "nodes_to_exclude": ["a", "b"], "random_seed": 3}))
+    scheme = schemes.load_scheme(path, "--schemes-dir")
+    assert (scheme.k, scheme.random_seed, scheme.tag) == (2, 3, "k2_random3")
+
+
+def test_find_schemes_names_the_missing_k(tmp_path):
+    schemes.write_scheme(tmp_path / "scheme_k0.json", {"k": 0, "nodes_to_exclude": []})
+    with pytest.raises(UserError) as exc:
+        schemes.find_schemes(tmp_path, [0, 5], include_random=False)
+    assert exc.value.flag == "--schemes-dir"
+    assert [s.k for s in schemes.find_schemes(tmp_path, [0], include_random=True)] == [0]
+
+
+def test_spearman_averages_ties_like_scipy():
+    assert report_io.spearman([1, 2, 3, 4], [1, 2, 3, 4]) == pytest.approx(1.0)
+    assert report_io.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert report_io.spearman([1], [1]) is None
+    assert report_io.spearman([1, 1, 1], [1, 2, 3]) is None
+    # ties share their average rank: [1, 2.5, 2.5, 4] against [1, 2, 3, 4]
+    assert report_io.spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486833, abs=1e-6)

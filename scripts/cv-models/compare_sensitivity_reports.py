@@ -23,16 +23,16 @@ import argparse
 import sys
 from pathlib import Path
 
+from lowbit.cli import cli_entry
 from lowbit.logs import get_logger, setup_logging
 from lowbit.runs import (
     UserError,
     atomic_write_json,
     check_input_file,
+    check_output_path,
     manifest_run,
-    refuse_overwrite,
     resolve_repo_path,
 )
-from lowbit.cli import cli_entry
 from lowbit.sensitivity_report import compare_reports, load_report
 
 SCRIPT = "compare_sensitivity_reports.py"
@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if any(k < 1 for k in args.k):
-        raise UserError(f"--k values must be >= 1, got {args.k}")
+        raise UserError(f"--k values must be >= 1, got {args.k}", flag="--k")
     path_a = check_input_file(resolve_repo_path(args.report_a), "--report-a")
     path_b = check_input_file(resolve_repo_path(args.report_b), "--report-b")
     report_a = load_report(path_a, "--report-a")
@@ -72,20 +72,14 @@ def main(argv: list[str] | None = None) -> int:
     matcher = None
     onnx_path = None
     if args.onnx_path is not None:
-        import onnx  # only for --onnx-path: pairing through the report columns needs no graph
-
+        # only for --onnx-path: pairing through the report columns needs no graph (nor onnx)
+        from lowbit.onnx_stats import load_model_proto
         from lowbit.sensitivity_onnx import NodeMatcher
 
         onnx_path = check_input_file(resolve_repo_path(args.onnx_path), "--onnx-path")
-        try:
-            # Only names are needed: skip external weight files.
-            matcher = NodeMatcher(onnx.load(str(onnx_path), load_external_data=False))
-        except Exception as e:  # protobuf raises several types for a file that is not a model
-            raise UserError(f"--onnx-path: {onnx_path} is not a readable ONNX model ({e})") from e
+        matcher = NodeMatcher(load_model_proto(onnx_path, "--onnx-path"))
     out: Path = args.out
-    if out.suffix != ".json":
-        raise UserError(f"--out: {out} must end in .json")
-    refuse_overwrite(out, args.overwrite)
+    check_output_path(out, "--out", args.overwrite, suffix=".json")
 
     out.parent.mkdir(parents=True, exist_ok=True)
     setup_logging()

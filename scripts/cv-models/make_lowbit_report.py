@@ -37,6 +37,7 @@ from pathlib import Path
 
 from lowbit import report as lowbit_report
 from lowbit import trt
+from lowbit.cli import cli_entry
 from lowbit.logs import get_logger, setup_logging
 from lowbit.runs import (
     UserError,
@@ -46,7 +47,6 @@ from lowbit.runs import (
     manifest_run,
     resolve_repo_path,
 )
-from lowbit.cli import cli_entry
 
 SCRIPT = "make_lowbit_report.py"
 OUTPUT_FILES = ("report.json", "report.md", "pareto.png")
@@ -94,15 +94,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def validate_args(args: argparse.Namespace) -> None:
     if not args.budget_ap >= 0:
-        raise UserError(f"--budget-ap must be >= 0 AP points, got {args.budget_ap}")
+        raise UserError(f"--budget-ap must be >= 0 AP points, got {args.budget_ap}", flag="--budget-ap")
     if not args.latency_tie_pct >= 0:
-        raise UserError(f"--latency-tie-pct must be >= 0, got {args.latency_tie_pct}")
+        raise UserError(f"--latency-tie-pct must be >= 0, got {args.latency_tie_pct}", flag="--latency-tie-pct")
     if args.trt_iterations < 1:
-        raise UserError(f"--trt-iterations must be >= 1, got {args.trt_iterations}")
+        raise UserError(f"--trt-iterations must be >= 1, got {args.trt_iterations}", flag="--trt-iterations")
     if args.trt_warmup_ms < 0:
-        raise UserError(f"--trt-warmup-ms must be >= 0, got {args.trt_warmup_ms}")
+        raise UserError(f"--trt-warmup-ms must be >= 0, got {args.trt_warmup_ms}", flag="--trt-warmup-ms")
     if args.trtexec is not None and trt.find_trtexec(args.trtexec) is None:
-        raise UserError(f"--trtexec: {args.trtexec} is not an executable file")
+        raise UserError(f"--trtexec: {args.trtexec} is not an executable file", flag="--trtexec")
 
 
 def _read_json(path: Path):
@@ -189,12 +189,15 @@ def main(argv: list[str] | None = None) -> int:
     run_dirs = [resolve_repo_path(d) for d in args.run_dir]
     for given, run_dir in zip(args.run_dir, run_dirs):
         if not run_dir.is_dir():
-            raise UserError(f"--run-dir: {given} is not a directory")
+            raise UserError(f"--run-dir: {given} is not a directory", flag="--run-dir")
     collected = lowbit_report.collect_variants(run_dirs)  # refuses mixed image sets before anything is written
     out_dir = args.out_dir if args.out_dir is not None else run_dirs[0]
     existing = [name for name in OUTPUT_FILES if (out_dir / name).exists()]
     if existing and not args.overwrite:
-        raise UserError(f"--out-dir: {out_dir} already holds {', '.join(existing)}; pass --overwrite to replace them")
+        raise UserError(
+            f"--out-dir: {out_dir} already holds {', '.join(existing)}; pass --overwrite to replace them",
+            flag="--overwrite",
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(out_dir / "report.log", args.verbose)
 

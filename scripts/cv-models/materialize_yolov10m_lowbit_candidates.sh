@@ -1,18 +1,23 @@
 #!/usr/bin/env bash
 # Materialize low-bit candidates K in KS from exclusion schemes (card step 4c).
 #
-# Env vars (mapped 1:1 to flags of materialize_yolov10m_lowbit_candidates.py):
-#   RUN_ROOT      required; writes $RUN_ROOT/onnx/yolov10m-<mode>-k{K}.onnx (+ manifests) and $RUN_ROOT/candidates-<mode>/
+# Env vars (mapped 1:1 to flags of materialize_yolov10m_lowbit_candidates.py, which validates them):
+#   RUN_ROOT      required; writes $RUN_ROOT/onnx/<model>-<mode>-k{K}.onnx (+ manifests) and $RUN_ROOT/candidates-<mode>/
+#                 (<model>: the file stem of ONNX_PATH, yolov10m for the card's checkpoint)
 #   CALIB_PATH    required; calibration .npy from make_yolov10m_calib_npy.py
 #   SCHEMES_DIR   default $RUN_ROOT/schemes (from make_yolov10m_candidate_schemes.py)
 #   ONNX_PATH     default models/cv-models/yolov10m/checkpoints/yolov10m.onnx
 #   KS            default "0 5 10 20"
 #   QUANT_MODE    fp8 (default) | int8 (int4 is refused: ModelOpt's int4 leaves Conv graphs unquantized)
 #   HIGH_PRECISION_DTYPE  fp32 (default) | fp16 | bf16
+#   CALIBRATION_EPS       space-separated ORT EPs for calibration, e.g. "cuda:0 cpu" (default "cpu")
+#   CALIBRATION_METHOD    entropy | max (default: max for fp8, entropy for int8)
 #   INCLUDE_RANDOM=1      also build the scheme_k{K}_random*.json controls
 #   EVAL=1        evaluate each candidate; then DATA_ROOT (default datasets/coco2017/source-data),
 #                 MAX_IMAGES (100), PROVIDERS ("CPUExecutionProvider"), IMGSZ (640)
-#   OVERWRITE=1   rebuild existing candidates
+#   OVERWRITE=1   rebuild existing candidates (also needed when ONNX_PATH or CALIB_PATH changed)
+#   EVAL, INCLUDE_RANDOM, OVERWRITE take 1|true|yes (on) or 0|false|no (off, the default).
+#   PYTHON        interpreter (default python)
 set -euo pipefail
 
 : "${RUN_ROOT:?RUN_ROOT is required (e.g. tmp/yolov10m_lowbit/<run-id>)}"
@@ -31,10 +36,21 @@ args=(
   --max-images "${MAX_IMAGES:-100}"
   --providers ${PROVIDERS:-CPUExecutionProvider}
   --imgsz "${IMGSZ:-640}"
+  --calibration-eps ${CALIBRATION_EPS:-cpu}
 )
-[[ "${EVAL:-0}" == "1" ]] && args+=(--eval)
-[[ "${INCLUDE_RANDOM:-0}" == "1" ]] && args+=(--include-random)
-[[ "${OVERWRITE:-0}" == "1" ]] && args+=(--overwrite)
+[[ -n "${CALIBRATION_METHOD:-}" ]] && args+=(--calibration-method "$CALIBRATION_METHOD")
+
+bool_flag() {  # NAME FLAG: add FLAG when the env var NAME is on; refuse values that are neither on nor off
+  local value="${!1:-0}"
+  case "${value,,}" in
+    1|true|yes) args+=("$2") ;;
+    0|false|no|"") ;;
+    *) echo "error: $1='$value' (choose from 1, true, yes, 0, false, no)" >&2; exit 2 ;;
+  esac
+}
+bool_flag EVAL --eval
+bool_flag INCLUDE_RANDOM --include-random
+bool_flag OVERWRITE --overwrite
 
 echo "+ $PYTHON scripts/cv-models/materialize_yolov10m_lowbit_candidates.py ${args[*]}" >&2
 exec "$PYTHON" "$(dirname "$0")/materialize_yolov10m_lowbit_candidates.py" "${args[@]}"

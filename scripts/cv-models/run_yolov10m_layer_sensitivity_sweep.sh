@@ -14,8 +14,8 @@
 #   METRIC       --metric       det_kl | rel_mse (default det_kl)
 #   OUTPUT_ROOT  --output-root  (default tmp/yolov10m_layer_sensitivity)
 #   RUN_ID       --run-id       (default: a timestamp)
-#   OVERWRITE=1  --overwrite
-#   VERBOSE=1    --verbose
+#   OVERWRITE=1  --overwrite (1|true|yes on, 0|false|no off)
+#   VERBOSE=1    --verbose (1|true|yes on, 0|false|no off)
 #   PYTHON       interpreter (default python)
 # Writes $OUTPUT_ROOT/<run-id>/outputs/yolov10m/<format>/per_layer/layer-sensitivity-report.json (+ .csv, .md).
 set -euo pipefail
@@ -34,8 +34,17 @@ args=()
 [[ -n "${METRIC:-}" ]] && args+=(--metric "$METRIC")
 [[ -n "${OUTPUT_ROOT:-}" ]] && args+=(--output-root "$OUTPUT_ROOT")
 [[ -n "${RUN_ID:-}" ]] && args+=(--run-id "$RUN_ID")
-[[ "${OVERWRITE:-0}" == "1" ]] && args+=(--overwrite)
-[[ "${VERBOSE:-0}" == "1" ]] && args+=(--verbose)
+
+bool_flag() {  # NAME FLAG: add FLAG when the env var NAME is on; refuse values that are neither on nor off
+  local value="${!1:-0}"
+  case "${value,,}" in
+    1|true|yes) args+=("$2") ;;
+    0|false|no|"") ;;
+    *) echo "error: $1='$value' (choose from 1, true, yes, 0, false, no)" >&2; exit 2 ;;
+  esac
+}
+bool_flag OVERWRITE --overwrite
+bool_flag VERBOSE --verbose
 
 echo "+ $PYTHON scripts/cv-models/yolov10m_layer_sensitivity.py ${args[*]}" >&2
 exec "$PYTHON" "$(dirname "$0")/yolov10m_layer_sensitivity.py" "${args[@]}"

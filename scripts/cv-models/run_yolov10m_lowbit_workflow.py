@@ -1,25 +1,31 @@
 """The whole low-bit workflow in one resumable command, ending in a comparison report.
 
-Runs the model card's steps, by calling the card's own scripts, into one run directory
-``tmp/yolov10m_lowbit/<run-id>/`` with the card's sub-layout:
+Runs the model card's steps, by calling the card's own Python scripts with their flags, into one run
+directory ``tmp/yolov10m_lowbit/<run-id>/`` with the card's sub-layout (``<model>`` is the ONNX file's
+stem: ``yolov10m`` for the card's checkpoint, ``yolov10n-demo-shapes`` for the demo):
 
     dataset       (demo preset only) generate the demo val split if it is missing
     smoke         run_random_onnx_inference.py          -> baseline-onnx/<timestamp>/smoke.json
     baseline      eval_yolov10m_onnx_coco.py (FP32)     -> baseline-coco/metrics.json
     calib-list    make_calib_list.py (only when the list is missing; never for the demo's committed list)
-    calib         make_yolov10m_calib_npy.py            -> calib/calib_yolov10m_<imgsz>.npy
-    int8          quantize_yolov10m_int8_onnx.sh        -> onnx/yolov10m-int8-qdq.onnx
+    calib         make_yolov10m_calib_npy.py            -> calib/calib_<model>_<imgsz>.npy
+    int8          quantize_yolov10m_onnx.py             -> onnx/<model>-int8-qdq.onnx
     int8-eval     eval_yolov10m_onnx_coco.py            -> int8-coco/metrics.json
-    sensitivity-<mode>  onnx_layer_sensitivity.py (or the torch sweep) -> sensitivity-<mode>/.../layer-sensitivity-report.json
+    sensitivity-<mode>  onnx_layer_sensitivity.py (or yolov10m_layer_sensitivity.py) -> sensitivity-*-<mode>/.../layer-sensitivity-report.json
     schemes-<mode>      make_yolov10m_candidate_schemes.py -> schemes/ (fp8) or schemes-<mode>/
-    candidates-<mode>   materialize_yolov10m_lowbit_candidates.sh (EVAL=1) -> onnx/yolov10m-<mode>-k{K}.onnx, <mode>-k{K}-coco/
+    candidates-<mode>   materialize_yolov10m_lowbit_candidates.py --eval -> onnx/<model>-<mode>-k{K}.onnx, <mode>-k{K}-coco/
     report        make_lowbit_report.py                 -> report.md, report.json, pareto.png
 
-Resumable: a step whose recorded inputs (arguments, environment, sha256 of its input files) are
-unchanged and whose outputs still exist with the recorded sha256 is skipped and says so. A step's
-record is removed before it runs and written only after it succeeded, so an interrupted or failed
-step is never trusted; ``--force STEP`` reruns one step (its dependants rerun because their inputs
-change). One line per step with its elapsed time; the final summary is the report's.
+Each step runs exactly the command the card's bash wrapper would run for the same settings
+(``quantize_yolov10m_int8_onnx.sh``, ``run_yolov10m_layer_sensitivity_sweep.sh``,
+``materialize_yolov10m_lowbit_candidates.sh``); ``--dry-run`` prints them. Every workflow input is
+checked before the first step, and errors name this command's flags.
+
+Resumable: a step whose recorded inputs (arguments, sha256 of its input files) are unchanged and
+whose outputs still exist with the recorded sha256 is skipped and says so. A step's record is removed
+before it runs and written only after it succeeded, so an interrupted or failed step is never
+trusted; ``--force STEP`` reruns one step (its dependants rerun because their inputs change). One
+line per step with its elapsed time; the final summary is the report's.
 
 Examples::
 
@@ -32,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -39,14 +46,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lowbit.logs import setup_logging
-from lowbit.runs import (
-    REPO_ROOT,
-    UserError,
-    atomic_write_json,
-    sha256_file,
-)
 from lowbit.cli import cli_entry
+from lowbit.logs import setup_logging
+from lowbit.ort_session import MODELOPT_CALIBRATION_EPS
+from lowbit.runs import REPO_ROOT, UserError, atomic_write_json, sha256_file
 
 SCRIPTS = REPO_ROOT / "scripts" / "cv-models"
 SMOKE = REPO_ROOT / "models" / "cv-models" / "helpers" / "run_random_onnx_inference.py"
@@ -71,6 +74,7 @@ PRESETS = {
     },
 }
 STEP_NAMES = ("dataset", "smoke", "baseline", "calib-list", "calib", "int8", "int8-eval", "sensitivity", "schemes", "candidates", "report")
+CALIB_LIST_SIZE = 100  # images drawn by the calib-list step when the list is missing
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,17 +85,19 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Defaults marked (preset) come from --preset; every flag overrides its preset value.",
     )
     parser.add_argument("--preset", choices=sorted(PRESETS), default="demo", help="input paths (default: demo)")
-    parser.add_argument("--onnx-path", type=Path, help="FP32 raw-head ONNX (preset)")
+    parser.add_argument("--onnx-path", type=Path, help="FP32 raw-head ONNX (preset); its file stem names the outputs")
     parser.add_argument("--weights", type=Path, help="ultralytics .pt for the torch sweep (preset)")
     parser.add_argument("--data-root", type=Path, help="COCO-layout dataset: val2017/ + annotations/ (preset)")
     parser.add_argument("--calib-list", type=Path, help="calibration image list (preset; made from --data-root if missing)")
     parser.add_argument("--max-images", type=int, help="evaluation slice: first N image ids (preset: demo 500, yolov10m 100)")
     parser.add_argument("--output-root", type=Path, default=Path("tmp/yolov10m_lowbit"), help="parent of run dirs (default: %(default)s)")
     parser.add_argument("--run-id", help="run directory name; an existing one is resumed (preset: demo | yolov10m)")
-    parser.add_argument("--imgsz", type=int, default=640, help="square input side (default: %(default)s)")
+    parser.add_argument("--imgsz", type=int, default=640, help="square input side, a multiple of 32 (default: %(default)s)")
     parser.add_argument("--providers", nargs="+", default=["CPUExecutionProvider"], help="ORT providers for smoke and evals")
-    parser.add_argument("--calibration-eps", nargs="+", default=["cpu"], help="ModelOpt calibration EPs (default: cpu)")
-    parser.add_argument("--calibration-method", choices=("entropy", "max"), default="entropy", help="INT8 step (default: entropy)")
+    parser.add_argument("--calibration-eps", nargs="+", choices=MODELOPT_CALIBRATION_EPS, default=["cpu"],
+                        help="ModelOpt calibration EPs of every quantization (default: cpu)")
+    parser.add_argument("--calibration-method", choices=("entropy", "max"), default="entropy",
+                        help="INT8 calibration, of the int8 step and the INT8 candidates (default: entropy; FP8 uses max)")
     parser.add_argument("--high-precision-dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
                         help="non-quantized tensors of every Q/DQ model (default: fp32; fp16 collapses YOLOv10 INT8, see the card)")
     parser.add_argument("--candidate-modes", nargs="*", choices=("fp8", "int8"), default=["fp8", "int8"],
@@ -117,126 +123,233 @@ class Step:
     argv: list[str]
     outputs: list[Path]
     inputs: list[Path] = field(default_factory=list)
-    env: dict[str, str] = field(default_factory=dict)
     family: str = ""  # the --force name for sensitivity-int8 etc.
     reuse_existing: bool = False  # complete whenever its outputs exist (generated data, not run results)
 
     def fingerprint(self) -> dict:
         return {
             "argv": self.argv,
-            "env": self.env,
             "inputs": {str(p): sha256_file(p) for p in self.inputs},
         }
 
 
-def _resolve(args: argparse.Namespace) -> argparse.Namespace:
+# ----------------------------------------------------------------------------------------------------------------------
+# settings: preset defaults, then every check before any step runs
+
+
+def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill preset defaults (an explicit value, 0 included, always wins) and derive the output stem."""
     preset = PRESETS[args.preset]
     for key in ("onnx_path", "weights", "data_root", "calib_list"):
         if getattr(args, key) is None:
             setattr(args, key, Path(preset[key]))
-    args.max_images = args.max_images or preset["max_images"]
-    args.run_id = args.run_id or preset["run_id"]
-    if args.max_images < 1:
-        raise UserError("--max-images must be >= 1")
-    if any(k < 0 for k in args.ks):
-        raise UserError("--ks must be >= 0")
+    if args.max_images is None:
+        args.max_images = preset["max_images"]
+    if args.run_id is None:
+        args.run_id = preset["run_id"]
+    # Output files are named after the model: the card's checkpoint yolov10m.onnx gives the card's names.
+    args.model_name = args.onnx_path.stem
     return args
 
 
-def _validate_inputs(args: argparse.Namespace) -> None:
+def check_settings(args: argparse.Namespace) -> None:
+    """Numbers and names, with this command's flags, before anything is read or run."""
+    checks = [
+        (args.max_images >= 1, "--max-images", f"must be >= 1, got {args.max_images}"),
+        (args.imgsz >= 32 and args.imgsz % 32 == 0, "--imgsz", f"must be a positive multiple of 32, got {args.imgsz}"),
+        (bool(args.ks) and min(args.ks) >= 0, "--ks", f"values must be >= 0, got {args.ks}"),
+        (args.sensitivity_images >= 1, "--sensitivity-images", f"must be >= 1, got {args.sensitivity_images}"),
+        (math.isfinite(args.budget_ap) and args.budget_ap >= 0, "--budget-ap",
+         f"must be a finite number of AP points >= 0, got {args.budget_ap}"),
+        (args.random_control is None or args.random_control >= 0, "--random-control",
+         f"seed must be >= 0, got {args.random_control}"),
+        (args.run_id not in ("", ".", "..") and "/" not in args.run_id, "--run-id",
+         f"must be a plain folder name, got {args.run_id!r}"),
+    ]  # fmt: skip
+    for ok, flag, message in checks:
+        if not ok:
+            raise UserError(f"{flag} {message}", flag=flag)
+    from lowbit.ort_session import check_providers
+
+    try:
+        check_providers(args.providers, disable_cpu_fallback=False, flag="--providers")
+    except UserError as e:  # the same message, tagged with this command's flag
+        raise UserError(str(e), flag="--providers") from e
+
+
+def check_inputs(args: argparse.Namespace) -> None:
     """Fail before any step runs when a user-provided input is missing (the demo's data is generated)."""
     onnx_path = args.onnx_path
     if onnx_path.is_symlink() and not onnx_path.exists():
-        raise UserError(f"--onnx-path: {onnx_path} is a symlink to {os.readlink(onnx_path)}, which does not exist")
+        raise UserError(
+            f"--onnx-path: {onnx_path} is a symlink to {os.readlink(onnx_path)}, which does not exist", flag="--onnx-path"
+        )
     if not onnx_path.is_file():
-        raise UserError(f"--onnx-path: {onnx_path} does not exist (see models/cv-models/yolov10m/README.md)")
+        raise UserError(
+            f"--onnx-path: {onnx_path} does not exist (see models/cv-models/yolov10m/README.md)", flag="--onnx-path"
+        )
     ann = args.data_root / "annotations" / "instances_val2017.json"
-    if args.preset != "demo" and not ann.is_file():
-        raise UserError(f"--data-root: {ann} not found (see datasets/README.md for placing COCO 2017 val)")
+    if not is_generated_demo_data(args) and not ann.is_file():
+        raise UserError(f"--data-root: {ann} not found (see datasets/README.md for placing COCO 2017 val)", flag="--data-root")
+    if args.calib_list.exists() and not args.calib_list.is_file():
+        raise UserError(f"--calib-list: {args.calib_list} is not a file", flag="--calib-list")
     if args.sensitivity == "torch" and args.candidate_modes and not args.weights.is_file():
-        raise UserError(f"--weights: {args.weights} not found (needed by --sensitivity torch)")
+        raise UserError(f"--weights: {args.weights} not found (needed by --sensitivity torch)", flag="--weights")
+
+
+def is_generated_demo_data(args: argparse.Namespace) -> bool:
+    """The demo preset's dataset is generated by the dataset step when missing."""
+    return args.preset == "demo" and args.data_root == Path(PRESETS["demo"]["data_root"])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# each card script's argv, in the order its bash wrapper writes it (tests compare the two)
+
+
+def quantize_argv(onnx_path: Path, calib: Path, output: Path, mode: str, calibration_eps: list[str],
+                  high_precision_dtype: str, calibration_method: str | None) -> list[str]:  # fmt: skip
+    """``quantize_yolov10m_onnx.py`` as ``quantize_yolov10m_int8_onnx.sh`` calls it (OVERWRITE=1, defaults elsewhere)."""
+    argv = ["--onnx-path", str(onnx_path), "--calib-path", str(calib), "--output-path", str(output),
+            "--quantize-mode", mode, "--calibration-eps", *calibration_eps, "--high-precision-dtype", high_precision_dtype]  # fmt: skip
+    if calibration_method:
+        argv += ["--calibration-method", calibration_method]
+    return argv + ["--no-use-zero-point", "--passes", "concat_elimination", "--overwrite"]
+
+
+def torch_sweep_argv(weights: Path, calib: Path, num_images: int, fmt: str, output_root: Path, run_id: str) -> list[str]:
+    """``yolov10m_layer_sensitivity.py`` as ``run_yolov10m_layer_sensitivity_sweep.sh`` calls it (OVERWRITE=1)."""
+    return ["--weights", str(weights), "--calib-npy", str(calib), "--num-images", str(num_images), "--formats", fmt,
+            "--output-root", str(output_root), "--run-id", run_id, "--overwrite"]  # fmt: skip
+
+
+def materialize_argv(args: argparse.Namespace, run: Path, calib: Path, schemes: Path, mode: str, ks: list[int]) -> list[str]:
+    """``materialize_yolov10m_lowbit_candidates.py`` as ``materialize_yolov10m_lowbit_candidates.sh`` calls it
+    (EVAL=1, OVERWRITE=1, INCLUDE_RANDOM=1 with a random control)."""
+    argv = ["--run-root", str(run), "--calib-path", str(calib), "--schemes-dir", str(schemes),
+            "--onnx-path", str(args.onnx_path), "--ks", *map(str, ks), "--quant-mode", mode,
+            "--high-precision-dtype", args.high_precision_dtype, "--data-root", str(args.data_root),
+            "--max-images", str(args.max_images), "--providers", *args.providers, "--imgsz", str(args.imgsz),
+            "--calibration-eps", *args.calibration_eps]  # fmt: skip
+    if mode == "int8":  # the INT8 candidates calibrate like the int8 step they are compared with
+        argv += ["--calibration-method", args.calibration_method]
+    argv.append("--eval")
+    if args.random_control is not None:
+        argv.append("--include-random")
+    return argv + ["--overwrite"]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the plan
+
+
+def _script(name: str) -> list[str]:
+    return [sys.executable, str(SCRIPTS / name)]
+
+
+def base_steps(args: argparse.Namespace, run: Path) -> list[Step]:
+    """Card steps 1-3: dataset (demo), smoke, baseline, calibration, INT8 and its evaluation."""
+    ann = args.data_root / "annotations" / "instances_val2017.json"
+    calib = calib_path(args, run)
+    int8_model = run / "onnx" / f"{args.model_name}-int8-qdq.onnx"
+    eval_common = ["--data-root", str(args.data_root), "--max-images", str(args.max_images),
+                   "--providers", *args.providers, "--imgsz", str(args.imgsz), "--overwrite"]  # fmt: skip
+    steps: list[Step] = []
+    if is_generated_demo_data(args):
+        steps.append(Step("dataset", [*_script("make_demo_dataset.py"), "--out-root", str(args.data_root), "--splits", "val"],
+                          outputs=[ann], reuse_existing=True))  # fmt: skip
+    steps += [
+        Step("smoke", [sys.executable, str(SMOKE), "--model", str(args.onnx_path), "--output-root", str(run / "baseline-onnx"),
+                       "--providers", *args.providers],
+             outputs=[run / "baseline-onnx"], inputs=[args.onnx_path]),
+        Step("baseline", [*_script("eval_yolov10m_onnx_coco.py"), "--onnx-path", str(args.onnx_path), *eval_common,
+                          "--out", str(run / "baseline-coco" / "metrics.json")],
+             outputs=[run / "baseline-coco" / "metrics.json"], inputs=[args.onnx_path, ann]),
+    ]  # fmt: skip
+    if not args.calib_list.is_file():
+        steps.append(Step("calib-list", [*_script("make_calib_list.py"), "--data-root", str(args.data_root),
+                                         "--eval-max-images", str(args.max_images), "--num", str(CALIB_LIST_SIZE),
+                                         "--out", str(args.calib_list)],
+                          outputs=[args.calib_list], inputs=[ann]))  # fmt: skip
+    int8_argv = quantize_argv(args.onnx_path, calib, int8_model, "int8", args.calibration_eps,
+                              args.high_precision_dtype, args.calibration_method)  # fmt: skip
+    steps += [
+        Step("calib", [*_script("make_yolov10m_calib_npy.py"), "--list", str(args.calib_list), "--out", str(calib),
+                       "--imgsz", str(args.imgsz), "--overwrite"],
+             outputs=[calib], inputs=[args.calib_list]),
+        Step("int8", [*_script("quantize_yolov10m_onnx.py"), *int8_argv], outputs=[int8_model],
+             inputs=[args.onnx_path, calib]),
+        Step("int8-eval", [*_script("eval_yolov10m_onnx_coco.py"), "--onnx-path", str(int8_model), *eval_common,
+                           "--out", str(run / "int8-coco" / "metrics.json")],
+             outputs=[run / "int8-coco" / "metrics.json"], inputs=[int8_model, ann]),
+    ]  # fmt: skip
+    return steps
+
+
+def calib_path(args: argparse.Namespace, run: Path) -> Path:
+    return run / "calib" / f"calib_{args.model_name}_{args.imgsz}.npy"
+
+
+def sensitivity_step(args: argparse.Namespace, run: Path, mode: str) -> Step:
+    """The ranking of one mode: ONNX-native on the deployed graph, or the torch sweep on ``--weights``."""
+    calib = calib_path(args, run)
+    if args.sensitivity == "onnx":
+        out_dir = run / f"sensitivity-onnx-{mode}" / "outputs" / args.model_name / f"onnx-{mode}" / "per_layer"
+        argv = [*_script("onnx_layer_sensitivity.py"), "--onnx-path", str(args.onnx_path), "--calib-path", str(calib),
+                "--num-images", str(args.sensitivity_images), "--precision", mode,
+                "--calibration-eps", *args.calibration_eps, "--out-dir", str(out_dir), "--overwrite"]  # fmt: skip
+        inputs = [args.onnx_path, calib]
+    else:
+        from lowbit.sensitivity_torch import OUTPUT_MODEL_DIR  # where the torch sweep puts its report
+
+        fmt, run_id = f"{mode}-{mode}", f"sensitivity-torch-{mode}"
+        out_dir = run / run_id / "outputs" / OUTPUT_MODEL_DIR / fmt / "per_layer"
+        argv = [*_script("yolov10m_layer_sensitivity.py"),
+                *torch_sweep_argv(args.weights, calib, args.sensitivity_images, fmt, run, run_id)]  # fmt: skip
+        inputs = [args.weights, calib]
+    report = out_dir / "layer-sensitivity-report.json"
+    return Step(f"sensitivity-{mode}", argv, outputs=[report], inputs=inputs, family="sensitivity")
+
+
+def mode_steps(args: argparse.Namespace, run: Path, mode: str) -> list[Step]:
+    """Card step 4 for one mode: ranking, schemes, candidates (materialized and evaluated)."""
+    # INT8 with no exclusions is the card's step 3 (the int8 step): do not quantize it twice
+    mode_ks = [k for k in args.ks if k != 0] if mode == "int8" else list(args.ks)
+    if not mode_ks:
+        return []
+    calib = calib_path(args, run)
+    ann = args.data_root / "annotations" / "instances_val2017.json"
+    schemes = run / ("schemes" if mode == "fp8" else f"schemes-{mode}")
+    sens = sensitivity_step(args, run, mode)
+    report = sens.outputs[0]
+    scheme_argv = [*_script("make_yolov10m_candidate_schemes.py"), "--report-json", str(report), "--out-dir", str(schemes),
+                   "--onnx-path", str(args.onnx_path), "--k", *map(str, args.ks), "--overwrite"]  # fmt: skip
+    if args.random_control is not None:
+        scheme_argv += ["--random-control", str(args.random_control)]
+    scheme_files = [schemes / f"scheme_k{k}.json" for k in mode_ks]
+    return [
+        sens,
+        Step(f"schemes-{mode}", scheme_argv, outputs=scheme_files, inputs=[report, args.onnx_path], family="schemes"),
+        Step(f"candidates-{mode}",
+             [*_script("materialize_yolov10m_lowbit_candidates.py"), *materialize_argv(args, run, calib, schemes, mode, mode_ks)],
+             outputs=[run / f"candidates-{mode}" / "summary.json"],
+             inputs=[args.onnx_path, calib, ann, *scheme_files], family="candidates"),
+    ]  # fmt: skip
 
 
 def plan(args: argparse.Namespace, run: Path) -> list[Step]:
-    py = sys.executable
-    ann = args.data_root / "annotations" / "instances_val2017.json"
-    calib = run / "calib" / f"calib_yolov10m_{args.imgsz}.npy"
-    int8_model = run / "onnx" / "yolov10m-int8-qdq.onnx"
-    eval_common = ["--data-root", str(args.data_root), "--max-images", str(args.max_images),
-                   "--providers", *args.providers, "--imgsz", str(args.imgsz), "--overwrite"]
-    steps: list[Step] = []
-    if args.preset == "demo" and args.data_root == Path(PRESETS["demo"]["data_root"]):
-        steps.append(Step("dataset", [py, str(SCRIPTS / "make_demo_dataset.py"), "--out-root", str(args.data_root), "--splits", "val"],
-                          outputs=[ann], reuse_existing=True))
-    steps += [
-        Step("smoke", [py, str(SMOKE), "--model", str(args.onnx_path), "--output-root", str(run / "baseline-onnx"),
-                       "--providers", *args.providers],
-             outputs=[run / "baseline-onnx"], inputs=[args.onnx_path]),
-        Step("baseline", [py, str(SCRIPTS / "eval_yolov10m_onnx_coco.py"), "--onnx-path", str(args.onnx_path), *eval_common,
-                          "--out", str(run / "baseline-coco" / "metrics.json")],
-             outputs=[run / "baseline-coco" / "metrics.json"], inputs=[args.onnx_path, ann]),
-    ]
-    if not args.calib_list.is_file():
-        steps.append(Step("calib-list", [py, str(SCRIPTS / "make_calib_list.py"), "--data-root", str(args.data_root),
-                                         "--eval-max-images", str(args.max_images), "--num", "100", "--out", str(args.calib_list)],
-                          outputs=[args.calib_list], inputs=[ann]))
-    steps += [
-        Step("calib", [py, str(SCRIPTS / "make_yolov10m_calib_npy.py"), "--list", str(args.calib_list), "--out", str(calib),
-                       "--imgsz", str(args.imgsz), "--overwrite"],
-             outputs=[calib], inputs=[args.calib_list]),
-        Step("int8", ["bash", str(SCRIPTS / "quantize_yolov10m_int8_onnx.sh")], outputs=[int8_model], inputs=[args.onnx_path, calib],
-             env={"RUN_ROOT": str(run), "CALIB_PATH": str(calib), "ONNX_PATH": str(args.onnx_path),
-                  "CALIBRATION_METHOD": args.calibration_method, "CALIBRATION_EPS": " ".join(args.calibration_eps),
-                  "HIGH_PRECISION_DTYPE": args.high_precision_dtype, "USE_ZERO_POINT": "False", "OVERWRITE": "1"}),
-        Step("int8-eval", [py, str(SCRIPTS / "eval_yolov10m_onnx_coco.py"), "--onnx-path", str(int8_model), *eval_common,
-                           "--out", str(run / "int8-coco" / "metrics.json")],
-             outputs=[run / "int8-coco" / "metrics.json"], inputs=[int8_model, ann]),
-    ]
+    """Every step of the run, in order; nothing is run or written."""
+    steps = base_steps(args, run)
     for mode in args.candidate_modes:
-        # INT8 with no exclusions is the card's step 3 (the int8 step): do not quantize it twice
-        mode_ks = [k for k in args.ks if k != 0] if mode == "int8" else list(args.ks)
-        if not mode_ks:
-            continue
-        schemes = run / ("schemes" if mode == "fp8" else f"schemes-{mode}")
-        if args.sensitivity == "onnx":
-            report = run / f"sensitivity-onnx-{mode}" / "outputs" / "yolov10m" / f"onnx-{mode}" / "per_layer" / "layer-sensitivity-report.json"
-            sens = Step(f"sensitivity-{mode}", [py, str(SCRIPTS / "onnx_layer_sensitivity.py"), "--onnx-path", str(args.onnx_path),
-                                                "--calib-path", str(calib), "--num-images", str(args.sensitivity_images),
-                                                "--precision", mode, "--calibration-eps", *args.calibration_eps,
-                                                "--out-dir", str(report.parent), "--overwrite"],
-                        outputs=[report], inputs=[args.onnx_path, calib], family="sensitivity")
-        else:
-            fmt = f"{mode}-{mode}"
-            report = run / f"sensitivity-torch-{mode}" / "outputs" / "yolov10m" / fmt / "per_layer" / "layer-sensitivity-report.json"
-            sens = Step(f"sensitivity-{mode}", ["bash", str(SCRIPTS / "run_yolov10m_layer_sensitivity_sweep.sh")],
-                        outputs=[report], inputs=[args.weights, calib], family="sensitivity",
-                        env={"WEIGHTS": str(args.weights), "CALIB_NPY": str(calib), "NUM_IMAGES": str(args.sensitivity_images),
-                             "FORMATS": fmt, "OUTPUT_ROOT": str(run), "RUN_ID": f"sensitivity-torch-{mode}", "OVERWRITE": "1"})
-        scheme_argv = [py, str(SCRIPTS / "make_yolov10m_candidate_schemes.py"), "--report-json", str(report),
-                       "--out-dir", str(schemes), "--onnx-path", str(args.onnx_path), "--k", *map(str, args.ks), "--overwrite"]
-        if args.random_control is not None:
-            scheme_argv += ["--random-control", str(args.random_control)]
-        materialize_env = {
-            "RUN_ROOT": str(run), "CALIB_PATH": str(calib), "SCHEMES_DIR": str(schemes), "ONNX_PATH": str(args.onnx_path),
-            "KS": " ".join(map(str, mode_ks)), "QUANT_MODE": mode, "HIGH_PRECISION_DTYPE": args.high_precision_dtype,
-            "EVAL": "1", "DATA_ROOT": str(args.data_root), "MAX_IMAGES": str(args.max_images),
-            "PROVIDERS": " ".join(args.providers), "IMGSZ": str(args.imgsz), "OVERWRITE": "1",
-            "INCLUDE_RANDOM": "1" if args.random_control is not None else "0",
-        }
-        steps += [
-            sens,
-            Step(f"schemes-{mode}", scheme_argv, outputs=[schemes / f"scheme_k{k}.json" for k in mode_ks],
-                 inputs=[report, args.onnx_path], family="schemes"),
-            Step(f"candidates-{mode}", ["bash", str(SCRIPTS / "materialize_yolov10m_lowbit_candidates.sh")],
-                 outputs=[run / f"candidates-{mode}" / "summary.json"],
-                 inputs=[args.onnx_path, calib, ann, *(schemes / f"scheme_k{k}.json" for k in mode_ks)],
-                 env=materialize_env, family="candidates"),
-        ]
+        steps += mode_steps(args, run, mode)
     evaluated = [s.outputs[0] for s in steps if s.name in ("baseline", "int8-eval") or s.family == "candidates"]
-    steps.append(Step("report", [py, str(SCRIPTS / "make_lowbit_report.py"), "--run-dir", str(run), "--out-dir", str(run),
+    steps.append(Step("report", [*_script("make_lowbit_report.py"), "--run-dir", str(run), "--out-dir", str(run),
                                  "--budget-ap", str(args.budget_ap), "--overwrite"],
-                      outputs=[run / "report.md", run / "report.json", run / "pareto.png"], inputs=evaluated))
+                      outputs=[run / "report.md", run / "report.json", run / "pareto.png"], inputs=evaluated))  # fmt: skip
     return steps
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# running
 
 
 def _record_path(run: Path, step: Step) -> Path:
@@ -275,16 +388,16 @@ def run_step(run: Path, step: Step, log_dir: Path) -> float:
     """Run one step's command; its record is written only after it succeeded with all outputs."""
     record = _record_path(run, step)
     record.unlink(missing_ok=True)
-    env = {**os.environ, **step.env, "PYTHON": sys.executable, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     log_file = log_dir / f"{step.name}.log"
     log_file.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with open(log_file, "w", encoding="utf-8") as log:
-        log.write(f"$ {' '.join(f'{k}={v}' for k, v in step.env.items())} {' '.join(step.argv)}\n")
+        log.write(f"$ {' '.join(step.argv)}\n")
         log.flush()
         # stderr carries the scripts' logs and progress bars: keep it on the console (each script also
         # writes its own log file in the run dir); stdout, the scripts' summaries, goes to the step log.
-        proc = subprocess.run(step.argv, cwd=REPO_ROOT, env=env, stdout=log)
+        proc = subprocess.run(step.argv, cwd=REPO_ROOT, env=env, stdout=log, check=False)
     elapsed = time.perf_counter() - t0
     if proc.returncode != 0:
         raise StepFailed(step.name, proc.returncode, log_file)
@@ -292,46 +405,53 @@ def run_step(run: Path, step: Step, log_dir: Path) -> float:
     if digests is None:
         raise StepFailed(step.name, 0, log_file, "finished without writing " + ", ".join(map(str, step.outputs)))
     atomic_write_json(record, {"step": step.name, "fingerprint": step.fingerprint(), "outputs": digests,
-                               "wall_s": round(elapsed, 2), "log": str(log_file)})
+                               "wall_s": round(elapsed, 2), "log": str(log_file)})  # fmt: skip
     return elapsed
 
 
 class StepFailed(Exception):
     def __init__(self, name: str, code: int, log_file: Path, reason: str | None = None):
         super().__init__(f"step {name} failed ({reason or f'exit status {code}'}); its log: {log_file}")
+        self.step = name
         self.code = code
+
+
+def run_steps(run: Path, steps: list[Step], forced: set[str], dry_run: bool, logger) -> int:
+    """Run what is not complete (or forced); 1 at the first failed step, else 0."""
+    for i, step in enumerate(steps, 1):
+        tag = f"[{i}/{len(steps)}] {step.name:<18}"
+        if not (step.name in forced or step.family in forced) and is_complete(run, step):
+            logger.info("%s skipped: complete, inputs unchanged", tag)
+            continue
+        if dry_run:
+            logger.info("%s would run: %s", tag, " ".join(step.argv))
+            continue
+        logger.info("%s running", tag)
+        try:
+            elapsed = run_step(run, step, run / "logs")
+        except StepFailed as exc:
+            logger.error("%s FAILED: %s", tag, exc)
+            return 1
+        logger.info("%s done in %.1f s", tag, elapsed)
+    return 0
 
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
-    args = _resolve(build_parser().parse_args(argv))
-    _validate_inputs(args)
+    args = resolve_args(build_parser().parse_args(argv))
+    check_settings(args)
+    check_inputs(args)
     run = args.output_root / args.run_id
+    steps = plan(args, run)
     run.mkdir(parents=True, exist_ok=True)
     logger = setup_logging(run / "workflow.log")
-    steps = plan(args, run)
     atomic_write_json(run / "workflow.json", {"argv": sys.argv if argv is None else argv, "preset": args.preset,
-                                              "steps": [s.name for s in steps], "args": vars(args)})
+                                              "steps": [s.name for s in steps], "args": vars(args)})  # fmt: skip
     logger.info("run dir %s: %d steps (%s)", run, len(steps), " ".join(s.name for s in steps))
     t_start = time.perf_counter()
-    forced = set(args.force)
-    for i, step in enumerate(steps, 1):
-        tag = f"[{i}/{len(steps)}] {step.name:<18}"
-        if (step.name in forced or step.family in forced) or not is_complete(run, step):
-            if args.dry_run:
-                logger.info("%s would run: %s", tag, " ".join(step.argv))
-                continue
-            logger.info("%s running", tag)
-            try:
-                elapsed = run_step(run, step, run / "logs")
-            except StepFailed as exc:
-                logger.error("%s FAILED: %s", tag, exc)
-                return 1
-            logger.info("%s done in %.1f s", tag, elapsed)
-        else:
-            logger.info("%s skipped: complete, inputs unchanged", tag)
-    if args.dry_run:
-        return 0
+    rc = run_steps(run, steps, set(args.force), args.dry_run, logger)
+    if rc != 0 or args.dry_run:
+        return rc
     logger.info("workflow finished in %.1f s: %s", time.perf_counter() - t_start, run / "report.md")
     report = run / "report.md"
     print(report.read_text() if report.is_file() else f"(no report at {report})")
