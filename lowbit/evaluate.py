@@ -73,6 +73,7 @@ from typing import Any
 
 import numpy as np
 
+from lowbit.cli import check_imgsz
 from lowbit.latency import latency_stats
 from lowbit.logs import LOGGER_NAME, get_logger
 from lowbit.runs import (
@@ -193,7 +194,6 @@ def validate_settings(s: EvalSettings) -> None:
         ("--max-images", s.max_images is None or s.max_images >= 1, f"must be >= 1, got {s.max_images}"),
         ("--warmup-runs", s.warmup_runs >= 0, f"must be >= 0, got {s.warmup_runs}"),
         ("--skip-latency", s.skip_latency >= 0, f"must be >= 0, got {s.skip_latency}"),
-        ("--imgsz", s.imgsz >= 32 and s.imgsz % 32 == 0, f"must be a multiple of 32 (the P5 stride), got {s.imgsz}"),
         ("--conf", 0.0 <= s.conf < 1.0, f"must be in [0, 1), got {s.conf}"),
         ("--iou", 0.0 < s.iou <= 1.0, f"must be in (0, 1], got {s.iou}"),
         ("--max-det", s.max_det >= 1, f"must be >= 1, got {s.max_det}"),
@@ -202,6 +202,7 @@ def validate_settings(s: EvalSettings) -> None:
     for flag, ok, problem in checks:
         if not ok:
             raise UserError(f"{flag} {problem}", flag=flag)
+    check_imgsz(s.imgsz)
 
 
 @contextlib.contextmanager

@@ -21,7 +21,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from lowbit.cli import cli_entry
+from lowbit.cli import cli_entry, imgsz, positive_int
 from lowbit.coco_eval import category_mapping, evaluate_bbox, load_coco, select_image_ids
 from lowbit.evaluate import EvalSettings, evaluate
 from lowbit.logs import setup_logging
@@ -44,8 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="the same images under an ultralytics images/ folder with labels/ beside it "
         "(default: <data-root>/yolo/images/val2017, as make_demo_dataset.py writes)",
     )
-    parser.add_argument("--max-images", type=int, default=500, help="first N image ids, ascending")
-    parser.add_argument("--imgsz", type=int, default=640)
+    parser.add_argument("--max-images", type=positive_int, default=500, help="first N image ids, ascending")
+    parser.add_argument("--imgsz", type=imgsz, default=640)
     parser.add_argument("--device", default="cpu", help="torch device for ultralytics val")
     parser.add_argument("--out", type=Path, required=True, help="parity.json to write")
     parser.add_argument("--overwrite", action="store_true")

@@ -33,7 +33,7 @@ import csv
 import io
 from pathlib import Path
 
-from lowbit.cli import cli_entry
+from lowbit.cli import cli_entry, positive_float, positive_int
 from lowbit.logs import get_logger, setup_logging
 from lowbit.runs import (
     UserError,
@@ -70,12 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="model to compare tensors against with --calib-path (e.g. the fp32-high-precision Q/DQ model of the "
         "same calibration); None means --source-onnx",
     )
-    parser.add_argument("--num-images", type=int, default=4, help="images run with --calib-path")
+    parser.add_argument("--num-images", type=positive_int, default=4, help="images run with --calib-path")
     parser.add_argument(
-        "--threshold", type=float, default=0.05,
+        "--threshold", type=positive_float, default=0.05,
         help="relative error ||model - reference|| / ||reference|| from which a tensor counts as diverged",
     )
-    parser.add_argument("--top", type=int, default=10, help="diverging / worst tensors listed")
+    parser.add_argument("--top", type=positive_int, default=10, help="diverging / worst tensors listed")
     parser.add_argument("--json-out", type=Path, default=None, help="write the full report here (.json)")
     parser.add_argument("--csv-out", type=Path, default=None, help="write the per-pair table here (.csv)")
     parser.add_argument(
@@ -173,12 +173,6 @@ def _validated_paths(args) -> dict[str, Path | None]:
         "reference": optional(args.reference_onnx, "--reference-onnx"),
         "calib": optional(args.calib_path, "--calib-path"),
     }
-    if args.num_images < 1:
-        raise UserError(f"--num-images must be >= 1, got {args.num_images}", flag="--num-images")
-    if not args.threshold > 0:
-        raise UserError(f"--threshold must be > 0, got {args.threshold}", flag="--threshold")
-    if args.top < 1:
-        raise UserError(f"--top must be >= 1, got {args.top}", flag="--top")
     if paths["reference"] is not None and paths["calib"] is None:
         raise UserError("--reference-onnx is used only with --calib-path; give both", flag="--reference-onnx")
     if paths["calib"] is not None and paths["reference"] is None and paths["source"] is None:
