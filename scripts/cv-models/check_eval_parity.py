@@ -60,7 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     ann_file = check_input_file(args.data_root / "annotations" / "instances_val2017.json", "--data-root")
     yolo_images = args.yolo_images_dir or args.data_root / "yolo" / "images" / "val2017"
     if not yolo_images.is_dir():
-        raise UserError(f"--yolo-images-dir: {yolo_images} does not exist (ultralytics needs images/ + labels/)")
+        raise UserError(
+            f"--yolo-images-dir: {yolo_images} does not exist (ultralytics needs images/ + labels/)",
+            flag="--yolo-images-dir",
+        )
     refuse_overwrite(args.out, args.overwrite)
     work = args.out.parent
     setup_logging(work / "parity.log")

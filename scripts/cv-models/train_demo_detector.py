@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _validate(args)
     project = args.project if args.project.is_absolute() else (Path.cwd() / args.project)
-    run_dir = new_run_dir(project, args.name or timestamp())
+    run_dir = new_run_dir(project, args.name or timestamp(), flag="--project")
     setup_logging(run_dir / "train.log", verbose=args.verbose)
     log = get_logger("train_demo_detector")
     _offline_environment(run_dir / "ultralytics-settings")

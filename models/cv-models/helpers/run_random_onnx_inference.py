@@ -117,7 +117,9 @@ def random_inputs(session, shapes: dict[str, list[int]], seed: int) -> tuple[dic
             value = rng.integers(0, 10, size=shape).astype(dtype)
             distribution = "integers[0,10)"
         else:
-            raise UserError(f"--model: input {spec.name!r} has type {ort_type}, which this smoke test cannot fill")
+            raise UserError(
+                f"--model: input {spec.name!r} has type {ort_type}, which this smoke test cannot fill", flag="--model"
+            )
         feeds[spec.name] = value
         described.append({"name": spec.name, "type": ort_type, "shape": list(shape), "distribution": distribution})
     return feeds, described
