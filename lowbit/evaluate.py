@@ -86,6 +86,9 @@ from lowbit.runs import (
     package_versions,
     resolve_repo_path,
 )
+from lowbit.runs import (
+    check_output_path as runs_check_output_path,
+)
 
 SCRIPT = "eval_yolov10m_onnx_coco.py"  # metrics.json's "script": lowbit.report looks for it
 SCHEMA_VERSION = 1
@@ -237,16 +240,8 @@ def resolve_data_paths(s: EvalSettings) -> tuple[Path, Path, str]:
 
 
 def check_output_path(out: Path, overwrite: bool) -> None:
-    """Refuse an ``out`` that exists (without ``overwrite``), is a folder, or sits in another script's run."""
-    if out.is_dir():
-        raise UserError(f"--out: {out} is a folder; give the metrics.json path", flag="--out")
-    for parent in out.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise UserError(f"--out: {parent} is a file, not a folder", flag="--out")
-            break
-    if out.exists() and not overwrite:
-        raise UserError(f"--out: {out} already exists; pass --overwrite to replace it", flag="--out")
+    """Refuse an ``out`` that :func:`lowbit.runs.check_output_path` refuses, or that sits in another script's run."""
+    runs_check_output_path(out, "--out", overwrite)
     manifest = out.parent / "manifest.json"
     if manifest.is_file() and not overwrite:
         try:

@@ -36,9 +36,9 @@ from lowbit.runs import (
     REPO_ROOT,
     atomic_write_json,
     check_input_file,
+    check_output_path,
     new_run_dir,
     package_versions,
-    refuse_overwrite,
     resolve_repo_path,
 )
 
@@ -85,7 +85,7 @@ def validate(args: argparse.Namespace) -> Path:
     if args.out is None:
         return new_run_dir(REPO_ROOT / "tmp" / "bench_eval_pipeline") / "bench.json"
     out = args.out if args.out.is_absolute() else Path.cwd() / args.out
-    refuse_overwrite(out, args.overwrite)
+    check_output_path(out, "--out", args.overwrite, suffix=".json")
     return out
 
 

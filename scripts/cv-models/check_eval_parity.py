@@ -25,7 +25,7 @@ from lowbit.cli import cli_entry, imgsz, positive_int
 from lowbit.coco_eval import category_mapping, evaluate_bbox, load_coco, select_image_ids
 from lowbit.evaluate import EvalSettings, evaluate
 from lowbit.logs import setup_logging
-from lowbit.runs import UserError, atomic_write_json, check_input_file, manifest_run, refuse_overwrite
+from lowbit.runs import UserError, atomic_write_json, check_input_file, check_output_path, manifest_run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             f"--yolo-images-dir: {yolo_images} does not exist (ultralytics needs images/ + labels/)",
             flag="--yolo-images-dir",
         )
-    refuse_overwrite(args.out, args.overwrite)
+    check_output_path(args.out, "--out", args.overwrite, suffix=".json")
     work = args.out.parent
     setup_logging(work / "parity.log")
 

@@ -32,9 +32,8 @@ from lowbit.export import (
 )
 from lowbit.logs import get_logger, setup_logging
 from lowbit.runs import (
-    UserError,
+    check_output_path,
     manifest_run,
-    refuse_overwrite,
     resolve_repo_path,
     sha256_file,
 )
@@ -81,9 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out = Path(args.out)
-    if out.suffix.lower() != ".onnx":
-        raise UserError(f"--out must end in .onnx, got {out}", flag="--out")
-    refuse_overwrite(out, args.overwrite)
+    check_output_path(out, "--out", args.overwrite, suffix=".onnx")
     weights = resolve_repo_path(args.weights)
 
     setup_logging(verbose=args.verbose)

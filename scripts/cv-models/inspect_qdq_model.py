@@ -41,13 +41,17 @@ from lowbit.runs import (
     atomic_write_json,
     atomic_write_text,
     check_input_file,
+    check_output_path,
     manifest_run,
-    refuse_overwrite,
     resolve_repo_path,
 )
 
 SCRIPT = "scripts/cv-models/inspect_qdq_model.py"
 log = get_logger("inspect_qdq_model")
+
+
+# output flag -> the file name ending it needs
+OUTPUT_SUFFIXES = {"--json-out": ".json", "--csv-out": ".csv", "--write-fp32-quantize": ".onnx"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,11 +93,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--verbose", action="store_true", help="debug logging on the console")
     return parser
-
-
-def _check_suffix(path: Path | None, suffix: str, flag: str) -> None:
-    if path is not None and path.suffix.lower() != suffix:
-        raise UserError(f"{flag} must end in {suffix}, got {path}", flag=flag)
 
 
 def _load(path: Path, flag: str):
@@ -179,9 +178,6 @@ def _validated_paths(args) -> dict[str, Path | None]:
         raise UserError(
             "--calib-path needs a model to compare against: give --reference-onnx or --source-onnx", flag="--calib-path"
         )
-    _check_suffix(args.json_out, ".json", "--json-out")
-    _check_suffix(args.csv_out, ".csv", "--csv-out")
-    _check_suffix(args.write_fp32_quantize, ".onnx", "--write-fp32-quantize")
     if args.write_fp32_quantize is not None and args.write_fp32_quantize.resolve() == paths["model"].resolve():
         raise UserError("--write-fp32-quantize must differ from --onnx-path", flag="--write-fp32-quantize")
     return paths
@@ -221,8 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     paths = _validated_paths(args)
     outputs = [(p, f) for p, f in ((args.json_out, "--json-out"), (args.csv_out, "--csv-out"),
                                    (args.write_fp32_quantize, "--write-fp32-quantize")) if p is not None]
-    for path, _flag in outputs:
-        refuse_overwrite(path, args.overwrite)
+    for path, flag in outputs:
+        check_output_path(path, flag, args.overwrite, suffix=OUTPUT_SUFFIXES[flag])
 
     from lowbit import qdq_inspect
 

@@ -18,11 +18,10 @@ from lowbit.cli import cli_entry, positive_int
 from lowbit.logs import get_logger, setup_logging
 from lowbit.onnx_stats import format_markdown, format_text, model_stats, parse_input_shapes
 from lowbit.runs import (
-    UserError,
     atomic_write_json,
     check_input_file,
+    check_output_path,
     manifest_run,
-    refuse_overwrite,
     resolve_repo_path,
 )
 
@@ -59,9 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     model = check_input_file(resolve_repo_path(args.model), "--model")
     overrides = parse_input_shapes(args.input_shape)
     if args.json_out is not None:
-        if args.json_out.suffix.lower() != ".json":
-            raise UserError(f"--json-out must end in .json, got {args.json_out}", flag="--json-out")
-        refuse_overwrite(args.json_out, args.overwrite, "--overwrite")
+        check_output_path(args.json_out, "--json-out", args.overwrite, suffix=".json")
 
     if args.json_out is None:
         stats = model_stats(model, batch=args.batch, input_shapes=overrides)
