@@ -73,6 +73,7 @@ from typing import Any
 
 import numpy as np
 
+from lowbit.cli import check_imgsz
 from lowbit.latency import latency_stats
 from lowbit.logs import LOGGER_NAME, get_logger
 from lowbit.runs import (
@@ -84,6 +85,9 @@ from lowbit.runs import (
     new_run_dir,
     package_versions,
     resolve_repo_path,
+)
+from lowbit.runs import (
+    check_output_path as runs_check_output_path,
 )
 
 SCRIPT = "eval_yolov10m_onnx_coco.py"  # metrics.json's "script": lowbit.report looks for it
@@ -193,7 +197,6 @@ def validate_settings(s: EvalSettings) -> None:
         ("--max-images", s.max_images is None or s.max_images >= 1, f"must be >= 1, got {s.max_images}"),
         ("--warmup-runs", s.warmup_runs >= 0, f"must be >= 0, got {s.warmup_runs}"),
         ("--skip-latency", s.skip_latency >= 0, f"must be >= 0, got {s.skip_latency}"),
-        ("--imgsz", s.imgsz >= 32 and s.imgsz % 32 == 0, f"must be a multiple of 32 (the P5 stride), got {s.imgsz}"),
         ("--conf", 0.0 <= s.conf < 1.0, f"must be in [0, 1), got {s.conf}"),
         ("--iou", 0.0 < s.iou <= 1.0, f"must be in (0, 1], got {s.iou}"),
         ("--max-det", s.max_det >= 1, f"must be >= 1, got {s.max_det}"),
@@ -202,6 +205,7 @@ def validate_settings(s: EvalSettings) -> None:
     for flag, ok, problem in checks:
         if not ok:
             raise UserError(f"{flag} {problem}", flag=flag)
+    check_imgsz(s.imgsz)
 
 
 @contextlib.contextmanager
@@ -236,16 +240,8 @@ def resolve_data_paths(s: EvalSettings) -> tuple[Path, Path, str]:
 
 
 def check_output_path(out: Path, overwrite: bool) -> None:
-    """Refuse an ``out`` that exists (without ``overwrite``), is a folder, or sits in another script's run."""
-    if out.is_dir():
-        raise UserError(f"--out: {out} is a folder; give the metrics.json path", flag="--out")
-    for parent in out.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise UserError(f"--out: {parent} is a file, not a folder", flag="--out")
-            break
-    if out.exists() and not overwrite:
-        raise UserError(f"--out: {out} already exists; pass --overwrite to replace it", flag="--out")
+    """Refuse an ``out`` that :func:`lowbit.runs.check_output_path` refuses, or that sits in another script's run."""
+    runs_check_output_path(out, "--out", overwrite)
     manifest = out.parent / "manifest.json"
     if manifest.is_file() and not overwrite:
         try:

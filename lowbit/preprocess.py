@@ -1,4 +1,4 @@
-"""Image lists, image loading and the square letterbox shared by the COCO evaluator and the calibration builder.
+"""Image loading and the square letterbox shared by the COCO evaluator and the calibration builder.
 
 This is the only letterbox in the repository. It reproduces, for a square ``imgsz``, what
 ultralytics 8.4's validation loader feeds a non-PyTorch model (``rect=False``, batch 1):
@@ -25,36 +25,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from lowbit.runs import REPO_ROOT, UserError
+from lowbit.runs import UserError
 
 PAD_VALUE = 114  # ultralytics' letterbox fill (grey), also what the models were trained with
-
-
-def read_image_list(list_path: Path) -> list[tuple[str, Path]]:
-    """Entries of an image list file: one image path per line.
-
-    Blank lines are skipped and ``#`` starts a comment (whole line or trailing). A relative entry
-    resolves against the repository root first (lists are committed with repo-relative paths),
-    then against the list's own folder; ``~`` is expanded. Existence is not checked here, so the
-    caller can name every missing file in one message.
-
-    Args:
-        list_path: the list file.
-
-    Returns:
-        ``(line as written, resolved path)`` per entry, in file order.
-    """
-    entries = []
-    for raw in list_path.read_text().splitlines():
-        line = raw.split("#", 1)[0].strip()
-        if not line:
-            continue
-        path = Path(line).expanduser()
-        if not path.is_absolute():
-            in_repo = REPO_ROOT / path
-            path = in_repo if in_repo.exists() else (list_path.parent / path)
-        entries.append((line, path))
-    return entries
 
 
 class ImageReadError(UserError):

@@ -771,7 +771,7 @@ def _dims_text(dims: list) -> str:
 
 
 def load_images(path: Path, count: int, input_shape: list, flag: str = "--calib-path") -> np.ndarray:
-    """The first ``count`` images of a calibration ``.npy`` [N,C,H,W] float32, checked against the model input.
+    """The first ``count`` images of a calibration tensor (:func:`lowbit.calib.load_calib_tensor`) that fit the model.
 
     Args:
         path: the ``.npy`` file.
@@ -779,31 +779,29 @@ def load_images(path: Path, count: int, input_shape: list, flag: str = "--calib-
         input_shape: the model input's dims: ints for static dims, symbol names (or None) for dynamic
             ones, which accept any size.
         flag: the CLI flag that named ``path``.
+
+    Raises:
+        UserError(flag): what ``load_calib_tensor`` refuses, or a static C/H/W of the model that the
+            tensor does not have.
     """
+    from lowbit.calib import load_calib_tensor
     from lowbit.runs import UserError
 
-    try:
-        data = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, EOFError, OSError) as exc:
-        raise UserError(f"{flag}: {path} is not a .npy array ({type(exc).__name__}: {exc})", flag=flag) from exc
-    if not isinstance(data, np.ndarray):  # an .npz archive
-        raise UserError(f"{flag}: {path} is an .npz archive; give one .npy array [N,3,H,W]", flag=flag)
+    data = load_calib_tensor(path, flag, max_images=count)
     wanted = ["N", *list(input_shape)[1:]]
     mismatch = [
         f"dim {axis} is {have}, the model needs {want}"
         for axis, (have, want) in enumerate(zip(data.shape, wanted), start=0)
         if axis > 0 and isinstance(want, int) and want > 0 and have != want
     ]
-    if data.dtype != np.float32 or data.ndim != len(wanted) or mismatch:
-        detail = "; ".join(mismatch) or f"dtype {data.dtype}, rank {data.ndim}"
+    if data.ndim != len(wanted) or mismatch:
+        detail = "; ".join(mismatch) or f"rank {data.ndim}"
         raise UserError(
             f"{flag}: {path} holds {data.dtype} {list(data.shape)} ({detail}); the model input takes float32 "
             f"{_dims_text(wanted)} (dynamic dims take any size)",
             flag=flag,
         )
-    if data.shape[0] < 1:
-        raise UserError(f"{flag}: {path} holds no images", flag=flag)
-    return np.ascontiguousarray(data[:count])
+    return data
 
 
 def fp16_quantize_hazard(model, providers: Iterable[str] = ("CPUExecutionProvider",)) -> dict[str, Any] | None:

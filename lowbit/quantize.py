@@ -20,7 +20,6 @@ The output model appears only when all of that succeeded; the work folder is rem
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import re
 import shutil
@@ -183,22 +182,18 @@ def exact_patterns(names: list[str]) -> list[str]:
 def parse_exclusions(settings, node_names: set[str]) -> list[str]:
     """Exact node names to exclude (``nodes_to_exclude`` then ``exclude_json``'s), checked against the graph.
 
+    ``exclude_json`` is a scheme file (``lowbit.schemes.load_scheme``: ``k`` and ``nodes_to_exclude``).
+
     Args:
         settings: any object with ``nodes_to_exclude`` and ``exclude_json`` (a QuantizeSettings).
         node_names: the graph's node names.
     """
     names = list(settings.nodes_to_exclude)
     if settings.exclude_json is not None:
+        from lowbit.schemes import load_scheme
+
         path = check_input_file(settings.exclude_json, "--exclude-json")
-        try:
-            scheme = json.loads(path.read_text())
-            names += list(scheme["nodes_to_exclude"])
-        except (ValueError, KeyError, TypeError) as e:
-            raise UserError(
-                f"--exclude-json: {path} has no 'nodes_to_exclude' list ({e})", flag="--exclude-json"
-            ) from e
-        if not all(isinstance(n, str) for n in names):
-            raise UserError(f"--exclude-json: {path}'s 'nodes_to_exclude' holds non-strings", flag="--exclude-json")
+        names += load_scheme(path, "--exclude-json").nodes_to_exclude
     names = list(dict.fromkeys(names))  # keep order, drop repeats
     unknown = [n for n in names if n not in node_names]
     if unknown:

@@ -39,6 +39,7 @@ TRACKED_PACKAGES = (
     "opencv-python-headless",
     "opencv-python",
     "pycocotools",
+    "faster-coco-eval",
     "tensorrt",
 )
 
@@ -248,8 +249,8 @@ def manifest_run(path: Path, script: str, args: dict[str, Any], argv: list[str] 
     manifest.finish("ok")
 
 
-def new_run_dir(output_root: Path, name: str | None = None) -> Path:
-    """Create a fresh, uniquely named run directory under ``output_root``."""
+def new_run_dir(output_root: Path, name: str | None = None, flag: str = "--output-root") -> Path:
+    """Create a fresh, uniquely named run directory under ``output_root`` (the folder ``flag`` names)."""
     output_root = Path(output_root)
     base = name or timestamp()
     for i in range(1000):
@@ -259,7 +260,7 @@ def new_run_dir(output_root: Path, name: str | None = None) -> Path:
             return candidate
         except FileExistsError:
             continue
-    raise UserError(f"could not create a new run directory under {output_root}")
+    raise UserError(f"{flag}: could not create a new run directory under {output_root}", flag=flag)
 
 
 def resolve_repo_path(path: str | os.PathLike) -> Path:
@@ -287,18 +288,3 @@ def check_input_file(path: Path, flag: str) -> Path:
     if not path.is_file():
         raise UserError(f"{flag}: {path} is not a file", flag=flag)
     return path
-
-
-def load_script(path: str | os.PathLike):
-    """Import a card script by path (``scripts/cv-models`` has a hyphen, so it is no package).
-
-    Scripts that run another step call its ``main([...])`` through this, so the step runs exactly
-    as the card's command does.
-    """
-    import importlib.util
-
-    path = Path(path)
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module

@@ -69,12 +69,12 @@ from typing import Any, Callable, Iterator
 
 from lowbit import sensitivity_report
 from lowbit.logs import get_logger
-from lowbit.runs import REPO_ROOT, UserError, check_input_file
+from lowbit.runs import REPO_ROOT, UserError
 
 log = get_logger("sensitivity_torch")
 
-# The card's layout: <run>/outputs/yolov10m/<format>/per_layer/ whatever YOLOv10 variant was analysed,
-# so the card's next command finds the report.
+# The card's layout: <run>/outputs/<model>/<format>/per_layer/, <model> being the weights' stem
+# (output_model_dir); this is its value for the card's models/yolo10/yolov10m.pt.
 OUTPUT_MODEL_DIR = "yolov10m"
 
 # quant_format -> (precision, ModelOpt torch config name). Both use ModelOpt's "max" calibration.
@@ -131,70 +131,41 @@ def resolve_weights(weights: Path | None, candidates: tuple[Path, ...] | None = 
     listed = " nor ".join(str(c) for c in candidates)
     raise UserError(
         f"--weights (env WEIGHTS) not given and no default weights found: neither {listed} exists "
-        "(the first is the shipped demo detector; link your own yolov10m.pt as models/yolo10/README.md describes)"
+        "(the first is the shipped demo detector; link your own yolov10m.pt as models/yolo10/README.md describes)",
+        flag="--weights",
     )
 
 
 def load_images_from_list(list_path: Path, num_images: int, imgsz: int, flag: str = "--images"):
     """Letterbox the first ``num_images`` listed images with the evaluator's preprocessing.
 
+    The list is read by :func:`lowbit.calib.read_image_list` (comments, repeated entries, folders
+    and missing files are refused there, each with the paths it was looked for at).
+
     Returns:
         ``(images, paths)``: float32 ``[N, 3, imgsz, imgsz]`` RGB in [0, 1], and the N files used
         (N = ``min(num_images, listed)``).
 
     Raises:
-        UserError: empty list, missing or unreadable images (all of them named in one message).
+        UserError(flag): a bad list, or images that cannot be read (all of them named in one message).
     """
     import numpy as np
 
-    from lowbit.preprocess import ImageReadError, preprocess, read_image_list
+    from lowbit.calib import read_image_list
+    from lowbit.preprocess import ImageReadError, preprocess
 
-    check_input_file(list_path, flag)
-    entries = read_image_list(list_path)
-    if not entries:
-        raise UserError(f"{flag}: {list_path} lists no images")
-    if len(entries) < num_images:
-        log.warning("%s lists %d images, fewer than --num-images %d: using all", list_path, len(entries), num_images)
-    entries = entries[:num_images]
-    missing = [line for line, path in entries if not path.is_file()]
-    if missing:
-        raise UserError(f"{flag}: {len(missing)} listed image(s) of {list_path} not found: {', '.join(missing)}")
+    entries = read_image_list(list_path, flag, max_images=num_images)
     images, unreadable = [], []
-    for line, path in entries:
+    for entry in entries:
         try:
-            chw, _ = preprocess(path, imgsz)
+            chw, _ = preprocess(entry.path, imgsz)
         except ImageReadError as exc:
-            unreadable.append(f"{line} ({exc.reason})")
+            unreadable.append(f"{entry.text} ({exc.reason})")
             continue
         images.append(chw)
     if unreadable:
-        raise UserError(f"{flag}: {len(unreadable)} image(s) could not be read: {'; '.join(unreadable)}")
-    return np.stack(images), [path for _, path in entries]
-
-
-def load_images_from_npy(npy_path: Path, num_images: int, imgsz: int, flag: str = "--calib-npy"):
-    """The first ``num_images`` images of a calibration tensor (float32 ``[N, 3, imgsz, imgsz]``).
-
-    Raises:
-        UserError: not a loadable .npy, wrong dtype/layout, or a size other than ``imgsz``.
-    """
-    import numpy as np
-
-    check_input_file(npy_path, flag)
-    try:
-        data = np.load(npy_path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError) as exc:
-        raise UserError(f"{flag}: {npy_path} is not a readable .npy ({exc})") from exc
-    if data.dtype != np.float32 or data.ndim != 4 or data.shape[1] != 3 or data.shape[0] < 1:
-        raise UserError(f"{flag}: {npy_path} holds {data.dtype} {list(data.shape)}; expected float32 [N, 3, H, W]")
-    if data.shape[2] != imgsz or data.shape[3] != imgsz:
-        raise UserError(
-            f"{flag}: {npy_path} holds {data.shape[2]}x{data.shape[3]} images but --imgsz is {imgsz}; "
-            "pass the --imgsz the tensor was built with"
-        )
-    if data.shape[0] < num_images:
-        log.warning("%s holds %d images, fewer than --num-images %d: using all", npy_path, data.shape[0], num_images)
-    return np.ascontiguousarray(data[:num_images])
+        raise UserError(f"{flag}: {len(unreadable)} image(s) could not be read: {'; '.join(unreadable)}", flag=flag)
+    return np.stack(images), [entry.path for entry in entries]
 
 
 def select_device(name: str) -> str:
@@ -206,16 +177,18 @@ def select_device(name: str) -> str:
     try:
         device = torch.device(name)
     except RuntimeError as exc:
-        raise UserError(f"--device: {name!r} is not a device (auto, cpu, cuda, cuda:N)") from exc
+        raise UserError(f"--device: {name!r} is not a device (auto, cpu, cuda, cuda:N)", flag="--device") from exc
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu or auto")
+            raise UserError(
+                f"--device {name}: CUDA is not available on this machine; use --device cpu or auto", flag="--device"
+            )
         index = torch.cuda.current_device() if device.index is None else device.index
         if index >= torch.cuda.device_count():
-            raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
+            raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present", flag="--device")
         return f"cuda:{index}"
     if device.type != "cpu":
-        raise UserError(f"--device: {name!r} is not supported (auto, cpu, cuda, cuda:N)")
+        raise UserError(f"--device: {name!r} is not supported (auto, cpu, cuda, cuda:N)", flag="--device")
     return "cpu"
 
 
@@ -572,19 +545,6 @@ def report_layers(layers: list[QuantLayer], per_layer: dict[str, dict[str, float
     )
 
 
-def spearman(a: list[float], b: list[float]) -> float | None:
-    """Spearman rank correlation (no tie correction); None for fewer than 2 values or a constant list."""
-    import numpy as np
-
-    if len(a) < 2:
-        return None
-    ranks_a = np.argsort(np.argsort(a)).astype(float)
-    ranks_b = np.argsort(np.argsort(b)).astype(float)
-    if ranks_a.std() == 0 or ranks_b.std() == 0:
-        return None
-    return float(np.corrcoef(ranks_a, ranks_b)[0, 1])
-
-
 def method_description(metric: str, quant_format: str) -> str:
     precision, config = QUANT_FORMATS[quant_format]
     what = {
@@ -607,9 +567,18 @@ def method_description(metric: str, quant_format: str) -> str:
     )
 
 
-def report_dir(run_dir: Path, quant_format: str) -> Path:
-    """``<run_dir>/outputs/yolov10m/<quant_format>/per_layer`` (the model card's layout)."""
-    return Path(run_dir) / "outputs" / OUTPUT_MODEL_DIR / quant_format / "per_layer"
+def output_model_dir(weights: Path) -> str:
+    """The ``<model>`` folder of a sweep's outputs: the stem of ``weights`` as given (a symlink keeps its own name).
+
+    ``models/yolo10/yolov10m.pt`` and ``yolov10m.yaml`` give ``yolov10m`` (:data:`OUTPUT_MODEL_DIR`, the card's
+    layout); the demo detector gives ``yolov10n-demo-shapes``, so no run is filed under a model it did not analyse.
+    """
+    return Path(weights).stem
+
+
+def report_dir(run_dir: Path, quant_format: str, weights: Path) -> Path:
+    """``<run_dir>/outputs/<output_model_dir(weights)>/<quant_format>/per_layer`` (the model card's layout)."""
+    return Path(run_dir) / "outputs" / output_model_dir(weights) / quant_format / "per_layer"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -716,35 +685,14 @@ def run_sweep(
             results[-1]["report"]["wall_s"] = round(wall_s, 3)
             if not results[-1]["filtered"]:
                 results[-1]["paths"] = sensitivity_report.write_report(
-                    report_dir(run_dir, quant_format), results[-1]["report"]
+                    report_dir(run_dir, quant_format, inputs.weights), results[-1]["report"]
                 )
     return results
 
 
-def _sweep_one_format(model, quant_format, inputs, images, cache, reg_max, layer_filter) -> dict[str, Any]:
-    precision, _ = QUANT_FORMATS[quant_format]
-    score_name = METRICS[inputs.metric]
-    other_name = next(name for key, name in METRICS.items() if key != inputs.metric)
-    timings: dict[str, float] = {}
-
-    t0 = time.perf_counter()
-    model, calls = quantize_model(model, quant_format, images, inputs.batch_size)
-    timings["quantize_s"] = time.perf_counter() - t0
-    layers, not_run = quant_layers(model, calls)
-    if not layers:
-        raise RuntimeError("ModelOpt inserted no enabled quantizer into a module the forward runs")
-    op_counts: dict[str, int] = {}
-    for layer in layers:
-        op_counts[layer.op_type] = op_counts.get(layer.op_type, 0) + 1
-    log.info(
-        "%s: %d quantized layers %s; not run by the raw-head forward: %s",
-        quant_format, len(layers), op_counts, not_run or "none",
-    )  # fmt: skip
-    all_layers = layers
-    if layer_filter is not None:
-        layers = layer_filter(layers)
-
-    step = max(1, len(layers) // 10)
+def _progress_logger(quant_format: str, score_name: str, total: int) -> Callable:
+    """A :func:`sweep_layers` ``progress`` callback: every score at debug level, ~10 progress lines at info."""
+    step = max(1, total // 10)
     t_sweep = time.perf_counter()
 
     def progress(index: int, total: int, layer: QuantLayer, scores: dict[str, float]) -> None:
@@ -757,7 +705,64 @@ def _sweep_one_format(model, quant_format, inputs, images, cache, reg_max, layer
             eta = elapsed / (index + 1) * (total - index - 1)
             log.info("%s: %d/%d layers scored, %.1f s, ~%.0f s left", quant_format, index + 1, total, elapsed, eta)
 
-    swept = sweep_layers(model, layers, cache, reg_max, progress)
+    return progress
+
+
+def _quantized_layers(model, quant_format, images, batch_size) -> tuple[Any, list[QuantLayer], list[str], dict]:
+    """Quantize ``model`` and list its layers: ``(model, layers, not_run, op_counts)``."""
+    model, calls = quantize_model(model, quant_format, images, batch_size)
+    layers, not_run = quant_layers(model, calls)
+    if not layers:
+        raise RuntimeError("ModelOpt inserted no enabled quantizer into a module the forward runs")
+    op_counts: dict[str, int] = {}
+    for layer in layers:
+        op_counts[layer.op_type] = op_counts.get(layer.op_type, 0) + 1
+    log.info(
+        "%s: %d quantized layers %s; not run by the raw-head forward: %s",
+        quant_format, len(layers), op_counts, not_run or "none",
+    )  # fmt: skip
+    return model, layers, not_run, op_counts
+
+
+def _format_report(inputs: SweepInputs, quant_format: str, num_images: int, rows: list[dict], swept: dict) -> dict:
+    """The report of one format (``wall_s`` is left to the caller, which knows the shared setup time)."""
+    score_name = METRICS[inputs.metric]
+    return sensitivity_report.make_report(
+        source="torch",
+        model=inputs.weights,
+        model_sha256=inputs.weights_sha256,
+        precision=QUANT_FORMATS[quant_format][0],
+        method={
+            "name": METHOD_NAME,
+            "description": method_description(inputs.metric, quant_format),
+            "score": score_name,
+            "higher_is_more_sensitive": True,
+        },
+        data={"images": num_images, "source": inputs.data_source, "imgsz": inputs.imgsz},
+        device=inputs.device,
+        wall_s=None,
+        layers=rows,
+        extra={
+            "reference": {
+                "all_layers_quantized": swept["all_layers_quantized"][score_name],
+                "no_layer_quantized": swept["no_layer_quantized"][score_name],
+            }
+        },
+    )
+
+
+def _sweep_one_format(model, quant_format, inputs, images, cache, reg_max, layer_filter) -> dict[str, Any]:
+    score_name = METRICS[inputs.metric]
+    other_name = next(name for key, name in METRICS.items() if key != inputs.metric)
+    timings: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    model, all_layers, not_run, op_counts = _quantized_layers(model, quant_format, images, inputs.batch_size)
+    timings["quantize_s"] = time.perf_counter() - t0
+    layers = all_layers if layer_filter is None else layer_filter(all_layers)
+
+    t_sweep = time.perf_counter()
+    swept = sweep_layers(model, layers, cache, reg_max, _progress_logger(quant_format, score_name, len(layers)))
     timings["sweep_s"] = time.perf_counter() - t_sweep
     timings.update(swept["timings_s"])
     timings["per_layer_s"] = swept["timings_s"]["layers_s"] / len(layers)
@@ -766,31 +771,9 @@ def _sweep_one_format(model, quant_format, inputs, images, cache, reg_max, layer
         log.warning("%s: all quantizers off, yet output differs from FP32 (%s %.3g)", quant_format, score_name, noise)
 
     rows = report_layers(layers, swept["per_layer"], score_name)
-    report = sensitivity_report.make_report(
-        source="torch",
-        model=inputs.weights,
-        model_sha256=inputs.weights_sha256,
-        precision=precision,
-        method={
-            "name": METHOD_NAME,
-            "description": method_description(inputs.metric, quant_format),
-            "score": score_name,
-            "higher_is_more_sensitive": True,
-        },
-        data={"images": int(images.shape[0]), "source": inputs.data_source, "imgsz": inputs.imgsz},
-        device=inputs.device,
-        wall_s=None,  # set by the caller, which knows the shared setup time
-        layers=rows,
-        extra={
-            "reference": {
-                "all_layers_quantized": swept["all_layers_quantized"][score_name],
-                "no_layer_quantized": noise,
-            }
-        },
-    )
     names = [row["name"] for row in rows]
     return {
-        "report": report,
+        "report": _format_report(inputs, quant_format, int(images.shape[0]), rows, swept),
         "paths": {},
         "filtered": layer_filter is not None,
         "secondary": {name: swept["per_layer"][name][other_name] for name in names},
@@ -799,7 +782,7 @@ def _sweep_one_format(model, quant_format, inputs, images, cache, reg_max, layer
             "all_layers_quantized": swept["all_layers_quantized"][other_name],
             "no_layer_quantized": swept["no_layer_quantized"][other_name],
         },
-        "metric_agreement_spearman": spearman(
+        "metric_agreement_spearman": sensitivity_report.spearman(
             [swept["per_layer"][n][score_name] for n in names], [swept["per_layer"][n][other_name] for n in names]
         ),
         "layer_calls": {layer.name: layer.calls for layer in all_layers if layer.calls != 1},

@@ -759,6 +759,45 @@ def _update_info(root: Path, split: str, entry: dict[str, Any]) -> None:
     atomic_write_json(info_path, info)
 
 
+def _check_split_args(root: Path, split: str, num_images: int, overwrite: bool) -> None:
+    if split not in SPLITS:
+        raise UserError(f"--splits: unknown split {split!r}; choose from {', '.join(SPLITS)}", flag="--splits")
+    if num_images < 1 or num_images >= SPLIT_ID_OFFSET["train"]:
+        flag = f"--num-{split}"
+        raise UserError(f"{flag} must be in 1..{SPLIT_ID_OFFSET['train'] - 1}, got {num_images}", flag=flag)
+    if split_complete(root, split) and not overwrite:
+        marker = root / "annotations" / f"instances_{split_dir_name(split)}.json"
+        raise UserError(f"{marker} already exists; pass --overwrite to replace it", flag="--overwrite")
+
+
+def _render_images(tasks: list[tuple], workers: int) -> list[dict[str, Any]]:
+    """Write every image and label of ``tasks`` (:func:`_write_one`), in ``workers`` processes; their records in order."""
+    if workers == 1:
+        _init_worker()
+        return [_write_one(task) for task in tasks]
+    # spawn, not fork: OpenCV's thread pool, started in this process, deadlocks in forked children.
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(workers, initializer=_init_worker) as pool:
+        return list(pool.imap(_write_one, tasks, chunksize=max(1, min(16, len(tasks) // (workers * 4)))))
+
+
+def _publish_split(root: Path, split: str, tmp: Path, annotations_tmp: Path, log=None) -> Path:
+    """Move a finished split from ``tmp`` into place, annotation file last (the completeness marker); its path."""
+    name = split_dir_name(split)
+    if (split_complete(root, split) or (root / name).exists()) and log:
+        log.info("replacing existing %s under %s", name, root)
+    _remove_split(root, split)
+    for folder in (root / "yolo" / "images", root / "yolo" / "labels", root / "annotations"):
+        folder.mkdir(parents=True, exist_ok=True)
+    (tmp / "images").rename(root / name)
+    (tmp / "labels").rename(root / "yolo" / "labels" / name)
+    (tmp / "links").rename(root / "yolo" / "images" / name)
+    atomic_write_text(root / "yolo" / "data.yaml", data_yaml_text())
+    annotations_path = root / "annotations" / f"instances_{name}.json"
+    annotations_tmp.rename(annotations_path)
+    return annotations_path
+
+
 def generate_split(
     root: Path,
     split: str,
@@ -777,19 +816,14 @@ def generate_split(
         The split's ``dataset_info.json`` entry (counts, seed, annotation sha256, wall time).
 
     Raises:
-        UserError: the split already exists and ``overwrite`` is False, or arguments are out of range.
+        UserError: the split already exists and ``overwrite`` is False (flag ``--overwrite``), or
+            arguments are out of range (``--splits``, ``--num-val``/``--num-train``).
     """
     import time
 
-    if split not in SPLITS:
-        raise UserError(f"--splits: unknown split {split!r}; choose from {', '.join(SPLITS)}")
-    if num_images < 1 or num_images >= SPLIT_ID_OFFSET["train"]:
-        raise UserError(f"number of {split} images must be in 1..{SPLIT_ID_OFFSET['train'] - 1}, got {num_images}")
     root = Path(root)
+    _check_split_args(root, split, num_images, overwrite)
     name = split_dir_name(split)
-    if split_complete(root, split) and not overwrite:
-        marker = root / "annotations" / f"instances_{name}.json"
-        raise UserError(f"{marker} already exists; pass --overwrite to replace it")
     workers = max(1, int(workers or os.cpu_count() or 1))
 
     root.mkdir(parents=True, exist_ok=True)
@@ -802,34 +836,15 @@ def generate_split(
     for path in (images_dir, labels_dir, links_dir):
         path.mkdir(parents=True)
     try:
-        tasks = [(seed, split, index, str(images_dir), str(labels_dir)) for index in range(num_images)]
-        if workers == 1:
-            _init_worker()
-            records = [_write_one(task) for task in tasks]
-        else:
-            # spawn, not fork: OpenCV's thread pool, started in this process, deadlocks in forked children.
-            context = multiprocessing.get_context("spawn")
-            with context.Pool(workers, initializer=_init_worker) as pool:
-                records = list(pool.imap(_write_one, tasks, chunksize=max(1, min(16, num_images // (workers * 4)))))
+        records = _render_images(
+            [(seed, split, index, str(images_dir), str(labels_dir)) for index in range(num_images)], workers
+        )
         coco = coco_json(records, split, seed)
         annotations_tmp = tmp / "instances.json"
         annotations_tmp.write_text(json.dumps(coco, separators=(",", ":")), encoding="utf-8")
         for record in records:  # relative links: the dataset can be moved or copied with its links
             (links_dir / record["file_name"]).symlink_to(Path("..", "..", "..", name, record["file_name"]))
-
-        if split_complete(root, split) or (root / name).exists():
-            if log:
-                log.info("replacing existing %s under %s", name, root)
-        _remove_split(root, split)
-        (root / "yolo" / "images").mkdir(parents=True, exist_ok=True)
-        (root / "yolo" / "labels").mkdir(parents=True, exist_ok=True)
-        (root / "annotations").mkdir(parents=True, exist_ok=True)
-        images_dir.rename(root / name)
-        labels_dir.rename(root / "yolo" / "labels" / name)
-        links_dir.rename(root / "yolo" / "images" / name)
-        atomic_write_text(root / "yolo" / "data.yaml", data_yaml_text())
-        annotations_path = root / "annotations" / f"instances_{name}.json"
-        annotations_tmp.rename(annotations_path)  # completeness marker, last
+        annotations_path = _publish_split(root, split, tmp, annotations_tmp, log)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

@@ -94,3 +94,54 @@ def tiny_yolov10_onnx(tiny_yolov10_pt, tmp_path_factory) -> Path:
 def tiny_yolov10_spec() -> dict[str, int]:
     """Input size, classes and anchor count of the tiny YOLOv10 fixtures."""
     return {"imgsz": TINY_IMGSZ, "nc": TINY_NC, "anchors": TINY_ANCHORS, "channels": 4 * 16 + TINY_NC}
+
+
+@pytest.fixture(scope="session")
+def demo_val_slice(tmp_path_factory):
+    """``demo_val_slice(n)``: a dataset root with the first ``n`` images of the demo val split, made once per ``n``.
+
+    The generator is deterministic per image, so these are byte-identical to the full split's first ``n``.
+    """
+    made: dict[int, Path] = {}
+
+    def make(num_val: int) -> Path:
+        if num_val not in made:
+            root = tmp_path_factory.mktemp("demo") / "demo-shapes"
+            argv = ["--out-root", str(root), "--splits", "val", "--num-val", str(num_val), "--workers", "2"]
+            assert _load_script("scripts/cv-models/make_demo_dataset.py").main(argv) == 0
+            made[num_val] = root
+        return made[num_val]
+
+    return make
+
+
+def _qdq_add_model(dtype: int):
+    """images -> (Q/DQ) x2 -> Add -> Q/DQ -> Relu: the DQ-Add-Q pattern ORT fuses into QLinearAdd."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes, inits = [], []
+    for name, src in (("a", "images"), ("b", "images"), ("c", "sum")):
+        inits += [
+            numpy_helper.from_array(np.array(0.05, np.float32), f"{name}_scale"),
+            helper.make_tensor(f"{name}_zp", dtype, [], [0]),
+        ]
+        nodes += [
+            helper.make_node("QuantizeLinear", [src, f"{name}_scale", f"{name}_zp"], [f"{name}_q"], name=f"{name}_q"),
+            helper.make_node(
+                "DequantizeLinear", [f"{name}_q", f"{name}_scale", f"{name}_zp"], [f"{name}_dq"], name=f"{name}_dq"
+            ),
+        ]
+        if name == "b":
+            nodes.append(helper.make_node("Add", ["a_dq", "b_dq"], ["sum"], name="add"))
+    nodes.append(helper.make_node("Relu", ["c_dq"], ["out"], name="relu"))
+    x = helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, 8, 8])
+    y = helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 3, 8, 8])
+    graph = helper.make_graph(nodes, "qdq_add", [x], [y], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+
+
+@pytest.fixture(scope="session")
+def qdq_add_model():
+    """``qdq_add_model(dtype)``: a tiny Q/DQ graph (images -> Q/DQ x2 -> Add -> Q/DQ -> Relu) in the given Q dtype."""
+    return _qdq_add_model

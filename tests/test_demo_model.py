@@ -16,14 +16,9 @@ FULL_VAL = REPO / "datasets/demo-shapes"
 
 
 @pytest.fixture(scope="module")
-def demo_val_subset(tmp_path_factory, load_script) -> Path:
-    """The first 60 images of the demo val split (byte-identical to the full split's first 60)."""
-    root = tmp_path_factory.mktemp("demo") / "demo-shapes"
-    rc = load_script("scripts/cv-models/make_demo_dataset.py").main(
-        ["--out-root", str(root), "--splits", "val", "--num-val", "60", "--workers", "2"]
-    )
-    assert rc == 0
-    return root
+def demo_val_subset(demo_val_slice) -> Path:
+    """The first 60 images of the demo val split."""
+    return demo_val_slice(60)
 
 
 def test_shipped_files_are_small_and_consistent():

@@ -243,14 +243,9 @@ def test_metric_equals_pycocotools_on_noisy_layouts(dataset, tmp_path, layout, m
 
 
 @pytest.fixture(scope="module")
-def demo_slice(tmp_path_factory, load_script) -> Path:
-    """The first 12 images of the demo val split (byte-identical to the full split's first 12)."""
-    root = tmp_path_factory.mktemp("demo") / "demo-shapes"
-    rc = load_script("scripts/cv-models/make_demo_dataset.py").main(
-        ["--out-root", str(root), "--splits", "val", "--num-val", "12", "--workers", "1"]
-    )
-    assert rc == 0
-    return root
+def demo_slice(demo_val_slice) -> Path:
+    """The first 12 images of the demo val split."""
+    return demo_val_slice(12)
 
 
 def test_demo_detector_metric_equals_pycocotools(demo_slice, tmp_path):

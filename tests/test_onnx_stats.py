@@ -195,17 +195,17 @@ def test_json_out_with_manifest_and_no_silent_overwrite(tiny_yolov10_onnx, tmp_p
     before = out.read_text()
     capsys.readouterr()
     assert script.main(["--model", str(tiny_yolov10_onnx), "--json-out", str(out)]) == 2
-    assert "already exists" in capsys.readouterr().err
+    assert "--overwrite" in capsys.readouterr().err
     assert out.read_text() == before
     assert script.main(["--model", str(tiny_yolov10_onnx), "--json-out", str(out), "--overwrite"]) == 0
 
 
-@pytest.mark.parametrize("content, message", [(None, "does not exist"), (b"plain text", "is not an ONNX model")])
-def test_bad_model_file(tmp_path, capsys, load_script, content, message):
+@pytest.mark.parametrize("content", [None, b"plain text", b""])
+def test_bad_model_file(tmp_path, capsys, load_script, content):
     model = tmp_path / "model.onnx"
     if content is not None:
         model.write_bytes(content)
     rc = load_script(STATS).main(["--model", str(model)])
     assert rc == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: --model") and message in err and len(err.splitlines()) == 1
+    assert err.startswith("error: --model") and str(model) in err and len(err.splitlines()) == 1

@@ -47,27 +47,6 @@ def _conv_model(input_shape=(1, 3, 8, 8), elem_type=TensorProto.FLOAT) -> onnx.M
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def _qdq_add_model(dtype: int) -> onnx.ModelProto:
-    """images -> (Q/DQ) x2 -> Add -> Q/DQ -> Relu: the DQ-Add-Q pattern ORT fuses into QLinearAdd."""
-    nodes, inits = [], []
-    for name, src in (("a", "images"), ("b", "images"), ("c", "sum")):
-        inits += [
-            numpy_helper.from_array(np.array(0.05, np.float32), f"{name}_scale"),
-            helper.make_tensor(f"{name}_zp", dtype, [], [0]),
-        ]
-        nodes += [
-            helper.make_node("QuantizeLinear", [src, f"{name}_scale", f"{name}_zp"], [f"{name}_q"]),
-            helper.make_node("DequantizeLinear", [f"{name}_q", f"{name}_scale", f"{name}_zp"], [f"{name}_dq"]),
-        ]
-        if name == "b":
-            nodes.append(helper.make_node("Add", ["a_dq", "b_dq"], ["sum"]))
-    nodes.append(helper.make_node("Relu", ["c_dq"], ["out"]))
-    x = helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, 8, 8])
-    y = helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 3, 8, 8])
-    graph = helper.make_graph(nodes, "qdq_add", [x], [y], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
-
-
 @pytest.fixture()
 def float_model(tmp_path) -> Path:
     path = tmp_path / "float.onnx"
@@ -123,9 +102,9 @@ def test_cpu_session_records_what_it_did(float_model, tmp_path):
     assert ort_session.check_image_input(session, imgsz=8) == ("images", [1, 3, 8, 8], "tensor(float)")
 
 
-def test_fp8_qdq_model_runs_on_cpu_with_qdq_fusion_off(tmp_path):
+def test_fp8_qdq_model_runs_on_cpu_with_qdq_fusion_off(tmp_path, qdq_add_model):
     path = tmp_path / "fp8.onnx"
-    onnx.save(_qdq_add_model(TensorProto.FLOAT8E4M3FN), path)
+    onnx.save(qdq_add_model(TensorProto.FLOAT8E4M3FN), path)
     session, info = ort_session.build_session(path, [CPU])
     assert info["session_config"] == {ort_session.CFG_DISABLE_QUANT_QDQ: "1"}
     out = session.run(None, {"images": np.full((1, 3, 8, 8), 0.5, np.float32)})[0]

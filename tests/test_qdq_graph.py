@@ -10,29 +10,6 @@ from onnx import TensorProto, helper, numpy_helper
 from lowbit import qdq_graph
 
 
-def _qdq_add_model(dtype: int) -> onnx.ModelProto:
-    """images -> (Q/DQ) x2 -> Add -> Q/DQ -> Relu."""
-    nodes, inits = [], []
-    for name, src in (("a", "images"), ("b", "images"), ("c", "sum")):
-        inits += [
-            numpy_helper.from_array(np.array(0.05, np.float32), f"{name}_scale"),
-            helper.make_tensor(f"{name}_zp", dtype, [], [0]),
-        ]
-        nodes += [
-            helper.make_node("QuantizeLinear", [src, f"{name}_scale", f"{name}_zp"], [f"{name}_q"], name=f"{name}_q"),
-            helper.make_node(
-                "DequantizeLinear", [f"{name}_q", f"{name}_scale", f"{name}_zp"], [f"{name}_dq"], name=f"{name}_dq"
-            ),
-        ]
-        if name == "b":
-            nodes.append(helper.make_node("Add", ["a_dq", "b_dq"], ["sum"], name="add"))
-    nodes.append(helper.make_node("Relu", ["c_dq"], ["out"], name="relu"))
-    x = helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, 8, 8])
-    y = helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 3, 8, 8])
-    graph = helper.make_graph(nodes, "qdq_add", [x], [y], inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
-
-
 def _conv_with_quantized_weight(quantize_weight: bool) -> onnx.ModelProto:
     """Q/DQ activation -> Conv(weight through an int8 DQ or plain, bias through an int32 DQ) and a second Conv
     reading the same activation pair with a float weight."""
@@ -59,14 +36,14 @@ def _conv_with_quantized_weight(quantize_weight: bool) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
 
 
-def test_qdq_info_float_int8_fp8(tmp_path):
+def test_qdq_info_float_int8_fp8(tmp_path, qdq_add_model):
     float_model = _conv_with_quantized_weight(False)
     del float_model.graph.node[:4]
     assert qdq_graph.qdq_info(float_model)["is_qdq"] is False
-    int8 = qdq_graph.qdq_info(_qdq_add_model(TensorProto.INT8))
+    int8 = qdq_graph.qdq_info(qdq_add_model(TensorProto.INT8))
     assert int8 == {"qdq_pairs": 3, "quant_dtypes": ["int8"], "is_fp8": False, "is_qdq": True}
     path = tmp_path / "fp8.onnx"
-    onnx.save(_qdq_add_model(TensorProto.FLOAT8E4M3FN), path)
+    onnx.save(qdq_add_model(TensorProto.FLOAT8E4M3FN), path)
     fp8 = qdq_graph.qdq_info(path)
     assert fp8 == {"qdq_pairs": 3, "quant_dtypes": ["float8e4m3fn"], "is_fp8": True, "is_qdq": True}
 
@@ -88,8 +65,8 @@ def test_a_conv_is_quantized_through_its_weight(quantize_weight, expected):
         assert found[0].quantized_inputs == [0, 1, 2]
 
 
-def test_pairs_consumers_and_producers():
-    graph = _qdq_add_model(TensorProto.INT8).graph
+def test_pairs_consumers_and_producers(qdq_add_model):
+    graph = qdq_add_model(TensorProto.INT8).graph
     pairs = qdq_graph.qdq_pairs(graph)
     assert sorted(pairs) == ["a_dq", "b_dq", "c_dq"]
     assert pairs["c_dq"].float_input == "sum" and pairs["c_dq"].quantize.name == "c_q"

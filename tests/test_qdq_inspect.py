@@ -12,6 +12,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from lowbit import qdq_inspect as qi
+from lowbit.runs import UserError
 
 SCRIPT = "scripts/cv-models/inspect_qdq_model.py"
 
@@ -202,35 +203,43 @@ def test_script_writes_json_csv_manifest_and_fails_on_findings(load_script, zero
 
 
 @pytest.mark.parametrize(
-    ("extra", "message"),
+    ("extra", "flag"),
     [
-        (["--calib-path", "CALIB"], "--reference-onnx or --source-onnx"),
-        (["--reference-onnx", "MODEL"], "only with --calib-path"),
+        (["--calib-path", "CALIB"], "--calib-path"),  # nothing to compare against
+        (["--reference-onnx", "MODEL"], "--reference-onnx"),  # used only with --calib-path
         (["--source-onnx", "MISSING"], "--source-onnx"),
-        (["--num-images", "0"], "--num-images"),
-        (["--json-out", "OUT.txt"], "--json-out must end in .json"),
-        (["--write-fp32-quantize", "MODEL"], "must differ from --onnx-path"),
+        (["--json-out", "OUT.txt"], "--json-out"),
+        (["--write-fp32-quantize", "MODEL"], "--write-fp32-quantize"),  # would overwrite the input
     ],
-    ids=["calib-without-reference", "reference-without-calib", "missing-source", "zero-images", "json-suffix",
-         "rewrite-over-input"],
+    ids=["calib-without-reference", "reference-without-calib", "missing-source", "json-suffix", "rewrite-over-input"],
 )
-def test_script_rejects_bad_input(load_script, zero_scale_model, tmp_path, capsys, extra, message):
+def test_script_rejects_bad_input(load_script, zero_scale_model, tmp_path, capsys, extra, flag):
     calib = tmp_path / "calib.npy"
     np.save(calib, np.zeros((1, 1, 2, 2), np.float32))
     subst = {"CALIB": str(calib), "MODEL": str(zero_scale_model), "MISSING": str(tmp_path / "none.onnx"),
              "OUT.txt": str(tmp_path / "out.txt")}
-    rc = load_script(SCRIPT).main(["--onnx-path", str(zero_scale_model), *[subst.get(a, a) for a in extra]])
-    assert rc == 2
-    assert message in capsys.readouterr().err
+    argv = ["--onnx-path", str(zero_scale_model), *[subst.get(a, a) for a in extra]]
+    assert load_script(SCRIPT).main(argv) == 2
+    assert capsys.readouterr().err.count("error:") == 1
+    with pytest.raises(UserError) as raised:
+        load_script(SCRIPT).main.__wrapped__(argv)
+    assert raised.value.flag == flag
 
 
-def test_script_refuses_a_rewrite_of_an_fp32_model(load_script, tmp_path, capsys):
+def test_zero_images_is_a_usage_error(load_script, zero_scale_model, capsys):
+    assert load_script(SCRIPT).main(["--onnx-path", str(zero_scale_model), "--num-images", "0"]) == 2
+    assert "error: argument --num-images" in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_script_refuses_a_rewrite_of_an_fp32_model(load_script, tmp_path):
     model = tmp_path / "fp32.onnx"
     onnx.save(_conv_qdq_model(TensorProto.FLOAT, 0.02, [0.01, 0.01]), model)
     out = tmp_path / "fixed.onnx"
-    rc = load_script(SCRIPT).main(["--onnx-path", str(model), "--write-fp32-quantize", str(out)])
-    assert rc == 2
-    assert "no float16 QuantizeLinear" in capsys.readouterr().err
+    argv = ["--onnx-path", str(model), "--write-fp32-quantize", str(out)]
+    assert load_script(SCRIPT).main(argv) == 2
+    with pytest.raises(UserError) as raised:  # no float16 QuantizeLinear to rewrite
+        load_script(SCRIPT).main.__wrapped__(argv)
+    assert raised.value.flag == "--write-fp32-quantize"
     assert not out.exists() and not (tmp_path / "fixed.inspect.manifest.json").exists()
 
 

@@ -89,7 +89,7 @@ def test_fp8_with_exclusions(tmp_path, load_script, tiny_yolov10_onnx, calib_npy
     convs = [n.name for n in model.graph.node if n.op_type == "Conv"]
     excluded = convs[:2]
     scheme = tmp_path / "scheme.json"
-    scheme.write_text(json.dumps({"nodes_to_exclude": [excluded[1]]}))
+    scheme.write_text(json.dumps({"k": 1, "nodes_to_exclude": [excluded[1]]}))
     out = tmp_path / "tiny-fp8.onnx"
     rc = load_script(SCRIPT).main(
         ["--onnx-path", str(tiny_yolov10_onnx), "--calib-path", str(calib_npy), "--output-path", str(out),

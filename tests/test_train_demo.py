@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from lowbit import synth
+from lowbit.runs import UserError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = "scripts/cv-models/train_demo_detector.py"
@@ -61,18 +62,23 @@ def test_tiny_cpu_training_run(tiny_data: Path, tmp_path: Path):
 
 
 def test_missing_data_names_the_flag_and_generator(load_script, tmp_path: Path, capsys):
-    rc = load_script(SCRIPT).main(["--data", str(tmp_path / "nope.yaml"), "--project", str(tmp_path)])
-    assert rc == 2
-    err = capsys.readouterr().err
-    assert "--data" in err and "make_demo_dataset.py" in err
+    argv = ["--data", str(tmp_path / "nope.yaml"), "--project", str(tmp_path)]
+    assert load_script(SCRIPT).main(argv) == 2
+    assert "make_demo_dataset.py" in capsys.readouterr().err  # says how to make the missing file
+    with pytest.raises(UserError) as raised:
+        load_script(SCRIPT).main.__wrapped__(argv)
+    assert raised.value.flag == "--data"
     assert not any(tmp_path.iterdir()), "no run directory for a rejected command"
 
 
 def test_missing_train_split_is_reported(tmp_path: Path, load_script, capsys):
     synth.generate_split(tmp_path / "ds", "val", 2, workers=1)
-    rc = load_script(SCRIPT).main(["--data", str(tmp_path / "ds" / "yolo" / "data.yaml"), "--project", str(tmp_path)])
-    assert rc == 2
-    assert "train images" in capsys.readouterr().err
+    argv = ["--data", str(tmp_path / "ds" / "yolo" / "data.yaml"), "--project", str(tmp_path)]
+    assert load_script(SCRIPT).main(argv) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    with pytest.raises(UserError) as raised:
+        load_script(SCRIPT).main.__wrapped__(argv)
+    assert raised.value.flag == "--data"
 
 
 def test_imgsz_must_be_a_stride_multiple(tiny_data: Path, load_script, tmp_path: Path, capsys):

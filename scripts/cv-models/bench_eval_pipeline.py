@@ -29,17 +29,16 @@ from pathlib import Path
 
 import numpy as np
 
-from lowbit.cli import cli_entry
+from lowbit.cli import cli_entry, imgsz, non_negative_int, positive_int
 from lowbit.evaluate import EvalSettings, evaluate, resolve_data_paths
 from lowbit.logs import get_logger, setup_logging
 from lowbit.runs import (
     REPO_ROOT,
-    UserError,
     atomic_write_json,
     check_input_file,
+    check_output_path,
     new_run_dir,
     package_versions,
-    refuse_overwrite,
     resolve_repo_path,
 )
 
@@ -64,14 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="instances json; None means DATA_ROOT/annotations/instances_val2017.json",
     )
-    parser.add_argument("--max-images", type=int, default=50, help="first N image ids (ascending)")
-    parser.add_argument("--imgsz", type=int, default=640, help="square letterbox side, pixels")
+    parser.add_argument("--max-images", type=positive_int, default=50, help="first N image ids (ascending)")
+    parser.add_argument("--imgsz", type=imgsz, default=640, help="square letterbox side, pixels")
     parser.add_argument("--providers", nargs="+", default=["CPUExecutionProvider"], help="ORT providers, in order")
     parser.add_argument("--disable-cpu-fallback", action="store_true", help="fail if any node would run on CPU")
     parser.add_argument(
-        "--workers", type=int, nargs="+", default=[4], help="prefetch worker counts to sweep; one evaluator run each"
+        "--workers", type=non_negative_int, nargs="+", default=[4], help="prefetch worker counts to sweep; one evaluator run each"
     )
-    parser.add_argument("--warmup-runs", type=int, default=3, help="untimed session.run calls before each timing")
+    parser.add_argument("--warmup-runs", type=non_negative_int, default=3, help="untimed session.run calls before each timing")
     parser.add_argument(
         "--out", type=Path, default=None, help="bench.json path; None means tmp/bench_eval_pipeline/<time>/bench.json"
     )
@@ -81,18 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def validate(args: argparse.Namespace) -> Path:
     """Check the flags and return the bench.json path (nothing is written)."""
-    if args.max_images < 1:
-        raise UserError(f"--max-images must be >= 1, got {args.max_images}", flag="--max-images")
-    if min(args.workers) < 0:
-        raise UserError(f"--workers must be >= 0, got {min(args.workers)}", flag="--workers")
-    if args.warmup_runs < 0:
-        raise UserError(f"--warmup-runs must be >= 0, got {args.warmup_runs}", flag="--warmup-runs")
     check_input_file(resolve_repo_path(args.onnx_path), "--onnx-path")
     resolve_data_paths(eval_settings(args, args.workers[0], None))
     if args.out is None:
         return new_run_dir(REPO_ROOT / "tmp" / "bench_eval_pipeline") / "bench.json"
     out = args.out if args.out.is_absolute() else Path.cwd() / args.out
-    refuse_overwrite(out, args.overwrite)
+    check_output_path(out, "--out", args.overwrite, suffix=".json")
     return out
 
 

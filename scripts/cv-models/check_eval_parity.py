@@ -21,11 +21,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from lowbit.cli import cli_entry
+from lowbit.cli import cli_entry, imgsz, positive_int
 from lowbit.coco_eval import category_mapping, evaluate_bbox, load_coco, select_image_ids
 from lowbit.evaluate import EvalSettings, evaluate
 from lowbit.logs import setup_logging
-from lowbit.runs import UserError, atomic_write_json, check_input_file, manifest_run, refuse_overwrite
+from lowbit.runs import UserError, atomic_write_json, check_input_file, check_output_path, manifest_run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,8 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="the same images under an ultralytics images/ folder with labels/ beside it "
         "(default: <data-root>/yolo/images/val2017, as make_demo_dataset.py writes)",
     )
-    parser.add_argument("--max-images", type=int, default=500, help="first N image ids, ascending")
-    parser.add_argument("--imgsz", type=int, default=640)
+    parser.add_argument("--max-images", type=positive_int, default=500, help="first N image ids, ascending")
+    parser.add_argument("--imgsz", type=imgsz, default=640)
     parser.add_argument("--device", default="cpu", help="torch device for ultralytics val")
     parser.add_argument("--out", type=Path, required=True, help="parity.json to write")
     parser.add_argument("--overwrite", action="store_true")
@@ -60,8 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     ann_file = check_input_file(args.data_root / "annotations" / "instances_val2017.json", "--data-root")
     yolo_images = args.yolo_images_dir or args.data_root / "yolo" / "images" / "val2017"
     if not yolo_images.is_dir():
-        raise UserError(f"--yolo-images-dir: {yolo_images} does not exist (ultralytics needs images/ + labels/)")
-    refuse_overwrite(args.out, args.overwrite)
+        raise UserError(
+            f"--yolo-images-dir: {yolo_images} does not exist (ultralytics needs images/ + labels/)",
+            flag="--yolo-images-dir",
+        )
+    check_output_path(args.out, "--out", args.overwrite, suffix=".json")
     work = args.out.parent
     setup_logging(work / "parity.log")
 

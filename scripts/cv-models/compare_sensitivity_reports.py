@@ -23,10 +23,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from lowbit.cli import cli_entry
+from lowbit.cli import cli_entry, positive_int
 from lowbit.logs import get_logger, setup_logging
 from lowbit.runs import (
-    UserError,
     atomic_write_json,
     check_input_file,
     check_output_path,
@@ -55,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="map both reports onto this ONNX graph's nodes (as onnx_layer_sensitivity.py --compare-with does); "
         "unset: pair layers through the report columns",
     )
-    parser.add_argument("--k", type=int, nargs="+", default=[5, 10, 20], help="top-K sizes whose overlap is reported")
+    parser.add_argument("--k", type=positive_int, nargs="+", default=[5, 10, 20], help="top-K sizes whose overlap is reported")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     return parser
 
@@ -63,8 +62,6 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if any(k < 1 for k in args.k):
-        raise UserError(f"--k values must be >= 1, got {args.k}", flag="--k")
     path_a = check_input_file(resolve_repo_path(args.report_a), "--report-a")
     path_b = check_input_file(resolve_repo_path(args.report_b), "--report-b")
     report_a = load_report(path_a, "--report-a")

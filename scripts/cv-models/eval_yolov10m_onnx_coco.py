@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lowbit.cli import cli_entry
+from lowbit.cli import cli_entry, imgsz, non_negative_int, positive_int
 from lowbit.evaluate import EvalResult, EvalSettings, evaluate
 from lowbit.logs import setup_logging
 
@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="instances json; None means DATA_ROOT/annotations/instances_val2017.json",
     )
     parser.add_argument(
-        "--max-images", type=int, default=None, help="evaluate the first N image ids (ascending); None means all"
+        "--max-images", type=positive_int, default=None, help="evaluate the first N image ids (ascending); None means all"
     )
     parser.add_argument(
         "--providers",
@@ -58,9 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="fail if any node would run on the CPU EP (GPU-only runs); do not list CPUExecutionProvider with it",
     )
-    parser.add_argument("--warmup-runs", type=int, default=10, help="untimed session.run calls before timing")
-    parser.add_argument("--skip-latency", type=int, default=10, help="first timed samples dropped from latency stats")
-    parser.add_argument("--imgsz", type=int, default=640, help="square letterbox side, pixels (multiple of 32)")
+    parser.add_argument("--warmup-runs", type=non_negative_int, default=10, help="untimed session.run calls before timing")
+    parser.add_argument("--skip-latency", type=non_negative_int, default=10, help="first timed samples dropped from latency stats")
+    parser.add_argument("--imgsz", type=imgsz, default=640, help="square letterbox side, pixels (multiple of 32)")
     parser.add_argument(
         "--out",
         type=Path,
@@ -70,13 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--nms", action="store_true", help="class-aware NMS (one-to-many heads) instead of top-k")
     parser.add_argument("--conf", type=float, default=0.001, help="score threshold (strict >), ultralytics val default")
     parser.add_argument("--iou", type=float, default=0.7, help="NMS IoU threshold (only with --nms)")
-    parser.add_argument("--max-det", type=int, default=300, help="detections kept per image")
+    parser.add_argument("--max-det", type=positive_int, default=300, help="detections kept per image")
     parser.add_argument(
         "--skip-missing",
         action="store_true",
         help="skip (and record) missing or unreadable images instead of failing",
     )
-    parser.add_argument("--workers", type=int, default=4, help="prefetch threads for decode+preprocess (0: inline)")
+    parser.add_argument("--workers", type=non_negative_int, default=4, help="prefetch threads for decode+preprocess (0: inline)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing metrics.json at --out")
     return parser
 

@@ -18,7 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from lowbit.cli import cli_entry
+from lowbit.cli import cli_entry, imgsz, int_range, non_negative_int, positive_float, positive_int
 from lowbit.export import (
     DEFAULT_OPSET,
     DEFAULT_RTOL,
@@ -32,9 +32,8 @@ from lowbit.export import (
 )
 from lowbit.logs import get_logger, setup_logging
 from lowbit.runs import (
-    UserError,
+    check_output_path,
     manifest_run,
-    refuse_overwrite,
     resolve_repo_path,
     sha256_file,
 )
@@ -60,15 +59,15 @@ def build_parser() -> argparse.ArgumentParser:
         "(a path, or a name shipped with ultralytics such as yolov10m.yaml; random weights)",
     )
     parser.add_argument(
-        "--nc", type=int, default=None, help="number of classes for a .yaml build; None: the yaml's own nc"
+        "--nc", type=positive_int, default=None, help="number of classes for a .yaml build; None: the yaml's own nc"
     )
-    parser.add_argument("--imgsz", type=int, default=640, help="square input size in pixels (multiple of 32)")
+    parser.add_argument("--imgsz", type=imgsz, default=640, help="square input size in pixels (multiple of 32)")
     parser.add_argument("--out", type=Path, required=True, help="destination .onnx file")
-    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset version (13-20)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for .yaml random weights and the check image")
+    parser.add_argument("--opset", type=int_range(13, 20), default=DEFAULT_OPSET, help="ONNX opset version (13-20)")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed for .yaml random weights and the check image")
     parser.add_argument(
         "--rtol",
-        type=float,
+        type=positive_float,
         default=DEFAULT_RTOL,
         help="max |onnx - torch| allowed, relative to max |torch| on the check image",
     )
@@ -81,13 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out = Path(args.out)
-    if out.suffix.lower() != ".onnx":
-        raise UserError(f"--out must end in .onnx, got {out}", flag="--out")
-    if not 13 <= args.opset <= 20:
-        raise UserError(f"--opset must be between 13 and 20, got {args.opset}", flag="--opset")
-    if args.rtol <= 0:
-        raise UserError(f"--rtol must be > 0, got {args.rtol}", flag="--rtol")
-    refuse_overwrite(out, args.overwrite)
+    check_output_path(out, "--out", args.overwrite, suffix=".onnx")
     weights = resolve_repo_path(args.weights)
 
     setup_logging(verbose=args.verbose)

@@ -33,7 +33,7 @@ import csv
 import io
 from pathlib import Path
 
-from lowbit.cli import cli_entry
+from lowbit.cli import cli_entry, positive_float, positive_int
 from lowbit.logs import get_logger, setup_logging
 from lowbit.runs import (
     UserError,
@@ -41,13 +41,17 @@ from lowbit.runs import (
     atomic_write_json,
     atomic_write_text,
     check_input_file,
+    check_output_path,
     manifest_run,
-    refuse_overwrite,
     resolve_repo_path,
 )
 
 SCRIPT = "scripts/cv-models/inspect_qdq_model.py"
 log = get_logger("inspect_qdq_model")
+
+
+# output flag -> the file name ending it needs
+OUTPUT_SUFFIXES = {"--json-out": ".json", "--csv-out": ".csv", "--write-fp32-quantize": ".onnx"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,12 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="model to compare tensors against with --calib-path (e.g. the fp32-high-precision Q/DQ model of the "
         "same calibration); None means --source-onnx",
     )
-    parser.add_argument("--num-images", type=int, default=4, help="images run with --calib-path")
+    parser.add_argument("--num-images", type=positive_int, default=4, help="images run with --calib-path")
     parser.add_argument(
-        "--threshold", type=float, default=0.05,
+        "--threshold", type=positive_float, default=0.05,
         help="relative error ||model - reference|| / ||reference|| from which a tensor counts as diverged",
     )
-    parser.add_argument("--top", type=int, default=10, help="diverging / worst tensors listed")
+    parser.add_argument("--top", type=positive_int, default=10, help="diverging / worst tensors listed")
     parser.add_argument("--json-out", type=Path, default=None, help="write the full report here (.json)")
     parser.add_argument("--csv-out", type=Path, default=None, help="write the per-pair table here (.csv)")
     parser.add_argument(
@@ -89,11 +93,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--verbose", action="store_true", help="debug logging on the console")
     return parser
-
-
-def _check_suffix(path: Path | None, suffix: str, flag: str) -> None:
-    if path is not None and path.suffix.lower() != suffix:
-        raise UserError(f"{flag} must end in {suffix}, got {path}", flag=flag)
 
 
 def _load(path: Path, flag: str):
@@ -173,21 +172,12 @@ def _validated_paths(args) -> dict[str, Path | None]:
         "reference": optional(args.reference_onnx, "--reference-onnx"),
         "calib": optional(args.calib_path, "--calib-path"),
     }
-    if args.num_images < 1:
-        raise UserError(f"--num-images must be >= 1, got {args.num_images}", flag="--num-images")
-    if not args.threshold > 0:
-        raise UserError(f"--threshold must be > 0, got {args.threshold}", flag="--threshold")
-    if args.top < 1:
-        raise UserError(f"--top must be >= 1, got {args.top}", flag="--top")
     if paths["reference"] is not None and paths["calib"] is None:
         raise UserError("--reference-onnx is used only with --calib-path; give both", flag="--reference-onnx")
     if paths["calib"] is not None and paths["reference"] is None and paths["source"] is None:
         raise UserError(
             "--calib-path needs a model to compare against: give --reference-onnx or --source-onnx", flag="--calib-path"
         )
-    _check_suffix(args.json_out, ".json", "--json-out")
-    _check_suffix(args.csv_out, ".csv", "--csv-out")
-    _check_suffix(args.write_fp32_quantize, ".onnx", "--write-fp32-quantize")
     if args.write_fp32_quantize is not None and args.write_fp32_quantize.resolve() == paths["model"].resolve():
         raise UserError("--write-fp32-quantize must differ from --onnx-path", flag="--write-fp32-quantize")
     return paths
@@ -227,8 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     paths = _validated_paths(args)
     outputs = [(p, f) for p, f in ((args.json_out, "--json-out"), (args.csv_out, "--csv-out"),
                                    (args.write_fp32_quantize, "--write-fp32-quantize")) if p is not None]
-    for path, _flag in outputs:
-        refuse_overwrite(path, args.overwrite)
+    for path, flag in outputs:
+        check_output_path(path, flag, args.overwrite, suffix=OUTPUT_SUFFIXES[flag])
 
     from lowbit import qdq_inspect
 

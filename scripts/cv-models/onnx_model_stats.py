@@ -14,15 +14,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lowbit.cli import cli_entry
+from lowbit.cli import cli_entry, positive_int
 from lowbit.logs import get_logger, setup_logging
 from lowbit.onnx_stats import format_markdown, format_text, model_stats, parse_input_shapes
 from lowbit.runs import (
-    UserError,
     atomic_write_json,
     check_input_file,
+    check_output_path,
     manifest_run,
-    refuse_overwrite,
     resolve_repo_path,
 )
 
@@ -36,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--model", type=Path, required=True, help="the .onnx file")
-    parser.add_argument("--batch", type=int, default=1, help="size used for symbolic batch (first) dims")
+    parser.add_argument("--batch", type=positive_int, default=1, help="size used for symbolic batch (first) dims")
     parser.add_argument(
         "--input-shape",
         nargs="+",
@@ -57,13 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(verbose=args.verbose)
     model = check_input_file(resolve_repo_path(args.model), "--model")
-    if args.batch < 1:
-        raise UserError(f"--batch must be >= 1, got {args.batch}", flag="--batch")
     overrides = parse_input_shapes(args.input_shape)
     if args.json_out is not None:
-        if args.json_out.suffix.lower() != ".json":
-            raise UserError(f"--json-out must end in .json, got {args.json_out}", flag="--json-out")
-        refuse_overwrite(args.json_out, args.overwrite, "--overwrite")
+        check_output_path(args.json_out, "--json-out", args.overwrite, suffix=".json")
 
     if args.json_out is None:
         stats = model_stats(model, batch=args.batch, input_shapes=overrides)

@@ -17,7 +17,8 @@
 #   OVERWRITE=1  --overwrite (1|true|yes on, 0|false|no off)
 #   VERBOSE=1    --verbose (1|true|yes on, 0|false|no off)
 #   PYTHON       interpreter (default python)
-# Writes $OUTPUT_ROOT/<run-id>/outputs/yolov10m/<format>/per_layer/layer-sensitivity-report.json (+ .csv, .md).
+# Writes $OUTPUT_ROOT/<run-id>/outputs/<model>/<format>/per_layer/layer-sensitivity-report.json (+ .csv, .md),
+# <model> being the weights' file stem (yolov10m for models/yolo10/yolov10m.pt).
 set -euo pipefail
 
 PYTHON="${PYTHON:-python}"

@@ -26,6 +26,7 @@ import os
 import time
 from pathlib import Path
 
+from lowbit.cli import cli_entry, imgsz, non_negative_int, positive_float, positive_int
 from lowbit.logs import get_logger, setup_logging
 from lowbit.runs import (
     UserError,
@@ -34,7 +35,6 @@ from lowbit.runs import (
     new_run_dir,
     timestamp,
 )
-from lowbit.cli import cli_entry
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,11 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--model-yaml", default="yolov10n.yaml", help="ultralytics model config (built from scratch, no weights)"
     )
-    parser.add_argument("--epochs", type=int, default=150, help="training epochs (--time, when set, replaces it)")
-    parser.add_argument("--time", type=float, default=None, help="training budget in hours; overrides --epochs")
-    parser.add_argument("--batch", type=int, default=64, help="images per batch")
-    parser.add_argument("--workers", type=int, default=8, help="dataloader worker processes (CPU training uses 0)")
-    parser.add_argument("--imgsz", type=int, default=640, help="square training/validation image size, pixels")
+    parser.add_argument("--epochs", type=positive_int, default=150, help="training epochs (--time, when set, replaces it)")
+    parser.add_argument("--time", type=positive_float, default=None, help="training budget in hours; overrides --epochs")
+    parser.add_argument("--batch", type=positive_int, default=64, help="images per batch")
+    parser.add_argument("--workers", type=non_negative_int, default=8, help="dataloader worker processes (CPU training uses 0)")
+    parser.add_argument("--imgsz", type=imgsz, default=640, help="square training/validation image size, pixels")
     parser.add_argument("--device", default=None, help="'0', '0,1' or 'cpu'; default: first CUDA GPU, else CPU")
     parser.add_argument("--amp", choices=("fp16", "bf16", "fp32"), default="fp16", help="mixed precision on CUDA")
     parser.add_argument(
@@ -66,15 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="SGD with --lr0 0.01 is the YOLOv10 from-scratch recipe; ultralytics' 'auto' picks a fine-tuning "
         "learning rate (about 1e-4) for runs under 10000 iterations",
     )  # fmt: skip
-    parser.add_argument("--lr0", type=float, default=0.01, help="initial learning rate (ignored with --optimizer auto)")
+    parser.add_argument("--lr0", type=positive_float, default=0.01, help="initial learning rate (ignored with --optimizer auto)")
     parser.add_argument(
         "--deterministic", action=argparse.BooleanOptionalAction, default=True,
         help="torch deterministic algorithms (reproducible on the same machine and software, slightly slower)",
     )  # fmt: skip
     parser.add_argument(
-        "--patience", type=int, default=0, help="early-stop after N epochs without improvement; 0 = never"
+        "--patience", type=non_negative_int, default=0, help="early-stop after N epochs without improvement; 0 = never"
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed for weights init, sampling and augmentation")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed for weights init, sampling and augmentation")
     parser.add_argument("--project", type=Path, default=Path("tmp/train-demo"), help="parent of the run directory")
     parser.add_argument("--name", default=None, help="run directory name (default: a timestamp)")
     parser.add_argument("--verbose", action="store_true", help="debug logging")
@@ -85,37 +85,28 @@ def _validate(args: argparse.Namespace) -> None:
     if not args.data.is_file():
         raise UserError(
             f"--data: {args.data} does not exist; generate it with "
-            "python scripts/cv-models/make_demo_dataset.py --splits train val"
+            "python scripts/cv-models/make_demo_dataset.py --splits train val",
+            flag="--data",
         )
-    for flag, value, low in (
-        ("--epochs", args.epochs, 1),
-        ("--batch", args.batch, 1),
-        ("--imgsz", args.imgsz, 32),
-        ("--workers", args.workers, 0),
-        ("--patience", args.patience, 0),
-        ("--seed", args.seed, 0),
-    ):
-        if value < low:
-            raise UserError(f"{flag} must be >= {low}, got {value}")
-    if args.imgsz % 32:
-        raise UserError(f"--imgsz must be a multiple of 32 (the model's largest stride), got {args.imgsz}")
-    if args.lr0 <= 0:
-        raise UserError(f"--lr0 must be > 0, got {args.lr0}")
-    if args.time is not None and args.time <= 0:
-        raise UserError(f"--time must be > 0 hours, got {args.time}")
     # ultralytics resolves the splits relative to the yaml's directory; check them here for a clear message
     import yaml
 
-    spec = yaml.safe_load(args.data.read_text(encoding="utf-8")) or {}
+    try:
+        spec = yaml.safe_load(args.data.read_text(encoding="utf-8")) or {}
+    except (UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise UserError(f"--data: {args.data} is not a readable YAML file ({exc})", flag="--data") from exc
+    if not isinstance(spec, dict):
+        raise UserError(f"--data: {args.data} is not an ultralytics data.yaml (a mapping)", flag="--data")
     base = Path(spec["path"]) if spec.get("path") else args.data.parent
     for key in ("train", "val"):
         if not spec.get(key):
-            raise UserError(f"--data: {args.data} has no '{key}' entry")
+            raise UserError(f"--data: {args.data} has no '{key}' entry", flag="--data")
         split_dir = base / spec[key]
         if not split_dir.is_dir() or not any(split_dir.iterdir()):
             raise UserError(
                 f"--data: {key} images {split_dir} are missing or empty; generate them with "
-                "python scripts/cv-models/make_demo_dataset.py --splits train val"
+                "python scripts/cv-models/make_demo_dataset.py --splits train val",
+                flag="--data",
             )
 
 
@@ -144,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _validate(args)
     project = args.project if args.project.is_absolute() else (Path.cwd() / args.project)
-    run_dir = new_run_dir(project, args.name or timestamp())
+    run_dir = new_run_dir(project, args.name or timestamp(), flag="--project")
     setup_logging(run_dir / "train.log", verbose=args.verbose)
     log = get_logger("train_demo_detector")
     _offline_environment(run_dir / "ultralytics-settings")

@@ -5,7 +5,9 @@ layer's quantizers at a time and scores how far the raw one-to-one head output d
 (see ``lowbit/sensitivity_torch.py`` for the method and the score). Writes, inside a new run dir::
 
     <output-root>/<run-id>/manifest.json, layer_sensitivity.log
-    <output-root>/<run-id>/outputs/yolov10m/<format>/per_layer/layer-sensitivity-report.{json,csv,md}
+    <output-root>/<run-id>/outputs/<model>/<format>/per_layer/layer-sensitivity-report.{json,csv,md}
+
+``<model>`` is the weights' file stem: ``yolov10m`` for the card's ``models/yolo10/yolov10m.pt``.
 
 The report feeds ``make_yolov10m_candidate_schemes.py --report-json``. Runs on CUDA when available.
 
@@ -22,7 +24,9 @@ import time
 from pathlib import Path
 
 from lowbit import sensitivity_torch as sens
-from lowbit.logs import setup_logging
+from lowbit.calib import load_calib_tensor
+from lowbit.cli import cli_entry, imgsz, non_negative_int, positive_int
+from lowbit.logs import get_logger, setup_logging
 from lowbit.runs import (
     UserError,
     check_input_file,
@@ -31,7 +35,6 @@ from lowbit.runs import (
     resolve_repo_path,
     timestamp,
 )
-from lowbit.cli import cli_entry
 
 SCRIPT = "scripts/cv-models/yolov10m_layer_sensitivity.py"
 DEFAULT_OUTPUT_ROOT = Path("tmp/yolov10m_layer_sensitivity")
@@ -66,13 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--num-images",
-        type=int,
+        type=positive_int,
         default=32,
         help="images used to calibrate and to score (the first N); the FP32 activations of every block are kept "
         "for all of them (~110 MB per 640 px image for yolov10m)",
     )
-    parser.add_argument("--imgsz", type=int, default=640, help="square input side in pixels (multiple of 32)")
-    parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
+    parser.add_argument("--imgsz", type=imgsz, default=640, help="square input side in pixels (multiple of 32)")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="images per forward pass")
     parser.add_argument("--device", default="auto", help="auto (cuda:0 if available, else cpu) | cpu | cuda | cuda:N")
     parser.add_argument(
         "--formats",
@@ -97,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run directories are created under this folder",
     )
     parser.add_argument("--run-id", default=None, help="run directory name; unset: a new timestamped directory")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights of a .yaml architecture")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the random weights of a .yaml architecture")
     parser.add_argument("--overwrite", action="store_true", help="reuse an existing --run-id directory")
     parser.add_argument("--verbose", action="store_true", help="debug logging on the console (per-layer scores)")
     return parser
@@ -105,20 +108,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _validate(args: argparse.Namespace) -> dict:
     """Cheap checks and image loading, before any run dir exists (torch is imported only to find a .yaml)."""
-    if args.num_images < 1:
-        raise UserError(f"--num-images must be >= 1, got {args.num_images}")
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.imgsz < 32 or args.imgsz % 32:
-        raise UserError(f"--imgsz must be a positive multiple of 32, got {args.imgsz}")
     if args.run_id is not None and (not args.run_id or "/" in args.run_id or args.run_id in (".", "..")):
-        raise UserError(f"--run-id must be a plain directory name, got {args.run_id!r}")
+        raise UserError(f"--run-id must be a plain directory name, got {args.run_id!r}", flag="--run-id")
 
     output_root = args.output_root if args.output_root.is_absolute() else Path.cwd() / args.output_root
     if args.run_id is not None:
         run_dir = output_root / args.run_id
         if run_dir.exists() and not args.overwrite:
-            raise UserError(f"{run_dir} already exists; pass --overwrite to reuse it, or another --run-id")
+            raise UserError(
+                f"{run_dir} already exists; pass --overwrite to reuse it, or another --run-id", flag="--overwrite"
+            )
     else:
         run_dir = None
 
@@ -132,16 +131,21 @@ def _validate(args: argparse.Namespace) -> dict:
 
     if args.calib_npy is not None:
         data_path = resolve_repo_path(args.calib_npy)
-        images = sens.load_images_from_npy(data_path, args.num_images, args.imgsz)
+        images = load_calib_tensor(data_path, "--calib-npy", imgsz=args.imgsz, max_images=args.num_images)
         image_files = None
     else:
         data_path = resolve_repo_path(args.images)
         if args.images == sens.DEFAULT_IMAGE_LIST and not (data_path.exists() or data_path.is_symlink()):
             raise UserError(
                 f"--images: the default image list {sens.DEFAULT_IMAGE_LIST} does not exist; pass --images LIST "
-                "(one image path per line) or --calib-npy FILE"
+                "(one image path per line) or --calib-npy FILE",
+                flag="--images",
             )
         images, image_files = sens.load_images_from_list(data_path, args.num_images, args.imgsz)
+    if images.shape[0] < args.num_images:
+        get_logger("layer_sensitivity").warning(
+            "%s holds %d images, fewer than --num-images %d: using all", data_path, images.shape[0], args.num_images
+        )
 
     return {"weights": weights, "data_path": data_path, "images": images, "image_files": image_files,
             "output_root": output_root, "run_dir": run_dir}  # fmt: skip

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lowbit.cli import cli_entry
+from lowbit.cli import cli_entry, non_negative_int, positive_int
 from lowbit.latency import latency_stats
 from lowbit.logs import get_logger, setup_logging
 from lowbit.onnx_stats import graph_inputs, load_model_proto, parse_input_shapes, resolve_input_shapes
@@ -76,10 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="fail instead of running any node on the CPU EP (do not list CPUExecutionProvider then)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
-    parser.add_argument("--runs", type=int, default=10, help="timed inference runs (>= 1)")
-    parser.add_argument("--warmup-runs", type=int, default=2, help="untimed runs before the timed ones (>= 0)")
-    parser.add_argument("--batch", type=int, default=1, help="size used for symbolic batch (first) input dims")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the random inputs")
+    parser.add_argument("--runs", type=positive_int, default=10, help="timed inference runs (>= 1)")
+    parser.add_argument("--warmup-runs", type=non_negative_int, default=2, help="untimed runs before the timed ones (>= 0)")
+    parser.add_argument("--batch", type=positive_int, default=1, help="size used for symbolic batch (first) input dims")
     parser.add_argument(
         "--input-shape",
         nargs="+",
@@ -117,7 +117,9 @@ def random_inputs(session, shapes: dict[str, list[int]], seed: int) -> tuple[dic
             value = rng.integers(0, 10, size=shape).astype(dtype)
             distribution = "integers[0,10)"
         else:
-            raise UserError(f"--model: input {spec.name!r} has type {ort_type}, which this smoke test cannot fill")
+            raise UserError(
+                f"--model: input {spec.name!r} has type {ort_type}, which this smoke test cannot fill", flag="--model"
+            )
         feeds[spec.name] = value
         described.append({"name": spec.name, "type": ort_type, "shape": list(shape), "distribution": distribution})
     return feeds, described
@@ -163,16 +165,12 @@ def main(argv: list[str] | None = None) -> int:
 
     # Every check that needs no session happens before the run directory exists.
     model = check_input_file(resolve_repo_path(args.model), "--model")
-    minimums = (("--runs", args.runs, 1), ("--warmup-runs", args.warmup_runs, 0), ("--batch", args.batch, 1))
-    for flag, value, low in minimums:
-        if value < low:
-            raise UserError(f"{flag} must be >= {low}, got {value}")
     proto = load_model_proto(model, "--model")
     shapes, batch_assumed_for = resolve_input_shapes(
         graph_inputs(proto), parse_input_shapes(args.input_shape), args.batch
     )
     del proto
-    check_providers(list(args.providers), args.disable_cpu_fallback)
+    check_providers(list(args.providers), args.disable_cpu_fallback, "--providers")
 
     run_dir = new_run_dir(args.output_root)
     setup_logging(run_dir / "run.log", verbose=args.verbose)
