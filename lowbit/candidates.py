@@ -23,13 +23,15 @@ the recorded sha256) is reused without running anything; anything else is rebuil
 
 from __future__ import annotations
 
+import argparse
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lowbit.logs import get_logger
-from lowbit.runs import UserError, atomic_write_json, sha256_file
+from lowbit.runs import UserError, atomic_write_json, atomic_write_text, manifest_run, sha256_file
+from lowbit.schemes import Scheme, find_schemes
 
 log = get_logger("candidates")
 
@@ -116,7 +118,7 @@ class CandidateStore:
         evaluation: evaluation settings.
         build: ``full`` or ``requantize``.
         requantize: needed with ``build="requantize"``.
-        names: overrides ``<mode>-k{K}`` in file names (e.g. ``-requant`` copies for a comparison).
+        suffix: appended to ``<mode>-k{K}`` in file names (e.g. ``-requant`` for a comparison).
     """
 
     def __init__(self, run_root: Path, mode: str, model_stem: str, full_model: Path, evaluation: EvalConfig,
@@ -269,13 +271,12 @@ def random_nodes(pool: list[str], k: int, seed: int) -> list[str]:
 # full-model edit vs ModelOpt re-quantization
 
 
-def compare_builds(full: CandidateStore, requant: CandidateStore, ranking: list[str], ks: list[int]) -> list[dict]:
-    """Evaluate both builds at each K of ``ks``; rows ``{k, map_full, map_requantize, diff_ap}`` (AP points)."""
+def compare_builds(full: CandidateStore, requant: CandidateStore, nodes_by_k: dict[int, list[str]]) -> list[dict]:
+    """Evaluate both builds of each ``{K: float nodes}``; rows ``{k, ap_full_model, ap_requantize, diff_ap}``
+    (AP points; ``diff_ap`` = full-model edit minus re-quantization)."""
     rows = []
-    for k in sorted(set(ks)):
-        if not 0 <= k <= len(ranking):
-            raise UserError(f"--ks: K={k} is outside 0..{len(ranking)} (the ranked nodes)", flag="--ks")
-        a, b = full.evaluate(ranking[:k]), requant.evaluate(ranking[:k])
+    for k in sorted(nodes_by_k):
+        a, b = full.evaluate(nodes_by_k[k]), requant.evaluate(nodes_by_k[k])
         rows.append({"k": k, "ap_full_model": a.ap, "ap_requantize": b.ap, "diff_ap": a.ap - b.ap,
                      "full_model_metrics": str(a.metrics_path), "requantize_metrics": str(b.metrics_path)})  # fmt: skip
     return rows
@@ -289,3 +290,309 @@ def compare_table(rows: list[dict], tolerance_ap: float = 0.05) -> str:
         ok = "yes" if abs(r["diff_ap"]) <= tolerance_ap else "no"
         lines.append(f"| {r['k']} | {r['ap_full_model']:.2f} | {r['ap_requantize']:.2f} | {r['diff_ap']:+.2f} | {ok} |")
     return "\n".join(lines) + f"\n\ntolerance: {tolerance_ap:g} AP\n"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# candidates from scheme files (materialize_yolov10m_lowbit_candidates.py): ModelOpt re-quantization per
+# scheme, or, with ``args.from_full_model``, the full Q/DQ model with the scheme's nodes' Q/DQ pairs removed
+
+SCHEME_RECORD_SCHEMA_VERSION = 1
+
+
+def _build_scheme_model(args, c) -> tuple[int, int]:
+    """Write candidate ``c``'s model; returns ``(Q/DQ pairs, quantized nodes)`` of the result."""
+    if getattr(args, "from_full_model", None):
+        import onnx
+
+        from lowbit.qdq_graph import qdq_summary
+
+        log.info("%s: removing the Q/DQ pairs of %d nodes from %s", c.name, c.scheme.k, args.from_full_model)
+        c.model_path.parent.mkdir(parents=True, exist_ok=True)
+        build_from_full_model(onnx.load(str(args.from_full_model)), c.scheme.nodes_to_exclude, c.model_path,
+                              flag="--schemes-dir")  # fmt: skip
+        summary = qdq_summary(onnx.load(str(c.model_path)).graph)
+        return int(summary.get("qdq_pairs", 0)), len(summary.get("quantized_nodes", []))
+    from lowbit.quantize import quantize_onnx
+
+    log.info("%s: quantizing with %d excluded nodes", c.name, c.scheme.k)
+    result = quantize_onnx(quantize_settings(args, c), argv=None)
+    return result.qdq_pairs, len(result.quantized_nodes)
+
+
+@dataclass
+class SchemeCandidate:
+    """One scheme to materialize: where its files go, what it must be built from, and what to redo."""
+
+    scheme: Scheme
+    name: str  # <mode>-k{K}[_random{SEED}]
+    model_path: Path
+    metrics_path: Path
+    build: dict  # the inputs and settings the model must come from
+    evaluation: dict | None  # the evaluation settings its metrics must come from (None without --eval)
+    record: dict | None  # the record of an earlier build, when it matches
+    quantize: bool = True
+    evaluate: bool = False
+
+    @property
+    def record_path(self) -> Path:
+        return self.model_path.with_suffix(".inputs.json")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# checks, all before anything is quantized
+
+
+def check_materialize_settings(args: argparse.Namespace) -> None:
+    """Numbers and modes; with ``--eval`` the evaluator's own checks of the evaluation settings."""
+    from lowbit.quantize import refuse_int4
+
+    if not args.ks or min(args.ks) < 0:
+        raise UserError(f"--ks values must be >= 0, got {args.ks}", flag="--ks")
+    refuse_int4(args.quant_mode, "--quant-mode")
+    if args.eval:
+        from lowbit.evaluate import resolve_data_paths, validate_settings
+        from lowbit.ort_session import check_providers
+
+        settings = eval_settings(args, args.onnx_path, args.run_root / "check" / "metrics.json")
+        validate_settings(settings)
+        resolve_data_paths(settings)
+        check_providers(args.providers, disable_cpu_fallback=False, flag="--providers")
+
+
+def eval_settings(args: argparse.Namespace, model_path: Path, out: Path):
+    from lowbit.evaluate import EvalSettings
+
+    return EvalSettings(
+        onnx_path=model_path, data_root=args.data_root, max_images=args.max_images, providers=list(args.providers),
+        warmup_runs=args.warmup_runs, skip_latency=args.skip_latency, imgsz=args.imgsz, out=out, overwrite=True,
+    )  # fmt: skip
+
+
+def quantize_settings(args: argparse.Namespace, candidate: SchemeCandidate):
+    from lowbit.quantize import QuantizeSettings
+
+    return QuantizeSettings(
+        onnx_path=args.onnx_path, calib_path=args.calib_path, output_path=candidate.model_path,
+        quantize_mode=args.quant_mode, calibration_method=args.calibration_method,
+        calibration_eps=list(args.calibration_eps), high_precision_dtype=args.high_precision_dtype,
+        exclude_json=candidate.scheme.path, overwrite=True,
+    )  # fmt: skip
+
+
+def check_schemes_fit(args: argparse.Namespace, candidates: list[SchemeCandidate]) -> None:
+    """Every candidate the quantizer will run on passes its checks (the calibration tensor is read once)."""
+    from lowbit.quantize import validate_settings
+
+    todo = [c for c in candidates if c.quantize]
+    if not todo or getattr(args, "from_full_model", None):  # remove_qdq_for_nodes names unknown nodes itself
+        return
+    node_names = {n.name for n in validate_settings(quantize_settings(args, todo[0])).model.graph.node}
+    for c in todo[1:]:
+        unknown = [n for n in c.scheme.nodes_to_exclude if n not in node_names]
+        if unknown:
+            raise UserError(
+                f"--schemes-dir: {c.scheme.path} excludes {len(unknown)} node(s) that --onnx-path does not have "
+                f"(first: {unknown[0]}); were the schemes made for another model?",
+                flag="--schemes-dir",
+            )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# what to (re)build
+
+
+def _read_scheme_record(path: Path) -> dict | None:
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get("schema_version") == SCHEME_RECORD_SCHEMA_VERSION else None
+
+
+def _differences(expected: dict, recorded: dict | None) -> list[str]:
+    recorded = recorded or {}
+    return [key for key in expected if expected[key] != recorded.get(key)]
+
+
+def plan_candidates(args: argparse.Namespace, schemes: list[Scheme], digests: dict[str, str]) -> list[SchemeCandidate]:
+    """One SchemeCandidate per scheme, each marked to quantize and/or evaluate.
+
+    Without ``--overwrite`` a candidate whose record matches is kept, and one whose model, record or
+    metrics disagree with this run's inputs or settings is an error naming ``--overwrite``: nothing is
+    quantized then, and no summary claims inputs that the candidates were not built from.
+    """
+    stem = args.onnx_path.stem
+    quant = {"quant_mode": args.quant_mode, "high_precision_dtype": args.high_precision_dtype,
+             "calibration_method": args.calibration_method, "calibration_eps": list(args.calibration_eps)}  # fmt: skip
+    evaluation = ({"data_root": str(args.data_root), "max_images": args.max_images, "providers": list(args.providers),
+                   "imgsz": args.imgsz, "warmup_runs": args.warmup_runs, "skip_latency": args.skip_latency}
+                  if args.eval else None)  # fmt: skip
+    candidates, stale = [], []
+    for scheme in schemes:
+        name = f"{args.quant_mode}-{scheme.tag}"
+        build = {"onnx_sha256": digests["onnx"], "calib_sha256": digests["calib"],
+                 "scheme_sha256": sha256_file(scheme.path), "quantize": quant}  # fmt: skip
+        if digests.get("full_model"):  # built by removing Q/DQ pairs from this model, not by ModelOpt
+            build["from_full_model_sha256"] = digests["full_model"]
+        c = SchemeCandidate(scheme, name, args.run_root / "onnx" / f"{stem}-{name}.onnx",
+                      args.run_root / f"{name}-coco" / "metrics.json", build, evaluation, None)  # fmt: skip
+        if args.overwrite:
+            c.evaluate = evaluation is not None
+            problems = []
+        else:
+            problems = _stale_parts(c)
+        if problems:
+            stale.append(f"{name} ({', '.join(problems)})")
+        candidates.append(c)
+    if stale:
+        raise UserError(
+            f"--run-root {args.run_root} holds candidates built from other inputs or settings than this run's: "
+            f"{'; '.join(stale)}. Pass --overwrite (OVERWRITE=1) to rebuild them, or use another --run-root",
+            flag="--overwrite",
+        )
+    return candidates
+
+
+def _stale_parts(c: SchemeCandidate) -> list[str]:
+    """Mark what ``c`` needs; returns what disagrees with an earlier build (empty: nothing is stale)."""
+    record = _read_scheme_record(c.record_path)
+    exists = c.model_path.exists() or c.record_path.exists()
+    if not exists:
+        c.evaluate = c.evaluation is not None
+        return []
+    if record is None or not c.model_path.is_file():
+        return ["no record of its inputs" if record is None else "model file missing"]
+    differences = _differences(c.build, record.get("build"))
+    if record.get("model_sha256") != sha256_file(c.model_path):
+        differences.append("model file changed")
+    if differences:
+        return [_INPUT_NAMES.get(d, d) for d in differences]
+    c.record, c.quantize = record, False
+    if c.evaluation is None:
+        return []
+    metrics_ok = c.metrics_path.is_file() and record.get("metrics_sha256") == sha256_file(c.metrics_path)
+    if metrics_ok and record.get("evaluation") == c.evaluation:
+        return []
+    if c.metrics_path.exists() or record.get("evaluation") is not None:
+        return ["evaluation settings or metrics differ"]
+    c.evaluate = True
+    return []
+
+
+_INPUT_NAMES = {
+    "onnx_sha256": "--onnx-path / ONNX_PATH differs",
+    "calib_sha256": "--calib-path / CALIB_PATH differs",
+    "scheme_sha256": "its scheme differs",
+    "quantize": "quantization settings differ",
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# building, evaluating, summarizing
+
+
+def materialize_one(args: argparse.Namespace, c: SchemeCandidate) -> dict:
+    """Quantize and/or evaluate ``c`` as planned; returns its record (also written beside the model)."""
+    from lowbit.evaluate import evaluate
+
+    record = dict(c.record or {})
+    if c.quantize:
+        c.record_path.unlink(missing_ok=True)  # a failed rebuild must not leave the old record looking current
+        pairs, quantized = _build_scheme_model(args, c)
+        record = {"schema_version": SCHEME_RECORD_SCHEMA_VERSION, "candidate": c.name, "build": c.build,
+                  "model_sha256": sha256_file(c.model_path), "qdq_pairs": pairs,
+                  "num_quantized_nodes": quantized, "evaluation": None, "metrics_sha256": None}  # fmt: skip
+        atomic_write_json(c.record_path, record)
+    else:
+        log.info("%s: %s was built from these inputs, kept", c.name, c.model_path)
+    if c.evaluate:
+        log.info("%s: evaluating", c.name)
+        evaluate(eval_settings(args, c.model_path, c.metrics_path))
+        record.update(evaluation=c.evaluation, metrics_sha256=sha256_file(c.metrics_path))
+        atomic_write_json(c.record_path, record)
+    return record
+
+
+def summary_row(args: argparse.Namespace, c: SchemeCandidate, record: dict) -> dict:
+    row = {
+        "candidate": c.name,
+        "k": c.scheme.k,
+        "random_control": c.scheme.random_seed is not None,
+        "scheme": str(c.scheme.path),
+        "model": str(c.model_path),
+        "inputs_record": str(c.record_path),
+        "excluded_nodes": c.scheme.nodes_to_exclude,
+        "qdq_pairs": record["qdq_pairs"],
+        "num_quantized_nodes": record["num_quantized_nodes"],
+        "model_bytes": c.model_path.stat().st_size,
+    }
+    if args.eval:
+        result = json.loads(c.metrics_path.read_text(encoding="utf-8"))
+        row.update(metrics=str(c.metrics_path), map50_95=result["metrics"]["map50_95"],
+                   map50=result["metrics"]["map50"], latency_ms_p50=result["latency_ms"]["p50"])  # fmt: skip
+    return row
+
+
+def summary_markdown(rows: list[dict]) -> str:
+    lines = ["| candidate | excluded | Q/DQ pairs | mAP50-95 | mAP50 | p50 ms |", "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        ap, ap50 = (f"{r[key]:.4f}" if r.get(key) is not None else "-" for key in ("map50_95", "map50"))
+        p50 = f"{r['latency_ms_p50']:.1f}" if r.get("latency_ms_p50") is not None else "-"  # None: too few timed runs
+        lines.append(f"| {r['candidate']} | {len(r['excluded_nodes'])} | {r['qdq_pairs']} | {ap} | {ap50} | {p50} |")
+    return "\n".join(lines) + "\n"
+
+
+
+
+def materialize_candidates(args: argparse.Namespace, argv: list[str] | None, script: str) -> list[dict]:
+    """Build (and with ``args.eval`` evaluate) every scheme's candidate; writes the summary; returns its rows.
+
+    ``args``: the materializer's flags (``run_root``, ``calib_path``, ``schemes_dir``, ``onnx_path``, ``ks``,
+    ``quant_mode``, ``from_full_model`` ...), already checked for existence.
+    """
+    from lowbit.logs import setup_logging
+
+    check_materialize_settings(args)
+    schemes = find_schemes(args.schemes_dir, sorted(set(args.ks)), args.include_random, "--schemes-dir")
+    digests = {"onnx": sha256_file(args.onnx_path), "calib": sha256_file(args.calib_path)}
+    if args.from_full_model:
+        digests["full_model"] = sha256_file(args.from_full_model)
+    candidates = plan_candidates(args, schemes, digests)
+    check_schemes_fit(args, candidates)
+    out_dir = args.run_root / f"candidates-{args.quant_mode}"
+    setup_logging(out_dir / "materialize.log")
+    rows = []
+    with manifest_run(out_dir / "manifest.json", script, vars(args), argv) as manifest:
+        manifest.add_input(args.onnx_path, digests["onnx"])
+        manifest.add_input(args.calib_path, digests["calib"])
+        for name in ("summary.json", "summary.md"):  # an earlier summary must not outlive a failed rerun
+            (out_dir / name).unlink(missing_ok=True)
+        for c in candidates:
+            manifest.add_input(c.scheme.path, c.build["scheme_sha256"])
+            rows.append(summary_row(args, c, materialize_one(args, c)))
+            manifest.update(candidates=rows)
+        atomic_write_json(out_dir / "summary.json", {"quant_mode": args.quant_mode, "candidates": rows})
+        atomic_write_text(out_dir / "summary.md", summary_markdown(rows))
+        manifest.add_output("summary", out_dir / "summary.json")
+    return rows
+
+
+def compare_requantize(args: argparse.Namespace) -> list[dict]:
+    """Both builds of every scheme K (``args.ks``), evaluated into ``args.compare_dir``; :func:`compare_builds` rows.
+
+    Needs ``args.from_full_model`` (the calibrated full Q/DQ model) and the evaluation flags.
+    """
+    if not args.from_full_model:
+        raise UserError("--compare-requantize needs --from-full-model (the calibrated full Q/DQ model)",
+                        flag="--from-full-model")  # fmt: skip
+    check_materialize_settings(args)
+    schemes = [s for s in find_schemes(args.schemes_dir, sorted(set(args.ks)), False, "--schemes-dir")]
+    evaluation = EvalConfig(args.data_root, args.max_images, list(args.providers), args.imgsz, args.warmup_runs,
+                            args.skip_latency)  # fmt: skip
+    requant = RequantizeConfig(args.onnx_path, args.calib_path, args.calibration_method, list(args.calibration_eps),
+                               args.high_precision_dtype)  # fmt: skip
+    stem = args.onnx_path.stem
+    full = CandidateStore(args.compare_dir, args.quant_mode, stem, args.from_full_model, evaluation, "full")
+    again = CandidateStore(args.compare_dir, args.quant_mode, stem, args.from_full_model, evaluation, "requantize",
+                           requant, suffix="-requant")  # fmt: skip
+    return compare_builds(full, again, {s.k: list(s.nodes_to_exclude) for s in schemes})
