@@ -739,11 +739,12 @@ def search_summary(data: dict) -> dict:
         "build": data.get("build"),
         "k": s["k"],
         "found": s["found"],
-        "delta_ap": -s["delta"],
+        "delta_ap": 0.0 - s["delta"] + 0.0,  # + 0.0: no "-0.00" for a zero loss
         "reason": s["reason"],
         "ks_max": s["ks_max"],
         "order": s["order"],
-        "probes": [{"k": p["k"], "ap": p["map"], "delta_ap": -p["delta"], "meets": p["meets"]} for p in s["curve"]],
+        "probes": [{"k": p["k"], "ap": p["map"], "delta_ap": 0.0 - p["delta"] + 0.0, "meets": p["meets"]}
+                   for p in s["curve"]],
         "random_control": control,
     }
 

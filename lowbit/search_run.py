@@ -149,9 +149,9 @@ def search_markdown(data: dict[str, Any]) -> str:
     verdict = "found" if s["found"] else "NOT found"
     lines = [f"# {data['mode'].upper()} budget search ({data['ranking']['method']} ranking)", "",
              f"Budget {data['budget_ap']:g} AP against FP32 {data['baseline_ap']:.2f} AP: K={s['k']} {verdict} "
-             f"(ΔAP {-s['delta']:+.2f}); {s['reason']}.", "", "| K | AP | ΔAP | meets |", "|---:|---:|---:|:---:|"]  # fmt: skip
+             f"(ΔAP {0.0 - s['delta'] + 0.0:+.2f}); {s['reason']}.", "", "| K | AP | ΔAP | meets |", "|---:|---:|---:|:---:|"]  # fmt: skip
     for p in s["curve"]:
-        lines.append(f"| {p['k']} | {p['map']:.2f} | {-p['delta']:+.2f} | {'yes' if p['meets'] else 'no'} |")
+        lines.append(f"| {p['k']} | {p['map']:.2f} | {0.0 - p['delta'] + 0.0:+.2f} | {'yes' if p['meets'] else 'no'} |")
     rc = data.get("random_control")
     if rc:
         lines += ["", f"Random controls at K={rc['k']} (seeds {rc['seeds']}): ΔAP mean {-rc['mean_delta']:+.2f}, "

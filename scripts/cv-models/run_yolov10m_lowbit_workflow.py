@@ -536,6 +536,12 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_json(run / "workflow.json", {"argv": sys.argv if argv is None else argv, "preset": args.preset,
                                               "steps": [s.name for s in steps], "args": vars(args)})  # fmt: skip
     logger.info("run dir %s: %d steps (%s)", run, len(steps), " ".join(s.name for s in steps))
+    if args.search:
+        logger.info("K per mode: budget search, %s ranking, budget %g AP, candidates built '%s', <= %d probes, "
+                    "%d random seeds", args.sensitivity, args.budget_ap, args.candidate_build, args.max_probes,
+                    args.random_seeds)  # fmt: skip
+    else:
+        logger.info("K per mode: fixed, --ks %s", " ".join(map(str, args.ks)))
     t_start = time.perf_counter()
     rc = run_steps(run, steps, set(args.force), args.dry_run, logger)
     if rc != 0 or args.dry_run:
