@@ -604,3 +604,32 @@ def test_cli_validation(load_script, tmp_path, capsys):
         with pytest.raises(rep.UserError) as exc:
             script.validate_args(script.build_parser().parse_args(["--run-dir", str(tmp_path), *extra]))
         assert exc.value.flag == flag
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# low-precision MAC share: the cost axis without TensorRT
+
+
+def test_mac_share_of_each_variant_orders_the_recommendation(tmp_path):
+    import onnx
+
+    from test_mac_share import CONV1_MACS, CONV2_MACS, _graph
+
+    models = {"both": _graph(quantize_conv2=True), "conv1": _graph(), "float": _graph(quantize_conv1=False)}
+    rows = []
+    for name, model in models.items():
+        path = tmp_path / f"{name}.onnx"
+        onnx.save(model, str(path))
+        role = "baseline" if name == "float" else "quantized"
+        rows.append({**_row(name, 0.499 if name == "conv1" else 0.497, 10.0, role=role), "model_file": str(path),
+                     "notes": []})  # fmt: skip
+        rows[-1].pop("mac_share")
+    rows.append({**_row("gone", 0.4999, 1.0), "model_file": None, "notes": []})
+    rows[-1].pop("mac_share")
+    rep.add_mac_share(rows)
+    share = {r["label"]: r["mac_share"] for r in rows}
+    assert share == {"both": 1.0, "conv1": CONV1_MACS / (CONV1_MACS + CONV2_MACS), "float": 0.0, "gone": None}
+    assert rows[1]["low_precision_macs"] == CONV1_MACS and rows[1]["total_macs"] == CONV1_MACS + CONV2_MACS
+    # all within budget: the most MACs in low precision wins over the more accurate "conv1" and the unknown "gone"
+    rec = rep.recommend(rows, budget_ap=1.0)
+    assert rec["variant"] == "both" and rec["mac_share"] == 1.0
