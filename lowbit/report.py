@@ -753,11 +753,11 @@ def search_markdown(searches: list[dict]) -> list[str]:
     """The ``## Budget search`` section of report.md (empty when there was no search)."""
     if not searches:
         return []
-    lines = ["", "## Budget search", "",
-             "Per mode, the smallest K (most sensitive nodes left in float) whose evaluated candidate is within "
-             "the budget; every probe is an evaluation on the slice above. Curves: `search-curves.png`.", "",
-             "| mode | ranking | K found | ΔAP at K | probes (K: ΔAP) | random controls at K: ΔAP mean ± sd [min, max] "
-             "| ranking beats chance by | how the search ended |", "|---|---|---:|---:|---|---|---:|---|"]  # fmt: skip
+    intro = ("Per mode, the smallest K (most sensitive nodes left in float) whose evaluated candidate is within "
+             f"the budget; every probe is an evaluation on the slice above. Curves: `{SEARCH_PLOT}`.")
+    header = ("| mode | ranking | K found | ΔAP at K | probes (K: ΔAP) | random controls at K: ΔAP mean ± sd "
+              "[min, max] | ranking beats chance by | how the search ended |")
+    lines = ["", "## Budget search", "", intro, "", header, "|---|---|---:|---:|---|---|---:|---|"]
     for s in searches:
         probes = ", ".join(f"{p['k']}: {p['delta_ap']:+.2f}" for p in s["probes"])
         rc = s["random_control"]

@@ -147,15 +147,17 @@ def search_markdown(data: dict[str, Any]) -> str:
     """A short Markdown summary of one ``search.json``."""
     s = data["search"]
     verdict = "found" if s["found"] else "NOT found"
-    lines = [f"# {data['mode'].upper()} budget search ({data['ranking']['method']} ranking)", "",
-             f"Budget {data['budget_ap']:g} AP against FP32 {data['baseline_ap']:.2f} AP: K={s['k']} {verdict} "
-             f"(ΔAP {0.0 - s['delta'] + 0.0:+.2f}); {s['reason']}.", "", "| K | AP | ΔAP | meets |", "|---:|---:|---:|:---:|"]  # fmt: skip
+    headline = (f"Budget {data['budget_ap']:g} AP against FP32 {data['baseline_ap']:.2f} AP: K={s['k']} {verdict} "
+                f"(ΔAP {0.0 - s['delta'] + 0.0:+.2f}); {s['reason']}.")  # fmt: skip
+    lines = [f"# {data['mode'].upper()} budget search ({data['ranking']['method']} ranking)", "", headline, "",
+             "| K | AP | ΔAP | meets |", "|---:|---:|---:|:---:|"]  # fmt: skip
     for p in s["curve"]:
         lines.append(f"| {p['k']} | {p['map']:.2f} | {0.0 - p['delta'] + 0.0:+.2f} | {'yes' if p['meets'] else 'no'} |")
     rc = data.get("random_control")
     if rc:
-        lines += ["", f"Random controls at K={rc['k']} (seeds {rc['seeds']}): ΔAP mean {-rc['mean_delta']:+.2f}, "
-                  f"sd {rc['sd_delta']:.2f}, range [{-rc['max_delta']:+.2f}, {-rc['min_delta']:+.2f}]; ranking "
-                  f"{-rc['ranking_delta']:+.2f}: {'beats' if rc['beats_chance'] else 'does not beat'} chance by "
-                  f"{rc['margin_ap']:+.2f} AP."]  # fmt: skip
+        control = (f"Random controls at K={rc['k']} (seeds {rc['seeds']}): ΔAP mean {-rc['mean_delta']:+.2f}, "
+                   f"sd {rc['sd_delta']:.2f}, range [{-rc['max_delta']:+.2f}, {-rc['min_delta']:+.2f}]; ranking "
+                   f"{-rc['ranking_delta']:+.2f}: {'beats' if rc['beats_chance'] else 'does not beat'} chance by "
+                   f"{rc['margin_ap']:+.2f} AP.")  # fmt: skip
+        lines += ["", control]
     return "\n".join(lines) + "\n"

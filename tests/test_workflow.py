@@ -126,6 +126,7 @@ def _args(wf, argv: list[str]):
         (["--random-control", "-1"], "--random-control"),
         (["--budget-ap", "0"], "--budget-ap"),  # the search needs a positive budget
         (["--random-seeds", "-1"], "--random-seeds"),
+        (["--random-control", "3"], "--random-control"),  # search mode: --random-seeds
         (["--max-probes", "0"], "--max-probes"),
         (["--run-id", "a/b"], "--run-id"),
         (["--providers", "NoSuchExecutionProvider"], "--providers"),

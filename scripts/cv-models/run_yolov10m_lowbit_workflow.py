@@ -195,6 +195,8 @@ def check_settings(args: argparse.Namespace) -> None:
          f"must be a finite number of AP points >= 0, got {args.budget_ap}"),
         (args.random_control is None or args.random_control >= 0, "--random-control",
          f"seed must be >= 0, got {args.random_control}"),
+        (args.random_control is None or not args.search, "--random-control",
+         "applies to fixed K (--ks); the budget search draws its own controls (--random-seeds N)"),
         (args.run_id not in ("", ".", "..") and "/" not in args.run_id, "--run-id",
          f"must be a plain folder name, got {args.run_id!r}"),
     ]  # fmt: skip
