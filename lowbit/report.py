@@ -746,6 +746,8 @@ def search_summary(data: dict) -> dict:
         "probes": [{"k": p["k"], "ap": p["map"], "delta_ap": 0.0 - p["delta"] + 0.0, "meets": p["meets"]}
                    for p in s["curve"]],
         "random_control": control,
+        "random_band": [{key: b[key] for key in ("k", "mean_delta", "sd_delta", "min_delta", "max_delta")}
+                        for b in data.get("random_band") or []],
     }
 
 
@@ -1075,6 +1077,10 @@ def _search_panel(ax, searches: list[dict], budget: float) -> None:
         ax.plot(ks, ys, "o-", c=color, label=f"{s['ranking']['method'] or 'ranking'} (probes)")
         ax.scatter([s["k"]], [s["delta_ap"]], s=260, marker="*", c="gold", edgecolors="darkred", zorder=4,
                    label=f"K={s['k']} {'found' if s['found'] else '(budget not met)'}")  # fmt: skip
+        band = s.get("random_band") or []
+        if len(band) > 1:
+            ax.fill_between([b["k"] for b in band], [-b["max_delta"] for b in band], [-b["min_delta"] for b in band],
+                            color="0.6", alpha=0.25, label="random controls, min-max")  # fmt: skip
         rc = s["random_control"]
         if rc:
             mean, lo, hi = -rc["mean_delta"], -rc["max_delta"], -rc["min_delta"]

@@ -17,7 +17,8 @@ the convention of :mod:`lowbit.budget_search`):
 ``search`` (:meth:`SearchResult.to_dict`: ``k``, ``found``, ``reason``, ``probes``, ``curve`` ...),
 ``candidates`` [{k, name, ap, delta_ap, metrics_path, model_path, reused}], ``random_control``
 {k, seeds, aps, deltas, mean_delta, sd_delta, min_delta, max_delta, ranking_delta, margin_ap,
-beats_chance} or null (K = 0 or no seeds), ``wall_s``.
+beats_chance} or null (K = 0 or no seeds), ``random_band`` [the same at every probed K > 0 with
+``random_band``, else only the K found], ``wall_s``.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class SearchConfig:
     max_probes: int = DEFAULT_MAX_PROBES
     seed_ks: list[int] = field(default_factory=list)
     k0_metrics: Path | None = None  # an evaluation of the full model made elsewhere (the int8 step's)
+    random_band: bool = False  # also random controls at every other probed K (the band of the ΔAP-vs-K plot)
     build: str = "full"
     requantize: Any = None  # lowbit.candidates.RequantizeConfig for build="requantize"
 
@@ -128,6 +130,11 @@ def run_search(cfg: SearchConfig) -> dict[str, Any]:
                                seed_ks=seed_ks, known=known)  # fmt: skip
     log.info("%s: K=%d (%s)", cfg.mode, result.k, result.reason)
     control = random_control(store, nodes, result.k, cfg.random_seeds, baseline_ap, result.map)
+    band = [control] if control else []
+    if cfg.random_band:
+        for point in result.curve():
+            if point.k not in (0, result.k):
+                band.append(random_control(store, nodes, point.k, cfg.random_seeds, baseline_ap, point.map))
     return {
         "mode": cfg.mode,
         "ranking": _ranking_info(cfg.ranking, nodes),
@@ -139,6 +146,7 @@ def run_search(cfg: SearchConfig) -> dict[str, Any]:
         "search": result.to_dict(),
         "candidates": [_row(evaluated[k], baseline_ap) for k in sorted(evaluated)],
         "random_control": control,
+        "random_band": sorted((b for b in band if b), key=lambda b: b["k"]),
         "wall_s": round(time.perf_counter() - t0, 2),
     }
 

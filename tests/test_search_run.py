@@ -76,6 +76,16 @@ def test_monotone_curve_finds_the_smallest_k_with_random_controls(setup):
     assert [c["k"] for c in data["candidates"]] == sorted(ks)
 
 
+def test_random_band_covers_every_probed_k(setup):
+    data = search_run.run_search(setup(_ranked(lambda k: max(0.0, 2.0 - 0.1 * k)), random_seeds=2, random_band=True))
+    probed = sorted(p["k"] for p in data["search"]["curve"] if p["k"] > 0)
+    assert [b["k"] for b in data["random_band"]] == probed
+    assert all(b["seeds"] == [0, 1] for b in data["random_band"])
+    summary = rep.search_summary(data)
+    assert [b["k"] for b in summary["random_band"]] == probed
+    assert rep.plot_search_curves({"search": [summary], "budget_ap": 0.5})[:4] == b"\x89PNG"
+
+
 def test_non_monotone_curve_is_scanned_below(setup):
     # meets at K=3, K=10 and K>=30 only: the seeds show K=10 meeting and K=20 failing, so the Ks that
     # bisection skipped below 10 are evaluated and the real smallest, 3, is found

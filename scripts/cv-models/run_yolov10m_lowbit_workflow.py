@@ -129,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--random-control", type=int, default=None, metavar="SEED",
                         help="with --ks: also build random K-node exclusions with this seed")
     parser.add_argument("--random-seeds", type=int, default=3, help="search: random controls at the K found (default: 3)")
+    parser.add_argument("--random-band", action="store_true",
+                        help="search: random controls at every probed K too (costs seeds x probes evaluations)")
     parser.add_argument("--max-probes", type=int, default=12, help="search: most candidates evaluated per mode (default: 12)")
     parser.add_argument("--candidate-build", choices=("full", "requantize"), default="full",
                         help="search: candidates from the full Q/DQ model with Q/DQ pairs removed (default) or "
@@ -369,6 +371,8 @@ def search_argv(args: argparse.Namespace, run: Path, mode: str, ranking: Path) -
             "--providers", *args.providers, "--imgsz", str(args.imgsz)]  # fmt: skip
     if mode == "int8":
         argv += ["--k0-metrics", str(run / "int8-coco" / "metrics.json")]
+    if args.random_band:
+        argv.append("--random-band")
     if args.candidate_build == "requantize":
         argv += ["--calib-path", str(calib_path(args, run)), "--calibration-eps", *args.calibration_eps,
                  "--high-precision-dtype", args.high_precision_dtype]  # fmt: skip

@@ -44,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k0-metrics", type=Path, default=None, help="metrics.json of --full-model already evaluated (K=0)")
     p.add_argument("--budget-ap", type=float, default=search_run.DEFAULT_BUDGET_AP, help="AP points allowed to lose")
     p.add_argument("--random-seeds", type=int, default=search_run.DEFAULT_RANDOM_SEEDS, help="random controls at the K found")
+    p.add_argument("--random-band", action="store_true",
+                   help="random controls at every probed K too (the band of the ΔAP-vs-K plot; seeds x probes evaluations)")
     p.add_argument("--max-probes", type=int, default=DEFAULT_MAX_PROBES, help="most candidates evaluated by the search")
     p.add_argument("--seed-ks", type=int, nargs="*", default=[], help="Ks probed right after K=0 (e.g. 5 10 20)")
     p.add_argument("--build", choices=BUILDS, default="full",
@@ -79,7 +81,7 @@ def config(args: argparse.Namespace) -> search_run.SearchConfig:
     return search_run.SearchConfig(
         mode=args.mode, ranking=paths["--ranking"], onnx_path=paths["--onnx-path"], full_model=paths["--full-model"],
         baseline_metrics=paths["--baseline-metrics"], run_root=args.run_root, evaluation=evaluation,
-        budget_ap=args.budget_ap, random_seeds=args.random_seeds, max_probes=args.max_probes,
+        budget_ap=args.budget_ap, random_seeds=args.random_seeds, max_probes=args.max_probes, random_band=args.random_band,
         seed_ks=list(args.seed_ks), k0_metrics=k0, build=args.build, requantize=requantize,
     )  # fmt: skip
 
