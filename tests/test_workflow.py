@@ -192,6 +192,7 @@ def test_search_end_to_end_on_the_tiny_model(tiny_run):
     i = argv.index("--ks")
     search_argv = [*argv[:i], *argv[i + 3:]]
     search_argv[search_argv.index("--run-id") + 1] = "tiny-search"
+    search_argv[search_argv.index("--sensitivity-images") + 1] = "1"  # leave-one-out: (3 + nodes) runs per image
     search_argv += ["--random-seeds", "2", "--max-probes", "4", "--budget-ap", "0.5"]
     result = _run(search_argv)
     assert result.returncode == 0, result.stderr[-3000:]
