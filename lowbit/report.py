@@ -64,12 +64,15 @@ SCHEMA_VERSION = 1
 EVAL_SCRIPT = "eval_yolov10m_onnx_coco.py"
 EVAL_SCHEMA_VERSION = 1
 QUANT_SCRIPT = "quantize_yolov10m_onnx.py"
-DEFAULT_BUDGET_AP = 1.0  # AP points (mAP50-95 x 100) a quantized variant may lose against FP32
-DEFAULT_LATENCY_TIE_PCT = 2.0  # latencies this close (%) to the fastest count as a tie, broken by accuracy
+DEFAULT_BUDGET_AP = 0.5  # AP points (mAP50-95 x 100) a quantized variant may lose against FP32
+# TensorRT latencies this close (%) to the fastest count as a tie, broken by accuracy: trtexec medians of one
+# engine rebuilt and re-timed differ by about 1-3 %, so smaller differences are timing noise.
+DEFAULT_LATENCY_TIE_PCT = 3.0
 TRT_NOT_INSTALLED = "not measured: TensorRT not installed"
 TRT_DISABLED = "not measured: disabled (--tensorrt off)"
 # Providers whose latency of a Q/DQ model reflects TensorRT's (the EP builds a TensorRT engine).
 TRT_LIKE_PROVIDERS = ("TensorrtExecutionProvider",)
+SEARCH_PLOT = "search-curves.png"
 _EPS = 1e-9  # float slack for the budget comparison
 _STEM_K = re.compile(r"-k(\d+)(?:_random(\d+))?$")
 
@@ -146,6 +149,17 @@ def discover_metrics(run_dir: Path) -> list[Path]:
             log.warning("%s: status %r; skipped", path, data.get("status"))
             continue
         found.append(path)
+    return found
+
+
+def discover_searches(run_dirs: Iterable[Path]) -> list[dict]:
+    """Every budget-search result ``search-<mode>/search.json`` (``lowbit.search_run``) in the run dirs."""
+    found = []
+    for run_dir in run_dirs:
+        for path in sorted(Path(run_dir).glob("search-*/search.json")):
+            data = _read_json(path)
+            if isinstance(data, dict) and "search" in data and "mode" in data:
+                found.append({**data, "path": _rel(path)})
     return found
 
 
@@ -461,6 +475,7 @@ def collect_variants(run_dirs: Iterable[Path]) -> dict:
             v["label"] += f" [{Path(v['metrics_path']).parent.name}]"
     variants.sort(key=_sort_key)
     return {
+        "searches": discover_searches(run_dirs),
         "run_dirs": [_rel(d) for d in run_dirs],
         "dataset": _dataset_summary(baseline),
         "baseline": baseline,
@@ -500,9 +515,12 @@ def variant_latency(v: dict, axis: dict, key: str = "p50") -> float | None:
     return (v.get("latency_ms") or {}).get(key)
 
 
-def _recommendation(pick: dict, reason: str, axis: dict | None = None, within: list[dict] | None = None) -> dict:
+def _recommendation(pick: dict, reason: str, axis: dict | None = None, within: list[dict] | None = None,
+                    cost_source: str | None = None) -> dict:  # fmt: skip
     """The ``recommended`` dict of the report for ``pick``."""
     return {
+        "cost_source": cost_source,
+        "mac_share": pick.get("mac_share"),
         "variant": pick["label"],
         "metrics_path": pick["metrics_path"],
         "reason": reason,
@@ -513,29 +531,6 @@ def _recommendation(pick: dict, reason: str, axis: dict | None = None, within: l
         "latency_ms": variant_latency(pick, axis) if axis else None,
         "within_budget": [v["label"] for v in (within or [])],
     }
-
-
-def _provider_caveats(timed: list[dict], baseline: dict) -> list[str]:
-    """Why ORT latencies of these variants may not rank them as TensorRT would."""
-    caveats = []
-    providers = sorted({v["provider"] for v in timed + [baseline] if v["provider"]})
-    if len(providers) > 1:
-        caveats.append(
-            "latencies come from different execution providers (" + ", ".join(short_provider(p) for p in providers)
-            + ") and are not comparable with each other"
-        )
-    if providers and all(p == "CPUExecutionProvider" for p in providers):
-        caveats.append(
-            "only CPU execution-provider latencies exist: CPU-EP latency of Q/DQ models does not predict "
-            "TensorRT speed, so re-check this choice with TensorRT (make_lowbit_report.py --tensorrt auto "
-            "where trtexec is installed)"
-        )
-    elif not all(p in TRT_LIKE_PROVIDERS for p in providers):
-        caveats.append(
-            "latencies come from ONNX Runtime providers other than TensorRT, which do not predict TensorRT "
-            "speed of Q/DQ models; re-check this choice with TensorRT"
-        )
-    return caveats
 
 
 def _fastest_within(within: list[dict], timed: list[dict], axis: dict, budget_ap: float, latency_tie_pct: float):
@@ -557,22 +552,64 @@ def _fastest_within(within: list[dict], timed: list[dict], axis: dict, budget_ap
     return pick, parts
 
 
+def add_mac_share(variants: list[dict]) -> None:
+    """Fill ``mac_share`` (low-precision share of Conv/MatMul/Gemm MACs, 0..1), ``low_precision_macs`` and
+    ``total_macs`` of each variant from its model file (``lowbit.mac_share``); None when the file is gone."""
+    from lowbit.mac_share import low_precision_mac_share
+
+    for v in variants:
+        if v.get("mac_share") is not None:
+            continue
+        share = None
+        if v["model_file"]:
+            try:
+                share = low_precision_mac_share(Path(v["model_file"]), flag="model file")
+            except (UserError, ValueError) as e:  # shapes that cannot be inferred: the cost is unknown, not a failure
+                v["notes"].append(f"low-precision MAC share unknown: {e}")
+        elif v["role"] == "baseline":
+            v["mac_share"], v["low_precision_macs"], v["total_macs"] = 0.0, 0, None
+            continue
+        v["mac_share"] = share.share if share else None
+        v["low_precision_macs"] = share.low_precision_macs if share else None
+        v["total_macs"] = share.total_macs if share else None
+
+
+def _by_mac_share(within: list[dict], budget_ap: float) -> tuple[dict, str]:
+    """Most MACs in low precision first, then the most accurate; never ORT latency."""
+    def key(v: dict) -> tuple:
+        share = v.get("mac_share")
+        return (-(share if share is not None else -1.0), -v["map50_95"], v["label"])
+
+    ranked = sorted(within, key=key)
+    pick = ranked[0]
+    share = pick.get("mac_share")
+    share_text = "unknown" if share is None else f"{share * 100:.1f}%"
+    reason = (f"{pick['label']} runs the largest share of its Conv/MatMul MACs in low precision ({share_text}) of the "
+              f"{len(within)} quantized variant(s) within the {budget_ap:g} AP budget (ΔAP {pick['delta_ap']:+.2f}); "
+              "equal shares go to the more accurate. TensorRT was not measured, so variants are ranked by "
+              "low-precision MAC share, which predicts TensorRT speed, not by ONNX Runtime latency, which does not")  # fmt: skip
+    return pick, reason
+
+
 def recommend(
     variants: list[dict],
     budget_ap: float = DEFAULT_BUDGET_AP,
     latency_tie_pct: float = DEFAULT_LATENCY_TIE_PCT,
 ) -> dict:
-    """Pick the variant to ship.
+    """Pick the variant to ship; ORT latencies never decide (they are noisy and do not predict TensorRT).
 
-    Rule: among quantized variants (random controls excluded) with ``delta_ap >= -budget_ap``, the
-    fastest on the best latency source (TensorRT GPU compute time when measured for them and the
-    baseline, else ORT p50); variants within ``latency_tie_pct`` % of the fastest tie and the most
-    accurate of them wins. FP32 is recommended when no quantized variant is within budget, or when
-    the latency source reflects TensorRT and the pick is not faster than FP32.
+    Rule: among quantized variants (random controls excluded) with ``delta_ap >= -budget_ap``:
+
+    * TensorRT measured for them and the baseline: the fastest TensorRT GPU compute time; latencies
+      within ``latency_tie_pct`` % of the fastest are ties (timing noise) and the most accurate of them
+      wins; FP32 when the pick is not faster than FP32;
+    * otherwise: the largest low-precision MAC share (``mac_share``), then the most accurate.
+
+    FP32 is recommended when no quantized variant is within budget.
 
     Returns:
         ``{"variant", "metrics_path", "reason", "latency_source", "latency_provider", "latency_ms",
-        "within_budget"}``.
+        "cost_source", "mac_share", "within_budget"}``; ``cost_source``: "tensorrt" | "mac_share" | null.
     """
     baseline = next(v for v in variants if v["role"] == "baseline")
     quantized = [v for v in variants if v["role"] == "quantized"]
@@ -588,34 +625,18 @@ def recommend(
             f"keep {baseline['label']}",
         )
     axis = latency_axis(within + [baseline])
-    timed = [v for v in within if variant_latency(v, axis) is not None]
-    if not timed:
-        pick = max(within, key=lambda v: (v["delta_ap"], v["label"]))
-        return _recommendation(
-            pick,
-            f"{pick['label']} is the most accurate of the {len(within)} quantized variant(s) within the "
-            f"{budget_ap:g} AP budget (ΔAP {pick['delta_ap']:+.2f}); no latency was measured for them, so speed "
-            "was not compared",
-            axis,
-            within,
-        )
-    pick, parts = _fastest_within(within, timed, axis, budget_ap, latency_tie_pct)
+    if axis["source"] != "tensorrt":
+        pick, reason = _by_mac_share(within, budget_ap)
+        return _recommendation(pick, reason, None, within, "mac_share")
+    pick, parts = _fastest_within(within, within, axis, budget_ap, latency_tie_pct)
     pick_ms, base_ms = variant_latency(pick, axis), variant_latency(baseline, axis)
-    trt_like = axis["source"] == "tensorrt" or (
-        pick["provider"] in TRT_LIKE_PROVIDERS and baseline["provider"] in TRT_LIKE_PROVIDERS
-    )
     if base_ms is not None and pick_ms >= base_ms:
-        if trt_like:
-            where = "TensorRT GPU compute time" if axis["source"] == "tensorrt" else "TensorRT EP p50"
-            reason = (f"{parts[0]}, but it is not faster than {baseline['label']} ({pick_ms:.2f} vs {base_ms:.2f} ms "
-                      f"{where}); keep {baseline['label']}")  # fmt: skip
-            return _recommendation(baseline, reason, axis, within)
-        parts.append(f"on this provider it is slower than {baseline['label']} ({pick_ms:.2f} vs {base_ms:.2f} ms)")
-    elif base_ms is not None:
+        reason = (f"{parts[0]}, but it is not faster than {baseline['label']} ({pick_ms:.2f} vs {base_ms:.2f} ms "
+                  f"TensorRT GPU compute time); keep {baseline['label']}")  # fmt: skip
+        return _recommendation(baseline, reason, axis, within, "tensorrt")
+    if base_ms is not None:
         parts.append(f"{base_ms / pick_ms:.2f}x faster than {baseline['label']} ({base_ms:.2f} ms)")
-    if axis["source"] == "onnxruntime":
-        parts += _provider_caveats(timed, baseline)
-    return _recommendation(pick, "; ".join(parts), axis, within)
+    return _recommendation(pick, "; ".join(parts), axis, within, "tensorrt")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -631,6 +652,7 @@ def build_report(
     budget_ap: float = DEFAULT_BUDGET_AP,
     latency_tie_pct: float = DEFAULT_LATENCY_TIE_PCT,
     tensorrt: dict | None = None,
+    searches: list[dict] | None = None,
 ) -> dict:
     """The report dict (keys in the module docstring) from :func:`collect_variants`' output.
 
@@ -640,6 +662,8 @@ def build_report(
         latency_tie_pct: see :func:`recommend`.
         tensorrt: ``{"status", "trtexec", "tensorrt_python", "qdq_mode", "results": {metrics_path: result}}``;
             None means TensorRT was not looked for (status "not measured: TensorRT not installed").
+        searches: ``search.json`` dicts of the budget search (``lowbit.search_run``); None: those
+            :func:`collect_variants` found under the run dirs.
     """
     if budget_ap < 0:
         raise ValueError(f"budget_ap must be >= 0, got {budget_ap}")
@@ -659,10 +683,12 @@ def build_report(
         tensorrt["status"] = "not measured: every trtexec run failed (see the variants' tensorrt.status)"
 
     baseline = collected["baseline"]
+    add_mac_share(variants)
     recommended = recommend(variants, budget_ap, latency_tie_pct)
     axis = latency_axis(variants)
     notes = list(collected["notes"])
     notes += _report_notes(variants, baseline, axis, tensorrt)
+    searches = [search_summary(s) for s in (searches if searches is not None else collected.get("searches", []))]
     return {
         "schema_version": SCHEMA_VERSION,
         "created_at": _dt.datetime.now().isoformat(timespec="seconds"),
@@ -680,9 +706,72 @@ def build_report(
         "variants": [_public(v) for v in variants],
         "recommended": recommended,
         "latency_axis": {"source": axis["source"], "description": axis["description"]},
+        "cost_axis": cost_axis(axis),
         "tensorrt": tensorrt,
+        "search": searches,
         "notes": notes,
     }
+
+
+def cost_axis(axis: dict) -> dict:
+    """What ranks the variants within budget and is the Pareto plot's x: TensorRT latency, else the MAC share."""
+    if axis["source"] == "tensorrt":
+        return {"source": "tensorrt", "description": axis["description"]}
+    return {"source": "mac_share", "description": "share of Conv/MatMul/Gemm MACs left in float, % (lower is faster "
+            "under TensorRT; from the graph, lowbit.mac_share)"}  # fmt: skip
+
+
+def search_summary(data: dict) -> dict:
+    """The report's record of one ``search.json``: K found, reason, every probe (ΔAP = AP − FP32 AP) and controls."""
+    s = data["search"]
+    rc = data.get("random_control")
+    control = None
+    if rc:
+        control = {key: rc[key] for key in ("k", "seeds", "aps", "mean_delta", "sd_delta", "min_delta", "max_delta",
+                                            "ranking_delta", "margin_ap", "beats_chance")}  # fmt: skip
+    ranking = data.get("ranking") or {}
+    return {
+        "mode": data["mode"],
+        "path": data.get("path"),
+        "ranking": {"method": ranking.get("method"), "source": ranking.get("source"), "report": ranking.get("report")},
+        "budget_ap": data["budget_ap"],
+        "baseline_ap": data["baseline_ap"],
+        "build": data.get("build"),
+        "k": s["k"],
+        "found": s["found"],
+        "delta_ap": 0.0 - s["delta"] + 0.0,  # + 0.0: no "-0.00" for a zero loss
+        "reason": s["reason"],
+        "ks_max": s["ks_max"],
+        "order": s["order"],
+        "probes": [{"k": p["k"], "ap": p["map"], "delta_ap": 0.0 - p["delta"] + 0.0, "meets": p["meets"]}
+                   for p in s["curve"]],
+        "random_control": control,
+        "random_band": [{key: b[key] for key in ("k", "mean_delta", "sd_delta", "min_delta", "max_delta")}
+                        for b in data.get("random_band") or []],
+    }
+
+
+def search_markdown(searches: list[dict]) -> list[str]:
+    """The ``## Budget search`` section of report.md (empty when there was no search)."""
+    if not searches:
+        return []
+    intro = ("Per mode, the smallest K (most sensitive nodes left in float) whose evaluated candidate is within "
+             f"the budget; every probe is an evaluation on the slice above. Curves: `{SEARCH_PLOT}`.")
+    header = ("| mode | ranking | K found | ΔAP at K | probes (K: ΔAP) | random controls at K: ΔAP mean ± sd "
+              "[min, max] | ranking beats chance by | how the search ended |")
+    lines = ["", "## Budget search", "", intro, "", header, "|---|---|---:|---:|---|---|---:|---|"]
+    for s in searches:
+        probes = ", ".join(f"{p['k']}: {p['delta_ap']:+.2f}" for p in s["probes"])
+        rc = s["random_control"]
+        control = margin = "-"
+        if rc:
+            control = (f"{-rc['mean_delta']:+.2f} ± {rc['sd_delta']:.2f} [{-rc['max_delta']:+.2f}, "
+                       f"{-rc['min_delta']:+.2f}] ({len(rc['seeds'])} seeds)")  # fmt: skip
+            margin = f"{rc['margin_ap']:+.2f} AP ({'yes' if rc['beats_chance'] else 'no'})"
+        k = f"{s['k']}" if s["found"] else f"none ({s['k']} best)"
+        lines.append(f"| {s['mode'].upper()} | {s['ranking']['method']} | {k} | {s['delta_ap']:+.2f} | {probes} | "
+                     f"{control} | {margin} | {s['reason']} |")  # fmt: skip
+    return lines
 
 
 def _report_notes(variants: list[dict], baseline: dict, axis: dict, tensorrt: dict) -> list[str]:
@@ -751,6 +840,11 @@ def _settings_text(v: dict) -> str:
     return text
 
 
+def _share_text(v: dict) -> str:
+    share = v.get("mac_share")
+    return "unknown" if share is None else f"{share * 100:.1f}"
+
+
 def _trt_text(v: dict) -> str:
     trt = v.get("tensorrt") or {}
     if trt.get("status") != "measured":
@@ -774,7 +868,8 @@ def report_markdown(report: dict, plot_name: str | None = "pareto.png") -> str:
         f"- Post-processing: {pp.get('mode')}, conf {pp.get('conf')}, max_det {pp.get('max_det')}, imgsz {pp.get('imgsz')}",
         f"- Baseline: {report['baseline']['label']} mAP50-95 {report['baseline']['map50_95']:.4f}; ΔAP = (mAP50-95 − "
         f"baseline) × 100, AP points; budget: ΔAP ≥ −{report['budget_ap']:g} AP",
-        f"- Latency used for ranking and the plot: {report['latency_axis']['description']}",
+        f"- Cost used for the recommendation and the Pareto plot: {report['cost_axis']['description']}; "
+        "ORT latencies are listed with their provider but never rank variants (noisy, and they do not predict TensorRT)",
         f"- TensorRT: {report['tensorrt']['status']}",
         f"- Run dirs: {', '.join('`' + d + '`' for d in report['run_dirs'])}",
         "",
@@ -784,20 +879,22 @@ def report_markdown(report: dict, plot_name: str | None = "pareto.png") -> str:
         "",
         "## Variants",
         "",
-        "| variant | mAP50-95 | mAP50 | ΔAP | ORT p50 ms | ORT p90 ms | ORT provider | TRT GPU ms median / p90 | "
-        "size MB | Q/DQ pairs | excluded nodes | quantized nodes | quantization |",
-        "|---|---:|---:|---:|---:|---:|---|---|---:|---:|---:|---:|---|",
+        "| variant | mAP50-95 | mAP50 | ΔAP | low-precision MACs % | ORT p50 ms | ORT p90 ms | ORT provider | "
+        "TRT GPU ms median / p90 | size MB | Q/DQ pairs | excluded nodes | quantized nodes | quantization |",
+        "|---|---:|---:|---:|---:|---:|---:|---|---|---:|---:|---:|---:|---|",
     ]
     for v in report["variants"]:
         name = f"**{v['label']}** (recommended)" if v["label"] == rec["variant"] else v["label"]
         lat = v["latency_ms"]
         size = _fmt(v["model_bytes"] / 1e6 if v["model_bytes"] else None, ".2f", "unknown")
         lines.append(
-            f"| {name} | {v['map50_95']:.4f} | {v['map50']:.4f} | {v['delta_ap']:+.2f} | {_fmt(lat.get('p50'), '.2f')} | "
+            f"| {name} | {v['map50_95']:.4f} | {v['map50']:.4f} | {v['delta_ap']:+.2f} | {_share_text(v)} | "
+            f"{_fmt(lat.get('p50'), '.2f')} | "
             f"{_fmt(lat.get('p90'), '.2f')} | {short_provider(v['provider'])} | {_trt_text(v)} | {size} | "
             f"{_fmt(v['qdq_pairs'], 'd')} | {_fmt(v['excluded_nodes'], 'd', 'unknown')} | "
             f"{_fmt(v['num_quantized_nodes'], 'd', 'unknown')} | {_settings_text(v)} |"
         )
+    lines += search_markdown(report.get("search") or [])
     lines += ["", "## Sources", "", "Every number above is copied from the file named here (report.json keeps them all).", "",
               "| variant | metrics | model | quantizer manifest |", "|---|---|---|---|"]
     for v in report["variants"]:
@@ -809,7 +906,9 @@ def report_markdown(report: dict, plot_name: str | None = "pareto.png") -> str:
     if report["notes"]:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in report["notes"]]
     if plot_name:
-        lines += ["", f"![ΔAP vs latency and model size]({plot_name})"]
+        lines += ["", f"![ΔAP vs cost and model size]({plot_name})"]
+        if report.get("search"):
+            lines += ["", f"![ΔAP vs K per mode]({SEARCH_PLOT})"]
     return "\n".join(lines) + "\n"
 
 
@@ -943,23 +1042,76 @@ def plot_pareto(report: dict) -> bytes:
     providers = sorted({v["provider"] or "" for v in variants})
     ys = [v["delta_ap"] for v in variants]
     y_range = (min(ys + [-report["budget_ap"]]) - 0.6, max(ys + [0.0]) + 0.6)
-    per_provider = axis["source"] == "onnxruntime" and len(providers) > 1
-    lat_xs = [variant_latency(v, axis) for v in variants]
-    lat_items = _draw_panel(ax_lat, report, lat_xs, "latency p50, ms — " + axis["description"], providers,
-                            per_provider, y_range)  # fmt: skip
-    ax_lat.set_title("ΔAP vs latency (up and left is better)", fontsize=10)
+    cost = report["cost_axis"]
+    if cost["source"] == "tensorrt":
+        lat_xs = [variant_latency(v, axis) for v in variants]
+        xlabel, title = "latency, ms — " + axis["description"], "ΔAP vs TensorRT latency (up and left is better)"
+    else:
+        lat_xs = [None if v.get("mac_share") is None else 100.0 * (1.0 - v["mac_share"]) for v in variants]
+        xlabel, title = "MACs left in float, % (TensorRT absent)", "ΔAP vs MACs left in float (up and left is better)"
+    lat_items = _draw_panel(ax_lat, report, lat_xs, xlabel, providers, False, y_range)
+    ax_lat.set_title(title, fontsize=10)
     size_xs = [v["model_bytes"] / 1e6 if v["model_bytes"] else None for v in variants]
     size_items = _draw_panel(ax_size, report, size_xs, "ONNX model file size, MB", providers, False, y_range)
     ax_size.set_title("ΔAP vs model size", fontsize=10)
     fig.suptitle(
         f"{ds['name']}: {ds['num_images']} images — FP32 mAP50-95 {report['baseline']['map50_95']:.4f} — "
-        f"latency: {axis['description']}\nrecommended: {report['recommended']['variant']}",
+        f"cost: {cost['description']}\nrecommended: {report['recommended']['variant']}",
         fontsize=11,
     )
     fig.tight_layout(rect=(0, 0, 1, 0.95))
     renderer = canvas.get_renderer()
     for ax, items in ((ax_lat, lat_items), (ax_size, size_items)):
         _place_labels(ax, items, renderer)
+    buf = io.BytesIO()
+    canvas.print_png(buf)
+    return buf.getvalue()
+
+
+def _search_panel(ax, searches: list[dict], budget: float) -> None:
+    """ΔAP against K for every ranking of one mode, the random controls and the budget line."""
+    colors = ["tab:blue", "tab:orange", "tab:green", "tab:purple"]
+    for i, s in enumerate(searches):
+        color = colors[i % len(colors)]
+        ks, ys = [p["k"] for p in s["probes"]], [p["delta_ap"] for p in s["probes"]]
+        ax.plot(ks, ys, "o-", c=color, label=f"{s['ranking']['method'] or 'ranking'} (probes)")
+        ax.scatter([s["k"]], [s["delta_ap"]], s=260, marker="*", c="gold", edgecolors="darkred", zorder=4,
+                   label=f"K={s['k']} {'found' if s['found'] else '(budget not met)'}")  # fmt: skip
+        band = s.get("random_band") or []
+        if len(band) > 1:
+            ax.fill_between([b["k"] for b in band], [-b["max_delta"] for b in band], [-b["min_delta"] for b in band],
+                            color="0.6", alpha=0.25, label="random controls, min-max")  # fmt: skip
+        rc = s["random_control"]
+        if rc:
+            mean, lo, hi = -rc["mean_delta"], -rc["max_delta"], -rc["min_delta"]
+            ax.errorbar([rc["k"]], [mean], yerr=[[mean - lo], [hi - mean]], fmt="x", c="0.4", capsize=6,
+                        label=f"random, {len(rc['seeds'])} seeds (mean, min-max)", zorder=3)  # fmt: skip
+            ax.scatter([rc["k"]] * len(rc["aps"]), [a - s["baseline_ap"] for a in rc["aps"]], s=14, c="0.6", zorder=3)
+    ax.axhline(0.0, c="0.4", lw=1)
+    ax.axhline(-budget, c="tab:red", ls="--", lw=1.2, label=f"budget −{budget:g} AP")
+    ax.set_xlabel("K (most sensitive nodes left in float)")
+    ax.set_ylabel("ΔAP vs FP32 (mAP50-95 points)")
+    ax.set_title(f"{searches[0]['mode'].upper()}: ΔAP vs K", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, framealpha=0.85)
+
+
+def plot_search_curves(report: dict) -> bytes:
+    """PNG bytes: one ΔAP-vs-K panel per mode of the budget search (every ranking searched in that mode)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    by_mode: dict[str, list[dict]] = {}
+    for s in report.get("search") or []:
+        by_mode.setdefault(s["mode"], []).append(s)
+    if not by_mode:
+        raise ValueError("the report holds no budget search")
+    fig = Figure(figsize=(6.5 * len(by_mode), 5.0), dpi=110)
+    canvas = FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(by_mode), squeeze=False)[0]
+    for ax, (mode, searches) in zip(axes, sorted(by_mode.items())):
+        _search_panel(ax, searches, report["budget_ap"])
+    fig.tight_layout()
     buf = io.BytesIO()
     canvas.print_png(buf)
     return buf.getvalue()

@@ -154,3 +154,59 @@ def test_wrapper_requires_its_env_vars(tmp_path):
         cwd=REPO, env={**env, "PYTHON": "false"}, capture_output=True, text=True, timeout=60, check=False,
     )
     assert result.returncode != 0 and result.stdout == ""
+
+
+@pytest.fixture(scope="module")
+def full_int8(setup):
+    from lowbit.quantize import QuantizeSettings, quantize_onnx
+
+    out = setup["root"] / "full" / "full-int8.onnx"
+    quantize_onnx(QuantizeSettings(onnx_path=setup["onnx"], calib_path=setup["calib"], output_path=out,
+                                   quantize_mode="int8"))  # fmt: skip
+    return out
+
+
+def _eval_flags(setup) -> list[str]:
+    return ["--eval", "--data-root", str(setup["data"]), "--max-images", "3", "--imgsz", str(setup["size"]),
+            "--warmup-runs", "0", "--skip-latency", "0"]  # fmt: skip
+
+
+def test_from_full_model_removes_qdq_pairs_without_recalibrating(setup, full_int8, load_script, tmp_path):
+    from lowbit.qdq_graph import qdq_summary
+
+    run = tmp_path / "run"
+    shutil.copytree(setup["root"] / "run" / "schemes", run / "schemes")
+    argv = _argv(setup, run, "--ks", "0", "2", "--quant-mode", "int8", "--from-full-model", str(full_int8),
+                 *_eval_flags(setup))  # fmt: skip
+    assert load_script(SCRIPT).main(argv) == 0
+    stem = setup["onnx"].stem
+    k2 = onnx.load(str(run / "onnx" / f"{stem}-int8-k2.onnx"))
+    quantized = set(qdq_summary(k2.graph)["quantized_nodes"])
+    assert quantized and not quantized & set(setup["convs"][3:5])
+    assert set(qdq_summary(onnx.load(str(full_int8)).graph)["quantized_nodes"]) - quantized == set(setup["convs"][3:5])
+    record = json.loads((run / "onnx" / f"{stem}-int8-k2.inputs.json").read_text())
+    assert record["build"]["from_full_model_sha256"] == sha256_file(full_int8)
+    assert not (run / "onnx" / f"{stem}-int8-k2.manifest.json").exists()  # ModelOpt did not run
+    assert (run / "int8-k2-coco" / "metrics.json").is_file()
+
+
+def test_compare_requantize_prints_the_table_of_both_builds(setup, full_int8, load_script, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(setup["root"] / "run" / "schemes", run / "schemes")
+    argv = _argv(setup, run, "--ks", "2", "--quant-mode", "int8", "--from-full-model", str(full_int8),
+                 "--compare-requantize", *_eval_flags(setup))  # fmt: skip
+    assert load_script(SCRIPT).main(argv) == 0
+    out = capsys.readouterr().out
+    assert "| K | AP full-model edit | AP ModelOpt re-quantization |" in out and "\n| 2 |" in out
+    compare = tmp_path / "run-compare-int8"
+    assert (compare / "int8-k2-coco" / "metrics.json").is_file() and (compare / "int8-k2-requant-coco" / "metrics.json").is_file()
+    assert not list(run.glob("*-coco"))  # nothing lands where the run's report would read it
+    # a rerun reuses both evaluated candidates (their records match)
+    before = {p: p.stat().st_mtime_ns for p in compare.rglob("metrics.json")}
+    assert load_script(SCRIPT).main(argv) == 0
+    assert {p: p.stat().st_mtime_ns for p in compare.rglob("metrics.json")} == before
+    print(capsys.readouterr().out)
+    no_eval = [a for a in argv if a != "--eval"]
+    assert _raises(load_script, no_eval).flag == "--compare-requantize"
+    no_full = argv[: argv.index("--from-full-model")] + argv[argv.index("--from-full-model") + 2 :]
+    assert _raises(load_script, no_full).flag == "--from-full-model"

@@ -249,36 +249,40 @@ def test_variant_without_manifest_is_labelled_from_metrics(tmp_path):
 # recommendation
 
 
-def _row(label, map50_95, p50, role="quantized", provider="CPUExecutionProvider", trt_ms=None):
+def _row(label, map50_95, p50, role="quantized", provider="CPUExecutionProvider", trt_ms=None, share=None):
     return {
         "label": label, "role": role, "map50_95": map50_95, "metrics_path": f"{label}/metrics.json",
         "delta_ap": (map50_95 - 0.50) * 100.0, "latency_ms": {"p50": p50, "p90": p50}, "provider": provider,
+        "mac_share": share if share is not None else (0.0 if role == "baseline" else None),
         "tensorrt": {"status": "measured", "gpu_compute_ms": {"median": trt_ms, "p90": trt_ms}} if trt_ms else
         {"status": rep.TRT_NOT_INSTALLED},
     }
 
 
-def test_recommend_fastest_within_budget():
+def test_recommend_without_tensorrt_ranks_by_mac_share_never_ort_latency():
     rows = [
         _row("FP32", 0.50, 100.0, role="baseline"),
-        _row("A", 0.497, 60.0),  # -0.3 AP, fastest within budget
-        _row("B", 0.499, 80.0),  # -0.1 AP, slower
-        _row("C", 0.480, 10.0),  # -2.0 AP: fastest overall but out of budget
+        _row("A", 0.497, 60.0, share=0.95),  # -0.3 AP, most MACs in low precision
+        _row("B", 0.499, 20.0, share=0.80),  # -0.1 AP, fastest on the CPU EP: irrelevant
+        _row("C", 0.480, 10.0, share=1.00),  # -2.0 AP: out of budget
     ]
     rec = rep.recommend(rows, budget_ap=1.0)
-    assert rec["variant"] == "A"
-    assert rec["within_budget"] == ["A", "B"]
-    assert rec["latency_source"] == "onnxruntime" and rec["latency_ms"] == 60.0
-    assert "fastest" in rec["reason"] and "1 AP budget" in rec["reason"]
-    # only CPU EP latencies: the reason must say they do not predict TensorRT
-    assert "CPU-EP latency of Q/DQ models does not predict TensorRT speed" in rec["reason"]
-    assert "re-check" in rec["reason"]
-    # a bigger budget lets C in
-    assert rep.recommend(rows, budget_ap=2.5)["variant"] == "C"
+    assert rec["variant"] == "A" and rec["cost_source"] == "mac_share" and rec["mac_share"] == 0.95
+    assert rec["within_budget"] == ["A", "B"] and rec["latency_source"] is None
+    # the CPU timings can be anything: the pick does not move
+    noisy = [dict(r, latency_ms={"p50": 1000.0 - i, "p90": 1000.0}) for i, r in enumerate(rows)]
+    assert rep.recommend(noisy, budget_ap=1.0)["variant"] == "A"
+    assert rep.recommend(rows, budget_ap=2.5)["variant"] == "C"  # a bigger budget lets C in
+
+
+def test_recommend_equal_mac_share_goes_to_the_more_accurate():
+    rows = [_row("FP32", 0.50, 100.0, role="baseline"), _row("A", 0.495, 10.0, share=0.9),
+            _row("B", 0.499, 90.0, share=0.9), _row("C", 0.4999, 5.0, share=0.5)]  # fmt: skip
+    assert rep.recommend(rows, budget_ap=1.0)["variant"] == "B"
 
 
 def test_recommend_budget_edge_is_inclusive():
-    rows = [_row("FP32", 0.50, 100.0, role="baseline"), _row("A", 0.49, 50.0)]  # exactly -1.0 AP
+    rows = [_row("FP32", 0.50, 100.0, role="baseline"), _row("A", 0.49, 50.0, share=0.9)]  # exactly -1.0 AP
     assert rep.recommend(rows, budget_ap=1.0)["variant"] == "A"
 
 
@@ -290,33 +294,31 @@ def test_recommend_none_within_budget_keeps_fp32():
     assert "A" in rec["reason"] and "2.00 AP" in rec["reason"]
 
 
-def test_recommend_tie_breaks_by_accuracy():
+def test_recommend_tensorrt_latencies_within_noise_tie_and_go_to_the_more_accurate():
     rows = [
-        _row("FP32", 0.50, 100.0, role="baseline"),
-        _row("A", 0.495, 50.0),
-        _row("B", 0.499, 50.5),  # within 2 % of A and more accurate: wins
-        _row("C", 0.4999, 60.0),  # most accurate but 20 % slower: no tie
+        _row("FP32", 0.50, 100.0, role="baseline", trt_ms=2.0),
+        _row("A", 0.495, 50.0, trt_ms=1.00, share=1.0),
+        _row("B", 0.499, 50.0, trt_ms=1.02, share=0.9),  # within 3 % of A and more accurate: wins
+        _row("C", 0.4999, 50.0, trt_ms=1.30, share=0.8),  # most accurate but 30 % slower: no tie
     ]
-    rec = rep.recommend(rows, budget_ap=1.0, latency_tie_pct=2.0)
-    assert rec["variant"] == "B"
-    assert "A ran within 2% of the fastest" in rec["reason"]
-    # with no tolerance the strictly fastest wins
+    rec = rep.recommend(rows, budget_ap=1.0)
+    assert rec["variant"] == "B" and rec["cost_source"] == "tensorrt" and rec["latency_ms"] == 1.02
     assert rep.recommend(rows, budget_ap=1.0, latency_tie_pct=0.0)["variant"] == "A"
-    # an exact tie is broken by accuracy, then by name
-    rows2 = [_row("FP32", 0.50, 100.0, role="baseline"), _row("Y", 0.498, 50.0), _row("X", 0.498, 50.0)]
-    assert rep.recommend(rows2, latency_tie_pct=0.0)["variant"] == "X"
+    rows2 = [_row("FP32", 0.50, 100.0, role="baseline", trt_ms=2.0), _row("Y", 0.498, 5.0, trt_ms=1.0),
+             _row("X", 0.498, 9.0, trt_ms=1.0)]  # fmt: skip
+    assert rep.recommend(rows2, latency_tie_pct=0.0)["variant"] == "X"  # exact tie: accuracy, then name
 
 
 def test_recommend_never_picks_a_random_control():
     rows = [
         _row("FP32", 0.50, 100.0, role="baseline"),
-        _row("K5", 0.498, 80.0),
-        _row("K5 random", 0.499, 10.0, role="random_control"),
+        _row("K5", 0.498, 80.0, share=0.9),
+        _row("K5 random", 0.499, 10.0, role="random_control", share=0.99),
     ]
     assert rep.recommend(rows)["variant"] == "K5"
 
 
-def test_recommend_prefers_tensorrt_and_keeps_fp32_when_not_faster():
+def test_recommend_tensorrt_keeps_fp32_when_not_faster():
     rows = [
         _row("FP32", 0.50, 100.0, role="baseline", trt_ms=2.0),
         _row("A", 0.498, 500.0, trt_ms=1.2),  # slow on CPU, fast on TensorRT
@@ -324,19 +326,9 @@ def test_recommend_prefers_tensorrt_and_keeps_fp32_when_not_faster():
     ]
     rec = rep.recommend(rows)
     assert rec["variant"] == "A" and rec["latency_source"] == "tensorrt" and rec["latency_ms"] == 1.2
-    assert "does not predict" not in rec["reason"]
     slower = [_row("FP32", 0.50, 100.0, role="baseline", trt_ms=1.0), _row("A", 0.498, 50.0, trt_ms=1.2)]
     rec = rep.recommend(slower)
-    assert rec["variant"] == "FP32" and "not faster than FP32" in rec["reason"]
-
-
-def test_recommend_names_mixed_providers():
-    rows = [
-        _row("FP32", 0.50, 10.0, role="baseline", provider="TensorrtExecutionProvider"),
-        _row("A", 0.498, 20.0, provider="CUDAExecutionProvider"),
-    ]
-    reason = rep.recommend(rows)["reason"]
-    assert "different execution providers" in reason and "CUDA EP" in reason and "TensorRT EP" in reason
+    assert rec["variant"] == "FP32" and rec["cost_source"] == "tensorrt"
 
 
 def test_recommend_without_quantized_variants():
@@ -350,7 +342,7 @@ def test_recommend_without_quantized_variants():
 
 def test_report_command_numbers_equal_metrics_files(load_script, workflow_run, no_tensorrt, capsys):
     main = load_script(SCRIPT).main
-    assert main(["--run-dir", str(workflow_run.root)]) == 0
+    assert main(["--run-dir", str(workflow_run.root), "--budget-ap", "1.0"]) == 0
     out = capsys.readouterr().out
     assert "recommended (*)" in out and "FP8 K=5 (onnx ranking)" in out
 
@@ -378,21 +370,23 @@ def test_report_command_numbers_equal_metrics_files(load_script, workflow_run, n
             assert v["num_quantized_nodes"] == manifest["extra"]["num_quantized_nodes"]
             assert v["excluded_nodes"] == len(manifest["extra"]["excluded_nodes"])
 
-    # within 1 AP: INT8 max (-0.78), FP8 K=5 (-0.38); FP8 K=5 random is faster but never recommended
-    assert report["recommended"]["variant"] == "INT8 max/fp32"
+    # within 1 AP: INT8 max (-0.78), FP8 K=5 (-0.38); these stand-in files are no ONNX graphs, so their MAC
+    # share is unknown and accuracy decides (never the ORT latency; FP8 K=5 random is never recommended)
+    assert report["recommended"]["variant"] == "FP8 K=5 (onnx ranking)"
+    assert report["recommended"]["cost_source"] == "mac_share" and report["cost_axis"]["source"] == "mac_share"
     assert report["recommended"]["within_budget"] == ["FP8 K=5 (onnx ranking)", "INT8 max/fp32"]
     assert report["tensorrt"]["status"] == "not measured: TensorRT not installed"
 
     md = (root / "report.md").read_text()
-    assert "**INT8 max/fp32** (recommended)" in md
+    assert "**FP8 K=5 (onnx ranking)** (recommended)" in md
     assert "not measured: TensorRT not installed" in md
     assert md.count("\n| ") >= 2 * 6  # a row per variant in both tables
     for v in report["variants"]:
-        assert f"| {v['map50_95']:.4f} | {v['map50']:.4f} | {v['delta_ap']:+.2f} |" in md
+        assert f"| {v['map50_95']:.4f} | {v['map50']:.4f} | {v['delta_ap']:+.2f} | unknown |" in md
     png = (root / "pareto.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
     manifest = json.loads((root / "report.manifest.json").read_text())
-    assert manifest["status"] == "ok" and manifest["extra"]["recommended"] == "INT8 max/fp32"
+    assert manifest["status"] == "ok" and manifest["extra"]["recommended"] == "FP8 K=5 (onnx ranking)"
     assert len(manifest["inputs"]) == 6
 
     # completed results are not replaced without --overwrite
@@ -610,3 +604,32 @@ def test_cli_validation(load_script, tmp_path, capsys):
         with pytest.raises(rep.UserError) as exc:
             script.validate_args(script.build_parser().parse_args(["--run-dir", str(tmp_path), *extra]))
         assert exc.value.flag == flag
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# low-precision MAC share: the cost axis without TensorRT
+
+
+def test_mac_share_of_each_variant_orders_the_recommendation(tmp_path):
+    import onnx
+
+    from test_mac_share import CONV1_MACS, CONV2_MACS, _graph
+
+    models = {"both": _graph(quantize_conv2=True), "conv1": _graph(), "float": _graph(quantize_conv1=False)}
+    rows = []
+    for name, model in models.items():
+        path = tmp_path / f"{name}.onnx"
+        onnx.save(model, str(path))
+        role = "baseline" if name == "float" else "quantized"
+        rows.append({**_row(name, 0.499 if name == "conv1" else 0.497, 10.0, role=role), "model_file": str(path),
+                     "notes": []})  # fmt: skip
+        rows[-1].pop("mac_share")
+    rows.append({**_row("gone", 0.4999, 1.0), "model_file": None, "notes": []})
+    rows[-1].pop("mac_share")
+    rep.add_mac_share(rows)
+    share = {r["label"]: r["mac_share"] for r in rows}
+    assert share == {"both": 1.0, "conv1": CONV1_MACS / (CONV1_MACS + CONV2_MACS), "float": 0.0, "gone": None}
+    assert rows[1]["low_precision_macs"] == CONV1_MACS and rows[1]["total_macs"] == CONV1_MACS + CONV2_MACS
+    # all within budget: the most MACs in low precision wins over the more accurate "conv1" and the unknown "gone"
+    rec = rep.recommend(rows, budget_ap=1.0)
+    assert rec["variant"] == "both" and rec["mac_share"] == 1.0

@@ -124,6 +124,10 @@ def _args(wf, argv: list[str]):
         (["--ks", "0", "-5"], "--ks"),
         (["--imgsz", "100"], "--imgsz"),
         (["--random-control", "-1"], "--random-control"),
+        (["--budget-ap", "0"], "--budget-ap"),  # the search needs a positive budget
+        (["--random-seeds", "-1"], "--random-seeds"),
+        (["--random-control", "3"], "--random-control"),  # search mode: --random-seeds
+        (["--max-probes", "0"], "--max-probes"),
         (["--run-id", "a/b"], "--run-id"),
         (["--providers", "NoSuchExecutionProvider"], "--providers"),
     ],
@@ -153,8 +157,62 @@ def test_output_names_follow_the_model(wf, tmp_path):
     card = _args(wf, ["--preset", "yolov10m"])
     outputs = [p for s in wf.plan(card, tmp_path / "card") for p in s.outputs]
     for expected in ("onnx/yolov10m-int8-qdq.onnx", "calib/calib_yolov10m_640.npy",
-                     "sensitivity-onnx-fp8/outputs/yolov10m/onnx-fp8/per_layer/layer-sensitivity-report.json"):
+                     "sensitivity-loo-fp8/outputs/yolov10m/onnx-fp8/per_layer/layer-sensitivity-report.json",
+                     "onnx/yolov10m-fp8-k0.onnx", "search-int8/search.json"):
         assert tmp_path / "card" / expected in outputs, expected
+
+
+def test_default_is_the_search_with_the_loo_ranking_on_the_full_models(wf, tmp_path):
+    args = _args(wf, [])
+    assert args.search and args.sensitivity == "loo" and args.budget_ap == 0.5 and args.random_seeds == 3
+    run = tmp_path / "demo"
+    steps = {s.name: s for s in wf.plan(args, run)}
+    assert "schemes-int8" not in steps and "candidates-fp8" not in steps
+    int8_full, fp8_full = run / "onnx" / "yolov10n-demo-shapes-int8-qdq.onnx", run / "onnx" / "yolov10n-demo-shapes-fp8-k0.onnx"
+    assert steps["fp8"].outputs == [fp8_full]
+    for mode, full in (("int8", int8_full), ("fp8", fp8_full)):
+        sens = steps[f"sensitivity-{mode}"].argv
+        assert sens[sens.index("--method") + 1] == "loo" and sens[sens.index("--qdq-path") + 1] == str(full)
+        search = steps[f"search-{mode}"].argv
+        assert search[search.index("--full-model") + 1] == str(full)
+        assert search[search.index("--budget-ap") + 1] == "0.5" and search[search.index("--build") + 1] == "full"
+        assert search[search.index("--ranking") + 1] == str(steps[f"sensitivity-{mode}"].outputs[0])
+    # INT8 K=0 is the int8 step's evaluation, never evaluated twice
+    search = steps["search-int8"].argv
+    assert search[search.index("--k0-metrics") + 1] == str(run / "int8-coco" / "metrics.json")
+    assert "--k0-metrics" not in steps["search-fp8"].argv
+    assert run / "search-curves.png" in steps["report"].outputs
+    # --ks gives the fixed-K steps exactly as before
+    fixed = {s.name for s in wf.plan(_args(wf, ["--ks", "0", "5"]), run)}
+    assert {"schemes-fp8", "candidates-fp8", "candidates-int8"} <= fixed and not any(n.startswith("search") for n in fixed)
+
+
+def test_search_end_to_end_on_the_tiny_model(tiny_run):
+    root, argv = tiny_run
+    i = argv.index("--ks")
+    search_argv = [*argv[:i], *argv[i + 3:]]
+    search_argv[search_argv.index("--run-id") + 1] = "tiny-search"
+    search_argv[search_argv.index("--sensitivity-images") + 1] = "1"  # leave-one-out: (3 + nodes) runs per image
+    search_argv += ["--random-seeds", "2", "--max-probes", "4", "--budget-ap", "0.5"]
+    result = _run(search_argv)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = root / "runs" / "tiny-search"
+    report = json.loads((run / "report.json").read_text())
+    assert {s["mode"] for s in report["search"]} == {"int8", "fp8"}
+    for s in report["search"]:
+        data = json.loads((run / f"search-{s['mode']}" / "search.json").read_text())
+        assert data["ranking"]["method"] == "onnx_leave_one_out_drift"
+        probes, curve = data["search"]["probes"], data["search"]["curve"]
+        assert len(probes) <= 4 and len({p["k"] for p in curve}) == len(curve) >= 1
+        for p in probes:  # every probe is a real evaluation on the slice (INT8 K=0 is the int8-eval step's)
+            assert (run / f"{s['mode']}-k{p['k']}-coco" / "metrics.json").is_file()
+        assert [c["k"] for c in data["candidates"]] == sorted(p["k"] for p in probes)
+        if data["search"]["k"] > 0:
+            assert data["random_control"]["seeds"] == [0, 1]
+    assert all(v.get("mac_share") is not None for v in report["variants"])
+    assert report["recommended"]["cost_source"] in ("mac_share", None)
+    for name in ("report.md", "pareto.png", "search-curves.png"):
+        assert (run / name).stat().st_size > 0
 
 
 def _argv_dumper(tmp_path: Path) -> Path:
@@ -177,7 +235,7 @@ def _same_command(step_argv: list[str], wrapper_argv: list[str]) -> None:
     assert wrapper_argv[1:] == step_argv[2:]
 
 
-@pytest.mark.parametrize("sensitivity", ["onnx", "torch"])
+@pytest.mark.parametrize("sensitivity", ["local", "torch"])
 def test_workflow_runs_the_wrappers_commands(wf, sensitivity, tmp_path):
     onnx_path, data, calib_list = tmp_path / "det.onnx", tmp_path / "data", tmp_path / "list.txt"
     calib_list.write_text("x.jpg\n")

@@ -13,9 +13,13 @@ Reads every ``metrics.json`` written by ``eval_yolov10m_onnx_coco.py`` under the
 * ``report.manifest.json`` and ``report.log``.
 
 The recommendation: among quantized variants that lose at most ``--budget-ap`` AP points
-(mAP50-95 × 100) against FP32, the fastest (TensorRT GPU compute time when measured, else ONNX
-Runtime p50 of the evaluation runs); latencies within ``--latency-tie-pct`` % tie and the more
-accurate one wins; FP32 when none is within budget. Evaluations of different image sets are refused.
+(mAP50-95 × 100) against FP32, the fastest TensorRT GPU compute time when TensorRT was measured
+(latencies within ``--latency-tie-pct`` % are timing noise: ties go to the more accurate variant);
+without TensorRT, the largest share of Conv/MatMul MACs in low precision (``lowbit.mac_share``),
+then the more accurate. ONNX Runtime latencies are listed with their provider but never rank
+variants. FP32 when none is within budget. Evaluations of different image sets are refused.
+With budget-search results (``search-<mode>/search.json``) in the run dir, ``search-curves.png``
+plots ΔAP against K per mode with the random controls and the budget line.
 
 With ``--tensorrt auto`` and ``trtexec`` installed, one engine per variant is built under
 ``<out-dir>/tensorrt/`` (FP16 for the float model, strongly typed for Q/DQ models) and timed the way
@@ -49,7 +53,7 @@ from lowbit.runs import (
 )
 
 SCRIPT = "make_lowbit_report.py"
-OUTPUT_FILES = ("report.json", "report.md", "pareto.png")
+OUTPUT_FILES = ("report.json", "report.md", "pareto.png", "search-curves.png")
 log = get_logger("make_report")
 
 
@@ -210,9 +214,12 @@ def main(argv: list[str] | None = None) -> int:
         tensorrt = run_tensorrt(collected, args, out_dir)
         report = lowbit_report.build_report(collected, args.budget_ap, args.latency_tie_pct, tensorrt)
         atomic_write_bytes(out_dir / "pareto.png", lowbit_report.plot_pareto(report))
+        if report["search"]:
+            atomic_write_bytes(out_dir / lowbit_report.SEARCH_PLOT, lowbit_report.plot_search_curves(report))
+            manifest.add_output(lowbit_report.SEARCH_PLOT, out_dir / lowbit_report.SEARCH_PLOT)
         atomic_write_text(out_dir / "report.md", lowbit_report.report_markdown(report))
         atomic_write_json(out_dir / "report.json", report)  # last: its presence means the report is complete
-        for name in OUTPUT_FILES:
+        for name in OUTPUT_FILES[:3]:
             manifest.add_output(name, out_dir / name)
         manifest.update(
             recommended=report["recommended"]["variant"],

@@ -13,6 +13,7 @@
 #   CALIBRATION_EPS       space-separated ORT EPs for calibration, e.g. "cuda:0 cpu" (default "cpu")
 #   CALIBRATION_METHOD    entropy | max (default: max for fp8, entropy for int8)
 #   INCLUDE_RANDOM=1      also build the scheme_k{K}_random*.json controls
+#   FROM_FULL_MODEL       calibrated full Q/DQ model: candidates remove Q/DQ pairs from it instead of re-quantizing
 #   EVAL=1        evaluate each candidate; then DATA_ROOT (default datasets/coco2017/source-data),
 #                 MAX_IMAGES (100), PROVIDERS ("CPUExecutionProvider"), IMGSZ (640)
 #   OVERWRITE=1   rebuild existing candidates (also needed when ONNX_PATH or CALIB_PATH changed)
@@ -39,6 +40,7 @@ args=(
   --calibration-eps ${CALIBRATION_EPS:-cpu}
 )
 [[ -n "${CALIBRATION_METHOD:-}" ]] && args+=(--calibration-method "$CALIBRATION_METHOD")
+[[ -n "${FROM_FULL_MODEL:-}" ]] && args+=(--from-full-model "$FROM_FULL_MODEL")
 
 bool_flag() {  # NAME FLAG: add FLAG when the env var NAME is on; refuse values that are neither on nor off
   local value="${!1:-0}"

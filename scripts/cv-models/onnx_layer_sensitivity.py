@@ -5,12 +5,17 @@ Scores the ONNX graph that will be deployed, so no torch<->ONNX name or weight m
 1. quantize the FP32 model once with ModelOpt (``lowbit.quantize.quantize_onnx``: INT8 entropy or
    FP8 max calibration by default, FP32 high precision), on the first ``--calib-images`` images;
    or take an existing Q/DQ model of the same graph with ``--qdq-path``;
-2. for every node ModelOpt quantized (Convs, and the Add/Concat/MatMul/... nodes that read Q/DQ
-   tensors), run it on the FP32 model's own input activations once as-is and once through copies of
-   its Q/DQ pairs, on ``--num-images`` calibration images (one ONNX Runtime pass per image scores all
-   nodes; see ``lowbit.sensitivity_onnx``);
-3. score = relative MSE of the node's output (higher = more sensitive): the error the node itself
-   introduces when quantized, not what it inherits from upstream.
+2. score every node ModelOpt quantized (Convs, and the Add/Concat/MatMul/... nodes that read Q/DQ
+   tensors) on ``--num-images`` calibration images, by one of two methods (``--method``):
+
+   * ``loo`` (propagated, what the workflow uses): leave-one-out on the whole Q/DQ graph
+     (``lowbit.sensitivity_loo``): the full Q/DQ model with only that node in float is run, and the
+     drop in detection-aware output drift against FP32 (the torch sweep's ``--metric``) is the score.
+     Cost: ``3 + nodes`` inferences per image, all in one session;
+   * ``local`` (cheap): the node is run on the FP32 model's own input activations as-is and through
+     copies of its Q/DQ pairs (one ONNX Runtime pass per image scores all nodes;
+     ``lowbit.sensitivity_onnx``); score = relative MSE of its output, the error the node itself
+     introduces, not what survives to the detector's output.
 
 Writes into ``--out-dir``: ``layer-sensitivity-report.json`` (+ ``.csv``, ``.md``; the format shared with
 the torch sweep, ``source: "onnx"``), ``manifest.json``, a log, the Q/DQ model under ``qdq/``, and with
@@ -76,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--num-images", type=int, default=16, help="images scored: the first N of --calib-path")
     parser.add_argument("--precision", choices=("int8", "fp8"), default="fp8", help="quantization simulated")
+    parser.add_argument("--method", choices=("loo", "local"), default="local",
+                        help="loo: propagated leave-one-out output drift; local: each node's own output error")
+    parser.add_argument("--metric", choices=("det_kl", "rel_mse"), default="det_kl",
+                        help="output drift scored by --method loo (the torch sweep's metrics)")
+    parser.add_argument("--batch-size", type=int, default=8, help="images per run of --method loo")
+    parser.add_argument("--intra-op-threads", type=int, default=0, help="ORT threads of --method loo (0: default)")
     parser.add_argument(
         "--calibration-method",
         choices=("entropy", "max"),
@@ -326,6 +337,35 @@ def build_sensitivity_report(args, inputs: Inputs, scored: Scores, qdq: tuple[Pa
     )  # fmt: skip
 
 
+def score_loo(args, qdq_model, inputs: Inputs, num_images: int, qdq: tuple[Path, str], model_sha: str):
+    """``(Scores, report)`` of the leave-one-out ranking (``lowbit.sensitivity_loo``) on ``num_images`` images."""
+    from lowbit import sensitivity_report
+    from lowbit.sensitivity_loo import loo_sensitivity
+
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}", flag="--batch-size")
+    images = np.ascontiguousarray(inputs.calib[:num_images])
+    t0 = time.perf_counter()
+    result = loo_sensitivity(qdq_model, images, list(args.providers), metric=args.metric, batch_size=args.batch_size,
+                             intra_op_threads=args.intra_op_threads,
+                             progress=lambda done, n: log.info("batch %d (%d images) scored, %.1f s", done, n,
+                                                               time.perf_counter() - t0))  # fmt: skip
+    runs = (len(result.layers) + 3) * result.images
+    log.info("leave-one-out: %d nodes x %d images in %.1f s (%.3f s per node-image)", len(result.layers),
+             result.images, result.wall_s, result.wall_s / max(runs, 1))  # fmt: skip
+    method = dict(result.method)
+    method["settings"] = {**method["settings"], "qdq_model": str(qdq[0]), "qdq_model_sha256": qdq[1],
+                          "seconds_per_node_image": round(result.wall_s / max(runs, 1), 4)}  # fmt: skip
+    report = sensitivity_report.make_report(
+        source="onnx", model=inputs.onnx_path, model_sha256=model_sha, precision=args.precision, method=method,
+        data={"images": result.images, "source": str(inputs.calib_path), "imgsz": int(inputs.calib.shape[2])},
+        device="cpu" if args.providers[0] == "CPUExecutionProvider" else "cuda:0", wall_s=result.wall_s,
+        layers=result.layers, extra={"reference": result.reference},
+    )  # fmt: skip
+    scored = Scores([], np.array([]), result.images, 0.0, result.providers, 0.0, result.wall_s)
+    return scored, report
+
+
 def write_agreement(args, report: dict, report_json: Path, inputs: Inputs, out_dir: Path) -> dict:
     """``ranking-agreement.json`` of this report against ``--compare-with``, both mapped onto the FP32 graph."""
     from lowbit import sensitivity_report
@@ -382,10 +422,13 @@ def main(argv: list[str] | None = None) -> int:
         qdq_sha = manifest.add_input(qdq_path) if args.qdq_path is not None else sha256_file(qdq_path)
         qdq_model = onnx.load(str(qdq_path))
         check_qdq_model(qdq_model, inputs.fp32_model, args.precision, flag)
-        scored = score_nodes(args, qdq_model, inputs, num_images, flag)
+        if args.method == "loo":
+            scored, report = score_loo(args, qdq_model, inputs, num_images, (qdq_path, qdq_sha), model_sha)
+        else:
+            scored = score_nodes(args, qdq_model, inputs, num_images, flag)
+            report = build_sensitivity_report(args, inputs, scored, (qdq_path, qdq_sha), calib_images, model_sha,
+                                              time.perf_counter() - t_start)  # fmt: skip
         del qdq_model
-        report = build_sensitivity_report(args, inputs, scored, (qdq_path, qdq_sha), calib_images, model_sha,
-                                          time.perf_counter() - t_start)  # fmt: skip
         paths = write_report(out_dir, report)
         for ext, path in paths.items():
             manifest.add_output(f"report_{ext}", path)
@@ -395,13 +438,13 @@ def main(argv: list[str] | None = None) -> int:
         if agreement is not None:
             manifest.add_output("ranking_agreement", out_dir / "ranking-agreement.json")
         manifest.update(quantize_s=round(quantize_s, 2), build_s=round(scored.build_s, 2),
-                        score_s=round(scored.score_s, 2), images=scored.images, quantized_nodes=len(scored.nodes),
+                        score_s=round(scored.score_s, 2), images=scored.images, quantized_nodes=len(report["layers"]),
                         fp32_recovery_rel_diff=scored.drift, providers=scored.providers)  # fmt: skip
         log.info("timings: quantize %.1f s, build %.1f s, score %.1f s", quantize_s, scored.build_s, scored.score_s)
 
     layers = report["layers"]
     top = ", ".join(f"{layer['name']} ({layer['score']:.3g})" for layer in layers[:5])
-    print(f"{args.precision} ONNX sensitivity of {len(layers)} nodes on {scored.images} images -> {paths['json']}")
+    print(f"{args.precision} ONNX {args.method} sensitivity of {len(layers)} nodes on {scored.images} images -> {paths['json']}")
     print(f"top 5: {top}")
     if agreement is not None:
         overlap = ", ".join(f"top-{k} {v['overlap']}/{k}" for k, v in agreement["top_k"].items())

@@ -11,10 +11,22 @@ stem: ``yolov10m`` for the card's checkpoint, ``yolov10n-demo-shapes`` for the d
     calib         make_yolov10m_calib_npy.py            -> calib/calib_<model>_<imgsz>.npy
     int8          quantize_yolov10m_onnx.py             -> onnx/<model>-int8-qdq.onnx
     int8-eval     eval_yolov10m_onnx_coco.py            -> int8-coco/metrics.json
-    sensitivity-<mode>  onnx_layer_sensitivity.py (or yolov10m_layer_sensitivity.py) -> sensitivity-*-<mode>/.../layer-sensitivity-report.json
-    schemes-<mode>      make_yolov10m_candidate_schemes.py -> schemes/ (fp8) or schemes-<mode>/
-    candidates-<mode>   materialize_yolov10m_lowbit_candidates.py --eval -> onnx/<model>-<mode>-k{K}.onnx, <mode>-k{K}-coco/
-    report        make_lowbit_report.py                 -> report.md, report.json, pareto.png
+    fp8           quantize_yolov10m_onnx.py (FP8, search mode) -> onnx/<model>-fp8-k0.onnx
+    sensitivity-<mode>  onnx_layer_sensitivity.py --method loo|local (or yolov10m_layer_sensitivity.py)
+                        -> sensitivity-<method>-<mode>/.../layer-sensitivity-report.json
+    search-<mode>       search_yolov10m_lowbit_budget.py -> search-<mode>/search.json, <mode>-k{K}-coco/
+    report        make_lowbit_report.py                 -> report.md, report.json, pareto.png, search-curves.png
+
+Two ways to choose K, the number of most sensitive nodes left in float:
+
+* the budget search (default): per mode, the smallest K along the ranking whose evaluated candidate
+  loses at most ``--budget-ap`` AP points against FP32, found by bisection over K
+  (``lowbit.budget_search``); each probe is the mode's full Q/DQ model (the int8 step's model, or
+  the fp8 step's) with the top-K nodes' Q/DQ pairs removed, evaluated on the evaluation slice; then
+  ``--random-seeds`` random controls at that K. The ranking is computed on that same full Q/DQ model.
+* fixed K (``--ks 0 5 10 20``): the earlier steps ``schemes-<mode>`` (make_yolov10m_candidate_schemes.py)
+  and ``candidates-<mode>`` (materialize_yolov10m_lowbit_candidates.py --eval: one ModelOpt
+  quantization per K with ``nodes_to_exclude``), exactly as before.
 
 Each step runs exactly the command the card's bash wrapper would run for the same settings
 (``quantize_yolov10m_int8_onnx.sh``, ``run_yolov10m_layer_sensitivity_sweep.sh``,
@@ -73,7 +85,11 @@ PRESETS = {
         "run_id": "yolov10m",
     },
 }
-STEP_NAMES = ("dataset", "smoke", "baseline", "calib-list", "calib", "int8", "int8-eval", "sensitivity", "schemes", "candidates", "report")
+STEP_NAMES = ("dataset", "smoke", "baseline", "calib-list", "calib", "int8", "int8-eval", "fp8", "sensitivity", "search",
+              "schemes", "candidates", "report")
+SENSITIVITY_PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider")  # what the ONNX rankings run on
+# Leave-one-out costs (3 + nodes) inferences per image: few images on the CPU EP, more on CUDA (see the README).
+DEFAULT_SENSITIVITY_IMAGES = {"cpu": 4, "cuda": 16}
 CALIB_LIST_SIZE = 100  # images drawn by the calib-list step when the list is missing
 
 
@@ -103,13 +119,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--candidate-modes", nargs="*", choices=("fp8", "int8"), default=["fp8", "int8"],
                         help="low-bit candidate families K in --ks (default: fp8 int8; INT8 K=0 is the int8 step; "
                         "nothing to skip step 4)")
-    parser.add_argument("--ks", type=int, nargs="+", default=[0, 5, 10, 20], help="top-K exclusions (default: 0 5 10 20)")
-    parser.add_argument("--sensitivity", choices=("onnx", "torch"), default="onnx",
-                        help="ranking source: ONNX-native on the deployed graph (default) or the torch sweep on --weights")
-    parser.add_argument("--sensitivity-images", type=int, default=16, help="images scored by the sensitivity step (default: 16)")
+    parser.add_argument("--ks", type=int, nargs="+", default=None,
+                        help="fixed top-K exclusions, e.g. 0 5 10 20 (default: none, the budget search chooses K)")
+    parser.add_argument("--sensitivity", choices=("loo", "local", "torch"), default="loo",
+                        help="ranking: loo = propagated leave-one-out on the deployed Q/DQ graph (default), local = "
+                        "each node's own error (cheap), torch = the torch sweep on --weights")
+    parser.add_argument("--sensitivity-images", type=int, default=None,
+                        help="images scored by the sensitivity step (default: 4 on the CPU EP, 16 with CUDA)")
     parser.add_argument("--random-control", type=int, default=None, metavar="SEED",
-                        help="also build random K-node exclusions with this seed, to check the ranking beats chance")
-    parser.add_argument("--budget-ap", type=float, default=1.0, help="accuracy budget for the recommendation, AP points (default: 1.0)")
+                        help="with --ks: also build random K-node exclusions with this seed")
+    parser.add_argument("--random-seeds", type=int, default=3, help="search: random controls at the K found (default: 3)")
+    parser.add_argument("--random-band", action="store_true",
+                        help="search: random controls at every probed K too (costs seeds x probes evaluations)")
+    parser.add_argument("--max-probes", type=int, default=12, help="search: most candidates evaluated per mode (default: 12)")
+    parser.add_argument("--candidate-build", choices=("full", "requantize"), default="full",
+                        help="search: candidates from the full Q/DQ model with Q/DQ pairs removed (default) or "
+                        "ModelOpt re-quantization with nodes_to_exclude")
+    parser.add_argument("--budget-ap", type=float, default=0.5,
+                        help="AP points a variant may lose against FP32: the search's target and the "
+                        "recommendation's budget (default: 0.5)")
     parser.add_argument("--force", nargs="+", choices=STEP_NAMES, default=[], help="rerun these steps even if complete")
     parser.add_argument("--dry-run", action="store_true", help="print the commands and what would be skipped, run nothing")
     return parser
@@ -149,6 +177,9 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         args.run_id = preset["run_id"]
     # Output files are named after the model: the card's checkpoint yolov10m.onnx gives the card's names.
     args.model_name = args.onnx_path.stem
+    args.search = args.ks is None
+    if args.sensitivity_images is None:
+        args.sensitivity_images = DEFAULT_SENSITIVITY_IMAGES["cuda" if "CUDAExecutionProvider" in args.providers else "cpu"]
     return args
 
 
@@ -157,12 +188,17 @@ def check_settings(args: argparse.Namespace) -> None:
     checks = [
         (args.max_images >= 1, "--max-images", f"must be >= 1, got {args.max_images}"),
         (args.imgsz >= 32 and args.imgsz % 32 == 0, "--imgsz", f"must be a positive multiple of 32, got {args.imgsz}"),
-        (bool(args.ks) and min(args.ks) >= 0, "--ks", f"values must be >= 0, got {args.ks}"),
+        (args.search or min(args.ks) >= 0, "--ks", f"values must be >= 0, got {args.ks}"),
+        (not args.search or args.budget_ap > 0, "--budget-ap", f"must be > 0 for the search, got {args.budget_ap}"),
+        (args.random_seeds >= 0, "--random-seeds", f"must be >= 0, got {args.random_seeds}"),
+        (args.max_probes >= 1, "--max-probes", f"must be >= 1, got {args.max_probes}"),
         (args.sensitivity_images >= 1, "--sensitivity-images", f"must be >= 1, got {args.sensitivity_images}"),
         (math.isfinite(args.budget_ap) and args.budget_ap >= 0, "--budget-ap",
          f"must be a finite number of AP points >= 0, got {args.budget_ap}"),
         (args.random_control is None or args.random_control >= 0, "--random-control",
          f"seed must be >= 0, got {args.random_control}"),
+        (args.random_control is None or not args.search, "--random-control",
+         "applies to fixed K (--ks); the budget search draws its own controls (--random-seeds N)"),
         (args.run_id not in ("", ".", "..") and "/" not in args.run_id, "--run-id",
          f"must be a plain folder name, got {args.run_id!r}"),
     ]  # fmt: skip
@@ -289,15 +325,23 @@ def calib_path(args: argparse.Namespace, run: Path) -> Path:
     return run / "calib" / f"calib_{args.model_name}_{args.imgsz}.npy"
 
 
-def sensitivity_step(args: argparse.Namespace, run: Path, mode: str) -> Step:
-    """The ranking of one mode: ONNX-native on the deployed graph, or the torch sweep on ``--weights``."""
+def sensitivity_step(args: argparse.Namespace, run: Path, mode: str, full_model: Path | None = None) -> Step:
+    """The ranking of one mode: ONNX-native (``loo`` or ``local``), on ``full_model`` when given (the search's
+    Q/DQ model; else the script quantizes its own), or the torch sweep on ``--weights``."""
     calib = calib_path(args, run)
-    if args.sensitivity == "onnx":
-        out_dir = run / f"sensitivity-onnx-{mode}" / "outputs" / args.model_name / f"onnx-{mode}" / "per_layer"
+    if args.sensitivity != "torch":
+        method = args.sensitivity
+        out_dir = run / f"sensitivity-{method}-{mode}" / "outputs" / args.model_name / f"onnx-{mode}" / "per_layer"
+        providers = [p for p in args.providers if p in SENSITIVITY_PROVIDERS] or ["CPUExecutionProvider"]
         argv = [*_script("onnx_layer_sensitivity.py"), "--onnx-path", str(args.onnx_path), "--calib-path", str(calib),
-                "--num-images", str(args.sensitivity_images), "--precision", mode,
-                "--calibration-eps", *args.calibration_eps, "--out-dir", str(out_dir), "--overwrite"]  # fmt: skip
-        inputs = [args.onnx_path, calib]
+                "--num-images", str(args.sensitivity_images), "--precision", mode, "--method", method,
+                "--providers", *providers]  # fmt: skip
+        if full_model is None:
+            argv += ["--calibration-eps", *args.calibration_eps]
+        else:
+            argv += ["--qdq-path", str(full_model)]
+        argv += ["--out-dir", str(out_dir), "--overwrite"]
+        inputs = [args.onnx_path, calib] + ([full_model] if full_model else [])
     else:
         from lowbit.sensitivity_torch import OUTPUT_MODEL_DIR  # where the torch sweep puts its report
 
@@ -308,6 +352,52 @@ def sensitivity_step(args: argparse.Namespace, run: Path, mode: str) -> Step:
         inputs = [args.weights, calib]
     report = out_dir / "layer-sensitivity-report.json"
     return Step(f"sensitivity-{mode}", argv, outputs=[report], inputs=inputs, family="sensitivity")
+
+
+def full_model_path(args: argparse.Namespace, run: Path, mode: str) -> Path:
+    """The mode's calibrated Q/DQ model with every node quantized: the int8 step's, or the fp8 step's."""
+    name = f"{args.model_name}-int8-qdq.onnx" if mode == "int8" else f"{args.model_name}-fp8-k0.onnx"
+    return run / "onnx" / name
+
+
+def search_argv(args: argparse.Namespace, run: Path, mode: str, ranking: Path) -> list[str]:
+    """``search_yolov10m_lowbit_budget.py`` for one mode (INT8 K=0 is the int8-eval step's evaluation)."""
+    argv = ["--mode", mode, "--run-root", str(run), "--ranking", str(ranking), "--onnx-path", str(args.onnx_path),
+            "--full-model", str(full_model_path(args, run, mode)),
+            "--baseline-metrics", str(run / "baseline-coco" / "metrics.json"),
+            "--budget-ap", str(args.budget_ap), "--random-seeds", str(args.random_seeds),
+            "--max-probes", str(args.max_probes), "--build", args.candidate_build,
+            "--data-root", str(args.data_root), "--max-images", str(args.max_images),
+            "--providers", *args.providers, "--imgsz", str(args.imgsz)]  # fmt: skip
+    if mode == "int8":
+        argv += ["--k0-metrics", str(run / "int8-coco" / "metrics.json")]
+    if args.random_band:
+        argv.append("--random-band")
+    if args.candidate_build == "requantize":
+        argv += ["--calib-path", str(calib_path(args, run)), "--calibration-eps", *args.calibration_eps,
+                 "--high-precision-dtype", args.high_precision_dtype]  # fmt: skip
+        if mode == "int8":
+            argv += ["--calibration-method", args.calibration_method]
+    return argv
+
+
+def search_steps(args: argparse.Namespace, run: Path, mode: str) -> list[Step]:
+    """Search mode for one mode: (FP8: its full Q/DQ model), ranking on that model, budget search."""
+    calib = calib_path(args, run)
+    ann = args.data_root / "annotations" / "instances_val2017.json"
+    full = full_model_path(args, run, mode)
+    steps = []
+    if mode == "fp8":
+        fp8_argv = quantize_argv(args.onnx_path, calib, full, "fp8", args.calibration_eps, args.high_precision_dtype, None)
+        steps.append(Step("fp8", [*_script("quantize_yolov10m_onnx.py"), *fp8_argv], outputs=[full],
+                          inputs=[args.onnx_path, calib]))  # fmt: skip
+    sens = sensitivity_step(args, run, mode, None if args.sensitivity == "torch" else full)
+    ranking = sens.outputs[0]
+    baseline = run / "baseline-coco" / "metrics.json"
+    inputs = [ranking, full, baseline, args.onnx_path, ann] + ([run / "int8-coco" / "metrics.json"] if mode == "int8" else [])
+    search = Step(f"search-{mode}", [*_script("search_yolov10m_lowbit_budget.py"), *search_argv(args, run, mode, ranking)],
+                  outputs=[run / f"search-{mode}" / "search.json"], inputs=inputs, family="search")  # fmt: skip
+    return [*steps, sens, search]
 
 
 def mode_steps(args: argparse.Namespace, run: Path, mode: str) -> list[Step]:
@@ -340,11 +430,15 @@ def plan(args: argparse.Namespace, run: Path) -> list[Step]:
     """Every step of the run, in order; nothing is run or written."""
     steps = base_steps(args, run)
     for mode in args.candidate_modes:
-        steps += mode_steps(args, run, mode)
-    evaluated = [s.outputs[0] for s in steps if s.name in ("baseline", "int8-eval") or s.family == "candidates"]
+        steps += search_steps(args, run, mode) if args.search else mode_steps(args, run, mode)
+    evaluated = [s.outputs[0] for s in steps
+                 if s.name in ("baseline", "int8-eval") or s.family in ("candidates", "search")]  # fmt: skip
+    outputs = [run / "report.md", run / "report.json", run / "pareto.png"]
+    if args.search and args.candidate_modes:
+        outputs.append(run / "search-curves.png")
     steps.append(Step("report", [*_script("make_lowbit_report.py"), "--run-dir", str(run), "--out-dir", str(run),
                                  "--budget-ap", str(args.budget_ap), "--overwrite"],
-                      outputs=[run / "report.md", run / "report.json", run / "pareto.png"], inputs=evaluated))  # fmt: skip
+                      outputs=outputs, inputs=evaluated))  # fmt: skip
     return steps
 
 
@@ -448,6 +542,12 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_json(run / "workflow.json", {"argv": sys.argv if argv is None else argv, "preset": args.preset,
                                               "steps": [s.name for s in steps], "args": vars(args)})  # fmt: skip
     logger.info("run dir %s: %d steps (%s)", run, len(steps), " ".join(s.name for s in steps))
+    if args.search:
+        logger.info("K per mode: budget search, %s ranking, budget %g AP, candidates built '%s', <= %d probes, "
+                    "%d random seeds", args.sensitivity, args.budget_ap, args.candidate_build, args.max_probes,
+                    args.random_seeds)  # fmt: skip
+    else:
+        logger.info("K per mode: fixed, --ks %s", " ".join(map(str, args.ks)))
     t_start = time.perf_counter()
     rc = run_steps(run, steps, set(args.force), args.dry_run, logger)
     if rc != 0 or args.dry_run:

@@ -1,0 +1,598 @@
+"""Low-bit candidates with the top-K ranked nodes in float: built, evaluated and cached by K.
+
+Two ways to build the candidate for a list of float nodes:
+
+* ``full`` (default): :func:`lowbit.qdq_edit.remove_qdq_for_nodes` on the calibrated full Q/DQ model
+  of the mode (the int8 step's model, or FP8 with no exclusions). Nothing is recalibrated: the scales
+  are those of the full model, which ModelOpt computed on the float model, so they are the scales a
+  re-quantization would compute again. Seconds per candidate.
+* ``requantize``: ModelOpt quantizes the FP32 model again with ``nodes_to_exclude``
+  (:func:`lowbit.quantize.quantize_onnx`); a full calibration per candidate. Where ModelOpt's
+  placement rules move a Q/DQ pair because of an exclusion (e.g. in front of an Add whose consumers
+  all became float), the two graphs differ; :func:`compare_builds` measures by how much.
+
+Files, under ``run_root`` (names the report reads: ``-k{K}`` / ``-k{K}_random{SEED}``):
+
+    onnx/<model>-<mode>-k{K}[_random{SEED}].onnx            the candidate (K = 0: the full model itself)
+    onnx/<model>-<mode>-k{K}[_random{SEED}].inputs.json     what it was built from and evaluated with
+    <mode>-k{K}[_random{SEED}]-coco/metrics.json            its evaluation (``lowbit.evaluate``)
+
+A candidate whose record matches (same full model, same nodes, same evaluation settings, files with
+the recorded sha256) is reused without running anything; anything else is rebuilt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lowbit.logs import get_logger
+from lowbit.runs import UserError, atomic_write_json, atomic_write_text, manifest_run, sha256_file
+from lowbit.schemes import Scheme, find_schemes
+
+log = get_logger("candidates")
+
+RECORD_SCHEMA_VERSION = 2
+BUILDS = ("full", "requantize")
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation settings of every candidate (``lowbit.evaluate.EvalSettings`` fields)."""
+
+    data_root: Path
+    max_images: int
+    providers: list[str] = field(default_factory=lambda: ["CPUExecutionProvider"])
+    imgsz: int = 640
+    warmup_runs: int = 10
+    skip_latency: int = 10
+
+    def record(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["data_root"] = str(self.data_root)
+        return out
+
+
+@dataclass
+class RequantizeConfig:
+    """What ``requantize`` builds need: the FP32 model, calibration tensor and quantizer settings."""
+
+    onnx_path: Path
+    calib_path: Path
+    calibration_method: str | None = None
+    calibration_eps: list[str] = field(default_factory=lambda: ["cpu"])
+    high_precision_dtype: str = "fp32"
+
+
+@dataclass
+class Evaluated:
+    """One evaluated candidate: ``k`` float nodes (``nodes``), ``map50_95`` (0..1) and its files."""
+
+    name: str
+    k: int
+    nodes: list[str]
+    random_seed: int | None
+    map50_95: float
+    model_path: Path
+    metrics_path: Path
+    reused: bool
+
+    @property
+    def ap(self) -> float:
+        """mAP50-95 in AP points (x 100), the unit of ``--budget-ap``."""
+        return self.map50_95 * 100.0
+
+
+def candidate_name(mode: str, k: int, random_seed: int | None = None) -> str:
+    """``<mode>-k{K}`` or ``<mode>-k{K}_random{SEED}``."""
+    return f"{mode}-k{k}" + ("" if random_seed is None else f"_random{random_seed}")
+
+
+def read_map(metrics_path: Path, flag: str) -> float:
+    """``metrics.map50_95`` of an evaluator ``metrics.json`` (0..1)."""
+    try:
+        return float(json.loads(Path(metrics_path).read_text(encoding="utf-8"))["metrics"]["map50_95"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{flag}: {metrics_path} is not an evaluator metrics.json with metrics.map50_95", flag=flag) from e
+
+
+def _read_record(path: Path) -> dict | None:
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get("schema_version") == RECORD_SCHEMA_VERSION else None
+
+
+class CandidateStore:
+    """Builds and evaluates the candidates of one mode, reusing those already evaluated with the same inputs.
+
+    Args:
+        run_root: the run directory (files as in the module docstring).
+        mode: ``int8`` or ``fp8`` (names the files).
+        model_stem: ``<model>`` in the file names (the FP32 model's stem).
+        full_model: the calibrated Q/DQ model of the mode (every node quantized).
+        evaluation: evaluation settings.
+        build: ``full`` or ``requantize``.
+        requantize: needed with ``build="requantize"``.
+        suffix: appended to ``<mode>-k{K}`` in file names (e.g. ``-requant`` for a comparison).
+    """
+
+    def __init__(self, run_root: Path, mode: str, model_stem: str, full_model: Path, evaluation: EvalConfig,
+                 build: str = "full", requantize: RequantizeConfig | None = None, suffix: str = ""):  # fmt: skip
+        if build not in BUILDS:
+            raise UserError(f"--build must be one of {', '.join(BUILDS)}, got {build!r}", flag="--build")
+        if build == "requantize" and requantize is None:
+            raise UserError("--build requantize needs the FP32 model and calibration tensor", flag="--calib-path")
+        self.run_root, self.mode, self.stem = Path(run_root), mode, model_stem
+        self.full_model, self.evaluation, self.build, self.requantize = Path(full_model), evaluation, build, requantize
+        self.suffix = suffix
+        self._full_sha: str | None = None
+        self._full_proto = None
+
+    @property
+    def full_sha(self) -> str:
+        if self._full_sha is None:
+            self._full_sha = sha256_file(self.full_model)
+        return self._full_sha
+
+    def paths(self, k: int, random_seed: int | None = None) -> tuple[str, Path, Path]:
+        """``(name, model path, metrics path)`` of a candidate."""
+        name = candidate_name(self.mode, k, random_seed) + self.suffix
+        if k == 0 and self.build == "full":
+            model = self.full_model  # nothing to remove: the full model is the K=0 candidate
+        else:
+            model = self.run_root / "onnx" / f"{self.stem}-{name}.onnx"
+        return name, model, self.run_root / f"{name}-coco" / "metrics.json"
+
+    def _build_record(self, nodes: list[str]) -> dict[str, Any]:
+        record: dict[str, Any] = {"method": self.build, "full_model_sha256": self.full_sha, "nodes": list(nodes)}
+        if self.build == "requantize":
+            rq = self.requantize
+            record.update(onnx_sha256=sha256_file(rq.onnx_path), calib_sha256=sha256_file(rq.calib_path),
+                          quantize={"mode": self.mode, "calibration_method": rq.calibration_method,
+                                    "calibration_eps": list(rq.calibration_eps),
+                                    "high_precision_dtype": rq.high_precision_dtype})  # fmt: skip
+        return record
+
+    def _reusable(self, record_path: Path, model: Path, metrics: Path, build: dict) -> bool:
+        record = _read_record(record_path)
+        if record is None or record.get("build") != build or record.get("evaluation") != self.evaluation.record():
+            return False
+        if not (model.is_file() and metrics.is_file()):
+            return False
+        return record.get("model_sha256") == sha256_file(model) and record.get("metrics_sha256") == sha256_file(metrics)
+
+    def evaluate(self, nodes: list[str], random_seed: int | None = None) -> Evaluated:
+        """Build (if needed) and evaluate the candidate with ``nodes`` in float; cached by its record."""
+        k = len(nodes)
+        name, model, metrics = self.paths(k, random_seed)
+        record_path = self.run_root / "onnx" / f"{self.stem}-{name}.inputs.json"
+        build = self._build_record(nodes)
+        if self._reusable(record_path, model, metrics, build):
+            log.info("%s: evaluated before with these inputs, reused (%s)", name, metrics)
+            return Evaluated(name, k, list(nodes), random_seed, read_map(metrics, "candidate metrics"), model, metrics, True)
+        record_path.unlink(missing_ok=True)  # a failed rebuild must not leave the old record looking current
+        if model != self.full_model:
+            self._write_model(nodes, model)
+        log.info("%s: evaluating %s (%d nodes in float)", name, model, k)
+        from lowbit.evaluate import EvalSettings, evaluate
+
+        ev = self.evaluation
+        evaluate(EvalSettings(onnx_path=model, data_root=ev.data_root, max_images=ev.max_images,
+                              providers=list(ev.providers), warmup_runs=ev.warmup_runs, skip_latency=ev.skip_latency,
+                              imgsz=ev.imgsz, out=metrics, overwrite=True))  # fmt: skip
+        atomic_write_json(record_path, {"schema_version": RECORD_SCHEMA_VERSION, "candidate": name, "build": build,
+                                        "ranking_nodes": list(nodes), "random_seed": random_seed,
+                                        "evaluation": ev.record(), "model_sha256": sha256_file(model),
+                                        "metrics_sha256": sha256_file(metrics)})  # fmt: skip
+        return Evaluated(name, k, list(nodes), random_seed, read_map(metrics, "candidate metrics"), model, metrics, False)
+
+    def _write_model(self, nodes: list[str], model: Path) -> None:
+        model.parent.mkdir(parents=True, exist_ok=True)
+        if self.build == "full":
+            build_from_full_model(self._full(), nodes, model)
+        else:
+            build_requantized(self.requantize, self.mode, nodes, model)
+
+    def _full(self):
+        import onnx
+
+        if self._full_proto is None:
+            self._full_proto = onnx.load(str(self.full_model))
+        return self._full_proto
+
+
+def build_from_full_model(full_qdq, nodes: list[str], out_path: Path, flag: str = "--ranking") -> Path:
+    """Write ``full_qdq`` (a loaded ``ModelProto``) with ``nodes`` in float to ``out_path`` (atomically)."""
+    import onnx
+
+    from lowbit.qdq_edit import remove_qdq_for_nodes
+
+    edited = remove_qdq_for_nodes(full_qdq, nodes, flag=flag)
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    onnx.save(edited, str(tmp))
+    tmp.replace(out_path)
+    return out_path
+
+
+def build_requantized(cfg: RequantizeConfig, mode: str, nodes: list[str], out_path: Path) -> Path:
+    """Quantize ``cfg.onnx_path`` again with ModelOpt, ``nodes`` in ``nodes_to_exclude``."""
+    from lowbit.quantize import QuantizeSettings, quantize_onnx
+
+    settings = QuantizeSettings(onnx_path=cfg.onnx_path, calib_path=cfg.calib_path, output_path=out_path,
+                                quantize_mode=mode, calibration_method=cfg.calibration_method,
+                                calibration_eps=list(cfg.calibration_eps),
+                                high_precision_dtype=cfg.high_precision_dtype, nodes_to_exclude=list(nodes),
+                                overwrite=True)  # fmt: skip
+    return quantize_onnx(settings).output_path
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# ranking -> node names
+
+
+def ranked_nodes(report_path: Path, fp32_model_path: Path, qdq_model_path: Path, flag: str = "--ranking") -> list[str]:
+    """The nodes of the Q/DQ model in the report's rank order (most sensitive first).
+
+    Report layers map onto the FP32 graph as the scheme maker maps them (``lowbit.schemes.map_layers``);
+    layers that map to no node, or to a node the Q/DQ model does not quantize, are dropped.
+    """
+    import onnx
+
+    from lowbit.qdq_graph import find_quantized_nodes
+    from lowbit.schemes import map_layers
+    from lowbit.sensitivity_onnx import NodeMatcher
+    from lowbit.sensitivity_report import load_report
+
+    report = load_report(Path(report_path), flag)
+    fp32 = onnx.load(str(fp32_model_path), load_external_data=False)
+    mapping = map_layers(report, NodeMatcher(fp32))
+    quantized = {n.name for n in find_quantized_nodes(onnx.load(str(qdq_model_path), load_external_data=False).graph)}
+    nodes = [m["onnx_node"] for m in mapping.matched if m["onnx_node"] in quantized]
+    if not nodes:
+        raise UserError(f"{flag}: no layer of {report_path} maps to a quantized node of {qdq_model_path}", flag=flag)
+    return nodes
+
+
+def random_nodes(pool: list[str], k: int, seed: int) -> list[str]:
+    """``k`` nodes of ``pool`` drawn with ``seed`` (pool sorted by name: the draw ignores the ranking)."""
+    import numpy as np
+
+    ordered = sorted(pool)
+    picks = sorted(np.random.default_rng(seed).choice(len(ordered), size=k, replace=False).tolist())
+    return [ordered[i] for i in picks]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# full-model edit vs ModelOpt re-quantization
+
+
+def compare_builds(full: CandidateStore, requant: CandidateStore, nodes_by_k: dict[int, list[str]]) -> list[dict]:
+    """Evaluate both builds of each ``{K: float nodes}``; rows ``{k, ap_full_model, ap_requantize, diff_ap}``
+    (AP points; ``diff_ap`` = full-model edit minus re-quantization)."""
+    rows = []
+    for k in sorted(nodes_by_k):
+        a, b = full.evaluate(nodes_by_k[k]), requant.evaluate(nodes_by_k[k])
+        rows.append({"k": k, "ap_full_model": a.ap, "ap_requantize": b.ap, "diff_ap": a.ap - b.ap,
+                     "full_model_metrics": str(a.metrics_path), "requantize_metrics": str(b.metrics_path)})  # fmt: skip
+    return rows
+
+
+def compare_table(rows: list[dict], tolerance_ap: float = 0.05) -> str:
+    """Markdown table of :func:`compare_builds` rows, with whether each K agrees within ``tolerance_ap``."""
+    lines = ["| K | AP full-model edit | AP ModelOpt re-quantization | diff (AP) | within tolerance |",
+             "|---:|---:|---:|---:|:---:|"]  # fmt: skip
+    for r in rows:
+        ok = "yes" if abs(r["diff_ap"]) <= tolerance_ap else "no"
+        lines.append(f"| {r['k']} | {r['ap_full_model']:.2f} | {r['ap_requantize']:.2f} | {r['diff_ap']:+.2f} | {ok} |")
+    return "\n".join(lines) + f"\n\ntolerance: {tolerance_ap:g} AP\n"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# candidates from scheme files (materialize_yolov10m_lowbit_candidates.py): ModelOpt re-quantization per
+# scheme, or, with ``args.from_full_model``, the full Q/DQ model with the scheme's nodes' Q/DQ pairs removed
+
+SCHEME_RECORD_SCHEMA_VERSION = 1
+
+
+def _build_scheme_model(args, c) -> tuple[int, int]:
+    """Write candidate ``c``'s model; returns ``(Q/DQ pairs, quantized nodes)`` of the result."""
+    if getattr(args, "from_full_model", None):
+        import onnx
+
+        from lowbit.qdq_graph import qdq_summary
+
+        log.info("%s: removing the Q/DQ pairs of %d nodes from %s", c.name, c.scheme.k, args.from_full_model)
+        c.model_path.parent.mkdir(parents=True, exist_ok=True)
+        build_from_full_model(onnx.load(str(args.from_full_model)), c.scheme.nodes_to_exclude, c.model_path,
+                              flag="--schemes-dir")  # fmt: skip
+        summary = qdq_summary(onnx.load(str(c.model_path)).graph)
+        return int(summary.get("qdq_pairs", 0)), len(summary.get("quantized_nodes", []))
+    from lowbit.quantize import quantize_onnx
+
+    log.info("%s: quantizing with %d excluded nodes", c.name, c.scheme.k)
+    result = quantize_onnx(quantize_settings(args, c), argv=None)
+    return result.qdq_pairs, len(result.quantized_nodes)
+
+
+@dataclass
+class SchemeCandidate:
+    """One scheme to materialize: where its files go, what it must be built from, and what to redo."""
+
+    scheme: Scheme
+    name: str  # <mode>-k{K}[_random{SEED}]
+    model_path: Path
+    metrics_path: Path
+    build: dict  # the inputs and settings the model must come from
+    evaluation: dict | None  # the evaluation settings its metrics must come from (None without --eval)
+    record: dict | None  # the record of an earlier build, when it matches
+    quantize: bool = True
+    evaluate: bool = False
+
+    @property
+    def record_path(self) -> Path:
+        return self.model_path.with_suffix(".inputs.json")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# checks, all before anything is quantized
+
+
+def check_materialize_settings(args: argparse.Namespace) -> None:
+    """Numbers and modes; with ``--eval`` the evaluator's own checks of the evaluation settings."""
+    from lowbit.quantize import refuse_int4
+
+    if not args.ks or min(args.ks) < 0:
+        raise UserError(f"--ks values must be >= 0, got {args.ks}", flag="--ks")
+    refuse_int4(args.quant_mode, "--quant-mode")
+    if args.eval:
+        from lowbit.evaluate import resolve_data_paths, validate_settings
+        from lowbit.ort_session import check_providers
+
+        settings = eval_settings(args, args.onnx_path, args.run_root / "check" / "metrics.json")
+        validate_settings(settings)
+        resolve_data_paths(settings)
+        check_providers(args.providers, disable_cpu_fallback=False, flag="--providers")
+
+
+def eval_settings(args: argparse.Namespace, model_path: Path, out: Path):
+    from lowbit.evaluate import EvalSettings
+
+    return EvalSettings(
+        onnx_path=model_path, data_root=args.data_root, max_images=args.max_images, providers=list(args.providers),
+        warmup_runs=args.warmup_runs, skip_latency=args.skip_latency, imgsz=args.imgsz, out=out, overwrite=True,
+    )  # fmt: skip
+
+
+def quantize_settings(args: argparse.Namespace, candidate: SchemeCandidate):
+    from lowbit.quantize import QuantizeSettings
+
+    return QuantizeSettings(
+        onnx_path=args.onnx_path, calib_path=args.calib_path, output_path=candidate.model_path,
+        quantize_mode=args.quant_mode, calibration_method=args.calibration_method,
+        calibration_eps=list(args.calibration_eps), high_precision_dtype=args.high_precision_dtype,
+        exclude_json=candidate.scheme.path, overwrite=True,
+    )  # fmt: skip
+
+
+def check_schemes_fit(args: argparse.Namespace, candidates: list[SchemeCandidate]) -> None:
+    """Every candidate the quantizer will run on passes its checks (the calibration tensor is read once)."""
+    from lowbit.quantize import validate_settings
+
+    todo = [c for c in candidates if c.quantize]
+    if not todo or getattr(args, "from_full_model", None):  # remove_qdq_for_nodes names unknown nodes itself
+        return
+    node_names = {n.name for n in validate_settings(quantize_settings(args, todo[0])).model.graph.node}
+    for c in todo[1:]:
+        unknown = [n for n in c.scheme.nodes_to_exclude if n not in node_names]
+        if unknown:
+            raise UserError(
+                f"--schemes-dir: {c.scheme.path} excludes {len(unknown)} node(s) that --onnx-path does not have "
+                f"(first: {unknown[0]}); were the schemes made for another model?",
+                flag="--schemes-dir",
+            )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# what to (re)build
+
+
+def _read_scheme_record(path: Path) -> dict | None:
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return record if isinstance(record, dict) and record.get("schema_version") == SCHEME_RECORD_SCHEMA_VERSION else None
+
+
+def _differences(expected: dict, recorded: dict | None) -> list[str]:
+    recorded = recorded or {}
+    return [key for key in expected if expected[key] != recorded.get(key)]
+
+
+def plan_candidates(args: argparse.Namespace, schemes: list[Scheme], digests: dict[str, str]) -> list[SchemeCandidate]:
+    """One SchemeCandidate per scheme, each marked to quantize and/or evaluate.
+
+    Without ``--overwrite`` a candidate whose record matches is kept, and one whose model, record or
+    metrics disagree with this run's inputs or settings is an error naming ``--overwrite``: nothing is
+    quantized then, and no summary claims inputs that the candidates were not built from.
+    """
+    stem = args.onnx_path.stem
+    quant = {"quant_mode": args.quant_mode, "high_precision_dtype": args.high_precision_dtype,
+             "calibration_method": args.calibration_method, "calibration_eps": list(args.calibration_eps)}  # fmt: skip
+    evaluation = ({"data_root": str(args.data_root), "max_images": args.max_images, "providers": list(args.providers),
+                   "imgsz": args.imgsz, "warmup_runs": args.warmup_runs, "skip_latency": args.skip_latency}
+                  if args.eval else None)  # fmt: skip
+    candidates, stale = [], []
+    for scheme in schemes:
+        name = f"{args.quant_mode}-{scheme.tag}"
+        build = {"onnx_sha256": digests["onnx"], "calib_sha256": digests["calib"],
+                 "scheme_sha256": sha256_file(scheme.path), "quantize": quant}  # fmt: skip
+        if digests.get("full_model"):  # built by removing Q/DQ pairs from this model, not by ModelOpt
+            build["from_full_model_sha256"] = digests["full_model"]
+        c = SchemeCandidate(scheme, name, args.run_root / "onnx" / f"{stem}-{name}.onnx",
+                      args.run_root / f"{name}-coco" / "metrics.json", build, evaluation, None)  # fmt: skip
+        if args.overwrite:
+            c.evaluate = evaluation is not None
+            problems = []
+        else:
+            problems = _stale_parts(c)
+        if problems:
+            stale.append(f"{name} ({', '.join(problems)})")
+        candidates.append(c)
+    if stale:
+        raise UserError(
+            f"--run-root {args.run_root} holds candidates built from other inputs or settings than this run's: "
+            f"{'; '.join(stale)}. Pass --overwrite (OVERWRITE=1) to rebuild them, or use another --run-root",
+            flag="--overwrite",
+        )
+    return candidates
+
+
+def _stale_parts(c: SchemeCandidate) -> list[str]:
+    """Mark what ``c`` needs; returns what disagrees with an earlier build (empty: nothing is stale)."""
+    record = _read_scheme_record(c.record_path)
+    exists = c.model_path.exists() or c.record_path.exists()
+    if not exists:
+        c.evaluate = c.evaluation is not None
+        return []
+    if record is None or not c.model_path.is_file():
+        return ["no record of its inputs" if record is None else "model file missing"]
+    differences = _differences(c.build, record.get("build"))
+    if record.get("model_sha256") != sha256_file(c.model_path):
+        differences.append("model file changed")
+    if differences:
+        return [_INPUT_NAMES.get(d, d) for d in differences]
+    c.record, c.quantize = record, False
+    if c.evaluation is None:
+        return []
+    metrics_ok = c.metrics_path.is_file() and record.get("metrics_sha256") == sha256_file(c.metrics_path)
+    if metrics_ok and record.get("evaluation") == c.evaluation:
+        return []
+    if c.metrics_path.exists() or record.get("evaluation") is not None:
+        return ["evaluation settings or metrics differ"]
+    c.evaluate = True
+    return []
+
+
+_INPUT_NAMES = {
+    "onnx_sha256": "--onnx-path / ONNX_PATH differs",
+    "calib_sha256": "--calib-path / CALIB_PATH differs",
+    "scheme_sha256": "its scheme differs",
+    "quantize": "quantization settings differ",
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# building, evaluating, summarizing
+
+
+def materialize_one(args: argparse.Namespace, c: SchemeCandidate) -> dict:
+    """Quantize and/or evaluate ``c`` as planned; returns its record (also written beside the model)."""
+    from lowbit.evaluate import evaluate
+
+    record = dict(c.record or {})
+    if c.quantize:
+        c.record_path.unlink(missing_ok=True)  # a failed rebuild must not leave the old record looking current
+        pairs, quantized = _build_scheme_model(args, c)
+        record = {"schema_version": SCHEME_RECORD_SCHEMA_VERSION, "candidate": c.name, "build": c.build,
+                  "model_sha256": sha256_file(c.model_path), "qdq_pairs": pairs,
+                  "num_quantized_nodes": quantized, "evaluation": None, "metrics_sha256": None}  # fmt: skip
+        atomic_write_json(c.record_path, record)
+    else:
+        log.info("%s: %s was built from these inputs, kept", c.name, c.model_path)
+    if c.evaluate:
+        log.info("%s: evaluating", c.name)
+        evaluate(eval_settings(args, c.model_path, c.metrics_path))
+        record.update(evaluation=c.evaluation, metrics_sha256=sha256_file(c.metrics_path))
+        atomic_write_json(c.record_path, record)
+    return record
+
+
+def summary_row(args: argparse.Namespace, c: SchemeCandidate, record: dict) -> dict:
+    row = {
+        "candidate": c.name,
+        "k": c.scheme.k,
+        "random_control": c.scheme.random_seed is not None,
+        "scheme": str(c.scheme.path),
+        "model": str(c.model_path),
+        "inputs_record": str(c.record_path),
+        "excluded_nodes": c.scheme.nodes_to_exclude,
+        "qdq_pairs": record["qdq_pairs"],
+        "num_quantized_nodes": record["num_quantized_nodes"],
+        "model_bytes": c.model_path.stat().st_size,
+    }
+    if args.eval:
+        result = json.loads(c.metrics_path.read_text(encoding="utf-8"))
+        row.update(metrics=str(c.metrics_path), map50_95=result["metrics"]["map50_95"],
+                   map50=result["metrics"]["map50"], latency_ms_p50=result["latency_ms"]["p50"])  # fmt: skip
+    return row
+
+
+def summary_markdown(rows: list[dict]) -> str:
+    lines = ["| candidate | excluded | Q/DQ pairs | mAP50-95 | mAP50 | p50 ms |", "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        ap, ap50 = (f"{r[key]:.4f}" if r.get(key) is not None else "-" for key in ("map50_95", "map50"))
+        p50 = f"{r['latency_ms_p50']:.1f}" if r.get("latency_ms_p50") is not None else "-"  # None: too few timed runs
+        lines.append(f"| {r['candidate']} | {len(r['excluded_nodes'])} | {r['qdq_pairs']} | {ap} | {ap50} | {p50} |")
+    return "\n".join(lines) + "\n"
+
+
+
+
+def materialize_candidates(args: argparse.Namespace, argv: list[str] | None, script: str) -> list[dict]:
+    """Build (and with ``args.eval`` evaluate) every scheme's candidate; writes the summary; returns its rows.
+
+    ``args``: the materializer's flags (``run_root``, ``calib_path``, ``schemes_dir``, ``onnx_path``, ``ks``,
+    ``quant_mode``, ``from_full_model`` ...), already checked for existence.
+    """
+    from lowbit.logs import setup_logging
+
+    check_materialize_settings(args)
+    schemes = find_schemes(args.schemes_dir, sorted(set(args.ks)), args.include_random, "--schemes-dir")
+    digests = {"onnx": sha256_file(args.onnx_path), "calib": sha256_file(args.calib_path)}
+    if args.from_full_model:
+        digests["full_model"] = sha256_file(args.from_full_model)
+    candidates = plan_candidates(args, schemes, digests)
+    check_schemes_fit(args, candidates)
+    out_dir = args.run_root / f"candidates-{args.quant_mode}"
+    setup_logging(out_dir / "materialize.log")
+    rows = []
+    with manifest_run(out_dir / "manifest.json", script, vars(args), argv) as manifest:
+        manifest.add_input(args.onnx_path, digests["onnx"])
+        manifest.add_input(args.calib_path, digests["calib"])
+        for name in ("summary.json", "summary.md"):  # an earlier summary must not outlive a failed rerun
+            (out_dir / name).unlink(missing_ok=True)
+        for c in candidates:
+            manifest.add_input(c.scheme.path, c.build["scheme_sha256"])
+            rows.append(summary_row(args, c, materialize_one(args, c)))
+            manifest.update(candidates=rows)
+        atomic_write_json(out_dir / "summary.json", {"quant_mode": args.quant_mode, "candidates": rows})
+        atomic_write_text(out_dir / "summary.md", summary_markdown(rows))
+        manifest.add_output("summary", out_dir / "summary.json")
+    return rows
+
+
+def compare_requantize(args: argparse.Namespace) -> list[dict]:
+    """Both builds of every scheme K (``args.ks``), evaluated into ``args.compare_dir``; :func:`compare_builds` rows.
+
+    Needs ``args.from_full_model`` (the calibrated full Q/DQ model) and the evaluation flags.
+    """
+    if not args.from_full_model:
+        raise UserError("--compare-requantize needs --from-full-model (the calibrated full Q/DQ model)",
+                        flag="--from-full-model")  # fmt: skip
+    check_materialize_settings(args)
+    schemes = [s for s in find_schemes(args.schemes_dir, sorted(set(args.ks)), False, "--schemes-dir")]
+    evaluation = EvalConfig(args.data_root, args.max_images, list(args.providers), args.imgsz, args.warmup_runs,
+                            args.skip_latency)  # fmt: skip
+    requant = RequantizeConfig(args.onnx_path, args.calib_path, args.calibration_method, list(args.calibration_eps),
+                               args.high_precision_dtype)  # fmt: skip
+    stem = args.onnx_path.stem
+    full = CandidateStore(args.compare_dir, args.quant_mode, stem, args.from_full_model, evaluation, "full")
+    again = CandidateStore(args.compare_dir, args.quant_mode, stem, args.from_full_model, evaluation, "requantize",
+                           requant, suffix="-requant")  # fmt: skip
+    return compare_builds(full, again, {s.k: list(s.nodes_to_exclude) for s in schemes})

@@ -1,0 +1,110 @@
+"""Find, for one mode, the fewest float nodes along a ranking whose evaluated candidate is within the AP budget.
+
+Probes K (the top-K ranked nodes in float) by bisection (``lowbit.budget_search``); each probe is the
+mode's full Q/DQ model with those nodes' Q/DQ pairs removed (``--build full``, no recalibration) or a
+ModelOpt re-quantization with ``nodes_to_exclude`` (``--build requantize``), evaluated on the
+evaluation slice. Evaluated candidates are cached beside the run (``lowbit.candidates``): a rerun
+reuses them. Then ``--random-seeds`` random controls at the K found. Writes
+``<run-root>/search-<mode>/search.json`` (keys in ``lowbit/search_run.py``) and ``search.md``.
+
+Example::
+
+    python scripts/cv-models/search_yolov10m_lowbit_budget.py --mode int8 --run-root tmp/yolov10m_lowbit/demo \\
+        --ranking tmp/yolov10m_lowbit/demo/sensitivity-loo-int8/layer-sensitivity-report.json \\
+        --onnx-path models/cv-models/yolov10n-demo-shapes/yolov10n-demo-shapes.onnx \\
+        --full-model tmp/yolov10m_lowbit/demo/onnx/yolov10n-demo-shapes-int8-qdq.onnx \\
+        --baseline-metrics tmp/yolov10m_lowbit/demo/baseline-coco/metrics.json \\
+        --data-root datasets/demo-shapes --max-images 500 --budget-ap 0.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from lowbit import search_run
+from lowbit.budget_search import DEFAULT_MAX_PROBES
+from lowbit.candidates import BUILDS, EvalConfig, RequantizeConfig
+from lowbit.cli import cli_entry
+from lowbit.logs import setup_logging
+from lowbit.ort_session import MODELOPT_CALIBRATION_EPS
+from lowbit.runs import UserError, atomic_write_json, atomic_write_text, check_input_file, manifest_run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    p.add_argument("--mode", choices=("int8", "fp8"), required=True, help="low-bit mode searched")
+    p.add_argument("--run-root", type=Path, required=True, help="run directory: candidates and search-<mode>/ go here")
+    p.add_argument("--ranking", type=Path, required=True, help="layer-sensitivity-report.json giving the node order")
+    p.add_argument("--onnx-path", type=Path, required=True, help="FP32 ONNX model; its stem names the candidates")
+    p.add_argument("--full-model", type=Path, required=True, help="the mode's calibrated Q/DQ model, every node quantized")
+    p.add_argument("--baseline-metrics", type=Path, required=True, help="FP32 metrics.json (the budget's reference)")
+    p.add_argument("--k0-metrics", type=Path, default=None, help="metrics.json of --full-model already evaluated (K=0)")
+    p.add_argument("--budget-ap", type=float, default=search_run.DEFAULT_BUDGET_AP, help="AP points allowed to lose")
+    p.add_argument("--random-seeds", type=int, default=search_run.DEFAULT_RANDOM_SEEDS, help="random controls at the K found")
+    p.add_argument("--random-band", action="store_true",
+                   help="random controls at every probed K too (the band of the ΔAP-vs-K plot; seeds x probes evaluations)")
+    p.add_argument("--max-probes", type=int, default=DEFAULT_MAX_PROBES, help="most candidates evaluated by the search")
+    p.add_argument("--seed-ks", type=int, nargs="*", default=[], help="Ks probed right after K=0 (e.g. 5 10 20)")
+    p.add_argument("--build", choices=BUILDS, default="full",
+                   help="full: remove Q/DQ pairs from --full-model; requantize: ModelOpt nodes_to_exclude")
+    p.add_argument("--calib-path", type=Path, default=None, help="calibration .npy (needed by --build requantize)")
+    p.add_argument("--calibration-method", choices=("entropy", "max"), default=None, help="for --build requantize")
+    p.add_argument("--calibration-eps", nargs="+", choices=MODELOPT_CALIBRATION_EPS, default=["cpu"])
+    p.add_argument("--high-precision-dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
+    p.add_argument("--data-root", type=Path, required=True, help="COCO-layout dataset of the evaluation slice")
+    p.add_argument("--max-images", type=int, default=100, help="evaluation slice: first N image ids")
+    p.add_argument("--providers", nargs="+", default=["CPUExecutionProvider"], help="ORT providers of the evaluations")
+    p.add_argument("--imgsz", type=int, default=640)
+    p.add_argument("--warmup-runs", type=int, default=10)
+    p.add_argument("--skip-latency", type=int, default=10)
+    return p
+
+
+def config(args: argparse.Namespace) -> search_run.SearchConfig:
+    """Checked settings (files exist, sizes >= 1) as a :class:`lowbit.search_run.SearchConfig`."""
+    if args.max_images < 1:
+        raise UserError(f"--max-images must be >= 1, got {args.max_images}", flag="--max-images")
+    paths = {flag: check_input_file(getattr(args, flag[2:].replace("-", "_")), flag)
+             for flag in ("--ranking", "--onnx-path", "--full-model", "--baseline-metrics")}  # fmt: skip
+    k0 = check_input_file(args.k0_metrics, "--k0-metrics") if args.k0_metrics else None
+    requantize = None
+    if args.build == "requantize":
+        if args.calib_path is None:
+            raise UserError("--build requantize needs --calib-path", flag="--calib-path")
+        requantize = RequantizeConfig(paths["--onnx-path"], check_input_file(args.calib_path, "--calib-path"),
+                                      args.calibration_method, list(args.calibration_eps), args.high_precision_dtype)  # fmt: skip
+    evaluation = EvalConfig(args.data_root, args.max_images, list(args.providers), args.imgsz, args.warmup_runs,
+                            args.skip_latency)  # fmt: skip
+    return search_run.SearchConfig(
+        mode=args.mode, ranking=paths["--ranking"], onnx_path=paths["--onnx-path"], full_model=paths["--full-model"],
+        baseline_metrics=paths["--baseline-metrics"], run_root=args.run_root, evaluation=evaluation,
+        budget_ap=args.budget_ap, random_seeds=args.random_seeds, max_probes=args.max_probes, random_band=args.random_band,
+        seed_ks=list(args.seed_ks), k0_metrics=k0, build=args.build, requantize=requantize,
+    )  # fmt: skip
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = config(args)
+    out_dir = args.run_root / f"search-{args.mode}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("search.json", "search.md"):  # an earlier result must not outlive a failed rerun
+        (out_dir / name).unlink(missing_ok=True)
+    setup_logging(out_dir / "search.log")
+    with manifest_run(out_dir / "manifest.json", "search_yolov10m_lowbit_budget.py", vars(args), argv) as manifest:
+        for path in (cfg.ranking, cfg.onnx_path, cfg.full_model, cfg.baseline_metrics):
+            manifest.add_input(path)
+        data = search_run.run_search(cfg)
+        atomic_write_json(out_dir / "search.json", data)
+        atomic_write_text(out_dir / "search.md", search_run.search_markdown(data))
+        manifest.add_output("search", out_dir / "search.json")
+    print(search_run.search_markdown(data))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""The per-mode budget search (lowbit.search_run) with a stand-in evaluation: curve shapes, random controls,
+cached candidates, and the report's record and plot of it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lowbit import candidates, search_run
+from lowbit import report as rep
+from lowbit.runs import UserError
+
+NODES = [f"/model.{i}/conv/Conv" for i in range(40)]
+BASELINE_AP = 50.0
+
+
+class FakeStore:
+    """Stands in for CandidateStore: the AP of a candidate is a function of its float nodes."""
+
+    calls: list[tuple[int, int | None]] = []
+
+    def __init__(self, run_root, mode, stem, full_model, evaluation, build="full", requantize=None, suffix=""):
+        self.run_root, self.mode = Path(run_root), mode
+
+    def evaluate(self, nodes, random_seed=None):
+        FakeStore.calls.append((len(nodes), random_seed))
+        ap = FakeStore.curve(nodes, random_seed)
+        name = candidates.candidate_name(self.mode, len(nodes), random_seed)
+        return candidates.Evaluated(name, len(nodes), list(nodes), random_seed, ap / 100.0,
+                                    self.run_root / f"{name}.onnx", self.run_root / f"{name}-coco/metrics.json", False)  # fmt: skip
+
+
+def _metrics(path: Path, map50_95: float) -> Path:
+    path.write_text(json.dumps({"metrics": {"map50_95": map50_95}}))
+    return path
+
+
+@pytest.fixture()
+def setup(tmp_path, monkeypatch):
+    monkeypatch.setattr(search_run, "CandidateStore", FakeStore)
+    monkeypatch.setattr(search_run, "ranked_nodes", lambda *a, **k: list(NODES))
+    monkeypatch.setattr(search_run, "_ranking_info", lambda path, nodes: {"report": str(path), "method": "loo", "nodes": nodes})
+    FakeStore.calls = []
+
+    def config(curve, **kw):
+        FakeStore.curve = staticmethod(curve)
+        evaluation = candidates.EvalConfig(tmp_path / "data", 4)
+        return search_run.SearchConfig(mode="int8", ranking=tmp_path / "r.json", onnx_path=tmp_path / "m.onnx",
+                                       full_model=tmp_path / "full.onnx",
+                                       baseline_metrics=_metrics(tmp_path / "base.json", BASELINE_AP / 100.0),
+                                       run_root=tmp_path, evaluation=evaluation, **kw)  # fmt: skip
+
+    return config
+
+
+def _ranked(loss_at):
+    """AP along the ranking: ``loss_at(k)`` AP points lost with the top-k in float; random picks lose 1 AP more."""
+    def curve(nodes, seed):
+        return BASELINE_AP - loss_at(len(nodes)) - (1.0 if seed is not None else 0.0)
+
+    return curve
+
+
+def test_monotone_curve_finds_the_smallest_k_with_random_controls(setup):
+    data = search_run.run_search(setup(_ranked(lambda k: max(0.0, 2.0 - 0.1 * k))))  # meets from K=15
+    s = data["search"]
+    assert s["found"] and s["k"] == 15 and "bisection converged" in s["reason"]
+    ks = [k for k, seed in FakeStore.calls if seed is None]
+    assert len(ks) == len(set(ks)) <= 9  # each K evaluated once, logarithmically many
+    rc = data["random_control"]
+    assert rc["k"] == 15 and rc["seeds"] == [0, 1, 2] and len(rc["aps"]) == 3
+    assert rc["mean_delta"] == pytest.approx(1.5) and rc["ranking_delta"] == pytest.approx(0.5)
+    assert rc["beats_chance"] and rc["margin_ap"] == pytest.approx(1.0) and rc["sd_delta"] == pytest.approx(0.0)
+    assert [c["k"] for c in data["candidates"]] == sorted(ks)
+
+
+def test_random_band_covers_every_probed_k(setup):
+    data = search_run.run_search(setup(_ranked(lambda k: max(0.0, 2.0 - 0.1 * k)), random_seeds=2, random_band=True))
+    probed = sorted(p["k"] for p in data["search"]["curve"] if p["k"] > 0)
+    assert [b["k"] for b in data["random_band"]] == probed
+    assert all(b["seeds"] == [0, 1] for b in data["random_band"])
+    summary = rep.search_summary(data)
+    assert [b["k"] for b in summary["random_band"]] == probed
+    assert rep.plot_search_curves({"search": [summary], "budget_ap": 0.5})[:4] == b"\x89PNG"
+
+
+def test_non_monotone_curve_is_scanned_below(setup):
+    # meets at K=3, K=10 and K>=30 only: the seeds show K=10 meeting and K=20 failing, so the Ks that
+    # bisection skipped below 10 are evaluated and the real smallest, 3, is found
+    data = search_run.run_search(setup(_ranked(lambda k: 0.2 if k in (3, 10) or k >= 30 else 1.0), seed_ks=[5, 10, 20],
+                                       max_probes=40))  # fmt: skip
+    s = data["search"]
+    assert s["k"] == 3 and s["scanned"] and s["exhaustive_below"] and [10, 20] in s["monotone_violations"]
+
+
+def test_nothing_meets_the_budget_keeps_the_best_point(setup):
+    data = search_run.run_search(setup(_ranked(lambda k: 3.0 - 0.01 * k)))
+    s = data["search"]
+    assert not s["found"] and s["k"] == len(NODES) and "no evaluated K meets" in s["reason"]
+    assert data["random_control"]["k"] == len(NODES)
+
+
+def test_k0_meets_the_budget_with_one_evaluation_and_no_controls(setup):
+    data = search_run.run_search(setup(_ranked(lambda k: 0.1)))
+    assert data["search"]["k"] == 0 and FakeStore.calls == [(0, None)] and data["random_control"] is None
+
+
+def test_known_k0_is_not_evaluated_again(setup, tmp_path):
+    k0 = _metrics(tmp_path / "k0.json", (BASELINE_AP - 2.0) / 100.0)
+    data = search_run.run_search(setup(_ranked(lambda k: 0.0 if k >= 1 else 2.0), k0_metrics=k0, random_seeds=0))
+    assert data["search"]["k"] == 1 and (0, None) not in FakeStore.calls
+
+
+@pytest.mark.parametrize(("field", "value", "flag"), [("budget_ap", 0.0, "--budget-ap"),
+                                                      ("random_seeds", -1, "--random-seeds"),
+                                                      ("max_probes", 0, "--max-probes")])  # fmt: skip
+def test_bad_settings_name_their_flag(setup, field, value, flag):
+    with pytest.raises(UserError) as exc:
+        search_run.run_search(setup(_ranked(lambda k: 0.0), **{field: value}))
+    assert exc.value.flag == flag
+
+
+def test_report_records_the_search_and_plots_the_curve(setup):
+    data = search_run.run_search(setup(_ranked(lambda k: max(0.0, 2.0 - 0.1 * k))))
+    summary = rep.search_summary(data)
+    assert summary["k"] == 15 and summary["found"] and summary["random_control"]["beats_chance"]
+    assert [p["k"] for p in summary["probes"]] == sorted(p["k"] for p in summary["probes"])
+    assert all(p["delta_ap"] <= 0 for p in summary["probes"])  # ΔAP = AP - FP32: a loss is negative
+    png = rep.plot_search_curves({"search": [summary, {**summary, "mode": "fp8"}], "budget_ap": 0.5})
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    lines = "\n".join(rep.search_markdown([summary]))
+    assert "| INT8 | loo | 15 |" in lines
+
+
+def test_random_nodes_are_seeded_and_ignore_the_ranking_order():
+    a = candidates.random_nodes(NODES, 5, seed=1)
+    assert a == candidates.random_nodes(list(reversed(NODES)), 5, seed=1) and len(set(a)) == 5
+    assert a != candidates.random_nodes(NODES, 5, seed=2)
