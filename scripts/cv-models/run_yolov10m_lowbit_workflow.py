@@ -343,10 +343,10 @@ def sensitivity_step(args: argparse.Namespace, run: Path, mode: str, full_model:
         argv += ["--out-dir", str(out_dir), "--overwrite"]
         inputs = [args.onnx_path, calib] + ([full_model] if full_model else [])
     else:
-        from lowbit.sensitivity_torch import OUTPUT_MODEL_DIR  # where the torch sweep puts its report
+        from lowbit.sensitivity_torch import report_dir  # where the torch sweep puts its report
 
         fmt, run_id = f"{mode}-{mode}", f"sensitivity-torch-{mode}"
-        out_dir = run / run_id / "outputs" / OUTPUT_MODEL_DIR / fmt / "per_layer"
+        out_dir = report_dir(run / run_id, fmt, args.weights)
         argv = [*_script("yolov10m_layer_sensitivity.py"),
                 *torch_sweep_argv(args.weights, calib, args.sensitivity_images, fmt, run, run_id)]  # fmt: skip
         inputs = [args.weights, calib]
