@@ -64,7 +64,7 @@ class RequantizeConfig:
     calib_path: Path
     calibration_method: str | None = None
     calibration_eps: list[str] = field(default_factory=lambda: ["cpu"])
-    high_precision_dtype: str = "fp32"
+    high_precision_dtype: str = "auto"
 
 
 @dataclass

@@ -40,10 +40,12 @@ from lowbit.runs import UserError, check_input_file, check_output_path, manifest
 QUANTIZE_MODES = ("int8", "fp8", "int4")  # int4 is listed so that asking for it gets a reason, not "invalid choice"
 CALIBRATION_METHODS = ("entropy", "max")
 CALIBRATION_EPS = MODELOPT_CALIBRATION_EPS
-HIGH_PRECISION_DTYPES = ("fp32", "fp16", "bf16")
+HIGH_PRECISION_DTYPES = ("auto", "fp32", "fp16", "bf16")
 # fp32 keeps every non-quantized tensor in float32. ModelOpt's own default is fp16, which on YOLOv10
 # collapses accuracy on onnxruntime < 1.30 CPU (see the model card's INT8 section); pass fp16 explicitly to get it.
-DEFAULT_HIGH_PRECISION_DTYPE = "fp32"
+# auto: ModelOpt's fp16 where this onnxruntime rounds float16 QuantizeLinear inputs correctly (>= 1.30),
+# fp32 where its CPU EP truncates them (<= 1.29: INT8 YOLOv10 collapses to ~0.25 mAP there; see the card).
+DEFAULT_HIGH_PRECISION_DTYPE = "auto"
 PASSES = ("concat_elimination",)
 MANIFEST_SCRIPT = "quantize_yolov10m_onnx.py"  # the manifest's "script" key, which report readers match on
 
@@ -63,7 +65,8 @@ class QuantizeSettings:
         calibration_method: ``entropy`` | ``max``; None = entropy for int8, max for fp8.
         calibration_eps: ModelOpt calibration EPs in order (``cpu``, ``cuda:0``, ``trt`` ...).
         use_zero_point: asymmetric quantization (ModelOpt 0.47 applies it to int4 only).
-        high_precision_dtype: ``fp32`` | ``fp16`` | ``bf16`` for the non-quantized tensors.
+        high_precision_dtype: ``auto`` | ``fp32`` | ``fp16`` | ``bf16`` for the non-quantized tensors;
+            ``auto`` is resolved by :func:`resolve_high_precision_dtype` before quantizing.
         nodes_to_exclude: exact node names left unquantized.
         exclude_json: a scheme JSON whose ``nodes_to_exclude`` list is added to ``nodes_to_exclude``.
         op_types_to_quantize: only these op types (None = ModelOpt's choice).
@@ -597,6 +600,25 @@ def run_paths(output_path: Path) -> dict[str, Path]:
     }
 
 
+def resolve_high_precision_dtype(value: str) -> tuple[str, str]:
+    """``(dtype, reason)``: ``auto`` becomes fp16 (ModelOpt's default, what TensorRT engines use) when the
+    installed onnxruntime's CPU EP rounds float16 QuantizeLinear inputs to nearest-even, else fp32.
+
+    The probe runs one QuantizeLinear (:func:`lowbit.qdq_inspect.probe_fp16_quantize_rounding`): measured,
+    fp16 high precision keeps INT8 YOLOv10 at its fp32-high-precision accuracy on onnxruntime 1.30/1.31
+    and collapses it on 1.24 (the model card's "INT8 accuracy").
+    """
+    if value != "auto":
+        return value, "requested"
+    from lowbit.qdq_inspect import probe_fp16_quantize_rounding
+
+    probe = probe_fp16_quantize_rounding()
+    version = probe.get("onnxruntime")
+    if probe["rounding"] == "nearest_even":
+        return "fp16", f"auto: onnxruntime {version} rounds float16 QuantizeLinear to nearest-even"
+    return "fp32", f"auto: onnxruntime {version} float16 QuantizeLinear rounding is {probe['rounding']}"
+
+
 def quantize_onnx(settings: QuantizeSettings, argv: list[str] | None = None) -> QuantizeResult:
     """Quantize ``settings.onnx_path`` into ``settings.output_path`` (see the module docstring for the stages).
 
@@ -613,6 +635,10 @@ def quantize_onnx(settings: QuantizeSettings, argv: list[str] | None = None) -> 
             manifest then says ``failed`` and no output model exists.
     """
     inputs = validate_settings(settings)
+    requested = settings.high_precision_dtype
+    dtype, reason = resolve_high_precision_dtype(requested)
+    settings = dataclasses.replace(settings, high_precision_dtype=dtype)
+    log.info("high precision dtype %s (%s)", dtype, reason)
     onnx_path = Path(settings.onnx_path)
     paths = run_paths(settings.output_path)
     paths["manifest"].parent.mkdir(parents=True, exist_ok=True)
@@ -624,7 +650,8 @@ def quantize_onnx(settings: QuantizeSettings, argv: list[str] | None = None) -> 
     with _package_log_file(paths["log"]), manifest_run(paths["manifest"], MANIFEST_SCRIPT, record, argv) as manifest:
         manifest.add_input(onnx_path)
         manifest.add_input(settings.calib_path)
-        manifest.update(settings=_settings_record(settings, inputs))
+        manifest.update(settings={**_settings_record(settings, inputs), "high_precision_dtype_requested": requested,
+                                  "high_precision_dtype_reason": reason})
         try:
             paths["work_input"] = _make_work_copy(onnx_path, inputs.model, paths["work_dir"])
             result = _quantize_into(settings, inputs, manifest, paths)

@@ -482,3 +482,22 @@ def test_cli_output_under_a_file_is_one_line(tmp_path, tiny_yolov10_onnx, calib_
     )  # fmt: skip
     assert result.returncode == 2 and "--output-path" in result.stderr
     assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("rounding, expected", [("nearest_even", "fp16"), ("toward_zero", "fp32"), ("unavailable", "fp32")])
+def test_auto_high_precision_follows_the_runtime_rounding(monkeypatch, rounding, expected):
+    from lowbit import qdq_inspect, quantize
+
+    monkeypatch.setattr(qdq_inspect, "probe_fp16_quantize_rounding", lambda: {"onnxruntime": "x", "rounding": rounding})
+    assert quantize.resolve_high_precision_dtype("auto")[0] == expected
+    assert quantize.resolve_high_precision_dtype("bf16") == ("bf16", "requested")
+
+
+def test_auto_high_precision_is_fp32_on_a_truncating_onnxruntime():
+    """This environment's verdict, from the real probe: fp16 only where float16 QuantizeLinear rounds correctly."""
+    from lowbit.qdq_inspect import probe_fp16_quantize_rounding
+    from lowbit.quantize import resolve_high_precision_dtype
+
+    rounding = probe_fp16_quantize_rounding()["rounding"]
+    dtype, reason = resolve_high_precision_dtype("auto")
+    assert dtype == ("fp16" if rounding == "nearest_even" else "fp32") and rounding in reason

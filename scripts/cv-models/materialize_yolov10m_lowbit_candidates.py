@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quant-mode", choices=("fp8", "int8", "int4"), default="fp8", help="int4 is refused with the reason")
     parser.add_argument("--calibration-method", choices=("entropy", "max"), default=None,
                         help="default: max for fp8, entropy for int8")  # fmt: skip
-    parser.add_argument("--high-precision-dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
+    parser.add_argument("--high-precision-dtype", choices=("auto", "fp32", "fp16", "bf16"), default="auto")
     parser.add_argument("--calibration-eps", nargs="+", choices=MODELOPT_CALIBRATION_EPS, default=["cpu"],
                         help="ModelOpt calibration EPs, in order")  # fmt: skip
     parser.add_argument("--include-random", action="store_true", help="also build scheme_k{K}_random*.json controls")

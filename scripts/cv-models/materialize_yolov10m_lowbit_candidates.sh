@@ -9,7 +9,7 @@
 #   ONNX_PATH     default models/cv-models/yolov10m/checkpoints/yolov10m.onnx
 #   KS            default "0 5 10 20"
 #   QUANT_MODE    fp8 (default) | int8 (int4 is refused: ModelOpt's int4 leaves Conv graphs unquantized)
-#   HIGH_PRECISION_DTYPE  fp32 (default) | fp16 | bf16
+#   HIGH_PRECISION_DTYPE  auto (default: fp16 where onnxruntime rounds fp16 QuantizeLinear correctly, else fp32) | fp32 | fp16 | bf16
 #   CALIBRATION_EPS       space-separated ORT EPs for calibration, e.g. "cuda:0 cpu" (default "cpu")
 #   CALIBRATION_METHOD    entropy | max (default: max for fp8, entropy for int8)
 #   INCLUDE_RANDOM=1      also build the scheme_k{K}_random*.json controls
@@ -32,7 +32,7 @@ args=(
   --onnx-path "${ONNX_PATH:-models/cv-models/yolov10m/checkpoints/yolov10m.onnx}"
   --ks ${KS:-0 5 10 20}
   --quant-mode "${QUANT_MODE:-fp8}"
-  --high-precision-dtype "${HIGH_PRECISION_DTYPE:-fp32}"
+  --high-precision-dtype "${HIGH_PRECISION_DTYPE:-auto}"
   --data-root "${DATA_ROOT:-datasets/coco2017/source-data}"
   --max-images "${MAX_IMAGES:-100}"
   --providers ${PROVIDERS:-CPUExecutionProvider}

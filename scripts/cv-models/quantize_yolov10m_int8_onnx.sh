@@ -8,7 +8,7 @@
 #   CALIBRATION_METHOD    entropy (default) | max
 #   CALIBRATION_EPS       space-separated ORT EPs for calibration, e.g. "cuda:0 cpu" (default "cpu")
 #   USE_ZERO_POINT        boolean (default false); only affects int4 in ModelOpt 0.47, recorded either way
-#   HIGH_PRECISION_DTYPE  fp32 (default: keeps INT8 accuracy on YOLOv10) | fp16 (ModelOpt's default; see the card) | bf16
+#   HIGH_PRECISION_DTYPE  auto (default: fp16 where onnxruntime rounds fp16 QuantizeLinear correctly, else fp32; see the card) | fp32 | fp16 | bf16
 #   NODES_TO_EXCLUDE      space- or comma-separated exact ONNX node names to keep unquantized
 #   EXCLUDE_JSON          a scheme JSON with 'nodes_to_exclude' (from make_yolov10m_candidate_schemes.py)
 #   OP_TYPES_TO_QUANTIZE  space-separated ONNX op types to quantize (default: ModelOpt's choice)
@@ -45,7 +45,7 @@ args=(
   --output-path "$RUN_ROOT/onnx/$OUTPUT_NAME"
   --quantize-mode "$QUANTIZE_MODE"
   --calibration-eps ${CALIBRATION_EPS:-cpu}
-  --high-precision-dtype "${HIGH_PRECISION_DTYPE:-fp32}"
+  --high-precision-dtype "${HIGH_PRECISION_DTYPE:-auto}"
 )
 [[ -n "${CALIBRATION_METHOD:-}" ]] && args+=(--calibration-method "$CALIBRATION_METHOD")
 if [[ "$use_zero_point" == 1 ]]; then args+=(--use-zero-point); else args+=(--no-use-zero-point); fi

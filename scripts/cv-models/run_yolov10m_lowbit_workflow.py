@@ -114,8 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="ModelOpt calibration EPs of every quantization (default: cpu)")
     parser.add_argument("--calibration-method", choices=("entropy", "max"), default="entropy",
                         help="INT8 calibration, of the int8 step and the INT8 candidates (default: entropy; FP8 uses max)")
-    parser.add_argument("--high-precision-dtype", choices=("fp32", "fp16", "bf16"), default="fp32",
-                        help="non-quantized tensors of every Q/DQ model (default: fp32; fp16 collapses YOLOv10 INT8, see the card)")
+    parser.add_argument("--high-precision-dtype", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
+                        help="non-quantized tensors of every Q/DQ model (default: auto = fp16 where onnxruntime rounds fp16 QuantizeLinear correctly, else fp32; see the card)")
     parser.add_argument("--candidate-modes", nargs="*", choices=("fp8", "int8"), default=["fp8", "int8"],
                         help="low-bit candidate families K in --ks (default: fp8 int8; INT8 K=0 is the int8 step; "
                         "nothing to skip step 4)")
