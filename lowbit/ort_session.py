@@ -83,6 +83,13 @@ PROVIDER_LIBRARIES = {
     CUDA: "libonnxruntime_providers_cuda.so",
 }
 
+# Q/DQ models on a GPU provider: onnxruntime's WeightBiasQuantization transformer (>= 1.2x) rewrites a float
+# conv bias under quantized input and weight into int32 + DequantizeLinear at session creation. The CUDA EP has
+# no int32 DequantizeLinear kernel, so those nodes (e.g. /model.5/cv2/conv/Conv_bias_dq on the demo detector,
+# seen with onnxruntime-gpu 1.31 on an H200) fell back to the CPU and --disable-cpu-fallback refused the model.
+# The rewrite only serves the CPU EP's integer kernels; TensorRT and the CUDA EP take the float bias.
+GPU_QDQ_DISABLED_OPTIMIZERS = ("WeightBiasQuantization",)
+
 # Session config keys (strings as ONNX Runtime 1.24 spells them in onnxruntime_session_options_config_keys.h).
 CFG_DISABLE_CPU_FALLBACK = "session.disable_cpu_ep_fallback"
 # FP8 Q/DQ graphs: ORT's QDQ fusion turns DQ->Add->Q into QLinearAdd, which has no float8 kernel on CPU
@@ -560,7 +567,12 @@ def node_placement(session) -> tuple[dict[str, int] | None, list[str]]:
     return dict(sorted(counts.items())), sorted(cpu_nodes)
 
 
-def _unsupported_nodes_hint(source, options, providers: list[str], provider_opts: list[dict]) -> str:
+def _optimizer_kwargs(disabled_optimizers: tuple[str, ...]) -> dict:
+    return {"disabled_optimizers": list(disabled_optimizers)} if disabled_optimizers else {}
+
+
+def _unsupported_nodes_hint(source, options, providers: list[str], provider_opts: list[dict],
+                            disabled_optimizers: tuple[str, ...] = ()) -> str:
     """The nodes ORT would put on the CPU EP, from a second session with the CPU EP allowed (not for TensorRT)."""
     import onnxruntime as ort
 
@@ -568,7 +580,8 @@ def _unsupported_nodes_hint(source, options, providers: list[str], provider_opts
         return ""  # a second session would build TensorRT engines again
     options.add_session_config_entry(CFG_DISABLE_CPU_FALLBACK, "0")
     try:
-        probe = ort.InferenceSession(source, options, providers=list(zip(providers, provider_opts)), enable_fallback=0)
+        probe = ort.InferenceSession(source, options, providers=list(zip(providers, provider_opts)), enable_fallback=0,
+                                     **_optimizer_kwargs(disabled_optimizers))
     except Exception:  # noqa: BLE001 - best effort: the caller's error stands without the hint
         return ""
     _, cpu_nodes = node_placement(probe)
@@ -579,16 +592,17 @@ def _unsupported_nodes_hint(source, options, providers: list[str], provider_opts
 
 
 def _create_session(source, options, providers: list[str], provider_opts: list[dict], label: str, flag: str,
-                    model_flag: str):
+                    model_flag: str, disabled_optimizers: tuple[str, ...] = ()):
     """``InferenceSession`` with ORT's own retry-on-other-providers off, its errors turned into UserErrors."""
     import onnxruntime as ort
 
     try:
-        return ort.InferenceSession(source, options, providers=list(zip(providers, provider_opts)), enable_fallback=0)
+        return ort.InferenceSession(source, options, providers=list(zip(providers, provider_opts)), enable_fallback=0,
+                                    **_optimizer_kwargs(disabled_optimizers))
     except Exception as exc:
         text = str(exc).strip()
         if "fallback to CPU EP has been explicitly disabled" in text:
-            hint = _unsupported_nodes_hint(source, options, providers, provider_opts)
+            hint = _unsupported_nodes_hint(source, options, providers, provider_opts, disabled_optimizers)
             raise UserError(
                 f"--disable-cpu-fallback: ONNX Runtime would run nodes of {label} on the CPU (requested "
                 f"{', '.join(providers)}, which do not support every node).{hint} Add {CPU} to {flag} and omit "
@@ -658,8 +672,9 @@ def build_session(
         config[CFG_DISABLE_QUANT_QDQ] = "1"
     config.update(session_config or {})
     sess_options = _session_options(graph_optimization_level, intra_op_threads, config, log_severity_level)
+    disabled = GPU_QDQ_DISABLED_OPTIMIZERS if qdq["is_qdq"] and any(p in GPU_PROVIDERS for p in providers) else ()
     # Without disable_cpu_fallback ORT appends the CPU EP itself as the last resort for nodes no other EP takes.
-    session = _create_session(source, sess_options, providers, options, label, flag, model_flag)
+    session = _create_session(source, sess_options, providers, options, label, flag, model_flag, disabled)
     used = list(session.get_providers())
     missing = [p for p in providers if p not in used]
     if missing:
@@ -677,6 +692,7 @@ def build_session(
         "graph_optimization_level": graph_optimization_level,
         "intra_op_threads": int(intra_op_threads),
         "qdq": qdq,
+        "disabled_optimizers": list(disabled),
         "node_placement": placement,
         "cpu_nodes": cpu_nodes if any(p != CPU for p in providers) else None,
     }

@@ -105,18 +105,22 @@ def test_pyproject_lists_modelopt_onnx_extra_except_onnxruntime():
 
     from packaging.requirements import Requirement
 
-    wanted = set()
+    wanted = {}
     for text in metadata.requires("nvidia-modelopt") or []:
         req = Requirement(text)
         if req.marker is not None and req.marker.evaluate({"extra": "onnx"}) and not req.marker.evaluate({"extra": ""}):
-            wanted.add(_name(text))
+            wanted[_name(text)] = req.specifier
     assert "onnx-graphsurgeon" in wanted  # the marker logic found the extra
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     listed = {_name(r) for r in project["dependencies"]}
+    specifiers = {_name(r): Requirement(r).specifier for r in project["dependencies"]}
+    for name, spec in wanted.items():  # the same versions as ModelOpt's extra (e.g. onnx~=1.21.0, not ~=1.21)
+        if name in specifiers:
+            assert specifiers[name] == spec, f"{name}: pyproject says {specifiers[name]}, ModelOpt's [onnx] says {spec}"
     for extra in ("cu12", "cu13"):
         extra_names = {_name(r) for r in project["optional-dependencies"][extra]}
         # the extra's cupy-cuda12x / onnxruntime-gpu pins are replaced per CUDA major
-        missing = wanted - listed - extra_names - {"cupy-cuda12x", "onnxruntime-gpu"}
+        missing = set(wanted) - listed - extra_names - {"cupy-cuda12x", "onnxruntime-gpu"}
         assert not missing, f"nvidia-modelopt[onnx] needs {sorted(missing)}, not listed for {extra}"
         assert {"onnxruntime-gpu"} <= extra_names and any(n.startswith("cupy-cuda") for n in extra_names)
 

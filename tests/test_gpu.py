@@ -71,7 +71,7 @@ def _evaluate(model: Path, data_root: Path, providers: list[str], out: Path, dis
 
 def test_cuda_session_runs_every_node_on_the_gpu():
     session, info = ort_session.build_session(ONNX, [CUDA], disable_cpu_fallback=True)
-    assert info["providers_used"] == [CUDA]
+    assert info["cpu_nodes"] == [] and set(info["node_placement"]) == {CUDA}
     cpu_session, _ = ort_session.build_session(ONNX, [CPU])
     image = np.random.default_rng(0).random((1, 3, 640, 640), dtype=np.float32)
     name = session.get_inputs()[0].name
@@ -107,7 +107,7 @@ def test_qdq_models_run_on_the_cuda_ep_alone(mode, demo_val, calib_npy, tmp_path
     assert result.qdq_pairs > 50
     cuda = _evaluate(out, demo_val, [CUDA], tmp_path / "cuda" / "metrics.json", disable_cpu_fallback=True)
     cpu = _evaluate(out, demo_val, [CPU], tmp_path / "cpu" / "metrics.json")
-    assert cuda["providers"]["providers_used"] == [CUDA]
+    assert cuda["providers"]["cpu_nodes"] == [] and set(cuda["providers"]["node_placement"]) == {CUDA}
     assert cuda["metrics"]["map50_95"] > 0.4  # quantized, not collapsed (FP32 is about 0.54 on this slice)
     assert abs(cuda["metrics"]["map50_95"] - cpu["metrics"]["map50_95"]) <= 0.005  # 0.5 AP
     manifest = json.loads(result.manifest_path.read_text())

@@ -318,7 +318,9 @@ def test_disable_cpu_fallback_failure_names_the_cpu_nodes(float_model, monkeypat
 @pytest.mark.skipif(not HAS_NVIDIA_DRIVER, reason="needs an NVIDIA GPU with CUDA/cuDNN libraries")
 def test_gpu_only_session_on_a_gpu(float_model, tmp_path):
     _, info = ort_session.build_session(float_model, [CUDA], disable_cpu_fallback=True)
-    assert info["providers_used"] == [CUDA]
+    # onnxruntime 1.31 lists CPUExecutionProvider in get_providers() even with fallback disabled; what ran
+    # where is the node placement
+    assert info["providers_used"][0] == CUDA
     assert info["cpu_nodes"] == [] and set(info["node_placement"]) == {CUDA}
 
 
@@ -384,3 +386,57 @@ def test_input_validator_checks_imgsz(float_model):
     with pytest.raises(UserError) as exc:
         ort_session.check_image_input(session, imgsz=640)
     assert exc.value.flag == "--imgsz"
+
+
+def _qdq_conv_with_float_bias() -> onnx.ModelProto:
+    """x -> Q/DQ -> Conv(weight through DQ of an int8 initializer, float bias) -> Q/DQ -> y (a QDQ node unit)."""
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(np.array(0.02, np.float32), "x_scale"),
+        numpy_helper.from_array(np.array(0, np.int8), "x_zp"),
+        numpy_helper.from_array(rng.integers(-127, 127, (4, 3, 3, 3)).astype(np.int8), "w_q"),
+        numpy_helper.from_array(np.array(0.01, np.float32), "w_scale"),
+        numpy_helper.from_array(np.array(0, np.int8), "w_zp"),
+        numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "bias"),
+        numpy_helper.from_array(np.array(0.05, np.float32), "y_scale"),
+    ]
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "x_scale", "x_zp"], ["x_q"], name="x_q"),
+        helper.make_node("DequantizeLinear", ["x_q", "x_scale", "x_zp"], ["x_dq"], name="x_dq"),
+        helper.make_node("DequantizeLinear", ["w_q", "w_scale", "w_zp"], ["w_dq"], name="w_dq"),
+        helper.make_node("Conv", ["x_dq", "w_dq", "bias"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("QuantizeLinear", ["c", "y_scale", "x_zp"], ["c_q"], name="c_q"),
+        helper.make_node("DequantizeLinear", ["c_q", "y_scale", "x_zp"], ["y"], name="c_dq"),
+    ]
+    graph = helper.make_graph(nodes, "qdq_conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)], ir_version=9)
+
+
+def test_bias_rewrite_is_disabled_for_gpu_sessions_of_qdq_models(monkeypatch):
+    """ORT's WeightBiasQuantization adds int32 bias DequantizeLinear nodes the CUDA EP cannot run: off for GPU EPs."""
+    import onnxruntime as ort
+
+    model = _qdq_conv_with_float_bias()
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
+    rewritten = lambda disabled: [n for n in ort_session.node_placement(  # noqa: E731
+        ort.InferenceSession(model.SerializeToString(), options, providers=[CPU], disabled_optimizers=disabled))[1]
+        if "bias" in n]
+    if not rewritten([]):
+        pytest.skip(f"onnxruntime {ort.__version__} does not rewrite the bias of this Q/DQ conv")
+    assert rewritten(list(ort_session.GPU_QDQ_DISABLED_OPTIMIZERS)) == []
+
+    seen = {}
+
+    class Spy:
+        def __init__(self, source, sess_options, providers, enable_fallback=1, disabled_optimizers=None):
+            seen[providers[0][0]] = list(disabled_optimizers or [])
+            self._providers = [name for name, _ in providers] + [CPU]
+
+        def get_providers(self):
+            return self._providers
+
+    monkeypatch.setattr(ort, "InferenceSession", Spy)
+    _, info = ort_session.build_session(model, [CUDA, CPU], probe=loads)
+    assert seen[CUDA] == ["WeightBiasQuantization"] and info["disabled_optimizers"] == ["WeightBiasQuantization"]
