@@ -92,7 +92,8 @@ METHOD_NAME = "one_layer_at_a_time"
 # Defaults the card relies on (paths relative to the repository root).
 DEMO_WEIGHTS = Path("models/cv-models/yolov10n-demo-shapes/yolov10n-demo-shapes.pt")
 YOLOV10M_WEIGHTS = Path("models/yolo10/yolov10m.pt")
-DEFAULT_WEIGHTS_CANDIDATES: tuple[Path, ...] = (DEMO_WEIGHTS, YOLOV10M_WEIGHTS)
+# the card's model first: with models/yolo10/yolov10m.pt linked, card step 4a with no arguments analyses it
+DEFAULT_WEIGHTS_CANDIDATES: tuple[Path, ...] = (YOLOV10M_WEIGHTS, DEMO_WEIGHTS)
 DEFAULT_IMAGE_LIST = Path("datasets/quantize-calib/demo_shapes_calib100.txt")
 
 # torch class name of a quantized module (without ModelOpt's "Quant" prefix) -> op_type in reports
@@ -115,8 +116,8 @@ _OP_TYPES = {
 def resolve_weights(weights: Path | None, candidates: tuple[Path, ...] | None = None) -> Path:
     """The weights to analyse: ``weights`` when given, else the first default that exists.
 
-    Defaults, in order: the shipped demo detector, then the user's ``models/yolo10/yolov10m.pt``
-    (a symlink, reported with its target when dangling).
+    Defaults, in order: the user's ``models/yolo10/yolov10m.pt`` (the model card's model; a symlink),
+    then the shipped demo detector.
 
     Raises:
         UserError: nothing given and no default present (the message names both and the flag).
@@ -131,7 +132,7 @@ def resolve_weights(weights: Path | None, candidates: tuple[Path, ...] | None = 
     listed = " nor ".join(str(c) for c in candidates)
     raise UserError(
         f"--weights (env WEIGHTS) not given and no default weights found: neither {listed} exists "
-        "(the first is the shipped demo detector; link your own yolov10m.pt as models/yolo10/README.md describes)",
+        "(link your own yolov10m.pt as models/yolo10/README.md describes; the last is the shipped demo detector)",
         flag="--weights",
     )
 

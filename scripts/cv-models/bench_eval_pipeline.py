@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from lowbit.cli import cli_entry, imgsz, non_negative_int, positive_int
-from lowbit.evaluate import EvalSettings, evaluate, resolve_data_paths
+from lowbit.evaluate import DEFAULT_WORKERS, EvalSettings, evaluate, resolve_data_paths
 from lowbit.logs import get_logger, setup_logging
 from lowbit.runs import (
     REPO_ROOT,
@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--providers", nargs="+", default=["CPUExecutionProvider"], help="ORT providers, in order")
     parser.add_argument("--disable-cpu-fallback", action="store_true", help="fail if any node would run on CPU")
     parser.add_argument(
-        "--workers", type=non_negative_int, nargs="+", default=[4], help="prefetch worker counts to sweep; one evaluator run each"
+        "--workers", type=non_negative_int, nargs="+", default=[DEFAULT_WORKERS], help="prefetch worker counts to sweep; one evaluator run each"
     )
     parser.add_argument("--warmup-runs", type=non_negative_int, default=3, help="untimed session.run calls before each timing")
     parser.add_argument(

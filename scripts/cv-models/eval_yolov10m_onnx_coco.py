@@ -20,7 +20,7 @@ import argparse
 from pathlib import Path
 
 from lowbit.cli import cli_entry, imgsz, non_negative_int, positive_int
-from lowbit.evaluate import EvalResult, EvalSettings, evaluate
+from lowbit.evaluate import DEFAULT_WORKERS, EvalResult, EvalSettings, evaluate
 from lowbit.logs import setup_logging
 
 
@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="skip (and record) missing or unreadable images instead of failing",
     )
-    parser.add_argument("--workers", type=non_negative_int, default=4, help="prefetch threads for decode+preprocess (0: inline)")
+    parser.add_argument("--workers", type=non_negative_int, default=DEFAULT_WORKERS, help="prefetch threads for decode+preprocess (0: inline; default one per core, at most 8)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing metrics.json at --out")
     return parser
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Torch per-layer sensitivity sweep of a YOLOv10 (card step 4a). With no env vars it analyses the
-# shipped demo detector (else models/yolo10/yolov10m.pt) in FP8 on 32 images of the calibration list.
+# models/yolo10/yolov10m.pt when linked (else the shipped demo detector) in FP8 on 32 images of the calibration list.
 #
 # Env vars (mapped 1:1 to flags of yolov10m_layer_sensitivity.py, which validates them; unset = its default):
 #   WEIGHTS      --weights      .pt checkpoint or .yaml architecture
