@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=None,
         help=f"ultralytics YOLOv10 .pt, or a .yaml architecture such as yolov10m.yaml (random weights: timing only); "
-        f"unset: {sens.DEMO_WEIGHTS} if present, else {sens.YOLOV10M_WEIGHTS}",
+        f"unset: {sens.YOLOV10M_WEIGHTS} if linked, else the demo detector {sens.DEMO_WEIGHTS}",
     )
     data = parser.add_mutually_exclusive_group()
     data.add_argument(
