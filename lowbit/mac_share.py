@@ -30,12 +30,12 @@ import onnx
 
 from lowbit.onnx_stats import (
     COMPUTE_OPS,
-    shape_table,
     graph_inputs,
     infer_shapes,
     load_model_proto,
     node_macs,
     resolve_input_shapes,
+    shape_table,
     with_input_shapes,
 )
 from lowbit.qdq_graph import qdq_summary

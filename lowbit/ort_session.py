@@ -619,6 +619,19 @@ def _create_session(source, options, providers: list[str], provider_opts: list[d
         ) from exc
 
 
+def _providers_used(session, providers: list[str], flag: str) -> list[str]:
+    """``session.get_providers()``; a requested provider ORT silently dropped is an error."""
+    used = list(session.get_providers())
+    missing = [p for p in providers if p not in used]
+    if missing:
+        raise UserError(
+            f"{flag}: ONNX Runtime could not create {', '.join(missing)} (session fell back to "
+            f"{', '.join(used)}); check the CUDA/cuDNN/TensorRT libraries, or remove it from {flag}",
+            flag=flag,
+        )
+    return used
+
+
 def build_session(
     model: ModelSource,
     providers: list[str],
@@ -675,14 +688,7 @@ def build_session(
     disabled = GPU_QDQ_DISABLED_OPTIMIZERS if qdq["is_qdq"] and any(p in GPU_PROVIDERS for p in providers) else ()
     # Without disable_cpu_fallback ORT appends the CPU EP itself as the last resort for nodes no other EP takes.
     session = _create_session(source, sess_options, providers, options, label, flag, model_flag, disabled)
-    used = list(session.get_providers())
-    missing = [p for p in providers if p not in used]
-    if missing:
-        raise UserError(
-            f"{flag}: ONNX Runtime could not create {', '.join(missing)} (session fell back to "
-            f"{', '.join(used)}); check the CUDA/cuDNN/TensorRT libraries, or remove it from {flag}",
-            flag=flag,
-        )
+    used = _providers_used(session, providers, flag)
     placement, cpu_nodes = node_placement(session)
     info = {
         "providers_requested": providers,

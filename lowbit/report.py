@@ -52,8 +52,9 @@ import json
 import math
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from lowbit.logs import get_logger
 from lowbit.runs import REPO_ROOT, UserError, sha256_file

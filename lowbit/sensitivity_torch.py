@@ -63,9 +63,10 @@ import copy
 import io
 import math
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from lowbit import sensitivity_report
 from lowbit.logs import get_logger
@@ -455,7 +456,7 @@ def quant_layers(model, calls: dict[str, int]) -> tuple[list[QuantLayer], list[s
             not_run.append(name)
             continue
         torch_type = type(module).__name__
-        torch_type = torch_type[len("Quant") :] if torch_type.startswith("Quant") else torch_type
+        torch_type = torch_type.removeprefix("Quant")
         has_weight = getattr(module, "weight", None) is not None
         layers.append(
             QuantLayer(

@@ -21,8 +21,8 @@ import re
 import shutil
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from lowbit.logs import get_logger
 
@@ -199,7 +199,7 @@ _VERSION = re.compile(r"TensorRT\.trtexec \[TensorRT v(\d+)\]|TensorRT version:\
 def _parse_stats(line: str) -> dict[str, float]:
     stats: dict[str, float] = {}
     for name, pct, value, unit in _STAT.findall(line):
-        key = name if not pct else "p" + (pct[:-2] if pct.endswith(".0") else pct)
+        key = name if not pct else "p" + (pct.removesuffix(".0"))
         stats[key] = float(value) * _UNIT_TO_MS[unit]
     return stats
 

@@ -19,7 +19,7 @@ CARD = REPO / "models/cv-models/yolov10m/README.md"
 
 
 def _bash_blocks(markdown: str) -> list[str]:
-    return re.findall(r"```bash\n(.*?)```", markdown, flags=re.S)
+    return re.findall(r"```bash\n(.*?)```", markdown, flags=re.DOTALL)
 
 
 def _commands(block: str) -> list[list[str]]:
@@ -175,6 +175,6 @@ def test_readme_starts_with_the_two_make_commands_and_ci_runs_the_test_one():
     commands = [" ".join(c) for c in _commands(first_block)]
     assert commands == ["make demo", "make test"]
     makefile = (REPO / "Makefile").read_text()
-    assert re.search(r"^demo:", makefile, re.M) and re.search(r"^test:", makefile, re.M)
+    assert re.search(r"^demo:", makefile, re.MULTILINE) and re.search(r"^test:", makefile, re.MULTILINE)
     ci = [line for line in (REPO / ".ci/run").read_text().splitlines() if line and not line.startswith(("#", "set ", "cd "))]
     assert ci == ["make test"]

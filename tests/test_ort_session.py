@@ -420,7 +420,7 @@ def test_bias_rewrite_is_disabled_for_gpu_sessions_of_qdq_models(monkeypatch):
     model = _qdq_conv_with_float_bias()
     options = ort.SessionOptions()
     options.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
-    rewritten = lambda disabled: [n for n in ort_session.node_placement(  # noqa: E731
+    rewritten = lambda disabled: [n for n in ort_session.node_placement(
         ort.InferenceSession(model.SerializeToString(), options, providers=[CPU], disabled_optimizers=disabled))[1]
         if "bias" in n]
     if not rewritten([]):

@@ -612,7 +612,6 @@ def test_cli_validation(load_script, tmp_path, capsys):
 
 def test_mac_share_of_each_variant_orders_the_recommendation(tmp_path):
     import onnx
-
     from test_mac_share import CONV1_MACS, CONV2_MACS, _graph
 
     models = {"both": _graph(quantize_conv2=True), "conv1": _graph(), "float": _graph(quantize_conv1=False)}
