@@ -63,12 +63,22 @@ from lowbit.sensitivity_torch import METRICS, drift_sums, finish_scores
 log = get_logger("sensitivity_loo")
 
 METHOD_NAME = "onnx_leave_one_out_drift"
+SINGLE_METHOD_NAME = "onnx_one_at_a_time_drift"
+VARIANTS = ("loo", "single")  # leave one node out of the full Q/DQ model; quantize one node alone
 GATE_PREFIX = "__loo_gate_"
 DEFAULT_REG_MAX = 16  # DFL bins per box side in YOLOv10
 
 
-def method_description(metric: str = "det_kl") -> str:
+def method_description(metric: str = "det_kl", variant: str = "loo") -> str:
     """The report's ``method.description`` for :func:`loo_sensitivity` with ``metric`` (``det_kl`` or ``rel_mse``)."""
+    if variant == "single":
+        return (
+            "One node at a time on the deployed Q/DQ graph: for each quantized node, the model with only that "
+            "node quantized (every other node reads the float tensors behind its QuantizeLinear/DequantizeLinear "
+            "pairs; scales as calibrated) is run on the sensitivity images, and the drift of the raw head output "
+            f"from the FP32 output is measured with the torch sweep's `{METRICS[metric]}`: the same score as the "
+            "torch sweep, on the ONNX graph that is deployed. Q/DQ arithmetic simulated in float."
+        )
     return (
         "Leave-one-out on the deployed Q/DQ graph: for each quantized node, the full Q/DQ model with only "
         "that node in float (its inputs read the float tensors behind their QuantizeLinear/DequantizeLinear "
@@ -80,9 +90,9 @@ def method_description(metric: str = "det_kl") -> str:
     )
 
 
-def score_name(metric: str = "det_kl") -> str:
-    """The report's ``method.score``, e.g. ``loo_gain_output_drift_det_kl``."""
-    return f"loo_gain_{METRICS[metric]}"
+def score_name(metric: str = "det_kl", variant: str = "loo") -> str:
+    """The report's ``method.score``, e.g. ``loo_gain_output_drift_det_kl`` or ``output_drift_det_kl``."""
+    return METRICS[metric] if variant == "single" else f"loo_gain_{METRICS[metric]}"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -234,8 +244,12 @@ def loo_sensitivity(
     intra_op_threads: int = 0,
     work_dir: Path | None = None,
     progress: Callable[[int, int], None] | None = None,
+    variant: str = "loo",
 ) -> LooResult:
     """Rank the quantized nodes of ``qdq_model`` by leave-one-out output drift (see the module docstring).
+
+    With ``variant="single"`` each node is scored alone instead: only that node quantized, every other
+    one in float, score = that model's drift from FP32 (the torch sweep's method, on the ONNX graph).
 
     Args:
         qdq_model: the calibrated Q/DQ model (one image input, raw head output first).
@@ -247,6 +261,7 @@ def loo_sensitivity(
         intra_op_threads: ``SessionOptions.intra_op_num_threads`` (0 = ORT default).
         work_dir: where the gated model is written briefly (system temp dir when None).
         progress: called with ``(batches done, images in the batch)``.
+        variant: ``loo`` (leave one out of the full Q/DQ model) or ``single`` (one node quantized alone).
 
     Returns:
         :class:`LooResult`; cost: ``3 + len(scored nodes)`` runs per batch in one session.
@@ -256,6 +271,8 @@ def loo_sensitivity(
     """
     if metric not in METRICS:
         raise UserError(f"--metric must be one of {', '.join(METRICS)}, got {metric!r}", flag="--metric")
+    if variant not in VARIANTS:
+        raise UserError(f"--method variant must be one of {', '.join(VARIANTS)}, got {variant!r}", flag="--method")
     start = time.perf_counter()
     nodes = find_quantized_nodes(qdq_model.graph)
     if not nodes:
@@ -264,17 +281,21 @@ def loo_sensitivity(
     session, info = _gated_session(gated, providers, intra_op_threads, work_dir)
     input_name, batch = _image_input(session, gates, images, batch_size)
     scored = [n.name for n in nodes if n.name in gates]
-    variants = {"full": set(), "scored_in_float": set(scored), **{name: {name} for name in scored}}
-    log.info("leave-one-out over %d nodes, %d images, batch %d, %s", len(scored), images.shape[0], batch, providers)
+    floated_per_node = {name: ({name} if variant == "loo" else set(scored) - {name}) for name in scored}
+    variants = {"full": set(), "scored_in_float": set(scored), **floated_per_node}
+    log.info("%s over %d nodes, %d images, batch %d, %s", variant, len(scored), images.shape[0], batch, providers)
     sums = _accumulate(session, input_name, gates, variants, images, batch, reg_max, progress)
     drifts = {name: finish_scores(s) for name, s in sums.items()}
     key = METRICS[metric]
     full = drifts["full"][key]
-    scores = {n.name: (full - drifts[n.name][key] if n.name in drifts else 0.0) for n in nodes}
+    if variant == "loo":
+        scores = {n.name: (full - drifts[n.name][key] if n.name in drifts else 0.0) for n in nodes}
+    else:
+        scores = {n.name: (drifts[n.name][key] if n.name in drifts else 0.0) for n in nodes}
     method = {
-        "name": METHOD_NAME,
-        "description": method_description(metric),
-        "score": score_name(metric),
+        "name": METHOD_NAME if variant == "loo" else SINGLE_METHOD_NAME,
+        "description": method_description(metric, variant),
+        "score": score_name(metric, variant),
         "higher_is_more_sensitive": True,
         "settings": {"metric": key, "reg_max": reg_max, "batch_size": batch, "providers": info["providers_used"]},
     }

@@ -260,6 +260,25 @@ def test_hard_node_ranks_first(qdq_model, images, tmp_path):
     assert report_io.load_report(paths["json"], "--report")["layers"][0]["name"] == HARD
 
 
+def test_single_node_variant_scores_each_node_quantized_alone(float_model, qdq_model, images):
+    """variant="single": score = drift of the model with only that node quantized, which ranks the hard node first."""
+    import torch
+
+    from lowbit.sensitivity_torch import METRICS, drift_sums, finish_scores
+
+    result = loo_sensitivity(qdq_model, images, CPU, reg_max=REG_MAX, variant="single")
+    assert result.layers[0]["name"] == HARD and result.method["score"] == METRICS["det_kl"]
+    reference = torch.from_numpy(_run(float_model, {"x": images})[0])
+    others = [n for n in ("conv_a", "conv_b", "conv_c") if n != HARD]
+    alone = torch.from_numpy(_run(remove_qdq_for_nodes(qdq_model, others), {"x": images})[0])
+    expected = finish_scores(drift_sums(reference, alone, REG_MAX))[METRICS["det_kl"]]
+    hard_row = next(layer for layer in result.layers if layer["name"] == HARD)
+    assert hard_row["score"] == pytest.approx(expected, rel=1e-3)
+    with pytest.raises(UserError) as exc:
+        loo_sensitivity(qdq_model, images, CPU, reg_max=REG_MAX, variant="both")
+    assert exc.value.flag == "--method"
+
+
 def test_rel_mse_metric_and_bad_inputs(qdq_model, images):
     result = loo_sensitivity(qdq_model, images[:2], CPU, metric="rel_mse", reg_max=REG_MAX)
     assert result.method["score"] == "loo_gain_output_drift_rel_mse" and result.layers[0]["name"] == HARD

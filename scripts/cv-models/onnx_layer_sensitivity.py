@@ -81,8 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--num-images", type=int, default=16, help="images scored: the first N of --calib-path")
     parser.add_argument("--precision", choices=("int8", "fp8"), default="fp8", help="quantization simulated")
-    parser.add_argument("--method", choices=("loo", "local"), default="local",
-                        help="loo: propagated leave-one-out output drift; local: each node's own output error")
+    parser.add_argument("--method", choices=("loo", "single", "local"), default="local",
+                        help="loo: propagated leave-one-out output drift; single: output drift with that node alone "
+                             "quantized (the torch sweep's score on the ONNX graph); local: each node's own output error")
     parser.add_argument("--metric", choices=("det_kl", "rel_mse"), default="det_kl",
                         help="output drift scored by --method loo (the torch sweep's metrics)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per run of --method loo")
@@ -347,7 +348,7 @@ def score_loo(args, qdq_model, inputs: Inputs, num_images: int, qdq: tuple[Path,
     images = np.ascontiguousarray(inputs.calib[:num_images])
     t0 = time.perf_counter()
     result = loo_sensitivity(qdq_model, images, list(args.providers), metric=args.metric, batch_size=args.batch_size,
-                             intra_op_threads=args.intra_op_threads,
+                             intra_op_threads=args.intra_op_threads, variant=args.method,
                              progress=lambda done, n: log.info("batch %d (%d images) scored, %.1f s", done, n,
                                                                time.perf_counter() - t0))  # fmt: skip
     runs = (len(result.layers) + 3) * result.images
@@ -422,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         qdq_sha = manifest.add_input(qdq_path) if args.qdq_path is not None else sha256_file(qdq_path)
         qdq_model = onnx.load(str(qdq_path))
         check_qdq_model(qdq_model, inputs.fp32_model, args.precision, flag)
-        if args.method == "loo":
+        if args.method in ("loo", "single"):
             scored, report = score_loo(args, qdq_model, inputs, num_images, (qdq_path, qdq_sha), model_sha)
         else:
             scored = score_nodes(args, qdq_model, inputs, num_images, flag)

@@ -121,8 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "nothing to skip step 4)")
     parser.add_argument("--ks", type=int, nargs="+", default=None,
                         help="fixed top-K exclusions, e.g. 0 5 10 20 (default: none, the budget search chooses K)")
-    parser.add_argument("--sensitivity", choices=("loo", "local", "torch"), default="loo",
-                        help="ranking: loo = propagated leave-one-out on the deployed Q/DQ graph (default), local = "
+    parser.add_argument("--sensitivity", choices=("loo", "single", "local", "torch"), default="loo",
+                        help="ranking: loo = propagated leave-one-out on the deployed Q/DQ graph (default), single = "
+                        "one node quantized at a time on that graph (the torch sweep's score), local = "
                         "each node's own error (cheap), torch = the torch sweep on --weights")
     parser.add_argument("--sensitivity-images", type=int, default=None,
                         help="images scored by the sensitivity step (default: 4 on the CPU EP, 16 with CUDA)")
