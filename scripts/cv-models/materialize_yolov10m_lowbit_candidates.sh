@@ -42,14 +42,7 @@ args=(
 [[ -n "${CALIBRATION_METHOD:-}" ]] && args+=(--calibration-method "$CALIBRATION_METHOD")
 [[ -n "${FROM_FULL_MODEL:-}" ]] && args+=(--from-full-model "$FROM_FULL_MODEL")
 
-bool_flag() {  # NAME FLAG: add FLAG when the env var NAME is on; refuse values that are neither on nor off
-  local value="${!1:-0}"
-  case "${value,,}" in
-    1|true|yes) args+=("$2") ;;
-    0|false|no|"") ;;
-    *) echo "error: $1='$value' (choose from 1, true, yes, 0, false, no)" >&2; exit 2 ;;
-  esac
-}
+source "$(dirname "$0")/env_bool.sh"
 bool_flag EVAL --eval
 bool_flag INCLUDE_RANDOM --include-random
 bool_flag OVERWRITE --overwrite

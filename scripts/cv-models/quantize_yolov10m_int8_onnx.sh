@@ -20,17 +20,9 @@
 # Booleans accept 1/true/yes and 0/false/no (any case); anything else is an error naming the variable.
 set -euo pipefail
 
-# bool VAR DEFAULT: print "1" or "0" for the env var VAR, or fail naming it.
-bool() {
-  local value="${!1:-$2}"
-  case "${value,,}" in
-    1|true|yes) echo 1 ;;
-    0|false|no|"") echo 0 ;;
-    *) echo "error: $1='$value' is not a boolean (use 1/true/yes or 0/false/no)" >&2; return 2 ;;
-  esac
-}
-use_zero_point="$(bool USE_ZERO_POINT 0)" || exit 2
-overwrite="$(bool OVERWRITE 0)" || exit 2
+source "$(dirname "$0")/env_bool.sh"
+use_zero_point="$(env_bool USE_ZERO_POINT)" || exit 2
+overwrite="$(env_bool OVERWRITE)" || exit 2
 
 : "${RUN_ROOT:?RUN_ROOT is required (e.g. tmp/yolov10m_lowbit/<run-id>)}"
 : "${CALIB_PATH:?CALIB_PATH is required (the .npy from make_yolov10m_calib_npy.py)}"

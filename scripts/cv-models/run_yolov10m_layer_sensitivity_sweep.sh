@@ -36,14 +36,7 @@ args=()
 [[ -n "${OUTPUT_ROOT:-}" ]] && args+=(--output-root "$OUTPUT_ROOT")
 [[ -n "${RUN_ID:-}" ]] && args+=(--run-id "$RUN_ID")
 
-bool_flag() {  # NAME FLAG: add FLAG when the env var NAME is on; refuse values that are neither on nor off
-  local value="${!1:-0}"
-  case "${value,,}" in
-    1|true|yes) args+=("$2") ;;
-    0|false|no|"") ;;
-    *) echo "error: $1='$value' (choose from 1, true, yes, 0, false, no)" >&2; exit 2 ;;
-  esac
-}
+source "$(dirname "$0")/env_bool.sh"
 bool_flag OVERWRITE --overwrite
 bool_flag VERBOSE --verbose
 
