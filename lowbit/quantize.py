@@ -615,7 +615,7 @@ def resolve_high_precision_dtype(value: str) -> tuple[str, str]:
     probe = probe_fp16_quantize_rounding()
     version = probe.get("onnxruntime")
     if probe["rounding"] == "nearest_even":
-        return "fp16", f"auto: onnxruntime {version} rounds float16 QuantizeLinear to nearest-even"
+        return "fp16", f"auto: onnxruntime {version} float16 QuantizeLinear rounding is {probe['rounding']}"
     return "fp32", f"auto: onnxruntime {version} float16 QuantizeLinear rounding is {probe['rounding']}"
 
 

@@ -47,7 +47,11 @@ def test_int8_output_manifest_and_ort_load(int8_run, tiny_yolov10_onnx, tiny_yol
     assert manifest["inputs"][str(tiny_yolov10_onnx)] == sha256_file(tiny_yolov10_onnx)
     assert manifest["status"] == "ok"
     extra = manifest["extra"]
-    assert extra["settings"]["high_precision_dtype"] == "fp32"
+    from lowbit.quantize import resolve_high_precision_dtype
+
+    # the default "auto": fp32 on an onnxruntime that truncates float16 QuantizeLinear (1.24), fp16 on one that rounds
+    assert extra["settings"]["high_precision_dtype_requested"] == "auto"
+    assert extra["settings"]["high_precision_dtype"] == resolve_high_precision_dtype("auto")[0]
     assert extra["settings"]["calibration_method"] == "entropy"
     # use_zero_point is passed through but recorded as having no effect outside int4
     assert extra["settings"]["use_zero_point"] is True and extra["settings"]["use_zero_point_effective"] is False
@@ -62,8 +66,9 @@ def test_int8_output_manifest_and_ort_load(int8_run, tiny_yolov10_onnx, tiny_yol
     model = onnx.load(str(int8_run))
     ops = [n.op_type for n in model.graph.node]
     assert ops.count("QuantizeLinear") > 0 and ops.count("DequantizeLinear") >= ops.count("QuantizeLinear")
-    # fp32 high precision: no float16 tensors anywhere
-    assert all(init.data_type != onnx.TensorProto.FLOAT16 for init in model.graph.initializer)
+    # fp32 high precision: no float16 tensors anywhere; fp16: the weights are stored in float16
+    has_fp16 = any(init.data_type == onnx.TensorProto.FLOAT16 for init in model.graph.initializer)
+    assert has_fp16 == (extra["settings"]["high_precision_dtype"] == "fp16")
 
 
 def test_refuses_to_overwrite(load_script, int8_run, tiny_yolov10_onnx, calib_npy, capsys):
