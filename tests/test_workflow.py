@@ -157,14 +157,14 @@ def test_output_names_follow_the_model(wf, tmp_path):
     card = _args(wf, ["--preset", "yolov10m"])
     outputs = [p for s in wf.plan(card, tmp_path / "card") for p in s.outputs]
     for expected in ("onnx/yolov10m-int8-qdq.onnx", "calib/calib_yolov10m_640.npy",
-                     "sensitivity-loo-fp8/outputs/yolov10m/onnx-fp8/per_layer/layer-sensitivity-report.json",
+                     "sensitivity-single-fp8/outputs/yolov10m/onnx-fp8/per_layer/layer-sensitivity-report.json",
                      "onnx/yolov10m-fp8-k0.onnx", "search-int8/search.json"):
         assert tmp_path / "card" / expected in outputs, expected
 
 
-def test_default_is_the_search_with_the_loo_ranking_on_the_full_models(wf, tmp_path):
+def test_default_is_the_search_with_the_single_node_ranking_on_the_full_models(wf, tmp_path):
     args = _args(wf, [])
-    assert args.search and args.sensitivity == "loo" and args.budget_ap == 0.5 and args.random_seeds == 3
+    assert args.search and args.sensitivity == "single" and args.budget_ap == 0.5 and args.random_seeds == 3
     run = tmp_path / "demo"
     steps = {s.name: s for s in wf.plan(args, run)}
     assert "schemes-int8" not in steps and "candidates-fp8" not in steps
@@ -172,7 +172,7 @@ def test_default_is_the_search_with_the_loo_ranking_on_the_full_models(wf, tmp_p
     assert steps["fp8"].outputs == [fp8_full]
     for mode, full in (("int8", int8_full), ("fp8", fp8_full)):
         sens = steps[f"sensitivity-{mode}"].argv
-        assert sens[sens.index("--method") + 1] == "loo" and sens[sens.index("--qdq-path") + 1] == str(full)
+        assert sens[sens.index("--method") + 1] == "single" and sens[sens.index("--qdq-path") + 1] == str(full)
         search = steps[f"search-{mode}"].argv
         assert search[search.index("--full-model") + 1] == str(full)
         assert search[search.index("--budget-ap") + 1] == "0.5" and search[search.index("--build") + 1] == "full"

@@ -12,7 +12,7 @@ stem: ``yolov10m`` for the card's checkpoint, ``yolov10n-demo-shapes`` for the d
     int8          quantize_yolov10m_onnx.py             -> onnx/<model>-int8-qdq.onnx
     int8-eval     eval_yolov10m_onnx_coco.py            -> int8-coco/metrics.json
     fp8           quantize_yolov10m_onnx.py (FP8, search mode) -> onnx/<model>-fp8-k0.onnx
-    sensitivity-<mode>  onnx_layer_sensitivity.py --method loo|local (or yolov10m_layer_sensitivity.py)
+    sensitivity-<mode>  onnx_layer_sensitivity.py --method single|loo|local (or yolov10m_layer_sensitivity.py)
                         -> sensitivity-<method>-<mode>/.../layer-sensitivity-report.json
     search-<mode>       search_yolov10m_lowbit_budget.py -> search-<mode>/search.json, <mode>-k{K}-coco/
     report        make_lowbit_report.py                 -> report.md, report.json, pareto.png, search-curves.png
@@ -121,9 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "nothing to skip step 4)")
     parser.add_argument("--ks", type=int, nargs="+", default=None,
                         help="fixed top-K exclusions, e.g. 0 5 10 20 (default: none, the budget search chooses K)")
-    parser.add_argument("--sensitivity", choices=("loo", "single", "local", "torch"), default="loo",
-                        help="ranking: loo = propagated leave-one-out on the deployed Q/DQ graph (default), single = "
-                        "one node quantized at a time on that graph (the torch sweep's score), local = "
+    parser.add_argument("--sensitivity", choices=("single", "loo", "local", "torch"), default="single",
+                        help="ranking: single = one node quantized at a time on the deployed Q/DQ graph, output drift "
+                        "after propagation (the torch sweep's score; default), loo = leave-one-out of the full Q/DQ "
+                        "graph, local = "
                         "each node's own error (cheap), torch = the torch sweep on --weights")
     parser.add_argument("--sensitivity-images", type=int, default=None,
                         help="images scored by the sensitivity step (default: 4 on the CPU EP, 16 with CUDA)")
@@ -327,7 +328,7 @@ def calib_path(args: argparse.Namespace, run: Path) -> Path:
 
 
 def sensitivity_step(args: argparse.Namespace, run: Path, mode: str, full_model: Path | None = None) -> Step:
-    """The ranking of one mode: ONNX-native (``loo`` or ``local``), on ``full_model`` when given (the search's
+    """The ranking of one mode: ONNX-native (``single``, ``loo`` or ``local``), on ``full_model`` when given (the search's
     Q/DQ model; else the script quantizes its own), or the torch sweep on ``--weights``."""
     calib = calib_path(args, run)
     if args.sensitivity != "torch":
