@@ -201,7 +201,7 @@ def test_search_end_to_end_on_the_tiny_model(tiny_run):
     assert {s["mode"] for s in report["search"]} == {"int8", "fp8"}
     for s in report["search"]:
         data = json.loads((run / f"search-{s['mode']}" / "search.json").read_text())
-        assert data["ranking"]["method"] == "onnx_leave_one_out_drift"
+        assert data["ranking"]["method"] == "onnx_one_at_a_time_drift"
         probes, curve = data["search"]["probes"], data["search"]["curve"]
         assert len(probes) <= 4 and len({p["k"] for p in curve}) == len(curve) >= 1
         for p in probes:  # every probe is a real evaluation on the slice (INT8 K=0 is the int8-eval step's)
