@@ -99,12 +99,13 @@ def read_map(metrics_path: Path, flag: str) -> float:
         raise UserError(f"{flag}: {metrics_path} is not an evaluator metrics.json with metrics.map50_95", flag=flag) from e
 
 
-def _read_record(path: Path) -> dict | None:
+def _read_record(path: Path, schema_version: int = RECORD_SCHEMA_VERSION) -> dict | None:
+    """A JSON record beside a candidate, or None when missing, unreadable or of another schema version."""
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError):
         return None
-    return record if isinstance(record, dict) and record.get("schema_version") == RECORD_SCHEMA_VERSION else None
+    return record if isinstance(record, dict) and record.get("schema_version") == schema_version else None
 
 
 class CandidateStore:
@@ -401,14 +402,6 @@ def check_schemes_fit(args: argparse.Namespace, candidates: list[SchemeCandidate
 # what to (re)build
 
 
-def _read_scheme_record(path: Path) -> dict | None:
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        return None
-    return record if isinstance(record, dict) and record.get("schema_version") == SCHEME_RECORD_SCHEMA_VERSION else None
-
-
 def _differences(expected: dict, recorded: dict | None) -> list[str]:
     recorded = recorded or {}
     return [key for key in expected if expected[key] != recorded.get(key)]
@@ -455,7 +448,7 @@ def plan_candidates(args: argparse.Namespace, schemes: list[Scheme], digests: di
 
 def _stale_parts(c: SchemeCandidate) -> list[str]:
     """Mark what ``c`` needs; returns what disagrees with an earlier build (empty: nothing is stale)."""
-    record = _read_scheme_record(c.record_path)
+    record = _read_record(c.record_path, SCHEME_RECORD_SCHEMA_VERSION)
     exists = c.model_path.exists() or c.record_path.exists()
     if not exists:
         c.evaluate = c.evaluation is not None

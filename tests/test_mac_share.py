@@ -44,19 +44,20 @@ def _graph(quantize_conv1=True, quantize_conv2=False, dtype=TensorProto.INT8, ma
     w1 = numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "w1")
     w2 = numpy_helper.from_array(rng.standard_normal((4, 8, 1, 1)).astype(np.float32), "w2")
     nodes, inits = [], [w1, w2]
-    x_in, w1_in = "x", "w1"
-    if quantize_conv1:
-        n1, i1, x_in = _qdq("x", "x", dtype)
-        n2, i2, w1_in = _qdq("w1", "w1", dtype, scale_shape=(8,), axis=0)
-        nodes += n1 + n2
-        inits += i1 + i2
+
+    def conv_inputs(activation: str, weight: str, channels: int, quantized: bool) -> tuple[str, str]:
+        """The conv's (activation, weight) inputs, each through a Q/DQ pair when ``quantized``."""
+        if not quantized:
+            return activation, weight
+        n1, i1, act_in = _qdq(activation, activation, dtype)
+        n2, i2, w_in = _qdq(weight, weight, dtype, scale_shape=(channels,), axis=0)
+        nodes.extend(n1 + n2)
+        inits.extend(i1 + i2)
+        return act_in, w_in
+
+    x_in, w1_in = conv_inputs("x", "w1", 8, quantize_conv1)
     nodes.append(helper.make_node("Conv", [x_in, w1_in], ["y1"], name="conv1", pads=[1, 1, 1, 1]))
-    y1_in, w2_in = "y1", "w2"
-    if quantize_conv2:
-        n1, i1, y1_in = _qdq("y1", "y1", dtype)
-        n2, i2, w2_in = _qdq("w2", "w2", dtype, scale_shape=(4,), axis=0)
-        nodes += n1 + n2
-        inits += i1 + i2
+    y1_in, w2_in = conv_inputs("y1", "w2", 4, quantize_conv2)
     nodes.append(helper.make_node("Conv", [y1_in, w2_in], ["y2"], name="conv2"))
     output = "y2"
     if matmul:
