@@ -128,6 +128,7 @@ def _args(wf, argv: list[str]):
         (["--random-seeds", "-1"], "--random-seeds"),
         (["--random-control", "3"], "--random-control"),  # search mode: --random-seeds
         (["--max-probes", "0"], "--max-probes"),
+        (["--jobs", "0"], "--jobs"),
         (["--run-id", "a/b"], "--run-id"),
         (["--providers", "NoSuchExecutionProvider"], "--providers"),
     ],
@@ -187,13 +188,55 @@ def test_default_is_the_search_with_the_single_node_ranking_on_the_full_models(w
     assert {"schemes-fp8", "candidates-fp8", "candidates-int8"} <= fixed and not any(n.startswith("search") for n in fixed)
 
 
+def test_steps_wait_only_for_the_steps_they_read_from(wf, tmp_path):
+    run = tmp_path / "demo"
+    steps = wf.plan(_args(wf, []), run)
+    names = [s.name for s in steps]
+    deps = {names[i]: {names[j] for j in d} for i, d in enumerate(wf.dependencies(steps))}
+    assert deps["baseline"] == {"dataset"} and deps["int8"] == {"calib"} and deps["int8-eval"] == {"dataset", "int8"}
+    # the FP8 branch never waits for INT8's calibration: with --jobs 2 it runs beside it
+    assert deps["fp8"] == {"calib"} and deps["sensitivity-fp8"] == {"calib", "fp8"}
+    assert deps["search-fp8"] == {"dataset", "baseline", "fp8", "sensitivity-fp8"}
+    assert deps["search-int8"] == {"dataset", "baseline", "int8", "int8-eval", "sensitivity-int8"}
+    assert deps["report"] == {"baseline", "int8-eval", "search-fp8", "search-int8"}
+    assert _args(wf, []).jobs == 1 and _args(wf, ["--providers", "CUDAExecutionProvider"]).jobs == 2
+
+
+def _timed_step(wf, tmp_path: Path, name: str, reads: list[str], fail: bool = False):
+    """A step that records when it started and ended in tmp_path/<name>.txt, after reading its inputs."""
+    code = (f"import sys, time; t0 = time.time(); time.sleep(0.6); sys.exit(1) if {fail} else None; "
+            f"open({str(tmp_path / (name + '.txt'))!r}, 'w').write(f'{{t0}} {{time.time()}}')")
+    return wf.Step(name, [sys.executable, "-c", code], outputs=[tmp_path / f"{name}.txt"],
+                   inputs=[tmp_path / f"{r}.txt" for r in reads])
+
+
+def _span(tmp_path: Path, name: str) -> tuple[float, float]:
+    start, end = map(float, (tmp_path / f"{name}.txt").read_text().split())
+    return start, end
+
+
+def test_jobs_run_independent_steps_at_once_and_dependants_after(wf, tmp_path):
+    import logging
+
+    steps = [_timed_step(wf, tmp_path, "a", []), _timed_step(wf, tmp_path, "b", []),
+             _timed_step(wf, tmp_path, "c", ["a"]), _timed_step(wf, tmp_path, "d", ["b", "c"])]  # fmt: skip
+    assert wf.run_steps(tmp_path / "run", steps, set(), False, logging.getLogger("t"), jobs=2) == 0
+    (a0, a1), (b0, b1), (c0, c1), (d0, _) = (_span(tmp_path, n) for n in "abcd")
+    assert a0 < b1 and b0 < a1  # a and b overlapped
+    assert c0 >= a1 and d0 >= max(b1, c1)
+    # a failed step: what reads from it never runs, nothing failed is recorded, the run ends with 1
+    bad = [_timed_step(wf, tmp_path, "e", [], fail=True), _timed_step(wf, tmp_path, "f", ["e"])]
+    assert wf.run_steps(tmp_path / "run2", bad, set(), False, logging.getLogger("t"), jobs=2) == 1
+    assert not (tmp_path / "f.txt").exists() and not list((tmp_path / "run2" / ".steps").glob("*.json"))
+
+
 def test_search_end_to_end_on_the_tiny_model(tiny_run):
     root, argv = tiny_run
     i = argv.index("--ks")
     search_argv = [*argv[:i], *argv[i + 3:]]
     search_argv[search_argv.index("--run-id") + 1] = "tiny-search"
     search_argv[search_argv.index("--sensitivity-images") + 1] = "1"  # leave-one-out: (3 + nodes) runs per image
-    search_argv += ["--random-seeds", "2", "--max-probes", "4", "--budget-ap", "0.5"]
+    search_argv += ["--random-seeds", "2", "--max-probes", "4", "--budget-ap", "0.5", "--jobs", "2"]
     result = _run(search_argv)
     assert result.returncode == 0, result.stderr[-3000:]
     run = root / "runs" / "tiny-search"
