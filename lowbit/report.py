@@ -9,7 +9,11 @@ TensorRT engines (see :mod:`lowbit.trt`):
 * for each evaluated model (metrics ``model.path``), its ``<stem>.manifest.json`` from
   ``quantize_yolov10m_onnx.py`` when it lies beside the model and describes the same file
   (``extra.output_sha256`` equals the evaluated ``model.sha256``): quantization settings,
-  excluded nodes, quantized node count, the source model's sha256 and the exclusion scheme.
+  excluded nodes, quantized node count, the source model's sha256 and the exclusion scheme;
+* for a budget-search candidate without one, its ``<stem>.inputs.json`` record
+  (:class:`lowbit.candidates.CandidateStore`, same ``model_sha256``): the nodes put in float, and the
+  quantizer manifest of the full Q/DQ model it was cut from (the ``*.manifest.json`` beside it whose
+  ``extra.output_sha256`` is the record's ``build.full_model_sha256``) for the quantization settings.
 
 The FP32 baseline is the evaluated model without Q/DQ. Evaluations of different image sets
 (annotation sha256 + image ids) or post-processing settings are never compared: :func:`collect_variants`
@@ -33,8 +37,9 @@ raises :class:`~lowbit.runs.UserError` naming the files.
   the file is gone or no longer the evaluated one), ``qdq_pairs``, ``quant_dtypes``,
   ``excluded_nodes`` (count; null when unknown), ``excluded_node_names``, ``num_quantized_nodes``,
   ``quant_settings`` (the quantizer's ``extra.settings``), ``candidate`` {k, random_seed,
-  ranking_source, scheme} or null, ``metrics_path``, ``model_manifest`` (path or null), ``run_dir``,
-  ``notes`` [str]
+  ranking_source, scheme} or null, ``metrics_path``, ``model_manifest`` (the quantizer manifest or the
+  candidate record read; null when none), ``derived_from_full_model`` (a search candidate cut from the full
+  Q/DQ model), ``run_dir``, ``notes`` [str]
 * ``recommended``: ``variant`` (label), ``metrics_path``, ``reason``, ``latency_source``
   ("tensorrt" | "onnxruntime" | null), ``latency_provider``, ``latency_ms``, ``within_budget`` [labels]
 * ``latency_axis``: the latency on the plot's x axis (``source``, ``description``); the recommendation names its own
@@ -230,6 +235,46 @@ def _load_model_manifest(model_file: Path | None, sha: str, notes: list[str]) ->
     return manifest, path
 
 
+def _load_candidate_record(model_file: Path | None, sha: str, notes: list[str]) -> tuple[dict | None, Path | None]:
+    """A budget-search candidate's record (``<stem>.inputs.json``, :class:`lowbit.candidates.CandidateStore`) and
+    the quantizer manifest of the full Q/DQ model it was cut from (``build.method == "full"``), when both describe it.
+
+    Returns ``(manifest-like dict, record path)``: the full model's manifest with ``extra`` adjusted to the candidate
+    (``excluded_nodes`` = the nodes put in float, ``num_quantized_nodes`` reduced by them), or the re-quantization
+    settings of ``build.method == "requantize"``; ``(None, None)`` when there is no such record.
+    """
+    if model_file is None:
+        return None, None
+    path = model_file.with_name(model_file.stem + ".inputs.json")
+    record = _read_json(path)
+    if not isinstance(record, dict) or not isinstance(record.get("build"), dict):
+        return None, None
+    if record.get("model_sha256") != sha:
+        notes.append(f"candidate record {_rel(path)} describes another file than the evaluated model; not used")
+        return None, None
+    build, nodes = record["build"], list(record["build"].get("nodes") or [])
+    if build.get("method") == "requantize":
+        q = build.get("quantize") or {}
+        settings = {"quantize_mode": q.get("mode"), "calibration_method": q.get("calibration_method"),
+                    "high_precision_dtype": q.get("high_precision_dtype"), "nodes_to_exclude": nodes}  # fmt: skip
+        return {"extra": {"settings": settings, "excluded_nodes": nodes}, "derived": "requantized"}, path
+    full = None
+    for candidate in sorted(model_file.parent.glob("*.manifest.json")):
+        manifest = _read_json(candidate)
+        if (isinstance(manifest, dict) and manifest.get("script") == QUANT_SCRIPT and manifest.get("status") == "ok"
+                and (manifest.get("extra") or {}).get("output_sha256") == build.get("full_model_sha256")):  # fmt: skip
+            full = manifest
+            break
+    if full is None:
+        notes.append(f"candidate record {_rel(path)}: no quantizer manifest of its full model (sha256 "
+                     f"{str(build.get('full_model_sha256'))[:12]}) beside it; quantization settings unknown")  # fmt: skip
+        return {"extra": {"excluded_nodes": nodes}, "derived": "full"}, path
+    extra = dict(full.get("extra") or {})
+    quantized = extra.get("num_quantized_nodes")
+    extra.update(excluded_nodes=nodes, num_quantized_nodes=quantized - len(nodes) if quantized is not None else None)
+    return {**full, "extra": extra, "derived": "full"}, path
+
+
 def _label(metrics: dict, mode: str, settings: dict | None, candidate: dict | None, stem: str) -> tuple[str, str]:
     """(label, role) of one evaluation."""
     if not metrics["model"]["qdq"].get("is_qdq"):
@@ -268,6 +313,8 @@ def _variant_from_metrics(metrics_path: Path, run_dir: Path, hash_cache: dict[Pa
             notes.append(f"{_rel(model_file)} is no longer the evaluated model (sha256 differs): size unknown")
             model_file = None
     manifest, manifest_path = _load_model_manifest(model_file, model["sha256"], notes)
+    if manifest is None:  # a budget-search candidate: its record names the nodes in float and the full model
+        manifest, manifest_path = _load_candidate_record(model_file, model["sha256"], notes)
     extra = (manifest or {}).get("extra") or {}
     settings = extra.get("settings")
     is_qdq = bool(qdq.get("is_qdq"))
@@ -310,6 +357,7 @@ def _variant_from_metrics(metrics_path: Path, run_dir: Path, hash_cache: dict[Pa
         "candidate": candidate,
         "metrics_path": _rel(metrics_path),
         "model_manifest": _rel(manifest_path) if manifest_path else None,
+        "derived_from_full_model": (manifest or {}).get("derived") == "full",
         "run_dir": _rel(run_dir),
         "notes": notes,
         "_metrics_file": metrics_path,
@@ -838,6 +886,8 @@ def _settings_text(v: dict) -> str:
     cand = v.get("candidate")
     if cand and cand.get("scheme"):
         text += f", {Path(cand['scheme']).name}"
+    if v.get("derived_from_full_model") and v.get("excluded_nodes"):
+        text += f"; full model with {v['excluded_nodes']} nodes' Q/DQ removed"
     return text
 
 
@@ -897,7 +947,7 @@ def report_markdown(report: dict, plot_name: str | None = "pareto.png") -> str:
         )
     lines += search_markdown(report.get("search") or [])
     lines += ["", "## Sources", "", "Every number above is copied from the file named here (report.json keeps them all).", "",
-              "| variant | metrics | model | quantizer manifest |", "|---|---|---|---|"]
+              "| variant | metrics | model | quantizer manifest or candidate record |", "|---|---|---|---|"]
     for v in report["variants"]:
         lines.append(
             f"| {v['label']} | `{v['metrics_path']}` | `{v['model_path']}` | "

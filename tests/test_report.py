@@ -245,6 +245,30 @@ def test_variant_without_manifest_is_labelled_from_metrics(tmp_path):
     assert row["qdq_pairs"] == 60  # the evaluator's count is still there
 
 
+def test_search_candidate_is_described_by_its_record_and_the_full_models_manifest(tmp_path):
+    run = RunDir(tmp_path / "run")
+    run.baseline()
+    run.variant("int8-coco", "m-int8-qdq", 0.52, 0.66, 50.0)  # the full Q/DQ model, with its quantizer manifest
+    full_sha = _sha((run.root / "onnx" / "m-int8-qdq.onnx").read_bytes())
+    run.variant("int8-k2-coco", "m-int8-k2", 0.53, 0.67, 50.0, manifest=False)
+    model = run.root / "onnx" / "m-int8-k2.onnx"
+    floated = ["/model.2/cv1/conv/Conv", "/model.0/conv/Conv"]
+    record = {"schema_version": 2, "candidate": "int8-k2", "model_sha256": _sha(model.read_bytes()),
+              "build": {"method": "full", "full_model_sha256": full_sha, "nodes": floated}}
+    record_path = run.root / "onnx" / "m-int8-k2.inputs.json"
+    record_path.write_text(json.dumps(record))
+    row = _by_label(rep.collect_variants([run.root])["variants"])["INT8 K=2"]
+    assert row["excluded_node_names"] == floated and row["excluded_nodes"] == 2
+    assert row["num_quantized_nodes"] == 40 - 2 and row["derived_from_full_model"]
+    assert row["quant_settings"]["calibration_method"] == "entropy" and row["source_model_sha256"] == run.fp32_sha
+    assert "2 nodes' Q/DQ removed" in rep._settings_text(row)
+    # a record of another file is not trusted, and says so
+    record_path.write_text(json.dumps({**record, "model_sha256": "0" * 64}))
+    row = _by_label(rep.collect_variants([run.root])["variants"])["INT8 K=2"]
+    assert row["excluded_nodes"] is None and row["quant_settings"] is None
+    assert any("describes another file" in note for note in row["notes"])
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # recommendation
 
