@@ -253,16 +253,6 @@ def test_search_end_to_end_on_the_tiny_model(tiny_run):
         if data["search"]["k"] > 0:
             assert data["random_control"]["seeds"] == [0, 1]
     assert all(v.get("mac_share") is not None for v in report["variants"])
-    # each search candidate names the nodes it runs in float: the ranking's first K
-    rows, checked = {v["label"]: v for v in report["variants"]}, 0
-    for s in report["search"]:
-        data = json.loads((run / f"search-{s['mode']}" / "search.json").read_text())
-        for c in data["candidates"]:
-            if c["k"] > 0 and c["random_seed"] is None:
-                row = rows[f"{s['mode'].upper()} K={c['k']}"]
-                assert row["excluded_node_names"] == data["ranking"]["nodes"][: c["k"]] and row["quant_settings"]
-                checked += 1
-    assert checked >= 1
     assert report["recommended"]["cost_source"] in ("mac_share", None)
     for name in ("report.md", "pareto.png", "search-curves.png"):
         assert (run / name).stat().st_size > 0
