@@ -204,7 +204,7 @@ def test_steps_wait_only_for_the_steps_they_read_from(wf, tmp_path):
 
 def _timed_step(wf, tmp_path: Path, name: str, reads: list[str], fail: bool = False):
     """A step that records when it started and ended in tmp_path/<name>.txt, after reading its inputs."""
-    code = (f"import sys, time; t0 = time.time(); time.sleep(0.6); sys.exit(1) if {fail} else None; "
+    code = (f"import sys, time; t0 = time.time(); time.sleep(1.5); sys.exit(1) if {fail} else None; "
             f"open({str(tmp_path / (name + '.txt'))!r}, 'w').write(f'{{t0}} {{time.time()}}')")
     return wf.Step(name, [sys.executable, "-c", code], outputs=[tmp_path / f"{name}.txt"],
                    inputs=[tmp_path / f"{r}.txt" for r in reads])
