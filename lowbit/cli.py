@@ -153,6 +153,16 @@ def existing_file(text: str) -> Path:
     return path
 
 
+def add_coco_paths(parser: argparse.ArgumentParser) -> None:
+    """``--data-root``, ``--images-dir`` and ``--ann-file``: a COCO-layout dataset, as every script reading one names it
+    (``lowbit.evaluate.resolve_data_paths`` turns them into the image folder and the annotation file)."""
+    parser.add_argument("--data-root", type=Path, default=Path("datasets/coco2017/source-data"),
+                        help="COCO root holding val2017/ and annotations/instances_val2017.json")  # fmt: skip
+    parser.add_argument("--images-dir", type=Path, default=None, help="image folder; None means DATA_ROOT/val2017")
+    parser.add_argument("--ann-file", type=Path, default=None,
+                        help="instances json; None means DATA_ROOT/annotations/instances_val2017.json")  # fmt: skip
+
+
 def _user_path_error(exc: OSError) -> str | None:
     """One line for an OSError about a path, or None when it does not look like one."""
     if exc.filename is None or exc.errno not in _USER_PATH_ERRNOS:

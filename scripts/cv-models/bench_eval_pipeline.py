@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lowbit.cli import cli_entry, imgsz, non_negative_int, positive_int
+from lowbit.cli import add_coco_paths, cli_entry, imgsz, non_negative_int, positive_int
 from lowbit.evaluate import DEFAULT_WORKERS, EvalSettings, evaluate, resolve_data_paths
 from lowbit.logs import get_logger, setup_logging
 from lowbit.runs import (
@@ -55,14 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--onnx-path", type=Path, required=True, help="ONNX model, input [1,3,H,W]")
-    parser.add_argument("--data-root", type=Path, default=Path("datasets/coco2017/source-data"), help="COCO root")
-    parser.add_argument("--images-dir", type=Path, default=None, help="image folder; None means DATA_ROOT/val2017")
-    parser.add_argument(
-        "--ann-file",
-        type=Path,
-        default=None,
-        help="instances json; None means DATA_ROOT/annotations/instances_val2017.json",
-    )
+    add_coco_paths(parser)
     parser.add_argument("--max-images", type=positive_int, default=50, help="first N image ids (ascending)")
     parser.add_argument("--imgsz", type=imgsz, default=640, help="square letterbox side, pixels")
     parser.add_argument("--providers", nargs="+", default=["CPUExecutionProvider"], help="ORT providers, in order")

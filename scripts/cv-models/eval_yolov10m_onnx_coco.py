@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lowbit.cli import cli_entry, imgsz, non_negative_int, positive_int
+from lowbit.cli import add_coco_paths, cli_entry, imgsz, non_negative_int, positive_int
 from lowbit.evaluate import DEFAULT_WORKERS, EvalResult, EvalSettings, evaluate
 from lowbit.logs import setup_logging
 
@@ -31,19 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--onnx-path", type=Path, required=True, help="ONNX model (float or Q/DQ), input [1,3,H,W]")
-    parser.add_argument(
-        "--data-root",
-        type=Path,
-        default=Path("datasets/coco2017/source-data"),
-        help="COCO root holding val2017/ and annotations/instances_val2017.json",
-    )
-    parser.add_argument("--images-dir", type=Path, default=None, help="image folder; None means DATA_ROOT/val2017")
-    parser.add_argument(
-        "--ann-file",
-        type=Path,
-        default=None,
-        help="instances json; None means DATA_ROOT/annotations/instances_val2017.json",
-    )
+    add_coco_paths(parser)
     parser.add_argument(
         "--max-images", type=positive_int, default=None, help="evaluate the first N image ids (ascending); None means all"
     )

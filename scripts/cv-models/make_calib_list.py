@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lowbit.cli import cli_entry, non_negative_int, positive_int
+from lowbit.cli import add_coco_paths, cli_entry, non_negative_int, positive_int
 from lowbit.runs import (
     REPO_ROOT,
     UserError,
@@ -36,9 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--data-root", type=Path, default=Path("datasets/coco2017/source-data"))
-    parser.add_argument("--images-dir", type=Path, default=None, help="default: <data-root>/val2017")
-    parser.add_argument("--ann-file", type=Path, default=None, help="default: <data-root>/annotations/instances_val2017.json")
+    add_coco_paths(parser)
     parser.add_argument(
         "--eval-max-images",
         type=non_negative_int,
