@@ -14,7 +14,8 @@ Two ways to build the candidate for a list of float nodes:
 Files, under ``run_root`` (names the report reads: ``-k{K}`` / ``-k{K}_random{SEED}``):
 
     onnx/<model>-<mode>-k{K}[_random{SEED}].onnx            the candidate (K = 0: the full model itself)
-    onnx/<model>-<mode>-k{K}[_random{SEED}].inputs.json     what it was built from and evaluated with
+    onnx/<model>-<mode>-k{K}[_random{SEED}].inputs.json     what it was built from (``full_model``: the path of
+                                                            the full model) and evaluated with
     <mode>-k{K}[_random{SEED}]-coco/metrics.json            its evaluation (``lowbit.evaluate``)
 
 A candidate whose record matches (same full model, same nodes, same evaluation settings, files with
@@ -187,6 +188,7 @@ class CandidateStore:
                               providers=list(ev.providers), warmup_runs=ev.warmup_runs, skip_latency=ev.skip_latency,
                               imgsz=ev.imgsz, out=metrics, overwrite=True))  # fmt: skip
         atomic_write_json(record_path, {"schema_version": RECORD_SCHEMA_VERSION, "candidate": name, "build": build,
+                                        "full_model": str(self.full_model),
                                         "ranking_nodes": list(nodes), "random_seed": random_seed,
                                         "evaluation": ev.record(), "model_sha256": sha256_file(model),
                                         "metrics_sha256": sha256_file(metrics)})  # fmt: skip

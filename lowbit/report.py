@@ -12,8 +12,8 @@ TensorRT engines (see :mod:`lowbit.trt`):
   excluded nodes, quantized node count, the source model's sha256 and the exclusion scheme;
 * for a budget-search candidate without one, its ``<stem>.inputs.json`` record
   (:class:`lowbit.candidates.CandidateStore`, same ``model_sha256``): the nodes put in float, and the
-  quantizer manifest of the full Q/DQ model it was cut from (the ``*.manifest.json`` beside it whose
-  ``extra.output_sha256`` is the record's ``build.full_model_sha256``) for the quantization settings.
+  quantizer manifest of the full Q/DQ model it was cut from (the record's ``full_model``, checked against
+  its ``build.full_model_sha256`` as above) for the quantization settings.
 
 The FP32 baseline is the evaluated model without Q/DQ. Evaluations of different image sets
 (annotation sha256 + image ids) or post-processing settings are never compared: :func:`collect_variants`
@@ -235,7 +235,8 @@ def _load_model_manifest(model_file: Path | None, sha: str, notes: list[str]) ->
     return manifest, path
 
 
-def _load_candidate_record(model_file: Path | None, sha: str, notes: list[str]) -> tuple[dict | None, Path | None]:
+def _load_candidate_record(model_file: Path | None, sha: str, run_dir: Path,
+                           notes: list[str]) -> tuple[dict | None, Path | None]:  # fmt: skip
     """A budget-search candidate's record (``<stem>.inputs.json``, :class:`lowbit.candidates.CandidateStore`) and
     the quantizer manifest of the full Q/DQ model it was cut from (``build.method == "full"``), when both describe it.
 
@@ -258,16 +259,11 @@ def _load_candidate_record(model_file: Path | None, sha: str, notes: list[str]) 
         settings = {"quantize_mode": q.get("mode"), "calibration_method": q.get("calibration_method"),
                     "high_precision_dtype": q.get("high_precision_dtype"), "nodes_to_exclude": nodes}  # fmt: skip
         return {"extra": {"settings": settings, "excluded_nodes": nodes}, "derived": "requantized"}, path
-    full = None
-    for candidate in sorted(model_file.parent.glob("*.manifest.json")):
-        manifest = _read_json(candidate)
-        if (isinstance(manifest, dict) and manifest.get("script") == QUANT_SCRIPT and manifest.get("status") == "ok"
-                and (manifest.get("extra") or {}).get("output_sha256") == build.get("full_model_sha256")):  # fmt: skip
-            full = manifest
-            break
+    full_file = resolve_model_file(record["full_model"], path, run_dir) if record.get("full_model") else None
+    full, _ = _load_model_manifest(full_file, build.get("full_model_sha256"), notes)
     if full is None:
-        notes.append(f"candidate record {_rel(path)}: no quantizer manifest of its full model (sha256 "
-                     f"{str(build.get('full_model_sha256'))[:12]}) beside it; quantization settings unknown")  # fmt: skip
+        notes.append(f"candidate record {_rel(path)}: no quantizer manifest of its full model "
+                     f"{record.get('full_model')}; quantization settings unknown")  # fmt: skip
         return {"extra": {"excluded_nodes": nodes}, "derived": "full"}, path
     extra = dict(full.get("extra") or {})
     quantized = extra.get("num_quantized_nodes")
@@ -314,7 +310,7 @@ def _variant_from_metrics(metrics_path: Path, run_dir: Path, hash_cache: dict[Pa
             model_file = None
     manifest, manifest_path = _load_model_manifest(model_file, model["sha256"], notes)
     if manifest is None:  # a budget-search candidate: its record names the nodes in float and the full model
-        manifest, manifest_path = _load_candidate_record(model_file, model["sha256"], notes)
+        manifest, manifest_path = _load_candidate_record(model_file, model["sha256"], run_dir, notes)
     extra = (manifest or {}).get("extra") or {}
     settings = extra.get("settings")
     is_qdq = bool(qdq.get("is_qdq"))

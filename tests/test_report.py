@@ -254,6 +254,7 @@ def test_search_candidate_is_described_by_its_record_and_the_full_models_manifes
     model = run.root / "onnx" / "m-int8-k2.onnx"
     floated = ["/model.2/cv1/conv/Conv", "/model.0/conv/Conv"]
     record = {"schema_version": 2, "candidate": "int8-k2", "model_sha256": _sha(model.read_bytes()),
+              "full_model": str(run.root / "onnx" / "m-int8-qdq.onnx"),
               "build": {"method": "full", "full_model_sha256": full_sha, "nodes": floated}}
     record_path = run.root / "onnx" / "m-int8-k2.inputs.json"
     record_path.write_text(json.dumps(record))
