@@ -529,23 +529,23 @@ def dependencies(steps: list[Step]) -> list[set[int]]:
     return deps
 
 
+def _skippable(run: Path, step: Step, forced: set[str]) -> bool:
+    """Complete with unchanged inputs, and not named by ``--force`` (by its name or its family)."""
+    return not (step.name in forced or step.family in forced) and is_complete(run, step)
+
+
 def run_steps(run: Path, steps: list[Step], forced: set[str], dry_run: bool, logger, jobs: int = 1) -> int:
     """Run what is not complete (or forced), up to ``jobs`` steps at a time, each once every step it reads from has
     finished (with ``jobs=1``, in plan order); 1 after the first failed step (running steps are let finish), else 0."""
     tags = [f"[{i}/{len(steps)}] {step.name:<18}" for i, step in enumerate(steps, 1)]
     if dry_run:
         for step, tag in zip(steps, tags):
-            if not (step.name in forced or step.family in forced) and is_complete(run, step):
+            if _skippable(run, step, forced):
                 logger.info("%s skipped: complete, inputs unchanged", tag)
             else:
                 logger.info("%s would run: %s", tag, " ".join(step.argv))
         return 0
     deps, done, running, failed = dependencies(steps), set(), {}, False
-
-    def start(i: int) -> None:
-        logger.info("%s running", tags[i])
-        running[pool.submit(run_step, run, steps[i], run / "logs")] = i
-
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         while True:
             for i, step in enumerate(steps):
@@ -553,11 +553,12 @@ def run_steps(run: Path, steps: list[Step], forced: set[str], dry_run: bool, log
                     break
                 if i in done or i in running.values() or not deps[i] <= done:
                     continue
-                if not (step.name in forced or step.family in forced) and is_complete(run, step):
+                if _skippable(run, step, forced):
                     logger.info("%s skipped: complete, inputs unchanged", tags[i])
                     done.add(i)
                 else:
-                    start(i)
+                    logger.info("%s running", tags[i])
+                    running[pool.submit(run_step, run, step, run / "logs")] = i
             if not running:
                 return 1 if failed else 0
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
