@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -506,3 +508,40 @@ def test_auto_high_precision_is_fp32_on_a_truncating_onnxruntime():
     rounding = probe_fp16_quantize_rounding()["rounding"]
     dtype, reason = resolve_high_precision_dtype("auto")
     assert dtype == ("fp16" if rounding == "nearest_even" else "fp32") and rounding in reason
+
+
+def test_threaded_histograms_give_the_serial_model(tmp_path, monkeypatch, tiny_yolov10_onnx, calib_npy):
+    """Entropy calibration with histograms built in threads writes the same bytes as the serial collector."""
+    from onnxruntime.quantization.calibrate import HistogramCollector
+
+    from lowbit import quantize
+
+    serial_collect = HistogramCollector.collect
+    calls = []
+    real = quantize._tensor_parallel_histograms
+
+    def counting(threads):
+        calls.append(threads)
+        return real(threads)
+
+    monkeypatch.setattr(quantize, "_tensor_parallel_histograms", counting)
+    histogram_threads = set()
+    np_histogram = np.histogram
+
+    def histogram(*args, **kwargs):
+        histogram_threads.add(threading.current_thread().name.split("_")[0])
+        return np_histogram(*args, **kwargs)
+
+    monkeypatch.setattr(np, "histogram", histogram)
+    digests = {}
+    for threads in (1, 3):
+        monkeypatch.setattr(quantize, "HISTOGRAM_THREADS", threads)
+        out = tmp_path / f"t{threads}" / "tiny-int8.onnx"
+        settings = quantize.QuantizeSettings(onnx_path=tiny_yolov10_onnx, calib_path=calib_npy, output_path=out,
+                                             calibration_method="entropy")  # fmt: skip
+        quantize.quantize_onnx(settings)
+        digests[threads] = hashlib.sha256(out.read_bytes()).hexdigest()
+        assert HistogramCollector.collect is serial_collect  # restored
+    assert calls == [1, 3]
+    assert histogram_threads == {"MainThread", "histogram"}  # the serial run, then the pool's threads
+    assert digests[1] == digests[3]
