@@ -12,15 +12,20 @@ project passes AP points, i.e. COCO mAP@0.5:0.95 x 100 (``--budget-ap 0.5`` = ha
 Search (lowest-bracket bisection)
 ---------------------------------
 1. Probe K = 0 (stop when it already meets the budget), then any ``seed_ks`` (e.g. fixed anchors
-   5, 10, 20), then ``ks_max``.
+   5, 10, 20), then ``ks_max``. With ``parallel = p`` the Ks of this round run together, and when
+   they are fewer than ``p`` the spare probes split ``[0, ks_max]`` into equal parts.
 2. Let P be the smallest probed K that meets the budget and L the largest probed K below P that
    does not. While ``P - L > 1`` probe ``(L + P) // 2``. On a monotone curve this is plain
    bisection: at most ``ceil(log2(ks_max))`` probes after the end points.
+   With ``parallel = p > 1`` each round probes ``p`` Ks at once, splitting ``[L, P]`` into ``p + 1``
+   equal parts (``L + i * (P - L) // (p + 1)``, i = 1..p; p = 1 is the bisection above): about
+   ``log(ks_max) / log(p + 1)`` rounds, each as long as one probe when the probes run side by side.
 3. Bisection assumes that more float layers never lose more accuracy. Measured curves are noisy, so
    the cached points are checked: a *monotone violation* is a pair of neighbouring probed Ks where
    the smaller meets the budget and the larger does not. When there is one, the Ks below P that were
    never probed (the ones bisection skipped by assuming monotonicity) are scanned in ascending order
-   until one meets the budget, which becomes the answer, or ``max_probes`` is reached.
+   until one meets the budget, which becomes the answer, or ``max_probes`` is reached (``p`` at a
+   time with ``parallel = p``; the smallest meeting one of them is the answer).
 
 When nothing probed meets the budget the result has ``found=False`` and reports the probed point
 with the smallest loss; ``reason`` says so.
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -99,6 +105,11 @@ class SearchResult:
         return out
 
 
+def default_max_probes(parallel: int = 1) -> int:
+    """The probe cap for ``parallel`` probes per round: the rounds the serial default allows, ``parallel`` wide."""
+    return DEFAULT_MAX_PROBES * max(1, parallel)
+
+
 def _validate(ks_max: int, budget: float, max_probes: int, seed_ks: Iterable[int], known: dict[int, float]) -> None:
     if not budget > 0:  # also rejects NaN
         raise UserError(f"--budget-ap must be > 0 (AP points lost against FP32), got {budget}", flag="--budget-ap")
@@ -114,8 +125,9 @@ def _validate(ks_max: int, budget: float, max_probes: int, seed_ks: Iterable[int
 class _Cache:
     """Evaluations by K; refuses to evaluate a K twice or to exceed the probe budget."""
 
-    def __init__(self, evaluate, baseline, budget, max_probes, known):
+    def __init__(self, evaluate, baseline, budget, max_probes, known, parallel=1):
         self.evaluate, self.baseline, self.budget, self.max_probes = evaluate, baseline, budget, max_probes
+        self.parallel = max(1, int(parallel))
         self.known = [self._point(k, m) for k, m in sorted(known.items())]
         self.points: dict[int, Probe] = {p.k: p for p in self.known}
         self.probes: list[Probe] = []
@@ -139,6 +151,22 @@ class _Cache:
         self.probes.append(point)
         return point
 
+    def probe_many(self, ks: Iterable[int]) -> None:
+        """Evaluate the new Ks among ``ks``, up to ``parallel`` at a time, within the probe budget.
+
+        Results are recorded in the order of ``ks`` whatever order the evaluations finish in.
+        """
+        new = [k for k in dict.fromkeys(ks) if k not in self.points][: max(0, self.max_probes - len(self.probes))]
+        if self.parallel == 1 or len(new) <= 1:
+            for k in new:
+                self.probe(k)
+            return
+        with ThreadPoolExecutor(min(self.parallel, len(new)), thread_name_prefix="probe") as pool:
+            values = list(pool.map(self.evaluate, new))  # the first failure is raised here
+        for k, value in zip(new, values):
+            self.points[k] = self._point(k, value)
+            self.probes.append(self.points[k])
+
     def smallest_meeting(self) -> Probe | None:
         return min((p for p in self.points.values() if p.meets), key=lambda p: p.k, default=None)
 
@@ -153,22 +181,25 @@ def _bisect_lowest_bracket(cache: _Cache) -> bool:
         best = cache.smallest_meeting()
         # K=0 was probed first and misses the budget, so a failing K below P always exists.
         low = max(k for k, p in cache.points.items() if k < best.k and not p.meets)
-        if best.k - low <= 1:
+        width = best.k - low
+        if width <= 1:
             return True
-        if cache.probe((low + best.k) // 2) is None:
+        if cache.exhausted:
             return False
+        parts = cache.parallel + 1
+        cache.probe_many(sorted({low + i * width // parts for i in range(1, parts)} - {low}))
 
 
 def _scan_below(cache: _Cache) -> bool:
     """Probe the unprobed Ks below P in ascending order until one meets; False when the budget ran out."""
     best = cache.smallest_meeting()
-    for k in range(best.k):
-        if k in cache.points:
-            continue
-        point = cache.probe(k)
-        if point is None:
+    todo = [k for k in range(best.k) if k not in cache.points]
+    for start in range(0, len(todo), cache.parallel):
+        if cache.exhausted:
             return False
-        if point.meets:
+        chunk = todo[start : start + cache.parallel]
+        cache.probe_many(chunk)
+        if any(cache.points[k].meets for k in chunk if k in cache.points):
             return True
     return True
 
@@ -205,6 +236,7 @@ def search_smallest_k(
     max_probes: int = DEFAULT_MAX_PROBES,
     seed_ks: Iterable[int] = (),
     known: dict[int, float] | None = None,
+    parallel: int = 1,
 ) -> SearchResult:
     """Find the smallest K in ``0..ks_max`` whose evaluated loss ``baseline - evaluate(K)`` is within ``budget``.
 
@@ -218,23 +250,29 @@ def search_smallest_k(
         seed_ks: Ks to evaluate right after K = 0 (e.g. the fixed anchors); they let the search see a
             non-monotone curve.
         known: ``{K: accuracy}`` already evaluated elsewhere; used as cached points, never re-run.
+        parallel: Ks probed per round, ``evaluate`` called from that many threads at once (it must
+            be thread-safe then); 1 is plain bisection.
 
     Returns:
         A :class:`SearchResult` (see the module docstring for the algorithm).
 
     Raises:
         UserError: ``budget <= 0`` (flag ``--budget-ap``).
-        ValueError: ``ks_max < 0``, ``max_probes < 1``, a seed or known K outside ``0..ks_max``.
+        ValueError: ``ks_max < 0``, ``max_probes < 1``, ``parallel < 1``, a seed or known K outside ``0..ks_max``.
     """
     known = dict(known or {})
     seed_ks = list(seed_ks)
     _validate(ks_max, budget, max_probes, seed_ks, known)
-    cache = _Cache(evaluate, float(baseline), float(budget), int(max_probes), known)
+    if parallel < 1:
+        raise ValueError(f"parallel must be >= 1, got {parallel}")
+    cache = _Cache(evaluate, float(baseline), float(budget), int(max_probes), known, parallel)
     cache.probe(0)
     if cache.points[0].meets:
         return _result(cache, ks_max, "K=0 (every node quantized) already meets the budget", False)
-    for k in sorted(set(seed_ks) | {ks_max}):
-        cache.probe(k)
+    first = set(seed_ks) | {ks_max}
+    spare = parallel - len(first)  # a first round of parallel probes also splits [0, ks_max] with the spare ones
+    first |= {i * ks_max // (spare + 1) for i in range(1, spare + 1)} - {0} if spare > 0 else set()
+    cache.probe_many(sorted(first))
     if cache.smallest_meeting() is None:
         probed = sorted(cache.points)
         cut = " before K=ks_max was reached (probe budget spent)" if ks_max not in cache.points else ""

@@ -11,7 +11,7 @@ The evaluator runs four stages, each timed (the shape of ultralytics' validator)
 3. **postprocess**: each output is checked for NaN/Inf (a broken model must never look merely
    inaccurate), decoded (:mod:`lowbit.decode`: raw head, decoded or end-to-end layout; one-to-one
    top-k by default, NMS for one-to-many heads), and its boxes mapped back to original pixels, in
-   one thread of its own, overlapped with inference.
+   ``POST_THREADS`` threads of their own, overlapped with inference (records keep the image order).
 4. **score**: COCO bbox metrics on the evaluated image ids (:func:`lowbit.coco_eval.evaluate_bbox`,
    faster-coco-eval).
 
@@ -41,7 +41,7 @@ Outputs, all in the folder of ``out`` (default ``tmp/yolov10m_onnx_coco/<time>/m
       ``cpu_nodes`` (nodes placed on the CPU EP although a GPU provider was requested; null when
       the session factory does not report it or only the CPU EP was requested)
     - ``stages_ms``: per image ``decode``, ``preprocess`` (in prefetch threads), ``inference``,
-      ``postprocess`` (in its own thread), ``wait`` (main thread waiting for a prepared image):
+      ``postprocess`` (in the postprocessing threads), ``wait`` (main thread waiting for a prepared image):
       {mean, total_s}
     - ``throughput``: ``images``, ``loop_wall_s``, ``images_per_s`` (end to end, prefetch
       included, warm-up and COCO scoring excluded), ``workers``
@@ -81,6 +81,7 @@ from lowbit.runs import (
     REPO_ROOT,
     UserError,
     atomic_write_json,
+    atomic_write_records,
     check_input_file,
     manifest_run,
     new_run_dir,
@@ -94,6 +95,9 @@ from lowbit.runs import (
 SCRIPT = "eval_yolov10m_onnx_coco.py"  # metrics.json's "script": lowbit.report looks for it
 SCHEMA_VERSION = 1
 POST_WINDOW = 8  # model outputs allowed to wait for postprocessing (each ~5 MB for yolov10m at 640)
+# Postprocessing threads. One took 3.2-4.2 ms per image on an H200 host, longer than the CUDA EP's 3 ms
+# session.run of the demo detector, so it held the loop back; two did 1.7x the images of one (2 cores).
+POST_THREADS = 2
 DEFAULT_OUTPUT_ROOT = Path("tmp/yolov10m_onnx_coco")
 log = get_logger("evaluate")
 
@@ -115,6 +119,7 @@ class EvalSettings:
     max_images: int | None = None  # first N image ids, ascending; None: all
     providers: list[str] = field(default_factory=lambda: ["CPUExecutionProvider"])  # ORT EPs, in priority order
     disable_cpu_fallback: bool = False  # fail if any node would run on the CPU EP
+    cudnn_conv_algo_search: str = "EXHAUSTIVE"  # CUDA EP: EXHAUSTIVE | HEURISTIC (lowbit.ort_session.provider_options)
     warmup_runs: int = 10  # untimed session.run calls before timing
     skip_latency: int = 10  # first timed samples dropped from the latency statistics
     imgsz: int = 640  # square letterbox side, pixels (multiple of 32)
@@ -200,6 +205,8 @@ class _Loop:
 
 def validate_settings(s: EvalSettings) -> None:
     """Range checks of the numeric settings; each error names its flag."""
+    from lowbit.ort_session import CUDNN_CONV_ALGO_SEARCH
+
     checks = [
         ("--max-images", s.max_images is None or s.max_images >= 1, f"must be >= 1, got {s.max_images}"),
         ("--warmup-runs", s.warmup_runs >= 0, f"must be >= 0, got {s.warmup_runs}"),
@@ -208,6 +215,8 @@ def validate_settings(s: EvalSettings) -> None:
         ("--iou", 0.0 < s.iou <= 1.0, f"must be in (0, 1], got {s.iou}"),
         ("--max-det", s.max_det >= 1, f"must be >= 1, got {s.max_det}"),
         ("--workers", s.workers >= 0, f"must be >= 0, got {s.workers}"),
+        ("--cudnn-conv-algo-search", s.cudnn_conv_algo_search in CUDNN_CONV_ALGO_SEARCH,
+         f"must be one of {', '.join(CUDNN_CONV_ALGO_SEARCH)}, got {s.cudnn_conv_algo_search!r}"),
     ]
     for flag, ok, problem in checks:
         if not ok:
@@ -348,7 +357,7 @@ def _open_session(plan: _Plan) -> None:
     with _about("--providers"):
         plan.session, plan.session_info = ort_session.build_session(
             plan.onnx_path, list(s.providers), disable_cpu_fallback=s.disable_cpu_fallback, cache_dir=cache_dir,
-            flag="--providers",
+            flag="--providers", cudnn_conv_algo_search=s.cudnn_conv_algo_search,
         )  # fmt: skip
     plan.session_create_s = time.perf_counter() - t0
     _check_input_size(plan.session, s.imgsz)
@@ -442,11 +451,12 @@ def _infer_one(plan: _Plan, loop: _Loop, feed: dict) -> np.ndarray:
 
 
 def run_loop(plan: _Plan) -> _Loop:
-    """The infer stage, with postprocessing overlapped in one thread of its own.
+    """The infer stage, with postprocessing overlapped in ``POST_THREADS`` threads of its own.
 
     ``session.run`` releases the GIL, so decoding in the prefetch threads and postprocessing in
-    its thread proceed while the model runs; at most ``POST_WINDOW`` outputs wait for
-    postprocessing, which bounds memory if it falls behind.
+    its threads proceed while the model runs; at most ``POST_WINDOW`` outputs wait for
+    postprocessing, which bounds memory if it falls behind. Results are collected in submission
+    order, so the records (and the first error) follow the image order.
     """
     from lowbit.preprocess import iter_prepared
 
@@ -460,7 +470,7 @@ def run_loop(plan: _Plan) -> _Loop:
         loop.records.extend(records)
         loop.stage_s["postprocess"].append(post_s)
 
-    post_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="postprocess")
+    post_pool = ThreadPoolExecutor(max_workers=POST_THREADS, thread_name_prefix="postprocess")
     t_loop = time.perf_counter()
     prepared = iter_prepared(plan.items, s.imgsz, s.workers)
     try:
@@ -669,7 +679,7 @@ def _score_and_write(plan: _Plan, loop: _Loop, manifest, timing_s: dict, t_start
         runs, skip = len(loop.latencies_s), plan.settings.skip_latency
         log.warning("no latency sample left: %d timed runs, --skip-latency %d", runs, skip)
     detections_path = plan.out.parent / "detections.json"
-    atomic_write_json(detections_path, loop.records)
+    atomic_write_records(detections_path, loop.records)
     atomic_write_json(plan.out, record)  # last: its presence means the run completed
     manifest.add_output("metrics", plan.out)
     manifest.add_output("detections", detections_path)

@@ -137,6 +137,15 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(_jsonable(obj), indent=2, sort_keys=False) + "\n")
 
 
+def atomic_write_records(path: str | os.PathLike, records: list[dict]) -> None:
+    """A JSON array of plain records (str/int/float/list values), one record per line.
+
+    Used for detections: ``indent=2`` makes ``json`` fall back to its pure-Python encoder, which
+    took 1.3 s for 150k detections where one ``json.dumps`` per record takes 0.7 s.
+    """
+    atomic_write_text(path, "[\n" + ",\n".join(map(json.dumps, records)) + ("\n]\n" if records else "]\n"))
+
+
 def refuse_overwrite(path: Path, overwrite: bool, flag: str = "--overwrite") -> None:
     """Raise UserError (about ``flag``) when ``path`` exists and the user did not ask to overwrite it."""
     if path.exists() and not overwrite:

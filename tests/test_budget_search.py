@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import threading
+import time
 
 import pytest
 
-from lowbit.budget_search import search_smallest_k
+from lowbit import budget_search
+from lowbit.budget_search import default_max_probes, search_smallest_k
 from lowbit.runs import UserError
 
 BASELINE = 50.0  # FP32 mAP in AP points
@@ -115,3 +118,66 @@ def test_bad_arguments_are_rejected():
         search_smallest_k(monotone(), ks_max=80, budget=0.5, baseline=BASELINE, seed_ks=(81,))
     with pytest.raises(ValueError):
         search_smallest_k(monotone(), ks_max=80, budget=0.5, baseline=BASELINE, max_probes=0)
+
+
+class OverlapCurve(Curve):
+    """A curve whose evaluations take a while; records how many of them ran at the same time."""
+
+    def __init__(self, deltas, seconds: float = 0.05):
+        super().__init__(deltas)
+        self.seconds, self.active, self.peak, self.lock = seconds, 0, 0, threading.Lock()
+
+    def __call__(self, k: int) -> float:
+        with self.lock:
+            self.active += 1
+            self.peak = max(self.peak, self.active)
+        time.sleep(self.seconds)
+        with self.lock:
+            self.active -= 1
+        return super().__call__(k)
+
+
+def _count_rounds(monkeypatch) -> list[list[int]]:
+    rounds: list[list[int]] = []
+    probe_many = budget_search._Cache.probe_many
+
+    def counted(cache, ks):
+        before = len(cache.probes)
+        probe_many(cache, ks)
+        if len(cache.probes) > before:
+            rounds.append([p.k for p in cache.probes[before:]])
+
+    monkeypatch.setattr(budget_search._Cache, "probe_many", counted)
+    return rounds
+
+
+@pytest.mark.parametrize("budget", [0.05, 0.3, 0.5, 1.0, 1.39])
+def test_parallel_probes_find_the_serial_answer_in_fewer_rounds(budget, monkeypatch):
+    serial = search_smallest_k(monotone(ks_max=100), ks_max=100, budget=budget, baseline=BASELINE)
+    rounds = _count_rounds(monkeypatch)
+    curve = OverlapCurve(monotone(ks_max=100).deltas)
+    result = search_smallest_k(curve, ks_max=100, budget=budget, baseline=BASELINE, parallel=3,
+                               max_probes=default_max_probes(3))  # fmt: skip
+    assert result.found and result.k == serial.k and result.reason == serial.reason
+    assert len(curve.calls) == len(set(curve.calls)), "a K was evaluated twice"
+    assert rounds[0] == [33, 66, 100]  # the first round splits [0, ks_max] with its spare probes
+    assert all(len(r) <= 3 for r in rounds) and curve.peak == 3
+    assert len(rounds) <= 1 + math.ceil(math.log(100, 4))  # plus K=0, evaluated alone
+    assert len(rounds) < len(serial.probes) - 1
+
+
+def test_parallel_scan_below_a_non_monotone_curve_finds_the_serial_answer():
+    deltas = [1.4, 0.9, 0.8, 0.45, 0.7, 0.4, 0.6, 0.6, 0.6, 0.6, 0.6] + [0.3] * 10
+    serial = search_smallest_k(Curve(deltas), ks_max=20, budget=0.5, baseline=BASELINE, seed_ks=(5, 10))
+    curve = OverlapCurve(deltas, seconds=0.01)
+    result = search_smallest_k(curve, ks_max=20, budget=0.5, baseline=BASELINE, seed_ks=(5, 10), parallel=2)
+    assert result.k == serial.k == 3 and result.scanned and result.exhaustive_below
+    assert len(curve.calls) == len(set(curve.calls))
+
+
+def test_parallel_probes_stop_at_the_probe_budget():
+    curve = Curve(monotone(ks_max=100).deltas)
+    result = search_smallest_k(curve, ks_max=100, budget=0.05, baseline=BASELINE, parallel=4, max_probes=6)
+    assert len(curve.calls) == 6 and "probe budget" in result.reason
+    with pytest.raises(ValueError):
+        search_smallest_k(monotone(), ks_max=80, budget=0.5, baseline=BASELINE, parallel=0)

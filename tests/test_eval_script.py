@@ -245,6 +245,18 @@ def test_bad_numbers(dataset, raw_model, tmp_path, extra, flag):
     assert info.value.flag == flag and not out.exists()
 
 
+def test_cudnn_search_outside_the_offered_values(dataset, raw_model, tmp_path, capsys):
+    out = tmp_path / "run" / "metrics.json"
+    # argparse's choices: ORT's DEFAULT is not offered
+    assert eval_script.main(_args(raw_model, dataset, out, "--cudnn-conv-algo-search", "DEFAULT")) == 2
+    assert "--cudnn-conv-algo-search" in capsys.readouterr().err and not out.exists()
+    s = EvalSettings(**{**vars(eval_script.build_parser().parse_args(_args(raw_model, dataset, out))),
+                        "cudnn_conv_algo_search": "DEFAULT"})  # fmt: skip
+    with pytest.raises(UserError) as info:
+        evaluate(s)
+    assert info.value.flag == "--cudnn-conv-algo-search" and not out.exists()
+
+
 def test_missing_model_file(dataset, tmp_path):
     out = tmp_path / "run" / "metrics.json"
     _expect_failure(_args(tmp_path / "nope.onnx", dataset, out), out, "--onnx-path")

@@ -87,6 +87,14 @@ def test_options_follow_provider_order():
     assert opts[0] == {} and "cudnn_conv_algo_search" in opts[1]
 
 
+def test_cudnn_search_reaches_the_cuda_options_only():
+    trt, cuda, cpu = ort_session.provider_options_mixed(
+        [TRT, CUDA, CPU], None, {"is_qdq": True, "is_fp8": False}, cudnn_conv_algo_search="HEURISTIC"
+    )
+    assert cuda["cudnn_conv_algo_search"] == "HEURISTIC"
+    assert "cudnn_conv_algo_search" not in trt and cpu == {}
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # sessions
 

@@ -21,7 +21,7 @@ class FakeStore:
 
     calls: list[tuple[int, int | None]] = []
 
-    def __init__(self, run_root, mode, stem, full_model, evaluation, build="full", requantize=None, suffix=""):
+    def __init__(self, run_root, mode, stem, full_model, evaluation, build="full", requantize=None, suffix="", executor=None):
         self.run_root, self.mode = Path(run_root), mode
 
     def evaluate(self, nodes, random_seed=None):

@@ -129,6 +129,7 @@ def _args(wf, argv: list[str]):
         (["--random-control", "3"], "--random-control"),  # search mode: --random-seeds
         (["--max-probes", "0"], "--max-probes"),
         (["--jobs", "0"], "--jobs"),
+        (["--parallel-probes", "0"], "--parallel-probes"),
         (["--run-id", "a/b"], "--run-id"),
         (["--providers", "NoSuchExecutionProvider"], "--providers"),
     ],
@@ -199,7 +200,9 @@ def test_steps_wait_only_for_the_steps_they_read_from(wf, tmp_path):
     assert deps["search-fp8"] == {"dataset", "baseline", "fp8", "sensitivity-fp8"}
     assert deps["search-int8"] == {"dataset", "baseline", "int8", "int8-eval", "sensitivity-int8"}
     assert deps["report"] == {"baseline", "int8-eval", "search-fp8", "search-int8"}
-    assert _args(wf, []).jobs == 1 and _args(wf, ["--providers", "CUDAExecutionProvider"]).jobs == 2
+    cpu, cuda = _args(wf, []), _args(wf, ["--providers", "CUDAExecutionProvider"])
+    assert (cpu.jobs, cpu.parallel_probes, cpu.max_probes) == (1, 1, 12)
+    assert (cuda.jobs, cuda.parallel_probes, cuda.max_probes) == (3, 3, 36)
 
 
 def _timed_step(wf, tmp_path: Path, name: str, reads: list[str], fail: bool = False):
@@ -236,7 +239,7 @@ def test_search_end_to_end_on_the_tiny_model(tiny_run):
     search_argv = [*argv[:i], *argv[i + 3:]]
     search_argv[search_argv.index("--run-id") + 1] = "tiny-search"
     search_argv[search_argv.index("--sensitivity-images") + 1] = "1"  # leave-one-out: (3 + nodes) runs per image
-    search_argv += ["--random-seeds", "2", "--max-probes", "4", "--budget-ap", "0.5", "--jobs", "2"]
+    search_argv += ["--random-seeds", "2", "--max-probes", "4", "--budget-ap", "0.5", "--jobs", "2", "--parallel-probes", "2"]
     result = _run(search_argv)
     assert result.returncode == 0, result.stderr[-3000:]
     run = root / "runs" / "tiny-search"
@@ -252,6 +255,7 @@ def test_search_end_to_end_on_the_tiny_model(tiny_run):
         assert [c["k"] for c in data["candidates"]] == sorted(p["k"] for p in probes)
         if data["search"]["k"] > 0:
             assert data["random_control"]["seeds"] == [0, 1]
+        assert data["parallel"] == 2  # candidates evaluated two at a time in worker processes
     assert all(v.get("mac_share") is not None for v in report["variants"])
     assert report["recommended"]["cost_source"] in ("mac_share", None)
     for name in ("report.md", "pareto.png", "search-curves.png"):

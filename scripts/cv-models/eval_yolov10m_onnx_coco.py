@@ -22,6 +22,7 @@ from pathlib import Path
 from lowbit.cli import add_coco_paths, cli_entry, imgsz, non_negative_int, positive_int
 from lowbit.evaluate import DEFAULT_WORKERS, EvalResult, EvalSettings, evaluate
 from lowbit.logs import setup_logging
+from lowbit.ort_session import CUDNN_CONV_ALGO_SEARCH
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,6 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--disable-cpu-fallback",
         action="store_true",
         help="fail if any node would run on the CPU EP (GPU-only runs); do not list CPUExecutionProvider with it",
+    )
+    parser.add_argument(
+        "--cudnn-conv-algo-search",
+        choices=CUDNN_CONV_ALGO_SEARCH,
+        default="EXHAUSTIVE",
+        help="CUDA EP convolution search: EXHAUSTIVE benchmarks cuDNN's algorithms in the first run (seconds), "
+        "HEURISTIC takes cuDNN's pick at once",
     )
     parser.add_argument("--warmup-runs", type=non_negative_int, default=10, help="untimed session.run calls before timing")
     parser.add_argument("--skip-latency", type=non_negative_int, default=10, help="first timed samples dropped from latency stats")

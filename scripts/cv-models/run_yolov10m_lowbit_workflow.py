@@ -59,6 +59,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lowbit.budget_search import default_max_probes
 from lowbit.cli import cli_entry
 from lowbit.logs import setup_logging
 from lowbit.ort_session import MODELOPT_CALIBRATION_EPS
@@ -134,7 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--random-seeds", type=int, default=3, help="search: random controls at the K found (default: 3)")
     parser.add_argument("--random-band", action="store_true",
                         help="search: random controls at every probed K too (costs seeds x probes evaluations)")
-    parser.add_argument("--max-probes", type=int, default=12, help="search: most candidates evaluated per mode (default: 12)")
+    parser.add_argument("--max-probes", type=int, default=None,
+                        help="search: most candidates evaluated per mode (default: 12 x --parallel-probes)")
+    parser.add_argument("--parallel-probes", type=int, default=None,
+                        help="search: candidates evaluated at once, each in a worker process (default: 3 with the "
+                        "CUDA EP, where three evaluations side by side take about as long as one; 1 otherwise)")
     parser.add_argument("--candidate-build", choices=("full", "requantize"), default="full",
                         help="search: candidates from the full Q/DQ model with Q/DQ pairs removed (default) or "
                         "ModelOpt re-quantization with nodes_to_exclude")
@@ -143,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "recommendation's budget (default: 0.5)")
     parser.add_argument("--jobs", type=int, default=None,
                         help="steps run at once when they do not depend on each other, e.g. the FP8 branch beside "
-                        "INT8's calibration (default: 2 with a GPU provider, 1 on the CPU EP, whose sessions use every core)")
+                        "INT8's calibration (default: 3 with a GPU provider, 1 on the CPU EP, whose sessions use every core)")
     parser.add_argument("--force", nargs="+", choices=STEP_NAMES, default=[], help="rerun these steps even if complete")
     parser.add_argument("--dry-run", action="store_true", help="print the commands and what would be skipped, run nothing")
     return parser
@@ -186,7 +191,11 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     args.search = args.ks is None
     gpu = any(p in args.providers for p in ("CUDAExecutionProvider", "TensorrtExecutionProvider"))
     if args.jobs is None:
-        args.jobs = 2 if gpu else 1
+        args.jobs = 3 if gpu else 1
+    if args.parallel_probes is None:
+        args.parallel_probes = 3 if "CUDAExecutionProvider" in args.providers else 1
+    if args.max_probes is None:
+        args.max_probes = default_max_probes(args.parallel_probes)
     if args.sensitivity_images is None:
         args.sensitivity_images = DEFAULT_SENSITIVITY_IMAGES["cuda" if "CUDAExecutionProvider" in args.providers else "cpu"]
     return args
@@ -202,6 +211,7 @@ def check_settings(args: argparse.Namespace) -> None:
         (args.random_seeds >= 0, "--random-seeds", f"must be >= 0, got {args.random_seeds}"),
         (args.jobs >= 1, "--jobs", f"must be >= 1, got {args.jobs}"),
         (args.max_probes >= 1, "--max-probes", f"must be >= 1, got {args.max_probes}"),
+        (args.parallel_probes >= 1, "--parallel-probes", f"must be >= 1, got {args.parallel_probes}"),
         (args.sensitivity_images >= 1, "--sensitivity-images", f"must be >= 1, got {args.sensitivity_images}"),
         (math.isfinite(args.budget_ap) and args.budget_ap >= 0, "--budget-ap",
          f"must be a finite number of AP points >= 0, got {args.budget_ap}"),
@@ -376,7 +386,8 @@ def search_argv(args: argparse.Namespace, run: Path, mode: str, ranking: Path) -
             "--full-model", str(full_model_path(args, run, mode)),
             "--baseline-metrics", str(run / "baseline-coco" / "metrics.json"),
             "--budget-ap", str(args.budget_ap), "--random-seeds", str(args.random_seeds),
-            "--max-probes", str(args.max_probes), "--build", args.candidate_build,
+            "--max-probes", str(args.max_probes), "--parallel-probes", str(args.parallel_probes),
+            "--build", args.candidate_build,
             "--data-root", str(args.data_root), "--max-images", str(args.max_images),
             "--providers", *args.providers, "--imgsz", str(args.imgsz)]  # fmt: skip
     if mode == "int8":
@@ -585,9 +596,9 @@ def main(argv: list[str] | None = None) -> int:
                                               "steps": [s.name for s in steps], "args": vars(args)})  # fmt: skip
     logger.info("run dir %s: %d steps (%s)", run, len(steps), " ".join(s.name for s in steps))
     if args.search:
-        logger.info("K per mode: budget search, %s ranking, budget %g AP, candidates built '%s', <= %d probes, "
-                    "%d random seeds", args.sensitivity, args.budget_ap, args.candidate_build, args.max_probes,
-                    args.random_seeds)  # fmt: skip
+        logger.info("K per mode: budget search, %s ranking, budget %g AP, candidates built '%s', <= %d probes "
+                    "%d at once, %d random seeds", args.sensitivity, args.budget_ap, args.candidate_build, args.max_probes,
+                    args.parallel_probes, args.random_seeds)  # fmt: skip
     else:
         logger.info("K per mode: fixed, --ks %s", " ".join(map(str, args.ks)))
     t_start = time.perf_counter()

@@ -24,11 +24,11 @@ import sys
 from pathlib import Path
 
 from lowbit import search_run
-from lowbit.budget_search import DEFAULT_MAX_PROBES
+from lowbit.budget_search import default_max_probes
 from lowbit.candidates import BUILDS, EvalConfig, RequantizeConfig
 from lowbit.cli import cli_entry
 from lowbit.logs import setup_logging
-from lowbit.ort_session import MODELOPT_CALIBRATION_EPS
+from lowbit.ort_session import CUDNN_CONV_ALGO_SEARCH, MODELOPT_CALIBRATION_EPS
 from lowbit.runs import UserError, atomic_write_json, atomic_write_text, check_input_file, manifest_run
 
 
@@ -46,7 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--random-seeds", type=int, default=search_run.DEFAULT_RANDOM_SEEDS, help="random controls at the K found")
     p.add_argument("--random-band", action="store_true",
                    help="random controls at every probed K too (the band of the ΔAP-vs-K plot; seeds x probes evaluations)")
-    p.add_argument("--max-probes", type=int, default=DEFAULT_MAX_PROBES, help="most candidates evaluated by the search")
+    p.add_argument("--parallel-probes", type=int, default=1,
+                   help="candidates evaluated at once, each in a worker process (a round of the search, the random "
+                        "controls); more than 1 pays off on a GPU")
+    p.add_argument("--max-probes", type=int, default=None,
+                   help=f"most candidates evaluated by the search (default {default_max_probes()} x --parallel-probes)")
     p.add_argument("--seed-ks", type=int, nargs="*", default=[], help="Ks probed right after K=0 (e.g. 5 10 20)")
     p.add_argument("--build", choices=BUILDS, default="full",
                    help="full: remove Q/DQ pairs from --full-model; requantize: ModelOpt nodes_to_exclude")
@@ -60,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--imgsz", type=int, default=640)
     p.add_argument("--warmup-runs", type=int, default=10)
     p.add_argument("--skip-latency", type=int, default=10)
+    p.add_argument("--cudnn-conv-algo-search", choices=CUDNN_CONV_ALGO_SEARCH, default="HEURISTIC",
+                   help="CUDA EP convolution search of the evaluations (HEURISTIC: no seconds of benchmarking each)")
     return p
 
 
@@ -67,6 +73,9 @@ def config(args: argparse.Namespace) -> search_run.SearchConfig:
     """Checked settings (files exist, sizes >= 1) as a :class:`lowbit.search_run.SearchConfig`."""
     if args.max_images < 1:
         raise UserError(f"--max-images must be >= 1, got {args.max_images}", flag="--max-images")
+    if args.parallel_probes < 1:
+        raise UserError(f"--parallel-probes must be >= 1, got {args.parallel_probes}", flag="--parallel-probes")
+    max_probes = default_max_probes(args.parallel_probes) if args.max_probes is None else args.max_probes
     paths = {flag: check_input_file(getattr(args, flag[2:].replace("-", "_")), flag)
              for flag in ("--ranking", "--onnx-path", "--full-model", "--baseline-metrics")}  # fmt: skip
     k0 = check_input_file(args.k0_metrics, "--k0-metrics") if args.k0_metrics else None
@@ -77,11 +86,12 @@ def config(args: argparse.Namespace) -> search_run.SearchConfig:
         requantize = RequantizeConfig(paths["--onnx-path"], check_input_file(args.calib_path, "--calib-path"),
                                       args.calibration_method, list(args.calibration_eps), args.high_precision_dtype)  # fmt: skip
     evaluation = EvalConfig(args.data_root, args.max_images, list(args.providers), args.imgsz, args.warmup_runs,
-                            args.skip_latency)  # fmt: skip
+                            args.skip_latency, args.cudnn_conv_algo_search)  # fmt: skip
     return search_run.SearchConfig(
         mode=args.mode, ranking=paths["--ranking"], onnx_path=paths["--onnx-path"], full_model=paths["--full-model"],
         baseline_metrics=paths["--baseline-metrics"], run_root=args.run_root, evaluation=evaluation,
-        budget_ap=args.budget_ap, random_seeds=args.random_seeds, max_probes=args.max_probes, random_band=args.random_band,
+        budget_ap=args.budget_ap, random_seeds=args.random_seeds, max_probes=max_probes, random_band=args.random_band,
+        parallel=args.parallel_probes,
         seed_ks=list(args.seed_ks), k0_metrics=k0, build=args.build, requantize=requantize,
     )  # fmt: skip
 
