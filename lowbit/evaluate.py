@@ -65,7 +65,6 @@ import datetime as _dt
 import json
 import logging
 import os
-import sys
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -99,11 +98,6 @@ POST_WINDOW = 8  # model outputs allowed to wait for postprocessing (each ~5 MB 
 # Postprocessing threads. One took 3.2-4.2 ms per image on an H200 host, longer than the CUDA EP's 3 ms
 # session.run of the demo detector, so it held the loop back; two did 1.7x the images of one (2 cores).
 POST_THREADS = 2
-# The interpreter's thread switch interval during the loop (Python's default is 5 ms). session.run releases
-# the GIL while the model runs, but to return it must get the GIL back from the prefetch and postprocessing
-# threads, which by default hand it over only every 5 ms: longer than a whole CUDA EP inference of the demo
-# detector (3.4 ms). A shorter interval hands it back sooner.
-GIL_SWITCH_INTERVAL_S = 0.0005
 DEFAULT_OUTPUT_ROOT = Path("tmp/yolov10m_onnx_coco")
 log = get_logger("evaluate")
 
@@ -477,8 +471,6 @@ def run_loop(plan: _Plan) -> _Loop:
         loop.stage_s["postprocess"].append(post_s)
 
     post_pool = ThreadPoolExecutor(max_workers=POST_THREADS, thread_name_prefix="postprocess")
-    switch_interval = sys.getswitchinterval()
-    sys.setswitchinterval(min(switch_interval, GIL_SWITCH_INTERVAL_S))
     t_loop = time.perf_counter()
     prepared = iter_prepared(plan.items, s.imgsz, s.workers)
     try:
@@ -500,7 +492,6 @@ def run_loop(plan: _Plan) -> _Loop:
     finally:
         prepared.close()  # stops the prefetch threads when an error ends the loop early
         post_pool.shutdown(wait=True, cancel_futures=True)
-        sys.setswitchinterval(switch_interval)
     loop.loop_s = time.perf_counter() - t_loop - loop.warmup_s  # warm-up is not part of the throughput
     return loop
 
