@@ -96,7 +96,8 @@ SCRIPT = "eval_yolov10m_onnx_coco.py"  # metrics.json's "script": lowbit.report 
 SCHEMA_VERSION = 1
 POST_WINDOW = 8  # model outputs allowed to wait for postprocessing (each ~5 MB for yolov10m at 640)
 # Postprocessing threads. One took 3.2-4.2 ms per image on an H200 host, longer than the CUDA EP's 3 ms
-# session.run of the demo detector, so it held the loop back; two did 1.7x the images of one (2 cores).
+# session.run of the demo detector; two do 1.7x the images of one in isolation (2 cores). In the whole loop
+# on the H200 (500 images, 4 prefetch workers, two runs each) two gave 223 and 215 images/s, one 200 and 200.
 POST_THREADS = 2
 DEFAULT_OUTPUT_ROOT = Path("tmp/yolov10m_onnx_coco")
 log = get_logger("evaluate")
