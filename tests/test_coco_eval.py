@@ -214,3 +214,29 @@ def test_no_ground_truth_in_a_bucket_gives_minus_one_as_pycocotools(gt_file):
     np.testing.assert_allclose([metrics[k] for k in coco_eval.STAT_KEYS], reference, atol=1e-4, rtol=0)
     assert metrics["map_medium"] == metrics["map_large"] == -1.0 and metrics["ar_large"] == -1.0
     assert metrics["per_class_ap"] == {"dog": None, "cat": pytest.approx(1.0), "bird": None}
+
+
+def test_round_like_python_equals_round_on_halves_and_random_values():
+    from lowbit.coco_eval import round_like_python
+
+    rng = np.random.default_rng(0)
+    halves = (np.arange(0, 700_000) + 0.5) / 1000  # x.xxx5: where a scaled rint alone can differ from round()
+    values = np.concatenate([halves, rng.random(200_000) * 700 - 30, rng.random(50_000).astype(np.float32)])
+    for ndigits in (3, 5):
+        expected = [round(v, ndigits) for v in values.tolist()]
+        assert round_like_python(values, ndigits).tolist() == expected
+
+
+def test_records_keep_the_per_value_rounding_of_a_python_loop():
+    from lowbit.coco_eval import detections_to_records
+
+    rng = np.random.default_rng(1)
+    boxes = np.round(rng.random((300, 4)) * 1280) / 2000  # many exact halves at the third decimal
+    boxes[:, 2:] += boxes[:, :2]
+    scores, classes = rng.random(300).astype(np.float32), rng.integers(0, 3, 300)
+    expected = [{"image_id": 9, "category_id": [1, 5, 7][int(c)],
+                 "bbox": [round(float(x1), 3), round(float(y1), 3), round(float(x2) - float(x1), 3),
+                          round(float(y2) - float(y1), 3)], "score": round(float(s), 5)}
+                for (x1, y1, x2, y2), s, c in zip(boxes, scores, classes)]  # fmt: skip
+    assert detections_to_records(9, boxes, scores, classes, [1, 5, 7]) == expected
+    assert detections_to_records(9, np.zeros((0, 4)), np.zeros(0), np.zeros(0), [1]) == []
