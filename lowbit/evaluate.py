@@ -104,8 +104,8 @@ log = get_logger("evaluate")
 
 
 # Prefetch threads: one per core, at most 8. Measured with bench_eval_pipeline.py (500 demo images): on an
-# H200 host (16 cores, CUDA EP) 0/1/2/4/8 workers gave 0.40/0.73/0.83/0.83/0.88 of bare session.run's
-# images/s; on 2 CPU cores (CPU EP) 2 workers gave 0.98.
+# H200 host (16 cores, CUDA EP) 2/4/8 workers gave 1.03/0.98/0.97 of bare session.run's images/s; on
+# 2 CPU cores (CPU EP) 2 workers gave 0.98.
 DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
 
 

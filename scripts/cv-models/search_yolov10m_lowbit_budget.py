@@ -4,7 +4,10 @@ Probes K (the top-K ranked nodes in float) by bisection (``lowbit.budget_search`
 mode's full Q/DQ model with those nodes' Q/DQ pairs removed (``--build full``, no recalibration) or a
 ModelOpt re-quantization with ``nodes_to_exclude`` (``--build requantize``), evaluated on the
 evaluation slice. Evaluated candidates are cached beside the run (``lowbit.candidates``): a rerun
-reuses them. Then ``--random-seeds`` random controls at the K found. Writes
+reuses them. Then ``--random-seeds`` random controls at the K found. With ``--parallel-probes N``
+each round of the search probes N Ks and the random controls run N at a time, every evaluation in
+a worker process (worth it with the CUDA EP; on the CPU EP one evaluation already uses every core).
+Writes
 ``<run-root>/search-<mode>/search.json`` (keys in ``lowbit/search_run.py``) and ``search.md``.
 
 Example::
