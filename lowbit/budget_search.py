@@ -110,13 +110,16 @@ def default_max_probes(parallel: int = 1) -> int:
     return DEFAULT_MAX_PROBES * max(1, parallel)
 
 
-def _validate(ks_max: int, budget: float, max_probes: int, seed_ks: Iterable[int], known: dict[int, float]) -> None:
+def _validate(ks_max: int, budget: float, max_probes: int, seed_ks: Iterable[int], known: dict[int, float],
+              parallel: int) -> None:  # fmt: skip
     if not budget > 0:  # also rejects NaN
         raise UserError(f"--budget-ap must be > 0 (AP points lost against FP32), got {budget}", flag="--budget-ap")
     if ks_max < 0:
         raise ValueError(f"ks_max must be >= 0, got {ks_max}")
     if max_probes < 1:
         raise ValueError(f"max_probes must be >= 1, got {max_probes}")
+    if parallel < 1:
+        raise ValueError(f"parallel must be >= 1, got {parallel}")
     outside = sorted(k for k in list(seed_ks) + list(known) if not 0 <= k <= ks_max)
     if outside:
         raise ValueError(f"K values {outside} are outside 0..{ks_max}")
@@ -127,7 +130,7 @@ class _Cache:
 
     def __init__(self, evaluate, baseline, budget, max_probes, known, parallel=1):
         self.evaluate, self.baseline, self.budget, self.max_probes = evaluate, baseline, budget, max_probes
-        self.parallel = max(1, int(parallel))
+        self.parallel = int(parallel)
         self.known = [self._point(k, m) for k, m in sorted(known.items())]
         self.points: dict[int, Probe] = {p.k: p for p in self.known}
         self.probes: list[Probe] = []
@@ -262,9 +265,7 @@ def search_smallest_k(
     """
     known = dict(known or {})
     seed_ks = list(seed_ks)
-    _validate(ks_max, budget, max_probes, seed_ks, known)
-    if parallel < 1:
-        raise ValueError(f"parallel must be >= 1, got {parallel}")
+    _validate(ks_max, budget, max_probes, seed_ks, known, parallel)
     cache = _Cache(evaluate, float(baseline), float(budget), int(max_probes), known, parallel)
     cache.probe(0)
     if cache.points[0].meets:

@@ -65,7 +65,8 @@ class SearchConfig:
     parallel: int = 1  # candidates evaluated at once, each in a worker process (1: in this process)
 
 
-def _check(cfg: SearchConfig) -> None:
+def check_config(cfg: SearchConfig) -> None:
+    """The numbers of a search's settings, each error naming its flag (run before anything is written)."""
     if not cfg.budget_ap > 0:
         raise UserError(f"--budget-ap must be > 0 AP points, got {cfg.budget_ap}", flag="--budget-ap")
     if cfg.random_seeds < 0:
@@ -134,7 +135,7 @@ def _workers(parallel: int):
 
 def run_search(cfg: SearchConfig) -> dict[str, Any]:
     """Search one mode (see the module docstring); returns the ``search.json`` dict (not written)."""
-    _check(cfg)
+    check_config(cfg)
     with _workers(cfg.parallel) as executor:
         return _search(cfg, executor)
 

@@ -115,11 +115,28 @@ def test_known_k0_is_not_evaluated_again(setup, tmp_path):
 
 @pytest.mark.parametrize(("field", "value", "flag"), [("budget_ap", 0.0, "--budget-ap"),
                                                       ("random_seeds", -1, "--random-seeds"),
-                                                      ("max_probes", 0, "--max-probes")])  # fmt: skip
+                                                      ("max_probes", 0, "--max-probes"),
+                                                      ("parallel", 0, "--parallel-probes")])  # fmt: skip
 def test_bad_settings_name_their_flag(setup, field, value, flag):
     with pytest.raises(UserError) as exc:
         search_run.run_search(setup(_ranked(lambda k: 0.0), **{field: value}))
     assert exc.value.flag == flag
+
+
+@pytest.mark.parametrize(("extra", "flag"), [(["--parallel-probes", "0"], "--parallel-probes"),
+                                             (["--max-probes", "0"], "--max-probes"),
+                                             (["--budget-ap", "-1"], "--budget-ap")])  # fmt: skip
+def test_cli_bad_numbers_fail_before_the_search_folder_exists(tmp_path, load_script, capsys, extra, flag):
+    files = {name: tmp_path / f"{name}.json" for name in ("ranking", "onnx", "full", "baseline")}
+    for path in files.values():
+        path.write_text("{}")
+    run_root = tmp_path / "run"
+    argv = ["--mode", "int8", "--run-root", str(run_root), "--ranking", str(files["ranking"]),
+            "--onnx-path", str(files["onnx"]), "--full-model", str(files["full"]),
+            "--baseline-metrics", str(files["baseline"]), "--data-root", str(tmp_path), *extra]  # fmt: skip
+    assert load_script("scripts/cv-models/search_yolov10m_lowbit_budget.py").main(argv) == 2
+    assert f"error: {flag}" in capsys.readouterr().err
+    assert not run_root.exists()
 
 
 def test_report_records_the_search_and_plots_the_curve(setup):

@@ -189,15 +189,15 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     # Output files are named after the model: the card's checkpoint yolov10m.onnx gives the card's names.
     args.model_name = args.onnx_path.stem
     args.search = args.ks is None
-    gpu = any(p in args.providers for p in ("CUDAExecutionProvider", "TensorrtExecutionProvider"))
+    cuda = "CUDAExecutionProvider" in args.providers
     if args.jobs is None:
-        args.jobs = 3 if gpu else 1
+        args.jobs = 3 if cuda or "TensorrtExecutionProvider" in args.providers else 1
     if args.parallel_probes is None:
-        args.parallel_probes = 3 if "CUDAExecutionProvider" in args.providers else 1
+        args.parallel_probes = 3 if cuda else 1
     if args.max_probes is None:
         args.max_probes = default_max_probes(args.parallel_probes)
     if args.sensitivity_images is None:
-        args.sensitivity_images = DEFAULT_SENSITIVITY_IMAGES["cuda" if "CUDAExecutionProvider" in args.providers else "cpu"]
+        args.sensitivity_images = DEFAULT_SENSITIVITY_IMAGES["cuda" if cuda else "cpu"]
     return args
 
 
@@ -596,7 +596,7 @@ def main(argv: list[str] | None = None) -> int:
                                               "steps": [s.name for s in steps], "args": vars(args)})  # fmt: skip
     logger.info("run dir %s: %d steps (%s)", run, len(steps), " ".join(s.name for s in steps))
     if args.search:
-        logger.info("K per mode: budget search, %s ranking, budget %g AP, candidates built '%s', <= %d probes "
+        logger.info("K per mode: budget search, %s ranking, budget %g AP, candidates built '%s', <= %d probes, "
                     "%d at once, %d random seeds", args.sensitivity, args.budget_ap, args.candidate_build, args.max_probes,
                     args.parallel_probes, args.random_seeds)  # fmt: skip
     else:

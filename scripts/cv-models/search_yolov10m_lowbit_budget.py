@@ -73,11 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config(args: argparse.Namespace) -> search_run.SearchConfig:
-    """Checked settings (files exist, sizes >= 1) as a :class:`lowbit.search_run.SearchConfig`."""
+    """Checked settings (files exist, numbers in range) as a :class:`lowbit.search_run.SearchConfig`."""
     if args.max_images < 1:
         raise UserError(f"--max-images must be >= 1, got {args.max_images}", flag="--max-images")
-    if args.parallel_probes < 1:
-        raise UserError(f"--parallel-probes must be >= 1, got {args.parallel_probes}", flag="--parallel-probes")
     max_probes = default_max_probes(args.parallel_probes) if args.max_probes is None else args.max_probes
     paths = {flag: check_input_file(getattr(args, flag[2:].replace("-", "_")), flag)
              for flag in ("--ranking", "--onnx-path", "--full-model", "--baseline-metrics")}  # fmt: skip
@@ -90,13 +88,15 @@ def config(args: argparse.Namespace) -> search_run.SearchConfig:
                                       args.calibration_method, list(args.calibration_eps), args.high_precision_dtype)  # fmt: skip
     evaluation = EvalConfig(args.data_root, args.max_images, list(args.providers), args.imgsz, args.warmup_runs,
                             args.skip_latency, args.cudnn_conv_algo_search)  # fmt: skip
-    return search_run.SearchConfig(
+    cfg = search_run.SearchConfig(
         mode=args.mode, ranking=paths["--ranking"], onnx_path=paths["--onnx-path"], full_model=paths["--full-model"],
         baseline_metrics=paths["--baseline-metrics"], run_root=args.run_root, evaluation=evaluation,
         budget_ap=args.budget_ap, random_seeds=args.random_seeds, max_probes=max_probes, random_band=args.random_band,
         parallel=args.parallel_probes,
         seed_ks=list(args.seed_ks), k0_metrics=k0, build=args.build, requantize=requantize,
     )  # fmt: skip
+    search_run.check_config(cfg)
+    return cfg
 
 
 @cli_entry
