@@ -1,0 +1,145 @@
+"""The records that steps write and read, and the checks every reader runs before it trusts one.
+
+A record is a JSON object with a ``schema_version`` that names what it was computed from by content
+(sha256 of the model, the annotation file, the evaluated image ids, the calibration tensor, the
+settings), never by path alone. The kinds, their writers and their fields are documented in one
+place, ``docs/records.md``.
+
+Every reader goes through :func:`read_record` (or :func:`read_json` for files that are not records),
+so a missing, truncated, non-finite or foreign file ends in one :class:`~lowbit.runs.UserError` that
+names the file; provenance mismatches end in one error from :func:`require_equal`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from lowbit.runs import UserError
+
+__all__ = [
+    "SCHEMA_VERSIONS",
+    "dataset_provenance",
+    "find_non_finite",
+    "image_ids_sha256",
+    "read_json",
+    "read_record",
+    "require_equal",
+    "require_finite",
+    "settings_sha256",
+]
+
+# kind -> the schema version its writer writes and its readers accept.
+SCHEMA_VERSIONS: dict[str, int] = {
+    "metrics": 1,  # lowbit.evaluate: <eval dir>/metrics.json
+    "sensitivity": 1,  # lowbit.sensitivity_report: layer-sensitivity-report.json
+    "candidate": 2,  # lowbit.candidates: <candidate stem>.inputs.json beside a search candidate
+    "scheme-candidate": 1,  # lowbit.candidates: the record beside a fixed-K candidate
+    "search": 1,  # lowbit.search_run: search-<mode>/search.json
+    "report": 1,  # lowbit.report: report.json
+}
+
+
+def _reject_constant(token: str) -> Any:
+    raise ValueError(f"non-finite number {token}")
+
+
+def read_json(path: str | Path, *, flag: str | None = None, allow_non_finite: bool = False) -> Any:
+    """Parse a JSON file, or raise one UserError naming it (missing, unreadable, truncated, NaN/Infinity).
+
+    Args:
+        path: the file.
+        flag: the flag or env var that named the file, used as the error's ``flag`` (default: the path).
+        allow_non_finite: accept ``NaN``/``Infinity`` tokens (never for results a decision is made on).
+    """
+    path = Path(path)
+    label = f"{flag}: {path}" if flag else str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{label} does not exist", flag=flag or str(path)) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{label} cannot be read: {e}", flag=flag or str(path)) from e
+    try:
+        if allow_non_finite:
+            return json.loads(text)
+        return json.loads(text, parse_constant=_reject_constant)
+    except ValueError as e:
+        raise UserError(f"{label} is not valid JSON (truncated or corrupted?): {e}", flag=flag or str(path)) from e
+
+
+def read_record(path: str | Path, kind: str, *, flag: str | None = None) -> dict[str, Any]:
+    """A record of ``kind`` (a key of :data:`SCHEMA_VERSIONS`): a JSON object of that schema version, all numbers finite."""
+    record = read_json(path, flag=flag)
+    label = f"{flag}: {path}" if flag else str(path)
+    if not isinstance(record, dict):
+        raise UserError(f"{label} is not a {kind} record (a JSON object)", flag=flag or str(path))
+    expected = SCHEMA_VERSIONS[kind]
+    if record.get("schema_version") != expected:
+        got = record.get("schema_version")
+        raise UserError(f"{label} has schema_version {got!r}; expected a {kind} record of version {expected}",
+                        flag=flag or str(path))
+    return record
+
+
+def find_non_finite(value: Any, where: str = "") -> str | None:
+    """The JSON path of the first NaN/inf number inside ``value`` (dicts, lists, floats), or None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return where or "(value)"
+    if isinstance(value, dict):
+        items: Iterable = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        found = find_non_finite(item, f"{where}.{key}" if where else str(key))
+        if found:
+            return found
+    return None
+
+
+def require_finite(path: str | Path, field: str, value: Any, *, flag: str | None = None) -> float:
+    """``value`` as a finite float, or one UserError naming the file and the field."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not math.isfinite(number):
+        raise UserError(f"{path}: {field} is {value!r}, not a finite number", flag=flag or str(path))
+    return number
+
+
+def require_equal(path: str | Path, field: str, got: Any, expected: Any, source: str, *, flag: str | None = None) -> None:
+    """One UserError naming ``path``, the ``field`` that differs, and where ``expected`` came from."""
+    if got != expected:
+        raise UserError(
+            f"{path}: {field} is {_short(got)}, but {source} has {_short(expected)}: the files do not belong together",
+            flag=flag or str(path),
+        )
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def image_ids_sha256(image_ids: Iterable[int]) -> str:
+    """sha256 of the sorted image ids, comma-separated: the content key of an evaluated image set."""
+    return hashlib.sha256(",".join(str(int(i)) for i in sorted(image_ids)).encode()).hexdigest()
+
+
+def settings_sha256(settings: dict[str, Any]) -> str:
+    """sha256 of settings as canonical JSON (sorted keys): the content key of a step's settings."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def dataset_provenance(metrics: dict[str, Any]) -> dict[str, Any]:
+    """What a metrics record was scored on, by content: ``ann_sha256``, ``image_ids_sha256``, ``num_images``."""
+    dataset = metrics.get("dataset") or {}
+    ids = dataset.get("image_ids") or []
+    return {"ann_sha256": dataset.get("ann_sha256"), "image_ids_sha256": image_ids_sha256(ids), "num_images": len(ids)}
