@@ -147,11 +147,14 @@ def test_pixi_environments_install_the_project_with_one_cuda_extra():
 
 
 @pytest.mark.parametrize("cuda, venv", [("12", ".venv"), ("13", ".venv-cu13")])
-def test_make_env_cuda_selects_venv_and_extra(cuda, venv):
+def test_make_env_cuda_selects_venv_and_lock(cuda, venv):
+    """The venv gets the CUDA major's lock (extras dev + cuXX, see tests/test_lock.py), then lowbit itself."""
     out = subprocess.run(
         ["make", "-n", "-B", "env", f"CUDA={cuda}"], cwd=REPO, capture_output=True, text=True, check=True
     ).stdout
-    assert f"{venv}/bin/python -m pip install -e '.[dev,cu{cuda}]'" in out
+    assert f"{venv}/bin/python -m pip install --require-hashes --no-deps -r requirements/cu{cuda}.lock.txt" in out
+    assert f"{venv}/bin/python -m pip install --no-deps --no-build-isolation -e ." in out
+    assert f"--extra cu{cuda} " in (REPO / f"requirements/cu{cuda}.lock.txt").read_text().splitlines()[1]
 
 
 def test_make_env_rejects_unknown_cuda():
