@@ -18,8 +18,14 @@ Files, under ``run_root`` (names the report reads: ``-k{K}`` / ``-k{K}_random{SE
                                                             the full model) and evaluated with
     <mode>-k{K}[_random{SEED}]-coco/metrics.json            its evaluation (``lowbit.evaluate``)
 
-A candidate whose record matches (same full model, same nodes, same evaluation settings, files with
-the recorded sha256) is reused without running anything; anything else is rebuilt.
+The record (``schema_version`` 2) is keyed by content, never by a path: ``build`` {``method``,
+``full_model_sha256``, ``nodes``, and for ``requantize`` ``onnx_sha256``, ``calib_sha256``, ``quantize``},
+``evaluation`` (:meth:`EvalConfig.content`: ``ann_sha256``, ``image_ids_sha256``, ``num_images``,
+``max_images``, ``imgsz``, ``providers``, the postprocessing thresholds ...), ``model_sha256`` and
+``metrics_sha256``. A candidate is reused without running anything when all of these match this run's and
+its metrics.json itself says it scored that model on those images of that annotation file; anything else
+is rebuilt and evaluated again, with a log line naming what differs (an annotation file edited in place
+is thus noticed, the same ``--data-root`` notwithstanding).
 """
 
 from __future__ import annotations
@@ -31,13 +37,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lowbit import records
 from lowbit.logs import get_logger
 from lowbit.runs import UserError, atomic_write_json, atomic_write_text, manifest_run, sha256_file
 from lowbit.schemes import Scheme, find_schemes
 
 log = get_logger("candidates")
 
-RECORD_SCHEMA_VERSION = 2
+RECORD_SCHEMA_VERSION = records.SCHEMA_VERSIONS["candidate"]
 BUILDS = ("full", "requantize")
 
 
@@ -59,6 +66,60 @@ class EvalConfig:
         out = asdict(self)
         out["data_root"] = str(self.data_root)
         return out
+
+    def eval_settings(self, onnx_path: Path, out: Path | None = None):
+        """The :class:`lowbit.evaluate.EvalSettings` of one candidate's evaluation."""
+        from lowbit.evaluate import EvalSettings
+
+        return EvalSettings(onnx_path=onnx_path, data_root=self.data_root, max_images=self.max_images,
+                            providers=list(self.providers), warmup_runs=self.warmup_runs,
+                            skip_latency=self.skip_latency, imgsz=self.imgsz,
+                            cudnn_conv_algo_search=self.cudnn_conv_algo_search, out=out, overwrite=True)  # fmt: skip
+
+    def postprocess(self) -> dict[str, Any]:
+        """The evaluator's postprocessing of every candidate: its defaults (the search does not change them)."""
+        defaults = self.eval_settings(Path("model.onnx"))
+        return {"nms": defaults.nms, "conf": defaults.conf, "iou": defaults.iou, "max_det": defaults.max_det}
+
+    def content(self, dataset: DatasetKey) -> dict[str, Any]:
+        """What an evaluation's numbers depend on, by content: the images (annotation file sha256, image ids)
+        and every setting but the folder the data lives in; the postprocessing is recorded so that a change of
+        the evaluator's defaults is noticed."""
+        out = {key: value for key, value in asdict(self).items() if key != "data_root"}
+        out.update(
+            ann_sha256=dataset.ann_sha256,
+            image_ids_sha256=dataset.image_ids_sha256,
+            num_images=len(dataset.image_ids),
+            postprocess=self.postprocess(),
+        )
+        return out
+
+
+@dataclass(frozen=True)
+class DatasetKey:
+    """The evaluation slice by content: sha256 of the annotation file and the image ids selected from it."""
+
+    ann_file: Path
+    ann_sha256: str
+    image_ids: tuple[int, ...]
+
+    @property
+    def image_ids_sha256(self) -> str:
+        return records.image_ids_sha256(self.image_ids)
+
+
+def dataset_key(evaluation: EvalConfig, flag: str = "--data-root") -> DatasetKey:
+    """Read ``evaluation``'s annotation file (the evaluator's paths and checks) and select its image ids.
+
+    Raises:
+        UserError(flag): no ``--data-root``, no image folder, or a missing or malformed annotation file.
+    """
+    from lowbit.coco_eval import load_coco, select_image_ids
+    from lowbit.evaluate import resolve_data_paths
+
+    _, ann_file, ann_flag = resolve_data_paths(evaluation.eval_settings(Path("model.onnx")))
+    coco = load_coco(ann_file, ann_flag)
+    return DatasetKey(ann_file, sha256_file(ann_file), tuple(select_image_ids(coco, evaluation.max_images)))
 
 
 @dataclass
@@ -84,6 +145,8 @@ class Evaluated:
     model_path: Path
     metrics_path: Path
     reused: bool
+    model_sha256: str | None = None
+    metrics_sha256: str | None = None
 
     @property
     def ap(self) -> float:
@@ -97,11 +160,26 @@ def candidate_name(mode: str, k: int, random_seed: int | None = None) -> str:
 
 
 def read_map(metrics_path: Path, flag: str) -> float:
-    """``metrics.map50_95`` of an evaluator ``metrics.json`` (0..1)."""
-    try:
-        return float(json.loads(Path(metrics_path).read_text(encoding="utf-8"))["metrics"]["map50_95"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{flag}: {metrics_path} is not an evaluator metrics.json with metrics.map50_95", flag=flag) from e
+    """``metrics.map50_95`` of an evaluator ``metrics.json`` (0..1), a finite number, or one UserError naming ``flag``."""
+    return map_of(records.read_record(metrics_path, "metrics", flag=flag), metrics_path, flag)
+
+
+def map_of(metrics: dict[str, Any], path: Path, flag: str) -> float:
+    """``metrics.map50_95`` of a metrics record read from ``path``: finite, else one UserError naming ``flag``."""
+    value = (metrics.get("metrics") or {}).get("map50_95") if isinstance(metrics.get("metrics"), dict) else None
+    return records.require_finite(f"{flag}: {path}", "metrics.map50_95", value, flag=flag)
+
+
+def metrics_mismatch(metrics: dict[str, Any], model_sha256: str, dataset: DatasetKey) -> str | None:
+    """What in a metrics record disagrees with "this model on these images", or None when nothing does."""
+    scored = records.dataset_provenance(metrics)
+    if (metrics.get("model") or {}).get("sha256") != model_sha256:
+        return "its metrics.json scored another model file"
+    if scored["ann_sha256"] != dataset.ann_sha256:
+        return "the annotation file changed since it was scored"
+    if scored["image_ids_sha256"] != dataset.image_ids_sha256:
+        return "it was scored on other images"
+    return None
 
 
 def _read_record(path: Path, schema_version: int = RECORD_SCHEMA_VERSION) -> dict | None:
@@ -116,6 +194,10 @@ def _read_record(path: Path, schema_version: int = RECORD_SCHEMA_VERSION) -> dic
 class CandidateStore:
     """Builds and evaluates the candidates of one mode, reusing those already evaluated with the same inputs.
 
+    "The same inputs" is decided by content (the module docstring's record): the sha256 of the full model,
+    the candidate model, its metrics, the annotation file and the image ids, and the evaluation settings;
+    never by the paths they were read from.
+
     Args:
         run_root: the run directory (files as in the module docstring).
         mode: ``int8`` or ``fp8`` (names the files).
@@ -128,11 +210,13 @@ class CandidateStore:
         executor: a ``concurrent.futures`` process pool that runs the evaluations (None: in this
             process). With one, :meth:`evaluate` may be called from several threads at once: each
             candidate is built in the calling thread and evaluated in a worker process.
+        dataset: the evaluation slice by content (None: read from ``evaluation`` on first use).
+        full_sha256: sha256 of ``full_model`` when the caller has it (None: computed on first use).
     """
 
     def __init__(self, run_root: Path, mode: str, model_stem: str, full_model: Path, evaluation: EvalConfig,
                  build: str = "full", requantize: RequantizeConfig | None = None, suffix: str = "",
-                 executor=None):  # fmt: skip
+                 executor=None, dataset: DatasetKey | None = None, full_sha256: str | None = None):  # fmt: skip
         if build not in BUILDS:
             raise UserError(f"--build must be one of {', '.join(BUILDS)}, got {build!r}", flag="--build")
         if build == "requantize" and requantize is None:
@@ -141,7 +225,8 @@ class CandidateStore:
         self.full_model, self.evaluation, self.build, self.requantize = Path(full_model), evaluation, build, requantize
         self.suffix = suffix
         self.executor = executor  # a process pool: evaluations run there, so that several run at once
-        self._full_sha: str | None = None
+        self._full_sha: str | None = full_sha256
+        self._dataset: DatasetKey | None = dataset
         self._full_proto = None
         self._lock = threading.Lock()
 
@@ -150,6 +235,13 @@ class CandidateStore:
         if self._full_sha is None:
             self._full_sha = sha256_file(self.full_model)
         return self._full_sha
+
+    @property
+    def dataset(self) -> DatasetKey:
+        with self._lock:
+            if self._dataset is None:
+                self._dataset = dataset_key(self.evaluation)
+        return self._dataset
 
     def paths(self, k: int, random_seed: int | None = None) -> tuple[str, Path, Path]:
         """``(name, model path, metrics path)`` of a candidate."""
@@ -170,44 +262,78 @@ class CandidateStore:
                                     "high_precision_dtype": rq.high_precision_dtype})  # fmt: skip
         return record
 
-    def _reusable(self, record_path: Path, model: Path, metrics: Path, build: dict) -> bool:
+    def stale_reason(self, record_path: Path, model: Path, metrics: Path, build: dict, evaluation: dict) -> str | None:
+        """Why the candidate on disk cannot be reused (None: it can), each input compared by content."""
         record = _read_record(record_path)
-        if record is None or record.get("build") != build or record.get("evaluation") != self.evaluation.record():
-            return False
-        if not (model.is_file() and metrics.is_file()):
-            return False
-        return record.get("model_sha256") == sha256_file(model) and record.get("metrics_sha256") == sha256_file(metrics)
+        if record is None:
+            return "no record of its inputs" if record_path.exists() else "not evaluated before"
+        recorded_build = record.get("build") or {}
+        if recorded_build != build:
+            if recorded_build.get("full_model_sha256") != build["full_model_sha256"]:
+                return "the full model changed"
+            if recorded_build.get("nodes") != build["nodes"]:
+                return "other nodes in float"
+            return "other re-quantization inputs"
+        recorded_eval = record.get("evaluation") or {}
+        if recorded_eval != evaluation:
+            if "ann_sha256" not in recorded_eval:
+                return "its record names the data by path, not by content"
+            if recorded_eval.get("ann_sha256") != evaluation["ann_sha256"]:
+                return "the annotation file changed"
+            if recorded_eval.get("image_ids_sha256") != evaluation["image_ids_sha256"]:
+                return "other evaluation images"
+            keys = sorted(key for key in evaluation if recorded_eval.get(key) != evaluation[key])
+            return f"other evaluation settings ({', '.join(keys) or 'keys'})"
+        if not model.is_file() or record.get("model_sha256") != sha256_file(model):
+            return "its model file changed"
+        if not metrics.is_file() or record.get("metrics_sha256") != sha256_file(metrics):
+            return "its metrics file changed"
+        try:
+            scored = records.read_record(metrics, "metrics")
+        except UserError as e:
+            return str(e)
+        return metrics_mismatch(scored, record["model_sha256"], self.dataset)
 
     def evaluate(self, nodes: list[str], random_seed: int | None = None) -> Evaluated:
         """Build (if needed) and evaluate the candidate with ``nodes`` in float; cached by its record."""
         k = len(nodes)
         name, model, metrics = self.paths(k, random_seed)
         record_path = self.run_root / "onnx" / f"{self.stem}-{name}.inputs.json"
-        build = self._build_record(nodes)
-        if self._reusable(record_path, model, metrics, build):
-            log.info("%s: evaluated before with these inputs, reused (%s)", name, metrics)
-            return Evaluated(name, k, list(nodes), random_seed, read_map(metrics, "candidate metrics"), model, metrics, True)
+        build, evaluation = self._build_record(nodes), self.evaluation.content(self.dataset)
+        why = self.stale_reason(record_path, model, metrics, build, evaluation)
+        if why is None:
+            record = _read_record(record_path)
+            log.info("%s: evaluated before with these inputs (by sha256), reused (%s)", name, metrics)
+            ap, shas = read_map(metrics, "candidate metrics"), (record["model_sha256"], record["metrics_sha256"])
+            return Evaluated(name, k, list(nodes), random_seed, ap, model, metrics, True, *shas)
+        log.info("%s: %s; building and evaluating it", name, why)
         record_path.unlink(missing_ok=True)  # a failed rebuild must not leave the old record looking current
         if model != self.full_model:
             self._write_model(nodes, model)
         log.info("%s: evaluating %s (%d nodes in float)", name, model, k)
-        from lowbit.evaluate import EvalSettings, evaluate
+        from lowbit.evaluate import evaluate
 
-        ev = self.evaluation
-        settings = EvalSettings(onnx_path=model, data_root=ev.data_root, max_images=ev.max_images,
-                                providers=list(ev.providers), warmup_runs=ev.warmup_runs, skip_latency=ev.skip_latency,
-                                imgsz=ev.imgsz, cudnn_conv_algo_search=ev.cudnn_conv_algo_search, out=metrics,
-                                overwrite=True)  # fmt: skip
+        settings = self.evaluation.eval_settings(model, metrics)
         if self.executor is None:
             evaluate(settings)
         else:
             self.executor.submit(evaluate_in_worker, settings).result()  # re-raises the worker's error here
+        model_sha, metrics_sha = sha256_file(model), sha256_file(metrics)
+        scored = records.read_record(metrics, "metrics", flag="candidate metrics")
+        changed = metrics_mismatch(scored, model_sha, self.dataset)
+        if changed:  # e.g. the annotation file was replaced while the search ran
+            raise UserError(
+                f"--data-root: the evaluation of {name} ({metrics}) does not match this search: {changed}; "
+                "did the dataset change while the search ran? Run it again",
+                flag="--data-root",
+            )
         atomic_write_json(record_path, {"schema_version": RECORD_SCHEMA_VERSION, "candidate": name, "build": build,
                                         "full_model": str(self.full_model),
                                         "ranking_nodes": list(nodes), "random_seed": random_seed,
-                                        "evaluation": ev.record(), "model_sha256": sha256_file(model),
-                                        "metrics_sha256": sha256_file(metrics)})  # fmt: skip
-        return Evaluated(name, k, list(nodes), random_seed, read_map(metrics, "candidate metrics"), model, metrics, False)
+                                        "evaluation": evaluation, "model_sha256": model_sha,
+                                        "metrics_sha256": metrics_sha})  # fmt: skip
+        ap = map_of(scored, metrics, "candidate metrics")
+        return Evaluated(name, k, list(nodes), random_seed, ap, model, metrics, False, model_sha, metrics_sha)
 
     def _write_model(self, nodes: list[str], model: Path) -> None:
         model.parent.mkdir(parents=True, exist_ok=True)
@@ -261,27 +387,82 @@ def build_requantized(cfg: RequantizeConfig, mode: str, nodes: list[str], out_pa
 # ranking -> node names
 
 
-def ranked_nodes(report_path: Path, fp32_model_path: Path, qdq_model_path: Path, flag: str = "--ranking") -> list[str]:
-    """The nodes of the Q/DQ model in the report's rank order (most sensitive first).
+@dataclass
+class RankedNodes:
+    """A ranking mapped onto a Q/DQ model: its quantized ``nodes`` in rank order (most sensitive first), and the
+    ``unmatched`` report layers ({rank, name, reason}) that are no quantized node of it."""
+
+    nodes: list[str]
+    unmatched: list[dict[str, Any]]
+
+
+def match_ranking(
+    report: dict[str, Any],
+    fp32_model,
+    qdq_model,
+    flag: str = "--ranking",
+    report_path: Path | None = None,
+    qdq_path: Path | None = None,
+) -> RankedNodes:
+    """Map the layers of a loaded report onto the quantized nodes of ``qdq_model``.
 
     Report layers map onto the FP32 graph as the scheme maker maps them (``lowbit.schemes.map_layers``);
-    layers that map to no node, or to a node the Q/DQ model does not quantize, are dropped.
-    """
-    import onnx
+    layers that map to no node, or to a node the Q/DQ model does not quantize, are ``unmatched``.
 
-    from lowbit.qdq_graph import find_quantized_nodes
+    Args:
+        fp32_model, qdq_model: ``ModelProto`` or paths (loaded without external data).
+
+    Raises:
+        UserError(flag): no layer maps to a quantized node (a ranking of another model or mode).
+    """
+    from lowbit.qdq_graph import find_quantized_nodes, load_graph_proto
     from lowbit.schemes import map_layers
     from lowbit.sensitivity_onnx import NodeMatcher
+
+    mapping = map_layers(report, NodeMatcher(load_graph_proto(fp32_model)))
+    quantized = {n.name for n in find_quantized_nodes(load_graph_proto(qdq_model).graph)}
+    nodes = [m["onnx_node"] for m in mapping.matched if m["onnx_node"] in quantized]
+    unmatched = [{"rank": u["rank"], "name": u["name"], "reason": u.get("reason")} for u in mapping.unmatched]
+    unmatched += [
+        {"rank": m["rank"], "name": m["name"], "reason": f"{m['onnx_node']} is not quantized in the Q/DQ model"}
+        for m in mapping.matched
+        if m["onnx_node"] not in quantized
+    ]
+    if not nodes:
+        raise UserError(
+            f"{flag}: no layer of {report_path or 'the ranking'} maps to a quantized node of "
+            f"{qdq_path or 'the Q/DQ model'} ({len(report['layers'])} layers, none matches); "
+            "was the ranking made for another model or mode?",
+            flag=flag,
+        )
+    return RankedNodes(nodes, sorted(unmatched, key=lambda u: u["rank"]))
+
+
+def unmatched_warning(ranked: RankedNodes, report_path: Path, qdq_path: Path, flag: str = "--ranking") -> str | None:
+    """The warning that lists the ranked layers left out (None when every layer matched)."""
+    if not ranked.unmatched:
+        return None
+    listed = "; ".join(f"#{u['rank']} {u['name']}" for u in ranked.unmatched)
+    total = len(ranked.nodes) + len(ranked.unmatched)
+    return (
+        f"{flag}: {len(ranked.unmatched)} of {total} ranked layers of {report_path} match no quantized node of "
+        f"{qdq_path} and are left out of the search: {listed}"
+    )
+
+
+def ranked_nodes(report_path: Path, fp32_model_path, qdq_model_path, flag: str = "--ranking") -> list[str]:
+    """The nodes of the Q/DQ model in the report's rank order (most sensitive first) (:func:`match_ranking`).
+
+    Layers that match no quantized node are left out, with one warning listing them; none matching is an error.
+    """
     from lowbit.sensitivity_report import load_report
 
     report = load_report(Path(report_path), flag)
-    fp32 = onnx.load(str(fp32_model_path), load_external_data=False)
-    mapping = map_layers(report, NodeMatcher(fp32))
-    quantized = {n.name for n in find_quantized_nodes(onnx.load(str(qdq_model_path), load_external_data=False).graph)}
-    nodes = [m["onnx_node"] for m in mapping.matched if m["onnx_node"] in quantized]
-    if not nodes:
-        raise UserError(f"{flag}: no layer of {report_path} maps to a quantized node of {qdq_model_path}", flag=flag)
-    return nodes
+    ranked = match_ranking(report, fp32_model_path, qdq_model_path, flag, report_path, qdq_model_path)
+    warning = unmatched_warning(ranked, report_path, qdq_model_path, flag)
+    if warning:
+        log.warning("%s", warning)
+    return ranked.nodes
 
 
 def random_nodes(pool: list[str], k: int, seed: int) -> list[str]:

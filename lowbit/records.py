@@ -143,3 +143,59 @@ def dataset_provenance(metrics: dict[str, Any]) -> dict[str, Any]:
     dataset = metrics.get("dataset") or {}
     ids = dataset.get("image_ids") or []
     return {"ann_sha256": dataset.get("ann_sha256"), "image_ids_sha256": image_ids_sha256(ids), "num_images": len(ids)}
+
+
+# The "script" key of the run manifests written beside a model (``<stem>.manifest.json``). Literals, not
+# imports: lowbit.quantize pulls in numpy and the calibration loader, the exporter is a script.
+QUANTIZER_SCRIPT = "quantize_yolov10m_onnx.py"  # lowbit.quantize.MANIFEST_SCRIPT
+EXPORTER_SCRIPT = "scripts/cv-models/export_yolov10_raw_onnx.py"
+
+
+def manifest_for(
+    model_path: str | Path, script: str, sha_key: str, model_sha256: str
+) -> tuple[dict | None, str | None]:
+    """The manifest that ``script`` wrote beside ``model_path``, when it describes this very file.
+
+    Args:
+        model_path: the model; its manifest is ``<stem>.manifest.json`` beside it.
+        script: the manifest's ``script`` key that marks its writer.
+        sha_key: the key of ``extra`` holding the sha256 of the file the run wrote.
+        model_sha256: sha256 of ``model_path`` as it is now.
+
+    Returns:
+        ``(manifest, None)``, or ``(None, why not)`` when there is no such manifest, it belongs to another
+        writer, the run did not finish (``status`` not ``ok``), or it wrote another file than this one.
+    """
+    path = Path(model_path).with_suffix(".manifest.json")
+    if not path.is_file():
+        return None, f"no manifest {path}"
+    try:
+        manifest = read_json(path)
+    except UserError as e:
+        return None, str(e)
+    if not isinstance(manifest, dict) or manifest.get("script") != script:
+        return None, f"{path} was not written by {script}"
+    if manifest.get("status") != "ok":
+        return None, f"{path} has status {manifest.get('status')!r}"
+    if (manifest.get("extra") or {}).get(sha_key) != model_sha256:
+        return None, f"{path} describes another file than {model_path} (its {sha_key} differs)"
+    return manifest, None
+
+
+def quantizer_manifest_for(model_path: str | Path, model_sha256: str) -> tuple[dict | None, str | None]:
+    """What :mod:`lowbit.quantize` recorded about the Q/DQ model ``model_path``, by content.
+
+    Returns:
+        ``({"path", "quantize_mode", "onnx_path", "onnx_sha256"}, None)`` where ``onnx_*`` name the FP32 model
+        it was quantized from, or ``(None, why not)`` as :func:`manifest_for` says.
+    """
+    manifest, why = manifest_for(model_path, QUANTIZER_SCRIPT, "output_sha256", model_sha256)
+    if manifest is None:
+        return None, why
+    onnx_path = (manifest.get("args") or {}).get("onnx_path")
+    return {
+        "path": str(Path(model_path).with_suffix(".manifest.json")),
+        "quantize_mode": ((manifest.get("extra") or {}).get("settings") or {}).get("quantize_mode"),
+        "onnx_path": onnx_path,
+        "onnx_sha256": (manifest.get("inputs") or {}).get(str(onnx_path)) if onnx_path else None,
+    }, None

@@ -21,7 +21,7 @@ class FakeStore:
 
     calls: list[tuple[int, int | None]] = []
 
-    def __init__(self, run_root, mode, stem, full_model, evaluation, build="full", requantize=None, suffix="", executor=None):
+    def __init__(self, run_root, mode, stem, full_model, evaluation, build="full", requantize=None, suffix="", **kw):
         self.run_root, self.mode = Path(run_root), mode
 
     def evaluate(self, nodes, random_seed=None):
@@ -37,11 +37,23 @@ def _metrics(path: Path, map50_95: float) -> Path:
     return path
 
 
+def _checked_inputs(cfg: search_run.SearchConfig) -> search_run.SearchInputs:
+    """Stands in for search_run.check_inputs (its checks have their own tests in test_search_trust.py)."""
+
+    def ap(path: Path) -> float:
+        return json.loads(path.read_text())["metrics"]["map50_95"] * 100.0
+
+    dataset = candidates.DatasetKey(cfg.run_root / "instances_val2017.json", "a" * 64, (1, 2, 3, 4))
+    digests = {role: "b" * 64 for role in ("full_model", "onnx", "ranking", "baseline_metrics")}
+    report = {"source": "onnx", "method": {"name": "loo"}}
+    k0_ap = ap(cfg.k0_metrics) if cfg.k0_metrics else None
+    return search_run.SearchInputs(list(NODES), [], report, ap(cfg.baseline_metrics), k0_ap, dataset, digests)
+
+
 @pytest.fixture()
 def setup(tmp_path, monkeypatch):
     monkeypatch.setattr(search_run, "CandidateStore", FakeStore)
-    monkeypatch.setattr(search_run, "ranked_nodes", lambda *a, **k: list(NODES))
-    monkeypatch.setattr(search_run, "_ranking_info", lambda path, nodes: {"report": str(path), "method": "loo", "nodes": nodes})
+    monkeypatch.setattr(search_run, "check_inputs", _checked_inputs)
     FakeStore.calls = []
 
     def config(curve, **kw):

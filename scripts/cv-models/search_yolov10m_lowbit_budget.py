@@ -7,6 +7,11 @@ evaluation slice. Evaluated candidates are cached beside the run (``lowbit.candi
 reuses them. Then ``--random-seeds`` random controls at the K found. With ``--parallel-probes N``
 each round of the search probes N Ks and the random controls run N at a time, every evaluation in
 a worker process (worth it with the CUDA EP; on the CPU EP one evaluation already uses every core).
+
+Before anything is written, the inputs are checked to belong together (``lowbit.search_run.check_inputs``):
+``--full-model`` is a Q/DQ model of ``--mode`` quantized from ``--onnx-path``, ``--ranking`` ranks that model in
+that mode, ``--baseline-metrics`` / ``--k0-metrics`` scored ``--onnx-path`` / ``--full-model`` on the images that
+``--data-root`` and ``--max-images`` select (by sha256); a mismatch is one ``error:`` line naming the flag, exit 2.
 Writes
 ``<run-root>/search-<mode>/search.json`` (keys in ``lowbit/search_run.py``) and ``search.md``.
 
@@ -103,15 +108,25 @@ def config(args: argparse.Namespace) -> search_run.SearchConfig:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = config(args)
+    inputs = search_run.check_inputs(cfg)  # every mismatch ends here, before search-<mode>/ exists
     out_dir = args.run_root / f"search-{args.mode}"
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in ("search.json", "search.md"):  # an earlier result must not outlive a failed rerun
         (out_dir / name).unlink(missing_ok=True)
     setup_logging(out_dir / "search.log")
     with manifest_run(out_dir / "manifest.json", "search_yolov10m_lowbit_budget.py", vars(args), argv) as manifest:
-        for path in (cfg.ranking, cfg.onnx_path, cfg.full_model, cfg.baseline_metrics):
-            manifest.add_input(path)
-        data = search_run.run_search(cfg)
+        files = {
+            "ranking": cfg.ranking,
+            "onnx": cfg.onnx_path,
+            "full_model": cfg.full_model,
+            "baseline_metrics": cfg.baseline_metrics,
+            "k0_metrics": cfg.k0_metrics,
+        }
+        for role, path in files.items():
+            if path is not None:
+                manifest.add_input(path, inputs.digests[role])
+        manifest.add_input(inputs.dataset.ann_file, inputs.dataset.ann_sha256)
+        data = search_run.run_search(cfg, inputs)
         atomic_write_json(out_dir / "search.json", data)
         atomic_write_text(out_dir / "search.md", search_run.search_markdown(data))
         manifest.add_output("search", out_dir / "search.json")
