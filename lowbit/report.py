@@ -15,11 +15,14 @@ TensorRT engines (see :mod:`lowbit.trt`):
   quantizer manifest of the full Q/DQ model it was cut from (the record's ``full_model``, checked against
   its ``build.full_model_sha256`` as above) for the quantization settings.
 
-The FP32 baseline is the evaluated model without Q/DQ. Evaluations of different image sets
-(annotation sha256 + image ids) or post-processing settings are never compared: :func:`collect_variants`
-raises :class:`~lowbit.runs.UserError` naming the files.
+The FP32 baseline is the evaluated model without Q/DQ; its metrics are the reference every other record
+is checked against (:mod:`lowbit.report_inputs`): every file is read through :mod:`lowbit.records`, and a
+variant scored on other annotations, images or post-processing, whose model file changed since it was
+evaluated, or quantized from another model, is dropped with its reason, as is a ``search.json`` that is not
+a search of this run. An unusable baseline, no usable quantized variant, or an annotation file changed
+since the run was scored raise :class:`~lowbit.runs.UserError` naming the file.
 
-``report.json`` keys (``schema_version`` 1):
+``report.json`` keys (``schema_version``: ``lowbit.records.SCHEMA_VERSIONS["report"]``):
 
 * ``run_dirs``: the run dirs read; ``created_at``
 * ``dataset``: ``name``, ``images_dir``, ``ann_file``, ``ann_sha256``, ``num_images``, ``image_id_range``
@@ -46,6 +49,11 @@ raises :class:`~lowbit.runs.UserError` naming the files.
   in ``recommended.latency_source``
 * ``tensorrt``: ``status`` ("measured" | "not measured: TensorRT not installed" | "not measured: ..."),
   ``trtexec``, ``tensorrt_python``, ``qdq_mode``
+* ``search``: one entry per budget search used (:func:`search_summary`)
+* ``dropped``: [{``path``, ``reason``}]: every record found and left out (a variant's metrics, a search.json)
+* ``provenance``: what the report was computed from, by content: ``model_sha256`` (the FP32 model),
+  ``ann_sha256``, ``image_ids_sha256``, ``num_images``, ``records`` {path: sha256} of every record used
+  (metrics, quantizer manifests and candidate records, search.json)
 * ``notes``: [str]
 """
 
@@ -53,22 +61,21 @@ from __future__ import annotations
 
 import datetime as _dt
 import io
-import json
 import math
-import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from lowbit import records
+from lowbit import report_inputs as inputs
 from lowbit.logs import get_logger
-from lowbit.runs import REPO_ROOT, UserError, sha256_file
+from lowbit.report_inputs import rel_path as _rel
+from lowbit.runs import REPO_ROOT, UserError
 
 log = get_logger("report")
 
-SCHEMA_VERSION = 1
-EVAL_SCRIPT = "eval_yolov10m_onnx_coco.py"
-EVAL_SCHEMA_VERSION = 1
+SCHEMA_VERSION = records.SCHEMA_VERSIONS["report"]
 QUANT_SCRIPT = "quantize_yolov10m_onnx.py"
 DEFAULT_BUDGET_AP = 0.5  # AP points (mAP50-95 x 100) a quantized variant may lose against FP32
 # TensorRT latencies this close (%) to the fastest count as a tie, broken by accuracy: trtexec medians of one
@@ -95,19 +102,16 @@ def short_provider(provider: str | None) -> str:
     return {"Tensorrt": "TensorRT"}.get(name, name) + " EP"
 
 
-def _rel(path: Path | str) -> str:
-    """Path as the user typed it when under the repo root, else absolute."""
-    path = Path(path)
+def _read_json(path: Path | None, notes: list[str] | None = None) -> Any:
+    """An optional JSON file beside a model (manifest, record, scheme): None when absent; unreadable, truncated or
+    non-finite -> None and a note naming it (:func:`lowbit.records.read_json`)."""
+    if path is None or not Path(path).is_file():
+        return None
     try:
-        return str(path.resolve().relative_to(REPO_ROOT))
-    except ValueError:
-        return str(path.resolve())
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return records.read_json(path)
+    except UserError as e:
+        if notes is not None:
+            notes.append(f"{e}; not used")
         return None
 
 
@@ -130,45 +134,6 @@ def _mode_from_dtypes(dtypes: Iterable[str]) -> str:
 # discovery
 
 
-def discover_metrics(run_dir: Path) -> list[Path]:
-    """Every evaluator ``metrics.json`` under ``run_dir`` (itself included), sorted."""
-    candidates, visited = [], set()
-    # os.walk with followlinks: a run dir may hold symlinks to evaluations made elsewhere.
-    for root, dirs, files in os.walk(run_dir, followlinks=True):
-        real = os.path.realpath(root)
-        if real in visited:  # a link back up the tree
-            dirs.clear()
-            continue
-        visited.add(real)
-        if "metrics.json" in files:
-            candidates.append(Path(root) / "metrics.json")
-    found = []
-    for path in sorted(candidates):
-        data = _read_json(path)
-        if not isinstance(data, dict) or data.get("script") != EVAL_SCRIPT:
-            continue
-        if data.get("schema_version") != EVAL_SCHEMA_VERSION:
-            log.warning("%s: metrics schema_version %s is not %d; skipped", path, data.get("schema_version"),
-                        EVAL_SCHEMA_VERSION)
-            continue
-        if data.get("status") != "ok":
-            log.warning("%s: status %r; skipped", path, data.get("status"))
-            continue
-        found.append(path)
-    return found
-
-
-def discover_searches(run_dirs: Iterable[Path]) -> list[dict]:
-    """Every budget-search result ``search-<mode>/search.json`` (``lowbit.search_run``) in the run dirs."""
-    found = []
-    for run_dir in run_dirs:
-        for path in sorted(Path(run_dir).glob("search-*/search.json")):
-            data = _read_json(path)
-            if isinstance(data, dict) and "search" in data and "mode" in data:
-                found.append({**data, "path": _rel(path)})
-    return found
-
-
 def resolve_model_file(model_path: str, metrics_path: Path, run_dir: Path) -> Path | None:
     """Where the evaluated model is now: as recorded (cwd, then repo root), else ``onnx/<name>`` of the run dir."""
     recorded = Path(model_path)
@@ -182,7 +147,7 @@ def resolve_model_file(model_path: str, metrics_path: Path, run_dir: Path) -> Pa
     return None
 
 
-def _scheme_info(manifest: dict | None, model_path: str, run_dir: Path) -> dict | None:
+def _scheme_info(manifest: dict | None, model_path: str, run_dir: Path, notes: list[str]) -> dict | None:
     """``{k, random_seed, ranking_source, scheme}`` of a candidate built from an exclusion scheme, else None."""
     scheme_path = None
     args = (manifest or {}).get("args") or {}
@@ -192,10 +157,10 @@ def _scheme_info(manifest: dict | None, model_path: str, run_dir: Path) -> dict 
             if candidate.is_file():
                 scheme_path = candidate
                 break
-    scheme = _read_json(scheme_path) if scheme_path else None
+    scheme = _read_json(scheme_path, notes)
     if isinstance(scheme, dict) and "k" in scheme:
         source = None
-        summary = _read_json(scheme_path.parent / "schemes_summary.json")
+        summary = _read_json(scheme_path.parent / "schemes_summary.json", notes)
         if isinstance(summary, dict):
             source = summary.get("report_source")
         if source is None and scheme.get("report"):
@@ -223,7 +188,7 @@ def _load_model_manifest(model_file: Path | None, sha: str, notes: list[str]) ->
     if model_file is None:
         return None, None
     path = model_file.with_suffix(".manifest.json")
-    manifest = _read_json(path)
+    manifest = _read_json(path, notes)
     if not isinstance(manifest, dict) or manifest.get("script") != QUANT_SCRIPT:
         return None, None
     if manifest.get("status") != "ok":
@@ -247,7 +212,7 @@ def _load_candidate_record(model_file: Path | None, sha: str, run_dir: Path,
     if model_file is None:
         return None, None
     path = model_file.with_name(model_file.stem + ".inputs.json")
-    record = _read_json(path)
+    record = _read_json(path, notes)
     if not isinstance(record, dict) or not isinstance(record.get("build"), dict):
         return None, None
     if record.get("model_sha256") != sha:
@@ -258,9 +223,10 @@ def _load_candidate_record(model_file: Path | None, sha: str, run_dir: Path,
         q = build.get("quantize") or {}
         settings = {"quantize_mode": q.get("mode"), "calibration_method": q.get("calibration_method"),
                     "high_precision_dtype": q.get("high_precision_dtype"), "nodes_to_exclude": nodes}  # fmt: skip
-        return {"extra": {"settings": settings, "excluded_nodes": nodes}, "derived": "requantized"}, path
+        return {"extra": {"settings": settings, "excluded_nodes": nodes}, "derived": "requantized",
+                "source_model_sha256": build.get("onnx_sha256")}, path
     full_file = resolve_model_file(record["full_model"], path, run_dir) if record.get("full_model") else None
-    full, _ = _load_model_manifest(full_file, build.get("full_model_sha256"), notes)
+    full, full_path = _load_model_manifest(full_file, build.get("full_model_sha256"), notes)
     if full is None:
         notes.append(f"candidate record {_rel(path)}: no quantizer manifest of its full model "
                      f"{record.get('full_model')}; quantization settings unknown")  # fmt: skip
@@ -268,7 +234,7 @@ def _load_candidate_record(model_file: Path | None, sha: str, run_dir: Path,
     extra = dict(full.get("extra") or {})
     quantized = extra.get("num_quantized_nodes")
     extra.update(excluded_nodes=nodes, num_quantized_nodes=quantized - len(nodes) if quantized is not None else None)
-    return {**full, "extra": extra, "derived": "full"}, path
+    return {**full, "extra": extra, "derived": "full", "full_manifest": full_path}, path
 
 
 def _label(metrics: dict, mode: str, settings: dict | None, candidate: dict | None, stem: str) -> tuple[str, str]:
@@ -290,24 +256,17 @@ def _label(metrics: dict, mode: str, settings: dict | None, candidate: dict | No
     return f"{mode_text} ({stem})", "quantized"
 
 
-def _variant_from_metrics(metrics_path: Path, run_dir: Path, hash_cache: dict[Path, str]) -> dict:
-    metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+def _variant_from_metrics(metrics: dict, metrics_path: Path, run_dir: Path, hasher: inputs.Hasher) -> dict:
+    """One row of the report from an evaluation read by :func:`lowbit.report_inputs.read_metrics`.
+
+    ``_model_problem`` says why its model file is not the evaluated one (None when it is); ``model_file`` is
+    then None and the row is dropped (a quantized variant) or noted (the baseline) by :func:`collect_variants`.
+    """
     model = metrics["model"]
     qdq = model.get("qdq") or {}
     notes: list[str] = []
-    model_file = resolve_model_file(model["path"], metrics_path, run_dir)
-    model_bytes = None
-    if model_file is None:
-        notes.append(f"model file {model['path']} not found: size unknown")
-    else:
-        key = model_file.resolve()
-        if key not in hash_cache:
-            hash_cache[key] = sha256_file(model_file)
-        if hash_cache[key] == model["sha256"]:
-            model_bytes = model_file.stat().st_size
-        else:
-            notes.append(f"{_rel(model_file)} is no longer the evaluated model (sha256 differs): size unknown")
-            model_file = None
+    model_file, model_problem = inputs.find_model_file(model["path"], model["sha256"], metrics_path, run_dir, hasher)
+    model_bytes = model_file.stat().st_size if model_file else None
     manifest, manifest_path = _load_model_manifest(model_file, model["sha256"], notes)
     if manifest is None:  # a budget-search candidate: its record names the nodes in float and the full model
         manifest, manifest_path = _load_candidate_record(model_file, model["sha256"], run_dir, notes)
@@ -315,15 +274,15 @@ def _variant_from_metrics(metrics_path: Path, run_dir: Path, hash_cache: dict[Pa
     settings = extra.get("settings")
     is_qdq = bool(qdq.get("is_qdq"))
     mode = "fp32" if not is_qdq else ((settings or {}).get("quantize_mode") or _mode_from_dtypes(qdq.get("quant_dtypes", [])))
-    candidate = _scheme_info(manifest, model["path"], run_dir) if is_qdq else None
+    candidate = _scheme_info(manifest, model["path"], run_dir, notes) if is_qdq else None
     label, role = _label(metrics, mode, settings, candidate, Path(model["path"]).stem)
     if not is_qdq and label == "FP16":
         mode = "fp16"
     excluded = extra.get("excluded_nodes") if manifest else None
     if excluded is None and settings is not None:
         excluded = settings.get("nodes_to_exclude")
-    source_sha = None
-    if manifest:
+    source_sha = (manifest or {}).get("source_model_sha256")
+    if manifest and source_sha is None:
         source_sha = (manifest.get("inputs") or {}).get(str((manifest.get("args") or {}).get("onnx_path")))
     providers_used = (metrics.get("providers") or {}).get("providers_used") or []
     latency = metrics.get("latency_ms") or {}
@@ -357,48 +316,12 @@ def _variant_from_metrics(metrics_path: Path, run_dir: Path, hash_cache: dict[Pa
         "run_dir": _rel(run_dir),
         "notes": notes,
         "_metrics_file": metrics_path,
+        "_metrics_sha256": hasher(metrics_path),
+        "_manifest_files": [p for p in (manifest_path, (manifest or {}).get("full_manifest")) if p is not None],
+        "_model_problem": model_problem,
         "_dataset": metrics["dataset"],
         "_postprocess": metrics.get("postprocess") or {},
     }
-
-
-def _dataset_key(variant: dict) -> tuple:
-    ds = variant["_dataset"]
-    return ds.get("ann_sha256"), tuple(ds.get("image_ids") or ())
-
-
-def _postprocess_key(variant: dict) -> tuple:
-    pp = variant["_postprocess"]
-    return tuple(pp.get(k) for k in ("mode", "conf", "iou", "max_det", "imgsz"))
-
-
-def _describe_image_set(variant: dict) -> str:
-    ds = variant["_dataset"]
-    ids = ds.get("image_ids") or []
-    span = f"ids {ids[0]}..{ids[-1]}" if ids else "no ids"
-    return f"{len(ids)} images ({span}) of {ds.get('ann_file')} (sha256 {str(ds.get('ann_sha256'))[:12]})"
-
-
-def _check_comparable(variants: list[dict]) -> None:
-    """All evaluations must share one image set and one post-processing; raise UserError naming the files."""
-    for key_fn, what, describe in (
-        (_dataset_key, "image sets", _describe_image_set),
-        (_postprocess_key, "post-processing settings", lambda v: json.dumps(v["_postprocess"], sort_keys=True)),
-    ):
-        groups: dict[tuple, list[dict]] = {}
-        for v in variants:
-            groups.setdefault(key_fn(v), []).append(v)
-        if len(groups) > 1:
-            lines = [
-                f"  {describe(members[0])}: " + ", ".join(m["metrics_path"] for m in members)
-                for members in groups.values()
-            ]
-            raise UserError(
-                f"--run-dir: the evaluations use different {what}, so their mAP cannot be compared:\n"
-                + "\n".join(lines)
-                + "\npass run dirs whose evaluations share one image set and one post-processing",
-                flag="--run-dir",
-            )
 
 
 def _dataset_summary(variant: dict) -> dict:
@@ -432,11 +355,11 @@ def _sort_key(v: dict) -> tuple:
     )
 
 
-def _pick_baseline(floats: list[dict], variants: list[dict]) -> dict:
+def _pick_baseline(floats: list[dict]) -> dict:
     """The FP32 evaluation the others are compared with; repeats become ``fp32_repeat``.
 
     Raises:
-        UserError: the FP32 evaluations are of different models, or a variant was quantized from another model.
+        UserError: the FP32 evaluations are of different models.
     """
     models = {}
     for v in floats:
@@ -450,55 +373,118 @@ def _pick_baseline(floats: list[dict], variants: list[dict]) -> dict:
     baseline = floats[0]  # discovery order: first run dir given, then path order
     for v in floats[1:]:
         v["role"] = "fp32_repeat"
-    for v in variants:
-        if v["source_model_sha256"] and v["source_model_sha256"] != baseline["model_sha256"]:
-            raise UserError(
-                f"--run-dir: {v['metrics_path']} is a quantization of model sha256 {v['source_model_sha256'][:12]} "
-                f"but the FP32 evaluation ({baseline['metrics_path']}) is of sha256 {baseline['model_sha256'][:12]}",
-                flag="--run-dir",
-            )
     return baseline
 
 
-def collect_variants(run_dirs: Iterable[Path]) -> dict:
-    """Read every evaluation under ``run_dirs``: ``{"run_dirs", "dataset", "baseline", "variants", "notes"}``.
+def _read_evaluations(run_dirs: list[Path], hasher: inputs.Hasher, dropped: list[dict]) -> list[dict]:
+    """A row per readable evaluation; an unreadable one is dropped, unless it is the FP32 baseline's (an error)."""
+    variants = []
+    for found in inputs.find_metrics(run_dirs):
+        if found.error is None:
+            variants.append(_variant_from_metrics(found.record, found.path, found.run_dir, hasher))
+        elif found.is_float:
+            raise UserError(f"--run-dir: the FP32 baseline's metrics cannot be used: {found.error}", flag="--run-dir")
+        else:
+            inputs.drop(dropped, found.path, found.error)
+    return variants
 
+
+def _listing(dropped: list[dict]) -> str:
+    return "; ".join(f"{d['path']}: {d['reason']}" for d in dropped)
+
+
+def _usable(variants: list[dict], baseline: dict, ref: inputs.Reference, dropped: list[dict]) -> list[dict]:
+    """The evaluations comparable with the baseline (:func:`lowbit.report_inputs.variant_problem`); others dropped."""
+    used = [baseline]
+    if baseline["_model_problem"]:
+        baseline["notes"].append(f"{baseline['_model_problem']}: its size and TensorRT latency are unknown")
+    for v in variants:
+        if v is baseline:
+            continue
+        problem = inputs.variant_problem(v, ref)
+        if problem:
+            inputs.drop(dropped, v["_metrics_file"], f"{v['metrics_path']}: {problem}")
+        else:
+            used.append(v)
+    compared = [v for v in used if v["role"] in ("quantized", "random_control")]
+    if dropped and not compared:
+        raise UserError(
+            f"--run-dir: no quantized variant is left to compare with {baseline['metrics_path']}: {_listing(dropped)}",
+            flag="--run-dir",
+        )
+    return used
+
+
+def _read_searches(
+    run_dirs: list[Path], ref: inputs.Reference, used: list[dict], dropped: list[dict], hasher: inputs.Hasher
+) -> list[dict]:
+    """Every ``search-<mode>/search.json`` that is a search of this run (:func:`lowbit.report_inputs.read_search`)."""
+    dropped_at = {(REPO_ROOT / d["path"]).resolve(): d["reason"].removeprefix(f"{d['path']}: ") for d in dropped}
+    searches = []
+    for path in inputs.find_searches(run_dirs):
+        try:
+            data = inputs.read_search(path, ref, used, dropped_at, hasher)
+        except UserError as e:
+            inputs.drop(dropped, path, str(e))
+            continue
+        searches.append({**data, "path": _rel(path), "_sha256": hasher(path)})
+    return searches
+
+
+def _provenance(ref: inputs.Reference, used: list[dict], searches: list[dict], hasher: inputs.Hasher) -> dict:
+    """report.json's ``provenance``: the baseline's keys and the sha256 of every record the report used."""
+    used_records = {}
+    for v in used:
+        used_records[v["metrics_path"]] = v["_metrics_sha256"]
+        for path in v["_manifest_files"]:  # the quantizer manifest or candidate record, and its full model's manifest
+            used_records[_rel(path)] = hasher(path)
+    for s in searches:
+        used_records[s["path"]] = s["_sha256"]
+    return {
+        "model_sha256": ref.model_sha256,
+        "ann_sha256": ref.ann_sha256,
+        "image_ids_sha256": ref.image_ids_sha256,
+        "num_images": ref.num_images,
+        "records": used_records,
+    }
+
+
+def collect_variants(run_dirs: Iterable[Path], data_root: Path | None = None) -> dict:
+    """Read every evaluation and budget search under ``run_dirs`` and keep those that belong to the FP32 baseline.
+
+    Returns ``{"run_dirs", "dataset", "baseline", "variants", "searches", "notes", "dropped", "provenance"}``;
     ``delta_ap`` is filled against the baseline; ``tensorrt`` is left None for :func:`build_report`.
+    ``data_root``: the dataset whose annotation file must still be the one the run was scored on
+    (:func:`lowbit.report_inputs.check_annotations`).
 
     Raises:
-        UserError: a run dir is missing, holds no evaluation, has no FP32 evaluation, mixes image sets
-            or post-processing, or mixes evaluations of different models.
+        UserError: a run dir is missing or holds no evaluation; the FP32 evaluation is missing or unusable, or
+            the FP32 evaluations are of different models; no quantized variant is usable; the annotation file
+            changed since the run was scored. Each names the file.
     """
     run_dirs = [Path(d) for d in run_dirs]
-    hash_cache: dict[Path, str] = {}
-    variants: list[dict] = []
-    seen: set[Path] = set()
     for run_dir in run_dirs:
         if not run_dir.is_dir():
             raise UserError(f"--run-dir: {run_dir} is not a directory", flag="--run-dir")
-        for metrics_path in discover_metrics(run_dir):
-            if metrics_path.resolve() in seen:  # nested or repeated run dirs
-                continue
-            seen.add(metrics_path.resolve())
-            variants.append(_variant_from_metrics(metrics_path, run_dir, hash_cache))
-    if not variants:
-        raise UserError(
-            "--run-dir: no metrics.json written by eval_yolov10m_onnx_coco.py under "
-            + ", ".join(str(d) for d in run_dirs),
-            flag="--run-dir",
-        )
-    _check_comparable(variants)
-
+    hasher, dropped = inputs.Hasher(), []
+    variants = _read_evaluations(run_dirs, hasher, dropped)
+    where = ", ".join(str(d) for d in run_dirs)
+    if not variants and not dropped:
+        raise UserError(f"--run-dir: no metrics.json written by {inputs.EVAL_SCRIPT} under {where}", flag="--run-dir")
     floats = [v for v in variants if v["role"] == "baseline"]
     if not floats:
         raise UserError(
-            "--run-dir: no FP32 evaluation (a metrics.json of a model without Q/DQ) under "
-            + ", ".join(str(d) for d in run_dirs)
-            + "; evaluate the float model first (card step 1, baseline-coco/metrics.json)",
+            f"--run-dir: no FP32 evaluation (a metrics.json of a model without Q/DQ) under {where}; evaluate the "
+            "float model first (card step 1, baseline-coco/metrics.json)"
+            + (f"; left out: {_listing(dropped)}" if dropped else ""),
             flag="--run-dir",
         )
-    baseline = _pick_baseline(floats, variants)
-    notes = []
+    baseline = _pick_baseline(floats)
+    ref = inputs.Reference.of(baseline)
+    notes = inputs.check_annotations(ref, baseline["_dataset"].get("ann_file"), run_dirs, data_root, hasher)
+    variants = _usable(variants, baseline, ref, dropped)
+    ref.fp32_metrics_sha256 = {v["_metrics_sha256"] for v in variants if v["role"] in ("baseline", "fp32_repeat")}
+    searches = _read_searches(run_dirs, ref, variants, dropped, hasher)
     unknown_source = [v["label"] for v in variants if v["role"] in ("quantized", "random_control")
                       and not v["source_model_sha256"]]
     if unknown_source:
@@ -520,12 +506,14 @@ def collect_variants(run_dirs: Iterable[Path]) -> dict:
             v["label"] += f" [{Path(v['metrics_path']).parent.name}]"
     variants.sort(key=_sort_key)
     return {
-        "searches": discover_searches(run_dirs),
+        "searches": searches,
         "run_dirs": [_rel(d) for d in run_dirs],
         "dataset": _dataset_summary(baseline),
         "baseline": baseline,
         "variants": variants,
         "notes": notes,
+        "dropped": dropped,
+        "provenance": _provenance(ref, variants, searches, hasher),
     }
 
 
@@ -703,15 +691,15 @@ def build_report(
 
     Args:
         collected: output of :func:`collect_variants`.
-        budget_ap: accepted mAP50-95 loss, AP points (>= 0).
+        budget_ap: accepted mAP50-95 loss, AP points (finite, > 0).
         latency_tie_pct: see :func:`recommend`.
         tensorrt: ``{"status", "trtexec", "tensorrt_python", "qdq_mode", "results": {metrics_path: result}}``;
             None means TensorRT was not looked for (status "not measured: TensorRT not installed").
         searches: ``search.json`` dicts of the budget search (``lowbit.search_run``); None: those
             :func:`collect_variants` found under the run dirs.
     """
-    if budget_ap < 0:
-        raise ValueError(f"budget_ap must be >= 0, got {budget_ap}")
+    if not (math.isfinite(budget_ap) and budget_ap > 0):
+        raise ValueError(f"budget_ap must be a finite number > 0, got {budget_ap}")
     tensorrt = dict(tensorrt or {"status": TRT_NOT_INSTALLED})
     results = tensorrt.pop("results", {}) or {}
     variants = collected["variants"]
@@ -754,6 +742,8 @@ def build_report(
         "cost_axis": cost_axis(axis),
         "tensorrt": tensorrt,
         "search": searches,
+        "dropped": list(collected.get("dropped") or []),
+        "provenance": collected.get("provenance"),
         "notes": notes,
     }
 
@@ -816,6 +806,17 @@ def search_markdown(searches: list[dict]) -> list[str]:
         k = f"{s['k']}" if s["found"] else f"none ({s['k']} best)"
         lines.append(f"| {s['mode'].upper()} | {s['ranking']['method']} | {k} | {s['delta_ap']:+.2f} | {probes} | "
                      f"{control} | {margin} | {s['reason']} |")  # fmt: skip
+    return lines
+
+
+def dropped_markdown(dropped: list[dict]) -> list[str]:
+    """The ``## Dropped`` section of report.md: every record found and left out, and why (empty when none)."""
+    if not dropped:
+        return []
+    intro = "Found under the run dirs but not used: nothing above comes from these files."
+    lines = ["", "## Dropped", "", intro, "", "| file | reason |", "|---|---|"]
+    for d in dropped:
+        lines.append(f"| `{d['path']}` | {' '.join(d['reason'].split()).replace('|', '/')} |")
     return lines
 
 
@@ -919,6 +920,7 @@ def report_markdown(report: dict, plot_name: str | None = "pareto.png") -> str:
         "ORT latencies are listed with their provider but never rank variants (noisy, and they do not predict TensorRT)",
         f"- TensorRT: {report['tensorrt']['status']}",
         f"- Run dirs: {', '.join('`' + d + '`' for d in report['run_dirs'])}",
+        f"- Records left out: {len(report.get('dropped') or [])}" + (" (see Dropped)" if report.get("dropped") else ""),
         "",
         "## Recommendation",
         "",
@@ -942,6 +944,7 @@ def report_markdown(report: dict, plot_name: str | None = "pareto.png") -> str:
             f"{_fmt(v['num_quantized_nodes'], 'd', 'unknown')} | {_settings_text(v)} |"
         )
     lines += search_markdown(report.get("search") or [])
+    lines += dropped_markdown(report.get("dropped") or [])
     lines += ["", "## Sources", "", "Every number above is copied from the file named here (report.json keeps them all).", "",
               "| variant | metrics | model | quantizer manifest or candidate record |", "|---|---|---|---|"]
     for v in report["variants"]:

@@ -20,7 +20,10 @@ from lowbit import trt
 
 SCRIPT = "scripts/cv-models/make_lowbit_report.py"
 IMAGE_IDS = [1, 2, 3, 5, 8]
-ANN_SHA = "d275d75321f26915b35f6ac67bd89d0135c97b4f8592c543d32d8df6c55fbd99"
+# The annotation file every RunDir holds (annotations/instances_val2017.json): the report checks that the
+# file the baseline names still has the sha256 it was scored on.
+ANN_BYTES = b'{"images": [], "annotations": [], "categories": []}'
+ANN_SHA = hashlib.sha256(ANN_BYTES).hexdigest()
 
 # A TensorRT 10 trtexec performance summary, in the format printed by printEpilog() in
 # NVIDIA/TensorRT samples/common/sampleReporting.cpp (release 10.x: "min = .. ms, max = .. ms, mean = .. ms,
@@ -144,6 +147,9 @@ class RunDir:
         self.fp32_path = root / "fp32.onnx"
         self.fp32_path.write_bytes(fp32_bytes)
         self.fp32_sha = _sha(fp32_bytes)
+        self.ann_file = root / "annotations" / "instances_val2017.json"
+        self.ann_file.parent.mkdir(exist_ok=True)
+        self.ann_file.write_bytes(ANN_BYTES)
 
     def baseline(self, map50_95=0.5, map50=0.7, p50=90.0, step="baseline-coco", **kw) -> Path:
         return self._write_metrics(step, metrics_doc(str(self.fp32_path), self.fp32_sha, map50_95, map50, p50, **kw))
@@ -174,6 +180,7 @@ class RunDir:
         )
 
     def _write_metrics(self, step: str, doc: dict) -> Path:
+        doc["dataset"]["ann_file"] = str(self.ann_file)  # as the evaluator records it: the file it read
         path = self.root / step / "metrics.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(doc))
@@ -412,7 +419,9 @@ def test_report_command_numbers_equal_metrics_files(load_script, workflow_run, n
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
     manifest = json.loads((root / "report.manifest.json").read_text())
     assert manifest["status"] == "ok" and manifest["extra"]["recommended"] == "FP8 K=5 (onnx ranking)"
-    assert len(manifest["inputs"]) == 6
+    # the inputs are the records used, by content: 6 metrics files and the 5 quantizer manifests
+    assert manifest["inputs"] == report["provenance"]["records"] and len(manifest["inputs"]) == 11
+    assert report["provenance"]["model_sha256"] == workflow_run.fp32_sha and report["dropped"] == []
 
     # completed results are not replaced without --overwrite
     assert main(["--run-dir", str(root)]) == 2
@@ -489,11 +498,11 @@ def test_repeated_baseline_across_run_dirs_and_changed_model(tmp_path, no_tensor
     assert roles.count("baseline") == 1 and roles.count("fp32_repeat") == 1
     labels = [v["label"] for v in collected["variants"]]
     assert len(set(labels)) == len(labels)
-    # the model file changed after its evaluation: size is not reported from the new file
+    # the model file changed after its evaluation: that evaluation is no longer of this file, and it was the only one
     (tmp_path / "run" / "onnx" / "int8.onnx").write_bytes(b"re-exported")
-    rows = _by_label(rep.collect_variants([run.root])["variants"])
-    assert rows["INT8 (int8)"]["model_bytes"] is None
-    assert any("no longer the evaluated model" in n for n in rows["INT8 (int8)"]["notes"])
+    with pytest.raises(rep.UserError, match="model file changed since it was evaluated") as exc:
+        rep.collect_variants([run.root])
+    assert exc.value.flag == "--run-dir" and "int8.onnx" in str(exc.value) and "int8-coco/metrics.json" in str(exc.value)
 
 
 def test_report_tensorrt_off_and_symlinked_evaluations(load_script, workflow_run, tmp_path, capsys):
@@ -623,7 +632,10 @@ def test_cli_validation(load_script, tmp_path, capsys):
     main = load_script(SCRIPT).main
     assert main(["--run-dir", str(tmp_path / "missing")]) == 2
     script = load_script(SCRIPT)
-    for extra, flag in ((["--budget-ap", "-1"], "--budget-ap"), (["--latency-tie-pct", "-1"], "--latency-tie-pct"),
+    capsys.readouterr()
+    assert main(["--run-dir", str(tmp_path), "--budget-ap", "-1"]) == 2  # argparse: finite and > 0
+    assert "argument --budget-ap: must be > 0" in capsys.readouterr().err
+    for extra, flag in ((["--latency-tie-pct", "-1"], "--latency-tie-pct"),
                         (["--trt-iterations", "0"], "--trt-iterations"), (["--trtexec", str(tmp_path / "nope")], "--trtexec")):
         assert main(["--run-dir", str(tmp_path), *extra]) == 2
         with pytest.raises(rep.UserError) as exc:

@@ -17,7 +17,14 @@ The recommendation: among quantized variants that lose at most ``--budget-ap`` A
 (latencies within ``--latency-tie-pct`` % are timing noise: ties go to the more accurate variant);
 without TensorRT, the largest share of Conv/MatMul MACs in low precision (``lowbit.mac_share``),
 then the more accurate. ONNX Runtime latencies are listed with their provider but never rank
-variants. FP32 when none is within budget. Evaluations of different image sets are refused.
+variants. FP32 when none is within budget.
+
+Only records of this run are used (``lowbit/report_inputs.py``): an evaluation scored on other
+annotations or images than the FP32 baseline, whose model file changed since, or quantized from
+another model, and a ``search.json`` that is not a search of this run, are left out and listed under
+"Dropped" in report.md (``dropped`` in report.json) with the reason. An unusable FP32 baseline, no
+usable quantized variant, or an annotation file that changed since the run was scored (``--data-root``,
+else the run's ``workflow.json``, else the file the baseline names) stop the report with one error.
 With budget-search results (``search-<mode>/search.json``) in the run dir, ``search-curves.png``
 plots ΔAP against K per mode with the random controls and the budget line.
 
@@ -35,14 +42,14 @@ Example (the workflow's last step; any set of run dirs works)::
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from pathlib import Path
 
+from lowbit import records, trt
 from lowbit import report as lowbit_report
-from lowbit import trt
-from lowbit.cli import cli_entry
+from lowbit.cli import cli_entry, positive_float
 from lowbit.logs import get_logger, setup_logging
+from lowbit.run_lock import hold_run_folder
 from lowbit.runs import (
     UserError,
     atomic_write_bytes,
@@ -69,8 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--out-dir", type=Path, default=None, help="where the report goes; None means the first --run-dir")
     parser.add_argument(
-        "--budget-ap", type=float, default=lowbit_report.DEFAULT_BUDGET_AP,
-        help="largest accepted mAP50-95 loss vs FP32, AP points (mAP x 100)",
+        "--budget-ap", type=positive_float, default=lowbit_report.DEFAULT_BUDGET_AP,
+        help="largest accepted mAP50-95 loss vs FP32, AP points (mAP x 100; finite, > 0)",
+    )
+    parser.add_argument(
+        "--data-root", type=Path, default=None,
+        help="dataset whose annotations/instances_val2017.json must still be the file the run was scored on; "
+        "None means the run's workflow.json, then the annotation file the FP32 metrics name (checked when present)",
     )
     parser.add_argument(
         "--latency-tie-pct", type=float, default=lowbit_report.DEFAULT_LATENCY_TIE_PCT,
@@ -97,8 +109,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def validate_args(args: argparse.Namespace) -> None:
-    if not args.budget_ap >= 0:
-        raise UserError(f"--budget-ap must be >= 0 AP points, got {args.budget_ap}", flag="--budget-ap")
     if not args.latency_tie_pct >= 0:
         raise UserError(f"--latency-tie-pct must be >= 0, got {args.latency_tie_pct}", flag="--latency-tie-pct")
     if args.trt_iterations < 1:
@@ -110,9 +120,10 @@ def validate_args(args: argparse.Namespace) -> None:
 
 
 def _read_json(path: Path):
+    """A TensorRT result kept from an earlier report, or None (missing or damaged: measured again)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return records.read_json(path)
+    except UserError:
         return None
 
 
@@ -183,33 +194,28 @@ def summary_text(report: dict, out_dir: Path) -> str:
             f"{('-' if lat is None else f'{lat:.2f}'):>9} {size:>8}"
         )
     rows.append(f"recommended (*): {report['recommended']['variant']} — {report['recommended']['reason']}")
+    if report["dropped"]:
+        rows.append(f"left out ({len(report['dropped'])}, see report.md 'Dropped'): "
+                    + ", ".join(d["path"] for d in report["dropped"]))
     return "\n".join(rows)
 
 
-@cli_entry
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    validate_args(args)
-    run_dirs = [resolve_repo_path(d) for d in args.run_dir]
-    for given, run_dir in zip(args.run_dir, run_dirs):
-        if not run_dir.is_dir():
-            raise UserError(f"--run-dir: {given} is not a directory", flag="--run-dir")
-    collected = lowbit_report.collect_variants(run_dirs)  # refuses mixed image sets before anything is written
-    out_dir = args.out_dir if args.out_dir is not None else run_dirs[0]
+def write_report(collected: dict, args: argparse.Namespace, argv: list[str] | None, out_dir: Path) -> dict:
+    """report.json, report.md and the plots in ``out_dir`` (held by this process); returns the report."""
     existing = [name for name in OUTPUT_FILES if (out_dir / name).exists()]
     if existing and not args.overwrite:
         raise UserError(
             f"--out-dir: {out_dir} already holds {', '.join(existing)}; pass --overwrite to replace them",
             flag="--overwrite",
         )
-    out_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(out_dir / "report.log", args.verbose)
-
+    for d in collected["dropped"]:
+        log.warning("left out %s: %s", d["path"], d["reason"])
     with manifest_run(out_dir / "report.manifest.json", SCRIPT, vars(args), argv) as manifest:
         for name in OUTPUT_FILES:  # --overwrite: a failed rebuild must not leave the old report looking current
             (out_dir / name).unlink(missing_ok=True)
-        for v in collected["variants"]:
-            manifest.add_input(v["_metrics_file"])
+        for path, digest in collected["provenance"]["records"].items():
+            manifest.add_input(path, digest)
         log.info("%d evaluations under %s", len(collected["variants"]), ", ".join(collected["run_dirs"]))
         tensorrt = run_tensorrt(collected, args, out_dir)
         report = lowbit_report.build_report(collected, args.budget_ap, args.latency_tie_pct, tensorrt)
@@ -224,8 +230,25 @@ def main(argv: list[str] | None = None) -> int:
         manifest.update(
             recommended=report["recommended"]["variant"],
             variants=len(report["variants"]),
+            dropped=len(report["dropped"]),
             tensorrt_status=report["tensorrt"]["status"],
         )
+    return report
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    validate_args(args)
+    run_dirs = [resolve_repo_path(d) for d in args.run_dir]
+    for given, run_dir in zip(args.run_dir, run_dirs):
+        if not run_dir.is_dir():
+            raise UserError(f"--run-dir: {given} is not a directory", flag="--run-dir")
+    # every record is read and checked before anything is written
+    collected = lowbit_report.collect_variants(run_dirs, args.data_root)
+    out_dir = args.out_dir if args.out_dir is not None else run_dirs[0]
+    with hold_run_folder(out_dir, "--out-dir"):
+        report = write_report(collected, args, argv, out_dir)
     print(summary_text(report, out_dir))
     return 0
 
