@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from lowbit.runs import UserError
+from lowbit.steps import dependencies
 
 REPO = Path(__file__).resolve().parent.parent
 WORKFLOW = REPO / "scripts/cv-models/run_yolov10m_lowbit_workflow.py"
@@ -67,7 +68,7 @@ def test_workflow_end_to_end_then_resume(tiny_run):
     assert len(by_metrics) == 5  # FP32, INT8, FP8 K=0, FP8 K=2, INT8 K=2
 
     # second run: every step is skipped, nothing is rewritten
-    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and ".steps" not in p.parts and p.name != "workflow.json" and p.suffix != ".log"}
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and not _bookkeeping(p)}
     second = _run(argv)
     assert second.returncode == 0, second.stderr[-3000:]
     step_lines = [line for line in second.stderr.splitlines() if "] " in line and ("skipped" in line or "running" in line)]
@@ -80,6 +81,39 @@ def test_workflow_end_to_end_then_resume(tiny_run):
     assert third.returncode == 0
     assert any("report" in line and "running" in line for line in third.stderr.splitlines())
 
+    # a truncated output is no longer complete: its step reruns, and what reads it when the rebuilt file differs
+    int8_model, int8_metrics = run / "onnx" / f"{stem}-int8-qdq.onnx", run / "int8-coco" / "metrics.json"
+    digest = _sha256(int8_model)
+    int8_model.write_bytes(int8_model.read_bytes()[:1000])
+    fourth = _run(argv)
+    assert fourth.returncode == 0, fourth.stderr[-3000:]
+    ran = _steps_run(fourth.stderr)
+    assert "int8" in ran and int8_model.stat().st_size > 1000
+    assert ("int8-eval" in ran) == (_sha256(int8_model) != digest) and "baseline" not in ran
+    # a deleted metrics file: its evaluation reruns, and the report that reads it
+    int8_metrics.unlink()
+    fifth = _run(argv)
+    assert fifth.returncode == 0, fifth.stderr[-3000:]
+    assert {"int8-eval", "report"} <= _steps_run(fifth.stderr) <= {"int8-eval", "report"}
+    assert int8_metrics.is_file()
+
+
+def _bookkeeping(path: Path) -> bool:
+    """Files every run rewrites: step records, logs, the run's settings, the run-dir lock."""
+    return ".steps" in path.parts or path.name == "workflow.json" or path.suffix == ".log" or path.name.startswith(".lock")
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _steps_run(stderr: str) -> set[str]:
+    """Names of the steps a workflow run ran, from its "[i/n] name  running" lines."""
+    lines = [line for line in stderr.splitlines() if "] " in line and line.endswith(" running")]
+    return {line.split("] ", 1)[1].split()[0] for line in lines}
+
 
 def test_missing_checkpoint_is_one_clear_error(tmp_path):
     result = _run(["--onnx-path", str(tmp_path / "nope.onnx"), "--output-root", str(tmp_path)])
@@ -87,10 +121,12 @@ def test_missing_checkpoint_is_one_clear_error(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-def test_failed_step_leaves_no_record(tmp_path, tiny_run):
+def test_failed_step_leaves_no_record_and_its_log_says_why(tmp_path, tiny_run):
     root, argv = tiny_run
+    not_an_image = tmp_path / "broken.jpg"
+    not_an_image.write_text("not a JPEG")
     bad_list = tmp_path / "bad.txt"
-    bad_list.write_text(str(tmp_path / "missing.jpg") + "\n")
+    bad_list.write_text(f"{not_an_image}\n")
     args = [a if a != str(root / "calib.txt") else str(bad_list) for a in argv]
     args[args.index("--run-id") + 1] = "broken"
     result = _run(args)
@@ -98,6 +134,21 @@ def test_failed_step_leaves_no_record(tmp_path, tiny_run):
     run = root / "runs" / "broken"
     assert not (run / ".steps" / "calib.json").exists() and not list((run / "calib").glob("*.npy"))
     assert not (run / "report.md").exists()
+    error_lines = [line for line in (run / "logs" / "calib.log").read_text().splitlines() if line.startswith("error: ")]
+    assert error_lines and "broken.jpg" in error_lines[-1]  # the step's own error line, not only on the console
+
+
+def test_a_calib_image_that_nothing_makes_is_refused_before_any_step(tmp_path, tiny_run):
+    root, argv = tiny_run
+    bad_list = tmp_path / "bad.txt"
+    bad_list.write_text(str(tmp_path / "missing.jpg") + "\n")
+    args = [a if a != str(root / "calib.txt") else str(bad_list) for a in argv]
+    args[args.index("--run-id") + 1] = "refused"
+    result = _run(args)
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: --calib-list") and "missing.jpg" in last
+    assert not (root / "runs" / "refused").exists()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -193,8 +244,9 @@ def test_steps_wait_only_for_the_steps_they_read_from(wf, tmp_path):
     run = tmp_path / "demo"
     steps = wf.plan(_args(wf, []), run)
     names = [s.name for s in steps]
-    deps = {names[i]: {names[j] for j in d} for i, d in enumerate(wf.dependencies(steps))}
+    deps = {names[i]: {names[j] for j in d} for i, d in enumerate(dependencies(steps))}
     assert deps["baseline"] == {"dataset"} and deps["int8"] == {"calib"} and deps["int8-eval"] == {"dataset", "int8"}
+    assert deps["smoke"] == set() and deps["calib"] == {"dataset"}  # calibration reads the generated images
     # the FP8 branch never waits for INT8's calibration: with --jobs 2 it runs beside it
     assert deps["fp8"] == {"calib"} and deps["sensitivity-fp8"] == {"calib", "fp8"}
     assert deps["search-fp8"] == {"dataset", "baseline", "fp8", "sensitivity-fp8"}
@@ -286,6 +338,7 @@ def _same_command(step_argv: list[str], wrapper_argv: list[str]) -> None:
 def test_workflow_runs_the_wrappers_commands(wf, sensitivity, tmp_path):
     onnx_path, data, calib_list = tmp_path / "det.onnx", tmp_path / "data", tmp_path / "list.txt"
     calib_list.write_text("x.jpg\n")
+    (tmp_path / "x.jpg").write_bytes(b"")  # the list's images must exist before the plan is made
     args = _args(wf, ["--onnx-path", str(onnx_path), "--data-root", str(data), "--calib-list", str(calib_list),
                       "--weights", str(tmp_path / "det.pt"), "--max-images", "9", "--imgsz", "320",
                       "--providers", "CUDAExecutionProvider", "CPUExecutionProvider", "--calibration-eps", "cuda:0", "cpu",

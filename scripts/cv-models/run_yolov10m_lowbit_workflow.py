@@ -30,14 +30,27 @@ Two ways to choose K, the number of most sensitive nodes left in float:
 
 Each step runs exactly the command the card's bash wrapper would run for the same settings
 (``quantize_yolov10m_int8_onnx.sh``, ``run_yolov10m_layer_sensitivity_sweep.sh``,
-``materialize_yolov10m_lowbit_candidates.sh``); ``--dry-run`` prints them. Every workflow input is
-checked before the first step, and errors name this command's flags.
+``materialize_yolov10m_lowbit_candidates.sh``); ``--dry-run`` prints them and writes nothing. Every workflow
+input is checked before the first step (the model is read, ``--imgsz`` must fit its input, the calibration
+list's images must exist or be made by a step, flags that would do nothing in the chosen plan are refused),
+and errors name this command's flags.
 
-Resumable: a step whose recorded inputs (arguments, sha256 of its input files) are unchanged and
-whose outputs still exist with the recorded sha256 is skipped and says so. A step's record is removed
-before it runs and written only after it succeeded, so an interrupted or failed step is never
-trusted; ``--force STEP`` reruns one step (its dependants rerun because their inputs change). One
-line per step with its elapsed time; the final summary is the report's.
+Each step declares every file it reads, the images its calibration list names included, so with
+``--jobs N`` a step starts only once the steps that write what it reads have finished (the step model,
+the scheduler and the process handling are ``lowbit.steps``).
+
+Resumable: a step whose recorded inputs (arguments, sha256 of its input files and folders) are unchanged
+and whose outputs still hash to what was recorded (a folder by the content of its files; a search by the
+candidates' models and metrics its ``search.json`` names) is skipped and says so; a truncated or deleted
+output makes its step run again, and the steps that read it once the rebuilt file differs. A step's record is removed
+before it runs and written only after it succeeded, so an interrupted or failed step is never trusted;
+``--force STEP`` reruns one step (its dependants rerun because their inputs change). One line per step
+with its elapsed time; a step's stdout and stderr (its ``error:`` line when it fails) are in
+``logs/<step>.log``, its stderr on the console too; the final summary is the report's.
+
+One writer per run dir: a second workflow on the same ``--run-id`` fails at once naming the first.
+SIGINT or SIGTERM ends the running steps' whole process trees (SIGTERM, then SIGKILL after 10 s), leaves
+no record for them, releases the run dir and exits with 128 + the signal number; the next run resumes.
 
 Examples::
 
@@ -49,21 +62,19 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import subprocess
 import sys
 import time
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from lowbit.budget_search import default_max_probes
 from lowbit.cli import cli_entry
 from lowbit.logs import setup_logging
 from lowbit.ort_session import MODELOPT_CALIBRATION_EPS
-from lowbit.runs import REPO_ROOT, UserError, atomic_write_json, sha256_file
+from lowbit.run_lock import hold_run_folder
+from lowbit.runs import REPO_ROOT, UserError, atomic_write_json
+from lowbit.steps import Step, Stopped, inside, run_steps
 
 SCRIPTS = REPO_ROOT / "scripts" / "cv-models"
 SMOKE = REPO_ROOT / "models" / "cv-models" / "helpers" / "run_random_onnx_inference.py"
@@ -93,6 +104,20 @@ SENSITIVITY_PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider")  # wha
 # Leave-one-out costs (3 + nodes) inferences per image: few images on the CPU EP, more on CUDA (see the README).
 DEFAULT_SENSITIVITY_IMAGES = {"cpu": 4, "cuda": 16}
 CALIB_LIST_SIZE = 100  # images drawn by the calib-list step when the list is missing
+# Flags that act only in some plans (their parser default is None, so "given" can be told): dest -> (flag, where
+# it acts: "search" = the budget search, "ks" = fixed K, "torch" = the torch ranking, "modes" = any mode's steps).
+SCOPED_FLAGS = {
+    "random_seeds": ("--random-seeds", "search"),
+    "random_band": ("--random-band", "search"),
+    "max_probes": ("--max-probes", "search"),
+    "parallel_probes": ("--parallel-probes", "search"),
+    "candidate_build": ("--candidate-build", "search"),
+    "ks": ("--ks", "modes"),
+    "random_control": ("--random-control", "ks"),
+    "sensitivity": ("--sensitivity", "modes"),
+    "sensitivity_images": ("--sensitivity-images", "modes"),
+    "weights": ("--weights", "torch"),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "nothing to skip step 4)")
     parser.add_argument("--ks", type=int, nargs="+", default=None,
                         help="fixed top-K exclusions, e.g. 0 5 10 20 (default: none, the budget search chooses K)")
-    parser.add_argument("--sensitivity", choices=("single", "loo", "local", "torch"), default="single",
+    parser.add_argument("--sensitivity", choices=("single", "loo", "local", "torch"), default=None,
                         help="ranking: single = one node quantized at a time on the deployed Q/DQ graph, output drift "
                         "after propagation (the torch sweep's score; default), loo = leave-one-out of the full Q/DQ "
                         "graph, local = "
@@ -132,15 +157,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="images scored by the sensitivity step (default: 4 on the CPU EP, 16 with CUDA)")
     parser.add_argument("--random-control", type=int, default=None, metavar="SEED",
                         help="with --ks: also build random K-node exclusions with this seed")
-    parser.add_argument("--random-seeds", type=int, default=3, help="search: random controls at the K found (default: 3)")
-    parser.add_argument("--random-band", action="store_true",
+    parser.add_argument("--random-seeds", type=int, default=None, help="search: random controls at the K found (default: 3)")
+    parser.add_argument("--random-band", action="store_true", default=None,
                         help="search: random controls at every probed K too (costs seeds x probes evaluations)")
     parser.add_argument("--max-probes", type=int, default=None,
                         help="search: most candidates evaluated per mode (default: 12 x --parallel-probes)")
     parser.add_argument("--parallel-probes", type=int, default=None,
                         help="search: candidates evaluated at once, each in a worker process (default: 3 with the "
                         "CUDA EP, where three evaluations side by side take about as long as one; 1 otherwise)")
-    parser.add_argument("--candidate-build", choices=("full", "requantize"), default="full",
+    parser.add_argument("--candidate-build", choices=("full", "requantize"), default=None,
                         help="search: candidates from the full Q/DQ model with Q/DQ pairs removed (default) or "
                         "ModelOpt re-quantization with nodes_to_exclude")
     parser.add_argument("--budget-ap", type=float, default=0.5,
@@ -150,26 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="steps run at once when they do not depend on each other, e.g. the FP8 branch beside "
                         "INT8's calibration (default: 3 with a GPU provider, 1 on the CPU EP, whose sessions use every core)")
     parser.add_argument("--force", nargs="+", choices=STEP_NAMES, default=[], help="rerun these steps even if complete")
-    parser.add_argument("--dry-run", action="store_true", help="print the commands and what would be skipped, run nothing")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="print the commands and what would be skipped; run and write nothing"
+    )
     return parser
-
-
-@dataclass
-class Step:
-    """One card command: what it runs, what it reads, what it must leave behind."""
-
-    name: str
-    argv: list[str]
-    outputs: list[Path]
-    inputs: list[Path] = field(default_factory=list)
-    family: str = ""  # the --force name for sensitivity-int8 etc.
-    reuse_existing: bool = False  # complete whenever its outputs exist (generated data, not run results)
-
-    def fingerprint(self) -> dict:
-        return {
-            "argv": self.argv,
-            "inputs": {str(p): sha256_file(p) for p in self.inputs},
-        }
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -178,6 +187,8 @@ class Step:
 
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill preset defaults (an explicit value, 0 included, always wins) and derive the output stem."""
+    # which plan-specific flags were given (their parser default is None), before defaults hide it
+    args.given = [dest for dest in SCOPED_FLAGS if getattr(args, dest) is not None]
     preset = PRESETS[args.preset]
     for key in ("onnx_path", "weights", "data_root", "calib_list"):
         if getattr(args, key) is None:
@@ -198,7 +209,32 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         args.max_probes = default_max_probes(args.parallel_probes)
     if args.sensitivity_images is None:
         args.sensitivity_images = DEFAULT_SENSITIVITY_IMAGES["cuda" if cuda else "cpu"]
+    defaults = {"sensitivity": "single", "random_seeds": 3, "random_band": False, "candidate_build": "full"}
+    for dest, value in defaults.items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, value)
+    # The search script takes a concrete dtype: "auto" is resolved here exactly as the quantize step resolves it.
+    args.search_high_precision_dtype = None
+    if args.search and args.candidate_modes and args.candidate_build == "requantize":
+        from lowbit.quantize import resolve_high_precision_dtype  # lazy: runs one onnxruntime probe
+
+        args.search_high_precision_dtype = resolve_high_precision_dtype(args.high_precision_dtype)[0]
     return args
+
+
+def unused_flag(args: argparse.Namespace) -> tuple[str, str] | None:
+    """``(flag, why)`` of the first flag given that does nothing in the chosen plan, or None."""
+    for dest in args.given:
+        flag, acts_in = SCOPED_FLAGS[dest]
+        if not args.candidate_modes:
+            return flag, "does nothing with an empty --candidate-modes (no mode is ranked, searched or built); drop it"
+        if acts_in == "search" and not args.search:
+            return flag, "sets the budget search, which --ks replaces: it would do nothing; drop it or --ks"
+        if acts_in == "ks" and args.search:
+            return flag, "applies to fixed K (--ks); the budget search draws its own controls (--random-seeds N)"
+        if acts_in == "torch" and args.sensitivity != "torch":
+            return flag, f"is read only by --sensitivity torch (the ranking is {args.sensitivity}); drop it"
+    return None
 
 
 def check_settings(args: argparse.Namespace) -> None:
@@ -217,14 +253,17 @@ def check_settings(args: argparse.Namespace) -> None:
          f"must be a finite number of AP points >= 0, got {args.budget_ap}"),
         (args.random_control is None or args.random_control >= 0, "--random-control",
          f"seed must be >= 0, got {args.random_control}"),
-        (args.random_control is None or not args.search, "--random-control",
-         "applies to fixed K (--ks); the budget search draws its own controls (--random-seeds N)"),
+        (len(set(args.candidate_modes)) == len(args.candidate_modes), "--candidate-modes",
+         f"lists a mode more than once: {' '.join(args.candidate_modes)}"),
         (args.run_id not in ("", ".", "..") and "/" not in args.run_id, "--run-id",
          f"must be a plain folder name, got {args.run_id!r}"),
     ]  # fmt: skip
     for ok, flag, message in checks:
         if not ok:
             raise UserError(f"{flag} {message}", flag=flag)
+    unused = unused_flag(args)
+    if unused:
+        raise UserError(f"{unused[0]} {unused[1]}", flag=unused[0])
     from lowbit.ort_session import check_providers
 
     try:
@@ -234,7 +273,7 @@ def check_settings(args: argparse.Namespace) -> None:
 
 
 def check_inputs(args: argparse.Namespace) -> None:
-    """Fail before any step runs when a user-provided input is missing (the demo's data is generated)."""
+    """Fail before any step runs when a user-provided input is missing or unusable (the demo's data is generated)."""
     onnx_path = args.onnx_path
     if onnx_path.is_symlink() and not onnx_path.exists():
         raise UserError(
@@ -244,13 +283,37 @@ def check_inputs(args: argparse.Namespace) -> None:
         raise UserError(
             f"--onnx-path: {onnx_path} does not exist (see models/cv-models/yolov10m/README.md)", flag="--onnx-path"
         )
+    check_model_input(onnx_path, args.imgsz)
     ann = args.data_root / "annotations" / "instances_val2017.json"
-    if not is_generated_demo_data(args) and not ann.is_file():
-        raise UserError(f"--data-root: {ann} not found (see datasets/README.md for placing COCO 2017 val)", flag="--data-root")
+    if not is_generated_demo_data(args):
+        if not ann.is_file():
+            raise UserError(
+                f"--data-root: {ann} not found (see datasets/README.md for placing COCO 2017 val)", flag="--data-root"
+            )
+        if not (args.data_root / "val2017").is_dir():
+            raise UserError(
+                f"--data-root: {args.data_root} has no val2017/ image folder (see datasets/README.md)",
+                flag="--data-root",
+            )
     if args.calib_list.exists() and not args.calib_list.is_file():
         raise UserError(f"--calib-list: {args.calib_list} is not a file", flag="--calib-list")
     if args.sensitivity == "torch" and args.candidate_modes and not args.weights.is_file():
         raise UserError(f"--weights: {args.weights} not found (needed by --sensitivity torch)", flag="--weights")
+
+
+def check_model_input(onnx_path: Path, imgsz: int) -> None:
+    """The model is an ONNX graph with one image input [1,3,H,W] whose static H and W, if any, equal ``--imgsz``."""
+    from types import SimpleNamespace
+
+    from lowbit.onnx_stats import graph_inputs, load_model_proto
+    from lowbit.ort_session import check_image_input
+
+    inputs = [
+        SimpleNamespace(name=spec.name, shape=spec.shape or [], type=f"tensor({spec.dtype.lower()})")
+        for spec in graph_inputs(load_model_proto(onnx_path, "--onnx-path"))
+    ]
+    # check_image_input reads only get_inputs(): the graph's declared inputs stand in for a session's
+    check_image_input(SimpleNamespace(get_inputs=lambda: inputs), imgsz, onnx_path, "--onnx-path")
 
 
 def is_generated_demo_data(args: argparse.Namespace) -> bool:
@@ -304,22 +367,21 @@ def _script(name: str) -> list[str]:
 
 def base_steps(args: argparse.Namespace, run: Path) -> list[Step]:
     """Card steps 1-3: dataset (demo), smoke, baseline, calibration, INT8 and its evaluation."""
-    ann = args.data_root / "annotations" / "instances_val2017.json"
+    ann, images = dataset_files(args)
     calib = calib_path(args, run)
     int8_model = run / "onnx" / f"{args.model_name}-int8-qdq.onnx"
     eval_common = ["--data-root", str(args.data_root), "--max-images", str(args.max_images),
                    "--providers", *args.providers, "--imgsz", str(args.imgsz), "--overwrite"]  # fmt: skip
     steps: list[Step] = []
     if is_generated_demo_data(args):
-        steps.append(Step("dataset", [*_script("make_demo_dataset.py"), "--out-root", str(args.data_root), "--splits", "val"],
-                          outputs=[ann], reuse_existing=True))  # fmt: skip
+        steps.append(dataset_step(args))
     steps += [
         Step("smoke", [sys.executable, str(SMOKE), "--model", str(args.onnx_path), "--output-root", str(run / "baseline-onnx"),
                        "--providers", *args.providers],
              outputs=[run / "baseline-onnx"], inputs=[args.onnx_path]),
         Step("baseline", [*_script("eval_yolov10m_onnx_coco.py"), "--onnx-path", str(args.onnx_path), *eval_common,
                           "--out", str(run / "baseline-coco" / "metrics.json")],
-             outputs=[run / "baseline-coco" / "metrics.json"], inputs=[args.onnx_path, ann]),
+             outputs=[run / "baseline-coco" / "metrics.json"], inputs=[args.onnx_path, ann, images]),
     ]  # fmt: skip
     if not args.calib_list.is_file():
         steps.append(Step("calib-list", [*_script("make_calib_list.py"), "--data-root", str(args.data_root),
@@ -328,17 +390,59 @@ def base_steps(args: argparse.Namespace, run: Path) -> list[Step]:
                           outputs=[args.calib_list], inputs=[ann]))  # fmt: skip
     int8_argv = quantize_argv(args.onnx_path, calib, int8_model, "int8", args.calibration_eps,
                               args.high_precision_dtype, args.calibration_method)  # fmt: skip
+    calib_reads = calib_list_images(args, [out for step in steps for out in step.outputs])
     steps += [
         Step("calib", [*_script("make_yolov10m_calib_npy.py"), "--list", str(args.calib_list), "--out", str(calib),
                        "--imgsz", str(args.imgsz), "--overwrite"],
-             outputs=[calib], inputs=[args.calib_list]),
+             outputs=[calib], inputs=[args.calib_list, *calib_reads]),
         Step("int8", [*_script("quantize_yolov10m_onnx.py"), *int8_argv], outputs=[int8_model],
              inputs=[args.onnx_path, calib]),
         Step("int8-eval", [*_script("eval_yolov10m_onnx_coco.py"), "--onnx-path", str(int8_model), *eval_common,
                            "--out", str(run / "int8-coco" / "metrics.json")],
-             outputs=[run / "int8-coco" / "metrics.json"], inputs=[int8_model, ann]),
+             outputs=[run / "int8-coco" / "metrics.json"], inputs=[int8_model, ann, images]),
     ]  # fmt: skip
     return steps
+
+
+def dataset_files(args: argparse.Namespace) -> tuple[Path, Path]:
+    """The evaluation data every evaluating step reads: the annotation file and the images folder."""
+    return args.data_root / "annotations" / "instances_val2017.json", args.data_root / "val2017"
+
+
+def dataset_step(args: argparse.Namespace) -> Step:
+    """The demo's val split, generated when missing: its images folder and annotations are what later steps read."""
+    argv = [*_script("make_demo_dataset.py"), "--out-root", str(args.data_root), "--splits", "val"]
+    ann, images = dataset_files(args)
+    return Step("dataset", argv, outputs=[images, ann], reuse_existing=True)
+
+
+def calib_list_images(args: argparse.Namespace, made: list[Path]) -> list[Path]:
+    """What the calib step reads besides its list: the images the list names (each existing, or to be written into
+    ``made`` by an earlier step), or the images folder when the calib-list step is to write the list.
+
+    Raises:
+        UserError(--calib-list): the list names no image, or an image that neither exists nor is made by a step.
+    """
+    if not args.calib_list.is_file():
+        return [dataset_files(args)[1]]
+    from lowbit.calib import parse_image_list  # lazy: the calibration module imports numpy
+
+    entries = parse_image_list(args.calib_list, "--calib-list")
+    if not entries:
+        raise UserError(f"--calib-list: {args.calib_list} lists no images", flag="--calib-list")
+    images = []
+    for entry in entries:
+        # an image not there yet is looked for where the list's resolution rule would find it once made
+        found = entry.path if entry.path.is_file() else next((c for c in entry.candidates if inside(c, made)), None)
+        if found is None:
+            looked = " or ".join(map(str, entry.candidates))
+            raise UserError(
+                f"--calib-list: {args.calib_list} line {entry.line_no}: image {entry.text} does not exist (looked for "
+                f"{looked}) and no step of this run makes it",
+                flag="--calib-list",
+            )
+        images.append(found)
+    return images
 
 
 def calib_path(args: argparse.Namespace, run: Path) -> Path:
@@ -396,7 +500,7 @@ def search_argv(args: argparse.Namespace, run: Path, mode: str, ranking: Path) -
         argv.append("--random-band")
     if args.candidate_build == "requantize":
         argv += ["--calib-path", str(calib_path(args, run)), "--calibration-eps", *args.calibration_eps,
-                 "--high-precision-dtype", args.high_precision_dtype]  # fmt: skip
+                 "--high-precision-dtype", args.search_high_precision_dtype]  # fmt: skip
         if mode == "int8":
             argv += ["--calibration-method", args.calibration_method]
     return argv
@@ -405,7 +509,7 @@ def search_argv(args: argparse.Namespace, run: Path, mode: str, ranking: Path) -
 def search_steps(args: argparse.Namespace, run: Path, mode: str) -> list[Step]:
     """Search mode for one mode: (FP8: its full Q/DQ model), ranking on that model, budget search."""
     calib = calib_path(args, run)
-    ann = args.data_root / "annotations" / "instances_val2017.json"
+    ann, images = dataset_files(args)
     full = full_model_path(args, run, mode)
     steps = []
     if mode == "fp8":
@@ -415,9 +519,14 @@ def search_steps(args: argparse.Namespace, run: Path, mode: str) -> list[Step]:
     sens = sensitivity_step(args, run, mode, None if args.sensitivity == "torch" else full)
     ranking = sens.outputs[0]
     baseline = run / "baseline-coco" / "metrics.json"
-    inputs = [ranking, full, baseline, args.onnx_path, ann] + ([run / "int8-coco" / "metrics.json"] if mode == "int8" else [])
-    search = Step(f"search-{mode}", [*_script("search_yolov10m_lowbit_budget.py"), *search_argv(args, run, mode, ranking)],
-                  outputs=[run / f"search-{mode}" / "search.json"], inputs=inputs, family="search")  # fmt: skip
+    inputs = [ranking, full, baseline, args.onnx_path, ann, images]
+    if mode == "int8":
+        inputs.append(run / "int8-coco" / "metrics.json")
+    if args.candidate_build == "requantize":
+        inputs.append(calib)
+    result = run / f"search-{mode}" / "search.json"
+    argv = [*_script("search_yolov10m_lowbit_budget.py"), *search_argv(args, run, mode, ranking)]
+    search = Step(f"search-{mode}", argv, outputs=[result], inputs=inputs, family="search", cites=[result])
     return [*steps, sens, search]
 
 
@@ -428,7 +537,8 @@ def mode_steps(args: argparse.Namespace, run: Path, mode: str) -> list[Step]:
     if not mode_ks:
         return []
     calib = calib_path(args, run)
-    ann = args.data_root / "annotations" / "instances_val2017.json"
+    ann, images = dataset_files(args)
+    summary = run / f"candidates-{mode}" / "summary.json"
     schemes = run / ("schemes" if mode == "fp8" else f"schemes-{mode}")
     sens = sensitivity_step(args, run, mode)
     report = sens.outputs[0]
@@ -442,8 +552,8 @@ def mode_steps(args: argparse.Namespace, run: Path, mode: str) -> list[Step]:
         Step(f"schemes-{mode}", scheme_argv, outputs=scheme_files, inputs=[report, args.onnx_path], family="schemes"),
         Step(f"candidates-{mode}",
              [*_script("materialize_yolov10m_lowbit_candidates.py"), *materialize_argv(args, run, calib, schemes, mode, mode_ks)],
-             outputs=[run / f"candidates-{mode}" / "summary.json"],
-             inputs=[args.onnx_path, calib, ann, *scheme_files], family="candidates"),
+             outputs=[summary], inputs=[args.onnx_path, calib, ann, images, *scheme_files], family="candidates",
+             cites=[summary]),
     ]  # fmt: skip
 
 
@@ -452,135 +562,28 @@ def plan(args: argparse.Namespace, run: Path) -> list[Step]:
     steps = base_steps(args, run)
     for mode in args.candidate_modes:
         steps += search_steps(args, run, mode) if args.search else mode_steps(args, run, mode)
-    evaluated = [s.outputs[0] for s in steps
-                 if s.name in ("baseline", "int8-eval") or s.family in ("candidates", "search")]  # fmt: skip
+    # the report reads every evaluation: the metrics files, and the searches' and candidates' records with the
+    # models and metrics they name
+    evaluated = [s.outputs[0] for s in steps if s.name in ("baseline", "int8-eval") or s.family in ("candidates", "search")]
+    records = [s.outputs[0] for s in steps if s.family in ("candidates", "search")]
     outputs = [run / "report.md", run / "report.json", run / "pareto.png"]
     if args.search and args.candidate_modes:
         outputs.append(run / "search-curves.png")
-    steps.append(Step("report", [*_script("make_lowbit_report.py"), "--run-dir", str(run), "--out-dir", str(run),
-                                 "--budget-ap", str(args.budget_ap), "--overwrite"],
-                      outputs=outputs, inputs=evaluated))  # fmt: skip
+    argv = [*_script("make_lowbit_report.py"), "--run-dir", str(run), "--out-dir", str(run)]
+    argv += ["--budget-ap", str(args.budget_ap), "--overwrite"]
+    steps.append(Step("report", argv, outputs=outputs, inputs=evaluated, cites=records))
     return steps
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# running
-
-
-def _record_path(run: Path, step: Step) -> Path:
-    return run / ".steps" / f"{step.name}.json"
-
-
-def _output_digests(step: Step) -> dict[str, str] | None:
-    """sha256 of every output file (a directory output counts as present when it is non-empty)."""
-    digests = {}
-    for out in step.outputs:
-        if out.is_dir():
-            if not any(out.iterdir()):
-                return None
-            digests[str(out)] = "dir"
-        elif out.is_file():
-            digests[str(out)] = sha256_file(out)
-        else:
-            return None
-    return digests
-
-
-def is_complete(run: Path, step: Step) -> bool:
-    """Recorded with the same inputs, and every output still there and unchanged."""
-    if step.reuse_existing:
-        return all(p.exists() for p in step.outputs)
-    try:
-        record = json.loads(_record_path(run, step).read_text())
-    except (OSError, ValueError):
-        return False
-    if any(not p.is_file() for p in step.inputs):
-        return False
-    return record.get("fingerprint") == step.fingerprint() and record.get("outputs") == _output_digests(step)
-
-
-def run_step(run: Path, step: Step, log_dir: Path) -> float:
-    """Run one step's command; its record is written only after it succeeded with all outputs."""
-    record = _record_path(run, step)
-    record.unlink(missing_ok=True)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    log_file = log_dir / f"{step.name}.log"
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    with open(log_file, "w", encoding="utf-8") as log:
-        log.write(f"$ {' '.join(step.argv)}\n")
-        log.flush()
-        # stderr carries the scripts' logs and progress bars: keep it on the console (each script also
-        # writes its own log file in the run dir); stdout, the scripts' summaries, goes to the step log.
-        proc = subprocess.run(step.argv, cwd=REPO_ROOT, env=env, stdout=log, check=False)
-    elapsed = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise StepFailed(step.name, proc.returncode, log_file)
-    digests = _output_digests(step)
-    if digests is None:
-        raise StepFailed(step.name, 0, log_file, "finished without writing " + ", ".join(map(str, step.outputs)))
-    atomic_write_json(record, {"step": step.name, "fingerprint": step.fingerprint(), "outputs": digests,
-                               "wall_s": round(elapsed, 2), "log": str(log_file)})  # fmt: skip
-    return elapsed
-
-
-class StepFailed(Exception):
-    def __init__(self, name: str, code: int, log_file: Path, reason: str | None = None):
-        super().__init__(f"step {name} failed ({reason or f'exit status {code}'}); its log: {log_file}")
-        self.step = name
-        self.code = code
-
-
-def dependencies(steps: list[Step]) -> list[set[int]]:
-    """For each step, the earlier steps it waits for: those whose outputs (a file, or a folder holding it) it reads."""
-    deps = []
-    for i, step in enumerate(steps):
-        deps.append({j for j in range(i) for p in step.inputs
-                     if any(p == out or out in p.parents for out in steps[j].outputs)})  # fmt: skip
-    return deps
-
-
-def _skippable(run: Path, step: Step, forced: set[str]) -> bool:
-    """Complete with unchanged inputs, and not named by ``--force`` (by its name or its family)."""
-    return not (step.name in forced or step.family in forced) and is_complete(run, step)
-
-
-def run_steps(run: Path, steps: list[Step], forced: set[str], dry_run: bool, logger, jobs: int = 1) -> int:
-    """Run what is not complete (or forced), up to ``jobs`` steps at a time, each once every step it reads from has
-    finished (with ``jobs=1``, in plan order); 1 after the first failed step (running steps are let finish), else 0."""
-    tags = [f"[{i}/{len(steps)}] {step.name:<18}" for i, step in enumerate(steps, 1)]
-    if dry_run:
-        for step, tag in zip(steps, tags):
-            if _skippable(run, step, forced):
-                logger.info("%s skipped: complete, inputs unchanged", tag)
-            else:
-                logger.info("%s would run: %s", tag, " ".join(step.argv))
-        return 0
-    deps, done, running, failed = dependencies(steps), set(), {}, False
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        while True:
-            for i, step in enumerate(steps):
-                if failed or len(running) >= jobs:
-                    break
-                if i in done or i in running.values() or not deps[i] <= done:
-                    continue
-                if _skippable(run, step, forced):
-                    logger.info("%s skipped: complete, inputs unchanged", tags[i])
-                    done.add(i)
-                else:
-                    logger.info("%s running", tags[i])
-                    running[pool.submit(run_step, run, step, run / "logs")] = i
-            if not running:
-                return 1 if failed else 0
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in finished:
-                i = running.pop(future)
-                try:
-                    logger.info("%s done in %.1f s", tags[i], future.result())
-                    done.add(i)
-                except StepFailed as exc:
-                    logger.error("%s FAILED: %s", tags[i], exc)
-                    failed = True
+def k_choice(args: argparse.Namespace) -> str:
+    """How K is chosen per mode, in one line for the log."""
+    if not args.search:
+        return f"fixed, --ks {' '.join(map(str, args.ks))}"
+    return (
+        f"budget search, {args.sensitivity} ranking, budget {args.budget_ap:g} AP, candidates built "
+        f"'{args.candidate_build}', <= {args.max_probes} probes, {args.parallel_probes} at once, "
+        f"{args.random_seeds} random seeds"
+    )
 
 
 @cli_entry
@@ -590,20 +593,21 @@ def main(argv: list[str] | None = None) -> int:
     check_inputs(args)
     run = args.output_root / args.run_id
     steps = plan(args, run)
-    run.mkdir(parents=True, exist_ok=True)
-    logger = setup_logging(run / "workflow.log")
-    atomic_write_json(run / "workflow.json", {"argv": sys.argv if argv is None else argv, "preset": args.preset,
-                                              "steps": [s.name for s in steps], "args": vars(args)})  # fmt: skip
-    logger.info("run dir %s: %d steps (%s)", run, len(steps), " ".join(s.name for s in steps))
-    if args.search:
-        logger.info("K per mode: budget search, %s ranking, budget %g AP, candidates built '%s', <= %d probes, "
-                    "%d at once, %d random seeds", args.sensitivity, args.budget_ap, args.candidate_build, args.max_probes,
-                    args.parallel_probes, args.random_seeds)  # fmt: skip
-    else:
-        logger.info("K per mode: fixed, --ks %s", " ".join(map(str, args.ks)))
-    t_start = time.perf_counter()
-    rc = run_steps(run, steps, set(args.force), args.dry_run, logger, args.jobs)
-    if rc != 0 or args.dry_run:
+    if args.dry_run:  # prints the plan and writes nothing, so it needs no hold on the run dir
+        return run_steps(run, steps, set(args.force), True, setup_logging(), args.jobs)
+    with hold_run_folder(run, "--run-id"):
+        logger = setup_logging(run / "workflow.log")
+        settings = {"argv": sys.argv if argv is None else argv, "preset": args.preset, "steps": [s.name for s in steps]}
+        atomic_write_json(run / "workflow.json", {**settings, "args": vars(args)})
+        logger.info("run dir %s: %d steps (%s)", run, len(steps), " ".join(s.name for s in steps))
+        logger.info("K per mode: %s", k_choice(args))
+        t_start = time.perf_counter()
+        try:
+            rc = run_steps(run, steps, set(args.force), False, logger, args.jobs)
+        except Stopped as exc:
+            logger.error("%s", exc)
+            return 128 + exc.signum
+    if rc != 0:
         return rc
     logger.info("workflow finished in %.1f s: %s", time.perf_counter() - t_start, run / "report.md")
     report = run / "report.md"
