@@ -18,20 +18,21 @@ Files, under ``run_root`` (names the report reads: ``-k{K}`` / ``-k{K}_random{SE
                                                             the full model) and evaluated with
     <mode>-k{K}[_random{SEED}]-coco/metrics.json            its evaluation (``lowbit.evaluate``)
 
-The record (``schema_version`` 2) is keyed by content, never by a path: ``build`` {``method``,
-``full_model_sha256``, ``nodes``, and for ``requantize`` ``onnx_sha256``, ``calib_sha256``, ``quantize``},
+The record (``kind`` "candidate", ``schema_version`` 2; see docs/records.md) is keyed by content, never by a
+path: ``build`` {``method``, ``full_model_sha256``, ``nodes``, and for ``requantize`` ``onnx_sha256``,
+``calib_sha256``, ``quantize``},
 ``evaluation`` (:meth:`EvalConfig.content`: ``ann_sha256``, ``image_ids_sha256``, ``num_images``,
 ``max_images``, ``imgsz``, ``providers``, the postprocessing thresholds ...), ``model_sha256`` and
 ``metrics_sha256``. A candidate is reused without running anything when all of these match this run's and
 its metrics.json itself says it scored that model on those images of that annotation file; anything else
 is rebuilt and evaluated again, with a log line naming what differs (an annotation file edited in place
-is thus noticed, the same ``--data-root`` notwithstanding).
+is thus noticed, the same ``--data-root`` notwithstanding; a record or metrics.json that names no ``kind``,
+written before records named their kind, is foreign and its candidate evaluated again).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,7 +45,8 @@ from lowbit.schemes import Scheme, find_schemes
 
 log = get_logger("candidates")
 
-RECORD_SCHEMA_VERSION = records.SCHEMA_VERSIONS["candidate"]
+RECORD_KIND = "candidate"  # the record beside a search candidate
+RECORD_SCHEMA_VERSION = records.SCHEMA_VERSIONS[RECORD_KIND]
 BUILDS = ("full", "requantize")
 
 
@@ -182,13 +184,13 @@ def metrics_mismatch(metrics: dict[str, Any], model_sha256: str, dataset: Datase
     return None
 
 
-def _read_record(path: Path, schema_version: int = RECORD_SCHEMA_VERSION) -> dict | None:
-    """A JSON record beside a candidate, or None when missing, unreadable or of another schema version."""
+def _read_record(path: Path, kind: str = RECORD_KIND) -> tuple[dict | None, str | None]:
+    """``(record, None)``: the record of ``kind`` beside a candidate; ``(None, why not)`` when it is missing,
+    unreadable, names no kind or another one, or is of another schema version (:func:`lowbit.records.read_record`)."""
     try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        return None
-    return record if isinstance(record, dict) and record.get("schema_version") == schema_version else None
+        return records.read_record(path, kind), None
+    except UserError as e:
+        return None, str(e)
 
 
 class CandidateStore:
@@ -264,9 +266,11 @@ class CandidateStore:
 
     def stale_reason(self, record_path: Path, model: Path, metrics: Path, build: dict, evaluation: dict) -> str | None:
         """Why the candidate on disk cannot be reused (None: it can), each input compared by content."""
-        record = _read_record(record_path)
+        if not record_path.exists():
+            return "not evaluated before"
+        record, why = _read_record(record_path)
         if record is None:
-            return "no record of its inputs" if record_path.exists() else "not evaluated before"
+            return f"no usable record of its inputs ({why})"
         recorded_build = record.get("build") or {}
         if recorded_build != build:
             if recorded_build.get("full_model_sha256") != build["full_model_sha256"]:
@@ -302,7 +306,7 @@ class CandidateStore:
         build, evaluation = self._build_record(nodes), self.evaluation.content(self.dataset)
         why = self.stale_reason(record_path, model, metrics, build, evaluation)
         if why is None:
-            record = _read_record(record_path)
+            record, _ = _read_record(record_path)
             log.info("%s: evaluated before with these inputs (by sha256), reused (%s)", name, metrics)
             ap, shas = read_map(metrics, "candidate metrics"), (record["model_sha256"], record["metrics_sha256"])
             return Evaluated(name, k, list(nodes), random_seed, ap, model, metrics, True, *shas)
@@ -327,7 +331,7 @@ class CandidateStore:
                 "did the dataset change while the search ran? Run it again",
                 flag="--data-root",
             )
-        atomic_write_json(record_path, {"schema_version": RECORD_SCHEMA_VERSION, "candidate": name, "build": build,
+        atomic_write_json(record_path, {**records.header(RECORD_KIND), "candidate": name, "build": build,
                                         "full_model": str(self.full_model),
                                         "ranking_nodes": list(nodes), "random_seed": random_seed,
                                         "evaluation": evaluation, "model_sha256": model_sha,
@@ -503,7 +507,8 @@ def compare_table(rows: list[dict], tolerance_ap: float = 0.05) -> str:
 # candidates from scheme files (materialize_yolov10m_lowbit_candidates.py): ModelOpt re-quantization per
 # scheme, or, with ``args.from_full_model``, the full Q/DQ model with the scheme's nodes' Q/DQ pairs removed
 
-SCHEME_RECORD_SCHEMA_VERSION = 1
+SCHEME_RECORD_KIND = "scheme-candidate"  # the record beside a fixed-K candidate
+SCHEME_RECORD_SCHEMA_VERSION = records.SCHEMA_VERSIONS[SCHEME_RECORD_KIND]
 
 
 def _build_scheme_model(args, c) -> tuple[int, int]:
@@ -654,13 +659,15 @@ def plan_candidates(args: argparse.Namespace, schemes: list[Scheme], digests: di
 
 def _stale_parts(c: SchemeCandidate) -> list[str]:
     """Mark what ``c`` needs; returns what disagrees with an earlier build (empty: nothing is stale)."""
-    record = _read_record(c.record_path, SCHEME_RECORD_SCHEMA_VERSION)
     exists = c.model_path.exists() or c.record_path.exists()
     if not exists:
         c.evaluate = c.evaluation is not None
         return []
-    if record is None or not c.model_path.is_file():
-        return ["no record of its inputs" if record is None else "model file missing"]
+    record, why = _read_record(c.record_path, SCHEME_RECORD_KIND) if c.record_path.exists() else (None, None)
+    if record is None:
+        return ["no record of its inputs" + (f" ({why})" if why else "")]
+    if not c.model_path.is_file():
+        return ["model file missing"]
     differences = _differences(c.build, record.get("build"))
     if record.get("model_sha256") != sha256_file(c.model_path):
         differences.append("model file changed")
@@ -698,7 +705,7 @@ def materialize_one(args: argparse.Namespace, c: SchemeCandidate) -> dict:
     if c.quantize:
         c.record_path.unlink(missing_ok=True)  # a failed rebuild must not leave the old record looking current
         pairs, quantized = _build_scheme_model(args, c)
-        record = {"schema_version": SCHEME_RECORD_SCHEMA_VERSION, "candidate": c.name, "build": c.build,
+        record = {**records.header(SCHEME_RECORD_KIND), "candidate": c.name, "build": c.build,
                   "model_sha256": sha256_file(c.model_path), "qdq_pairs": pairs,
                   "num_quantized_nodes": quantized, "evaluation": None, "metrics_sha256": None}  # fmt: skip
         atomic_write_json(c.record_path, record)
@@ -726,7 +733,7 @@ def summary_row(args: argparse.Namespace, c: SchemeCandidate, record: dict) -> d
         "model_bytes": c.model_path.stat().st_size,
     }
     if args.eval:
-        result = json.loads(c.metrics_path.read_text(encoding="utf-8"))
+        result = records.read_record(c.metrics_path, "metrics")
         row.update(metrics=str(c.metrics_path), map50_95=result["metrics"]["map50_95"],
                    map50=result["metrics"]["map50"], latency_ms_p50=result["latency_ms"]["p50"])  # fmt: skip
     return row
@@ -761,7 +768,7 @@ def materialize_candidates(args: argparse.Namespace, argv: list[str] | None, scr
     out_dir = args.run_root / f"candidates-{args.quant_mode}"
     setup_logging(out_dir / "materialize.log")
     rows = []
-    with manifest_run(out_dir / "manifest.json", script, vars(args), argv) as manifest:
+    with manifest_run(out_dir / "manifest.json", script, vars(args), argv, kind="materialize") as manifest:
         manifest.add_input(args.onnx_path, digests["onnx"])
         manifest.add_input(args.calib_path, digests["calib"])
         for name in ("summary.json", "summary.md"):  # an earlier summary must not outlive a failed rerun

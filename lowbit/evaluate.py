@@ -19,9 +19,10 @@ Images are the first ``max_images`` ids of the annotation file in ascending orde
 
 Outputs, all in the folder of ``out`` (default ``tmp/yolov10m_onnx_coco/<time>/metrics.json``):
 
-* ``metrics.json`` (written last, atomically; a failed run leaves none), keys:
-    - ``schema_version`` (1), ``script`` ("eval_yolov10m_onnx_coco.py", what the report looks
-      for), ``status`` ("ok"), ``created_at``
+* ``metrics.json`` (written last, atomically; a failed run leaves none; every record is described in
+  docs/records.md), keys:
+    - ``schema_version`` (1), ``kind`` ("metrics", what its readers look for), ``script``
+      ("eval_yolov10m_onnx_coco.py", informational), ``status`` ("ok"), ``created_at``
     - ``model``: ``path``, ``sha256``, ``input`` {name, shape, dtype}, ``output`` {name, shape,
       layout, num_classes}, ``qdq`` {qdq_pairs, quant_dtypes, is_fp8, is_qdq}
     - ``dataset``: ``images_dir``, ``ann_file``, ``ann_sha256``, ``num_images_in_set``,
@@ -54,7 +55,7 @@ Outputs, all in the folder of ``out`` (default ``tmp/yolov10m_onnx_coco/<time>/m
     - ``warnings``: conditions that make the numbers untrustworthy, e.g. float16 QuantizeLinear
       inputs on an onnxruntime CPU EP that rounds them toward zero (``lowbit.qdq_inspect``)
 * ``detections.json``: plain COCO result records [{image_id, category_id, bbox [x,y,w,h], score}].
-* ``manifest.json``: run manifest (argv, git commit, versions, input sha256, status).
+* ``manifest.json``: run manifest (``kind`` "evaluate", argv, git commit, versions, input sha256, status).
 * ``eval.log``: the run's log; ``ort_cache/``: TensorRT engine and timing caches.
 """
 
@@ -74,6 +75,7 @@ from typing import Any
 
 import numpy as np
 
+from lowbit import records
 from lowbit.cli import check_imgsz
 from lowbit.latency import latency_stats
 from lowbit.logs import LOGGER_NAME, get_logger
@@ -92,8 +94,10 @@ from lowbit.runs import (
     check_output_path as runs_check_output_path,
 )
 
-SCRIPT = "eval_yolov10m_onnx_coco.py"  # metrics.json's "script": lowbit.report looks for it
-SCHEMA_VERSION = 1
+SCRIPT = "eval_yolov10m_onnx_coco.py"  # metrics.json's and the manifest's informational "script"
+KIND = "metrics"  # metrics.json's "kind": what its readers look for
+SCHEMA_VERSION = records.SCHEMA_VERSIONS[KIND]
+MANIFEST_KIND = "evaluate"
 POST_WINDOW = 8  # model outputs allowed to wait for postprocessing (each ~5 MB for yolov10m at 640)
 # Postprocessing threads. One took 3.2-4.2 ms per image on an H200 host, longer than the CUDA EP's 3 ms
 # session.run of the demo detector; two do 1.7x the images of one in isolation (2 cores). In the whole loop
@@ -257,17 +261,19 @@ def resolve_data_paths(s: EvalSettings) -> tuple[Path, Path, str]:
 
 
 def check_output_path(out: Path, overwrite: bool) -> None:
-    """Refuse an ``out`` that :func:`lowbit.runs.check_output_path` refuses, or that sits in another script's run."""
+    """Refuse an ``out`` that :func:`lowbit.runs.check_output_path` refuses, or that sits in another step's run:
+    a ``manifest.json`` whose ``kind`` is not ``evaluate`` (none: written before manifests named their kind)."""
     runs_check_output_path(out, "--out", overwrite)
     manifest = out.parent / "manifest.json"
     if manifest.is_file() and not overwrite:
         try:
-            owner = json.loads(manifest.read_text(encoding="utf-8")).get("script")
-        except (OSError, ValueError, AttributeError):
-            owner = None
-        if owner not in (None, SCRIPT):
+            data = json.loads(manifest.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            data = None
+        if isinstance(data, dict) and data.get("kind") != MANIFEST_KIND:
+            owner = f"kind {data['kind']!r}" if "kind" in data else "it names no kind"
             raise UserError(
-                f"--out: {out.parent} holds the manifest of another script ({owner}); "
+                f"--out: {out.parent} holds the manifest of another run ({owner}); "
                 "choose a separate folder or pass --overwrite",
                 flag="--out",
             )
@@ -570,7 +576,7 @@ def build_record(plan: _Plan, loop: _Loop, metrics: dict, timing_s: dict, shas: 
     end2end = plan.layout.kind == "end2end"
     n_images = len(loop.evaluated_ids)
     return {
-        "schema_version": SCHEMA_VERSION,
+        **records.header(KIND),
         "script": SCRIPT,
         "status": "ok",
         "created_at": _dt.datetime.now().isoformat(timespec="seconds"),
@@ -710,7 +716,9 @@ def evaluate(settings: EvalSettings, argv: list[str] | None = None) -> EvalResul
     out = _make_output_dir(plan)
     with (
         _log_to(out.parent / "eval.log"),
-        manifest_run(out.parent / "manifest.json", SCRIPT, settings_dict(settings), argv) as manifest,
+        manifest_run(
+            out.parent / "manifest.json", SCRIPT, settings_dict(settings), argv, kind=MANIFEST_KIND
+        ) as manifest,
     ):
         _log_start(plan)
         manifest.add_input(plan.onnx_path)

@@ -12,7 +12,8 @@
    initializers (``fold_int32_bias_dequantize``);
 4. verify: Q/DQ pairs exist, ONNX Runtime loads the model and gives finite outputs on one
    calibration image, and with fp16/bf16 high precision the float16-QuantizeLinear hazard is checked;
-5. publish the model (a rename) and complete ``<out stem>.manifest.json``.
+5. publish the model (a rename) and complete ``<out stem>.manifest.json`` (``kind`` "quantize"; its keys, and
+   what the budget search and the report read from it, are in docs/records.md).
 
 The output model appears only when all of that succeeded; the work folder is removed either way.
 """
@@ -48,7 +49,7 @@ HIGH_PRECISION_DTYPES = ("auto", "fp32", "fp16", "bf16")
 # fp32 where its CPU EP truncates them (<= 1.29: INT8 YOLOv10 collapses to ~0.25 mAP there; see the card).
 DEFAULT_HIGH_PRECISION_DTYPE = "auto"
 PASSES = ("concat_elimination",)
-MANIFEST_SCRIPT = "quantize_yolov10m_onnx.py"  # the manifest's "script" key, which report readers match on
+MANIFEST_SCRIPT = "quantize_yolov10m_onnx.py"  # the manifest's informational "script" key; readers match its kind
 # Threads that build the entropy/percentile calibration histograms, each over a share of the tensors.
 HISTOGRAM_THREADS = min(8, os.cpu_count() or 1)
 
@@ -693,7 +694,10 @@ def quantize_onnx(settings: QuantizeSettings, argv: list[str] | None = None) -> 
             "use_zero_point=True has no effect in %s mode (ModelOpt 0.47 uses it for int4 only)", settings.quantize_mode
         )
     record = dataclasses.asdict(settings)
-    with _package_log_file(paths["log"]), manifest_run(paths["manifest"], MANIFEST_SCRIPT, record, argv) as manifest:
+    with (
+        _package_log_file(paths["log"]),
+        manifest_run(paths["manifest"], MANIFEST_SCRIPT, record, argv, kind="quantize") as manifest,
+    ):
         manifest.add_input(onnx_path)
         manifest.add_input(settings.calib_path)
         manifest.update(settings={**_settings_record(settings, inputs), "high_precision_dtype_requested": requested,

@@ -1,13 +1,17 @@
 """The records that steps write and read, and the checks every reader runs before it trusts one.
 
-A record is a JSON object with a ``schema_version`` that names what it was computed from by content
-(sha256 of the model, the annotation file, the evaluated image ids, the calibration tensor, the
-settings), never by path alone. The kinds, their writers and their fields are documented in one
-place, ``docs/records.md``.
+A record is a JSON object that names its ``kind`` (a key of :data:`SCHEMA_VERSIONS`) and its
+``schema_version``, and says what it was computed from by content (sha256 of the model, the
+annotation file, the evaluated image ids, the calibration tensor, the settings), never by path alone.
+A run manifest (:class:`lowbit.runs.Manifest`) names its ``kind`` too: the step that wrote it (a key of
+:data:`MANIFEST_KINDS`). Readers tell files apart by that ``kind``, never by the script that wrote them;
+a file without one was written before files named their kind and is foreign to every reader. The kinds,
+their writers, readers and fields are documented in one place, ``docs/records.md``.
 
-Every reader goes through :func:`read_record` (or :func:`read_json` for files that are not records),
-so a missing, truncated, non-finite or foreign file ends in one :class:`~lowbit.runs.UserError` that
-names the file; provenance mismatches end in one error from :func:`require_equal`.
+Writers start a record with :func:`header`. Every reader goes through :func:`read_record` (or
+:func:`read_json` for files that are not records, :func:`manifest_for` for manifests), so a missing,
+truncated, non-finite or foreign file ends in one :class:`~lowbit.runs.UserError` that names the file;
+provenance mismatches end in one error from :func:`require_equal`.
 """
 
 from __future__ import annotations
@@ -22,10 +26,16 @@ from typing import Any
 from lowbit.runs import UserError
 
 __all__ = [
+    "KINDS",
+    "MANIFEST_KINDS",
     "SCHEMA_VERSIONS",
+    "check_record",
     "dataset_provenance",
     "find_non_finite",
+    "header",
     "image_ids_sha256",
+    "manifest_for",
+    "quantizer_manifest_for",
     "read_json",
     "read_record",
     "require_equal",
@@ -33,15 +43,51 @@ __all__ = [
     "settings_sha256",
 ]
 
-# kind -> the schema version its writer writes and its readers accept.
+# Record kind -> the schema version its writer writes and its readers accept.
 SCHEMA_VERSIONS: dict[str, int] = {
     "metrics": 1,  # lowbit.evaluate: <eval dir>/metrics.json
     "sensitivity": 1,  # lowbit.sensitivity_report: layer-sensitivity-report.json
+    "ranking-agreement": 1,  # lowbit.sensitivity_report.compare_reports: ranking-agreement.json
     "candidate": 2,  # lowbit.candidates: <candidate stem>.inputs.json beside a search candidate
-    "scheme-candidate": 1,  # lowbit.candidates: the record beside a fixed-K candidate
+    "scheme-candidate": 1,  # lowbit.candidates: <candidate stem>.inputs.json beside a fixed-K candidate
     "search": 1,  # lowbit.search_run: search-<mode>/search.json
     "report": 1,  # lowbit.report: report.json
 }
+
+# Run manifest kind (lowbit.runs.Manifest's "kind": the step that wrote it) -> its writer. A step that also
+# writes a record may share the record's kind word ("search", "report", "sensitivity"): a manifest has no
+# schema_version, so no manifest passes for a record.
+MANIFEST_KINDS: dict[str, str] = {
+    "calib": "make_yolov10m_calib_npy.py: <calib stem>.manifest.json",
+    "evaluate": "lowbit.evaluate: <eval dir>/manifest.json",
+    "export": "export_yolov10_raw_onnx.py: <model stem>.manifest.json",
+    "inspect": "inspect_qdq_model.py: <report stem>.inspect.manifest.json",
+    "materialize": "lowbit.candidates.materialize_candidates: candidates-<mode>/manifest.json",
+    "parity": "check_eval_parity.py: parity.manifest.json",
+    "quantize": "lowbit.quantize: <model stem>.manifest.json",
+    "report": "make_lowbit_report.py: report.manifest.json",
+    "schemes": "lowbit.schemes: <schemes dir>/manifest.json",
+    "search": "search_yolov10m_lowbit_budget.py: search-<mode>/manifest.json",
+    "sensitivity": "onnx_layer_sensitivity.py, yolov10m_layer_sensitivity.py: <run dir>/manifest.json",
+    "sensitivity-compare": "compare_sensitivity_reports.py: <agreement stem>.manifest.json",
+    "smoke": "run_random_onnx_inference.py: <run dir>/manifest.json",
+    "stats": "onnx_model_stats.py: <stats stem>.manifest.json",
+    "train": "train_demo_detector.py: <run dir>/manifest.json",
+}
+
+# Every kind word, records' and manifests'.
+KINDS: tuple[str, ...] = tuple(dict.fromkeys([*SCHEMA_VERSIONS, *MANIFEST_KINDS]))
+
+
+def header(kind: str) -> dict[str, Any]:
+    """The first keys of a record of ``kind``: ``{"schema_version": ..., "kind": kind}``.
+
+    Raises:
+        ValueError: ``kind`` is no key of :data:`SCHEMA_VERSIONS` (a writer's mistake, not the user's).
+    """
+    if kind not in SCHEMA_VERSIONS:
+        raise ValueError(f"unknown record kind {kind!r}; known: {', '.join(SCHEMA_VERSIONS)}")
+    return {"schema_version": SCHEMA_VERSIONS[kind], "kind": kind}
 
 
 def _reject_constant(token: str) -> Any:
@@ -73,11 +119,32 @@ def read_json(path: str | Path, *, flag: str | None = None, allow_non_finite: bo
 
 
 def read_record(path: str | Path, kind: str, *, flag: str | None = None) -> dict[str, Any]:
-    """A record of ``kind`` (a key of :data:`SCHEMA_VERSIONS`): a JSON object of that schema version, all numbers finite."""
-    record = read_json(path, flag=flag)
+    """A record of ``kind`` (a key of :data:`SCHEMA_VERSIONS`): a JSON object that names that kind and its
+    schema version, every number finite (:func:`read_json`, :func:`check_record`)."""
+    return check_record(read_json(path, flag=flag), path, kind, flag=flag)
+
+
+def check_record(record: Any, path: str | Path, kind: str, *, flag: str | None = None) -> dict[str, Any]:
+    """``record`` (parsed from ``path``) when it is a JSON object with ``kind`` and that kind's schema version.
+
+    Raises:
+        UserError: naming ``path`` (``flag`` when given): not an object, no ``kind`` key (written before records
+            named their kind, or no record at all), another kind, another schema version.
+        ValueError: ``kind`` is no key of :data:`SCHEMA_VERSIONS`.
+    """
+    if kind not in SCHEMA_VERSIONS:
+        raise ValueError(f"unknown record kind {kind!r}; known: {', '.join(SCHEMA_VERSIONS)}")
     label = f"{flag}: {path}" if flag else str(path)
     if not isinstance(record, dict):
         raise UserError(f"{label} is not a {kind} record (a JSON object)", flag=flag or str(path))
+    if "kind" not in record:
+        raise UserError(
+            f"{label} names no kind: it was written before records named their kind, or it is no {kind} record; "
+            "run the step that writes it again",
+            flag=flag or str(path),
+        )
+    if record["kind"] != kind:
+        raise UserError(f"{label} is a {record['kind']!r} record, not a {kind!r} record", flag=flag or str(path))
     expected = SCHEMA_VERSIONS[kind]
     if record.get("schema_version") != expected:
         got = record.get("schema_version")
@@ -145,27 +212,23 @@ def dataset_provenance(metrics: dict[str, Any]) -> dict[str, Any]:
     return {"ann_sha256": dataset.get("ann_sha256"), "image_ids_sha256": image_ids_sha256(ids), "num_images": len(ids)}
 
 
-# The "script" key of the run manifests written beside a model (``<stem>.manifest.json``). Literals, not
-# imports: lowbit.quantize pulls in numpy and the calibration loader, the exporter is a script.
-QUANTIZER_SCRIPT = "quantize_yolov10m_onnx.py"  # lowbit.quantize.MANIFEST_SCRIPT
-EXPORTER_SCRIPT = "scripts/cv-models/export_yolov10_raw_onnx.py"
-
-
 def manifest_for(
-    model_path: str | Path, script: str, sha_key: str, model_sha256: str
+    model_path: str | Path, kind: str, sha_key: str, model_sha256: str
 ) -> tuple[dict | None, str | None]:
-    """The manifest that ``script`` wrote beside ``model_path``, when it describes this very file.
+    """The run manifest of ``kind`` beside ``model_path``, when it describes this very file.
 
     Args:
         model_path: the model; its manifest is ``<stem>.manifest.json`` beside it.
-        script: the manifest's ``script`` key that marks its writer.
+        kind: the manifest's ``kind`` (a key of :data:`MANIFEST_KINDS`): the step that wrote the model.
         sha_key: the key of ``extra`` holding the sha256 of the file the run wrote.
         model_sha256: sha256 of ``model_path`` as it is now.
 
     Returns:
-        ``(manifest, None)``, or ``(None, why not)`` when there is no such manifest, it belongs to another
-        writer, the run did not finish (``status`` not ``ok``), or it wrote another file than this one.
+        ``(manifest, None)``, or ``(None, why not)`` when there is no such manifest, it names no kind or
+        another one, the run did not finish (``status`` not ``ok``), or it wrote another file than this one.
     """
+    if kind not in MANIFEST_KINDS:
+        raise ValueError(f"unknown manifest kind {kind!r}; known: {', '.join(MANIFEST_KINDS)}")
     path = Path(model_path).with_suffix(".manifest.json")
     if not path.is_file():
         return None, f"no manifest {path}"
@@ -173,8 +236,12 @@ def manifest_for(
         manifest = read_json(path)
     except UserError as e:
         return None, str(e)
-    if not isinstance(manifest, dict) or manifest.get("script") != script:
-        return None, f"{path} was not written by {script}"
+    if not isinstance(manifest, dict):
+        return None, f"{path} is no run manifest (a JSON object)"
+    if "kind" not in manifest:
+        return None, f"{path} names no kind (written before manifests named their kind), so it is no {kind} manifest"
+    if manifest["kind"] != kind:
+        return None, f"{path} is a {manifest['kind']!r} manifest, not a {kind!r} manifest"
     if manifest.get("status") != "ok":
         return None, f"{path} has status {manifest.get('status')!r}"
     if (manifest.get("extra") or {}).get(sha_key) != model_sha256:
@@ -189,7 +256,7 @@ def quantizer_manifest_for(model_path: str | Path, model_sha256: str) -> tuple[d
         ``({"path", "quantize_mode", "onnx_path", "onnx_sha256"}, None)`` where ``onnx_*`` name the FP32 model
         it was quantized from, or ``(None, why not)`` as :func:`manifest_for` says.
     """
-    manifest, why = manifest_for(model_path, QUANTIZER_SCRIPT, "output_sha256", model_sha256)
+    manifest, why = manifest_for(model_path, "quantize", "output_sha256", model_sha256)
     if manifest is None:
         return None, why
     onnx_path = (manifest.get("args") or {}).get("onnx_path")

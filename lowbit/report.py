@@ -3,14 +3,13 @@
 Inputs are what the card's scripts already wrote; nothing is re-measured here except, optionally,
 TensorRT engines (see :mod:`lowbit.trt`):
 
-* every ``metrics.json`` under the run dirs written by ``eval_yolov10m_onnx_coco.py``
-  (``schema_version`` 1, ``script``, ``status`` "ok"), e.g. ``baseline-coco/``, ``int8-coco/``,
-  ``fp8-k5-coco/``;
-* for each evaluated model (metrics ``model.path``), its ``<stem>.manifest.json`` from
-  ``quantize_yolov10m_onnx.py`` when it lies beside the model and describes the same file
+* every ``metrics.json`` under the run dirs that is a metrics record (``kind`` "metrics",
+  ``schema_version`` 1, ``status`` "ok"), e.g. ``baseline-coco/``, ``int8-coco/``, ``fp8-k5-coco/``;
+* for each evaluated model (metrics ``model.path``), its ``<stem>.manifest.json`` of kind ``quantize``
+  (:mod:`lowbit.quantize`) when it lies beside the model and describes the same file
   (``extra.output_sha256`` equals the evaluated ``model.sha256``): quantization settings,
   excluded nodes, quantized node count, the source model's sha256 and the exclusion scheme;
-* for a budget-search candidate without one, its ``<stem>.inputs.json`` record
+* for a budget-search candidate without one, its ``<stem>.inputs.json`` record of kind ``candidate``
   (:class:`lowbit.candidates.CandidateStore`, same ``model_sha256``): the nodes put in float, and the
   quantizer manifest of the full Q/DQ model it was cut from (the record's ``full_model``, checked against
   its ``build.full_model_sha256`` as above) for the quantization settings.
@@ -20,9 +19,10 @@ is checked against (:mod:`lowbit.report_inputs`): every file is read through :mo
 variant scored on other annotations, images or post-processing, whose model file changed since it was
 evaluated, or quantized from another model, is dropped with its reason, as is a ``search.json`` that is not
 a search of this run. An unusable baseline, no usable quantized variant, or an annotation file changed
-since the run was scored raise :class:`~lowbit.runs.UserError` naming the file.
+since the run was scored raise :class:`~lowbit.runs.UserError` naming the file. Every record read and written
+here is described in docs/records.md.
 
-``report.json`` keys (``schema_version``: ``lowbit.records.SCHEMA_VERSIONS["report"]``):
+``report.json`` keys (``schema_version``: ``lowbit.records.SCHEMA_VERSIONS["report"]``, ``kind``: "report"):
 
 * ``run_dirs``: the run dirs read; ``created_at``
 * ``dataset``: ``name``, ``images_dir``, ``ann_file``, ``ann_sha256``, ``num_images``, ``image_id_range``
@@ -75,8 +75,9 @@ from lowbit.runs import REPO_ROOT, UserError
 
 log = get_logger("report")
 
-SCHEMA_VERSION = records.SCHEMA_VERSIONS["report"]
-QUANT_SCRIPT = "quantize_yolov10m_onnx.py"
+KIND = "report"  # report.json's "kind"
+SCHEMA_VERSION = records.SCHEMA_VERSIONS[KIND]
+QUANTIZER_KIND = "quantize"  # the "kind" of the quantizer's <stem>.manifest.json
 DEFAULT_BUDGET_AP = 0.5  # AP points (mAP50-95 x 100) a quantized variant may lose against FP32
 # TensorRT latencies this close (%) to the fastest count as a tie, broken by accuracy: trtexec medians of one
 # engine rebuilt and re-timed differ by about 1-3 %, so smaller differences are timing noise.
@@ -189,7 +190,7 @@ def _load_model_manifest(model_file: Path | None, sha: str, notes: list[str]) ->
         return None, None
     path = model_file.with_suffix(".manifest.json")
     manifest = _read_json(path, notes)
-    if not isinstance(manifest, dict) or manifest.get("script") != QUANT_SCRIPT:
+    if not isinstance(manifest, dict) or manifest.get("kind") != QUANTIZER_KIND:
         return None, None
     if manifest.get("status") != "ok":
         notes.append(f"quantizer manifest {_rel(path)} has status {manifest.get('status')!r}; not used")
@@ -202,7 +203,8 @@ def _load_model_manifest(model_file: Path | None, sha: str, notes: list[str]) ->
 
 def _load_candidate_record(model_file: Path | None, sha: str, run_dir: Path,
                            notes: list[str]) -> tuple[dict | None, Path | None]:  # fmt: skip
-    """A budget-search candidate's record (``<stem>.inputs.json``, :class:`lowbit.candidates.CandidateStore`) and
+    """A budget-search candidate's record (``<stem>.inputs.json`` of kind ``candidate``, written by
+    :class:`lowbit.candidates.CandidateStore`) and
     the quantizer manifest of the full Q/DQ model it was cut from (``build.method == "full"``), when both describe it.
 
     Returns ``(manifest-like dict, record path)``: the full model's manifest with ``extra`` adjusted to the candidate
@@ -212,8 +214,14 @@ def _load_candidate_record(model_file: Path | None, sha: str, run_dir: Path,
     if model_file is None:
         return None, None
     path = model_file.with_name(model_file.stem + ".inputs.json")
-    record = _read_json(path, notes)
-    if not isinstance(record, dict) or not isinstance(record.get("build"), dict):
+    if not path.is_file():
+        return None, None
+    try:
+        record = records.read_record(path, "candidate")
+    except UserError as e:  # unreadable, no kind (an older record), a fixed-K candidate's record ...
+        notes.append(f"{e}; not used")
+        return None, None
+    if not isinstance(record.get("build"), dict):
         return None, None
     if record.get("model_sha256") != sha:
         notes.append(f"candidate record {_rel(path)} describes another file than the evaluated model; not used")
@@ -470,7 +478,7 @@ def collect_variants(run_dirs: Iterable[Path], data_root: Path | None = None) ->
     variants = _read_evaluations(run_dirs, hasher, dropped)
     where = ", ".join(str(d) for d in run_dirs)
     if not variants and not dropped:
-        raise UserError(f"--run-dir: no metrics.json written by {inputs.EVAL_SCRIPT} under {where}", flag="--run-dir")
+        raise UserError(f"--run-dir: no metrics record (a metrics.json of kind 'metrics') under {where}", flag="--run-dir")
     floats = [v for v in variants if v["role"] == "baseline"]
     if not floats:
         raise UserError(
@@ -723,7 +731,7 @@ def build_report(
     notes += _report_notes(variants, baseline, axis, tensorrt)
     searches = [search_summary(s) for s in (searches if searches is not None else collected.get("searches", []))]
     return {
-        "schema_version": SCHEMA_VERSION,
+        **records.header(KIND),
         "created_at": _dt.datetime.now().isoformat(timespec="seconds"),
         "run_dirs": collected["run_dirs"],
         "dataset": collected["dataset"],

@@ -1,7 +1,8 @@
 """What the comparison report may use, checked against the FP32 baseline; what it may not, with the reason.
 
-Every file is read through :mod:`lowbit.records`, so a missing, truncated, non-finite or foreign file
-ends in one :class:`~lowbit.runs.UserError` that names it. :func:`lowbit.report.collect_variants` turns
+Every file is read through :mod:`lowbit.records`, so a missing, truncated, non-finite or foreign file (one
+that names another ``kind``, or none: written before records named their kind) ends in one
+:class:`~lowbit.runs.UserError` that names it. The records and these rules are in docs/records.md. :func:`lowbit.report.collect_variants` turns
 that error into one of two outcomes:
 
 * **dropped**: one variant's ``metrics.json`` or one ``search.json`` is left out of the report and listed
@@ -29,7 +30,6 @@ from typing import Any
 from lowbit import records
 from lowbit.runs import REPO_ROOT, UserError, resolve_repo_path, sha256_file
 
-EVAL_SCRIPT = "eval_yolov10m_onnx_coco.py"
 # Two AP values (AP points, mAP50-95 x 100) closer than this are equal: half the last digit the report shows
 # (ΔAP +0.00), so a writer that rounds its numbers is not taken for a tampered one.
 AP_TOL = 0.005
@@ -79,10 +79,9 @@ class MetricsFile:
 
 
 def read_metrics(path: Path) -> dict:
-    """An evaluator ``metrics.json`` every number of which is finite, or UserError naming the file."""
+    """An evaluator ``metrics.json`` (a record of kind ``metrics``) every number of which is finite, or UserError
+    naming the file."""
     record = records.read_record(path, "metrics")
-    if record.get("script") != EVAL_SCRIPT:
-        raise UserError(f"{path} was written by {record.get('script')!r}, not {EVAL_SCRIPT}", flag=str(path))
     if record.get("status") != "ok":
         raise UserError(f"{path} has status {record.get('status')!r}: the evaluation did not finish", flag=str(path))
     where = records.find_non_finite(record)
@@ -117,9 +116,9 @@ def _classify_unreadable(path: Path) -> bool:
 def find_metrics(run_dirs: list[Path]) -> list[MetricsFile]:
     """Every ``metrics.json`` under ``run_dirs`` (symlinks followed, each file once), read and classified.
 
-    A file that parses as JSON but was not written by the evaluator (a training run's ``metrics.json``) is no
-    evaluation and is skipped; anything else that cannot be used (truncated, non-finite, another schema version,
-    incomplete) comes back with its ``error``.
+    A file that parses as JSON and is no metrics record (:func:`_is_other_file`: a training run's ``metrics.json``)
+    is no evaluation and is skipped; anything else that cannot be used (truncated, non-finite, no ``kind``,
+    another schema version, incomplete) comes back with its ``error``.
     """
     found, seen = [], set()
     for run_dir in run_dirs:
@@ -134,12 +133,23 @@ def find_metrics(run_dirs: list[Path]) -> list[MetricsFile]:
                     data = records.read_json(path, allow_non_finite=True)
                 except UserError:
                     data = None
-                if data is not None and not (isinstance(data, dict) and data.get("script") == EVAL_SCRIPT):
+                if data is not None and _is_other_file(data):
                     continue  # parses, and is no evaluation (a training run's metrics.json, say)
                 found.append(MetricsFile(path, run_dir, None, str(e), _classify_unreadable(path)))
                 continue
             found.append(MetricsFile(path, run_dir, record, None, not record["model"].get("qdq", {}).get("is_qdq")))
     return found
+
+
+def _is_other_file(data: Any) -> bool:
+    """Whether a parsed ``metrics.json`` is some other file than a metrics record: a record of another kind, or
+    no record at all (no ``kind``, no ``schema_version``: a training run's metrics). A record without ``kind`` but
+    with a ``schema_version`` was written before records named their kind: it is reported, not skipped."""
+    if not isinstance(data, dict):
+        return True
+    if "kind" in data:
+        return data["kind"] != "metrics"
+    return "schema_version" not in data
 
 
 def _walk_metrics(run_dir: Path) -> list[Path]:
@@ -500,8 +510,8 @@ class SearchCheck:
 def read_search(path: Path, ref: Reference, used: list[dict], dropped: dict[Path, str], hasher: Hasher) -> dict:
     """The ``search.json`` at ``path`` when it is a search of this run, else UserError whose message is the reason.
 
-    Checks: a search record (``schema_version``; none means an older writer or another file), all numbers
-    finite; ``baseline_ap`` is the baseline's AP; its ``provenance`` (when present) names the baseline's model,
+    Checks: a search record (``kind`` "search" and its ``schema_version``; none of them means an older writer or
+    another file), all numbers finite; ``baseline_ap`` is the baseline's AP; its ``provenance`` (when present) names the baseline's model,
     annotations and image ids, and its full model and ranking files are unchanged; every candidate row cites an
     evaluation this report uses, with that evaluation's AP, ΔAP, model and file sha256; the K found, every probe
     and the random controls are those rows' numbers.

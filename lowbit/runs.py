@@ -195,15 +195,24 @@ def peak_rss_mb() -> float:
 class Manifest:
     """``manifest.json`` of one run: written at start, updated with results, completed at the end.
 
-    Keys: ``script``, ``argv``, ``args``, ``git_commit``, ``versions``, ``inputs``
-    (path -> sha256), ``outputs``, ``started_at``, ``finished_at``, ``wall_s``,
-    ``status`` (``running`` | ``ok`` | ``failed``), ``error``, plus free-form ``extra``.
+    Keys: ``kind`` (the step that wrote it, a key of :data:`lowbit.records.MANIFEST_KINDS`: what readers
+    match on), ``script`` (informational), ``argv``, ``args``, ``git_commit``, ``versions``, ``host``,
+    ``inputs`` (path -> sha256), ``outputs``, ``started_at``, ``finished_at``, ``wall_s``, ``peak_rss_mb``,
+    ``status`` (``running`` | ``ok`` | ``failed``), ``error``, plus free-form ``extra``. See docs/records.md.
+
+    Raises:
+        ValueError: ``kind`` is no known manifest kind (a writer's mistake, not the user's).
     """
 
-    def __init__(self, path: Path, script: str, args: dict[str, Any], argv: list[str] | None = None):
+    def __init__(self, path: Path, script: str, args: dict[str, Any], argv: list[str] | None = None, *, kind: str):
+        from lowbit.records import MANIFEST_KINDS  # lowbit.records imports this module
+
+        if kind not in MANIFEST_KINDS:
+            raise ValueError(f"unknown manifest kind {kind!r}; known: {', '.join(MANIFEST_KINDS)}")
         self.path = Path(path)
         self._t0 = time.perf_counter()
         self.data: dict[str, Any] = {
+            "kind": kind,
             "script": script,
             "argv": list(sys.argv if argv is None else argv),
             "args": _jsonable(args),
@@ -247,9 +256,12 @@ class Manifest:
 
 
 @contextmanager
-def manifest_run(path: Path, script: str, args: dict[str, Any], argv: list[str] | None = None) -> Iterator[Manifest]:
-    """Context manager that marks the manifest ``ok`` on success and ``failed`` on any exception."""
-    manifest = Manifest(path, script, args, argv)
+def manifest_run(
+    path: Path, script: str, args: dict[str, Any], argv: list[str] | None = None, *, kind: str
+) -> Iterator[Manifest]:
+    """Context manager that marks the manifest (of ``kind``, see :class:`Manifest`) ``ok`` on success and
+    ``failed`` on any exception."""
+    manifest = Manifest(path, script, args, argv, kind=kind)
     try:
         yield manifest
     except BaseException as exc:  # also KeyboardInterrupt: an interrupted run must not look complete

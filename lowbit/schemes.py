@@ -355,7 +355,9 @@ def build_schemes(
     for path in previous:
         path.unlink()
     setup_logging(out_dir / LOG_FILE)
-    with manifest_run(out_dir / "manifest.json", "make_yolov10m_candidate_schemes.py", manifest_args or {}, argv) as mf:
+    with manifest_run(
+        out_dir / "manifest.json", "make_yolov10m_candidate_schemes.py", manifest_args or {}, argv, kind="schemes"
+    ) as mf:
         common = {
             "report": str(report_path),
             "report_sha256": mf.add_input(report_path),

@@ -18,8 +18,8 @@ For a mode (INT8 or FP8) and a ranking (a layer-sensitivity report), :func:`run_
    ΔAP of the controls, in AP points).
 
 ``search.json`` keys (AP points = mAP50-95 x 100; ``delta_ap`` = loss against FP32, >= 0 is a loss,
-the convention of :mod:`lowbit.budget_search`):
-``schema_version`` (``lowbit.records.SCHEMA_VERSIONS["search"]``, 1), ``mode``,
+the convention of :mod:`lowbit.budget_search`; every record is described in docs/records.md):
+``schema_version`` (``lowbit.records.SCHEMA_VERSIONS["search"]``, 1), ``kind`` ("search"), ``mode``,
 ``ranking`` {report, source, method, nodes, unmatched_layers [{rank, name, reason}]}, ``budget_ap``,
 ``baseline_ap``, ``baseline_metrics``, ``full_model``, ``build``,
 ``search`` (:meth:`SearchResult.to_dict`: ``k``, ``found``, ``reason``, ``probes``, ``curve`` ...),
@@ -308,7 +308,7 @@ def _check_ranking(cfg: SearchConfig, digests: dict, notes: list[str]) -> dict[s
                 f"{cfg.full_model} (another calibration); its node order is used as it is"
             )
     elif source == "torch":  # it ranks the checkpoint: --onnx-path must have been exported from it
-        export, why_not = records.manifest_for(cfg.onnx_path, records.EXPORTER_SCRIPT, "onnx_sha256", digests["onnx"])
+        export, why_not = records.manifest_for(cfg.onnx_path, "export", "onnx_sha256", digests["onnx"])
         if export is None:
             notes.append(
                 f"{label} ranks checkpoint {report.get('model')}; whether --onnx-path was exported from it "
@@ -520,7 +520,7 @@ def _search(cfg: SearchConfig, inputs: SearchInputs, executor) -> dict[str, Any]
                 band.append(random_control(store, nodes, point.k, cfg.random_seeds, baseline_ap, point.map,
                                            cfg.parallel))  # fmt: skip
     return {
-        "schema_version": records.SCHEMA_VERSIONS["search"],
+        **records.header("search"),
         "mode": cfg.mode,
         "ranking": _ranking_info(cfg.ranking, inputs),
         "budget_ap": cfg.budget_ap,

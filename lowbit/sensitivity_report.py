@@ -3,7 +3,8 @@
 Both ``yolov10m_layer_sensitivity.py`` (``source: "torch"``) and ``onnx_layer_sensitivity.py``
 (``source: "onnx"``) write the same three files into their output folder:
 
-* ``layer-sensitivity-report.json``: ``schema_version``, ``source``, ``model``, ``model_sha256``,
+* ``layer-sensitivity-report.json`` (docs/records.md): ``schema_version``, ``kind`` ("sensitivity"),
+  ``source``, ``model``, ``model_sha256``,
   ``precision``, ``quant_format``, ``method`` (``name``, ``description``, ``score``,
   ``higher_is_more_sensitive``, optionally ``settings``), ``data`` (``images``, ``source``,
   ``imgsz``), ``device``, ``wall_s`` and ``layers``, then any tool-specific keys (the torch sweep
@@ -28,9 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from lowbit import records
 from lowbit.runs import UserError, atomic_write_json, atomic_write_text
 
-SCHEMA_VERSION = 1
+KIND = "sensitivity"  # the report's "kind"
+SCHEMA_VERSION = records.SCHEMA_VERSIONS[KIND]
+AGREEMENT_KIND = "ranking-agreement"  # compare_reports' "kind"
 REPORT_STEM = "layer-sensitivity-report"
 AGREEMENT_FILE = "ranking-agreement.json"
 # precision -> quant_format ("weights-activations")
@@ -79,7 +83,7 @@ def make_report(
         extra: tool-specific keys, placed after ``layers`` (e.g. the torch sweep's ``reference``).
     """
     report = {
-        "schema_version": SCHEMA_VERSION,
+        **records.header(KIND),
         "source": source,
         "model": str(model),
         "model_sha256": model_sha256,
@@ -169,19 +173,16 @@ def load_report(path: Path, flag: str) -> dict[str, Any]:
     """Read and validate a layer-sensitivity report; ``layers`` come back sorted by rank.
 
     Raises:
-        UserError naming ``flag`` when the file is not a report of the shared schema.
+        UserError naming ``flag`` when the file is not a report of the shared schema: not JSON, not a record of
+        kind ``sensitivity`` and its schema version (:func:`lowbit.records.check_record`), no ranked layers.
     """
     try:
         report = json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise UserError(f"{flag}: {path} is not a readable JSON file ({e})", flag=flag) from e
-    if not isinstance(report, dict) or not isinstance(report.get("layers"), list):
+    records.check_record(report, path, KIND, flag=flag)
+    if not isinstance(report.get("layers"), list):
         raise UserError(f"{flag}: {path} has no 'layers' list; expected a {REPORT_STEM}.json", flag=flag)
-    if report.get("schema_version") != SCHEMA_VERSION:
-        raise UserError(
-            f"{flag}: {path} has schema_version {report.get('schema_version')!r}; expected {SCHEMA_VERSION}",
-            flag=flag,
-        )
     layers = report["layers"]
     if not layers:
         raise UserError(f"{flag}: {path} ranks no layers", flag=flag)
@@ -280,8 +281,8 @@ def compare_reports(
     """Agreement of two rankings over the layers both map to the same node.
 
     Both reports are mapped with ``matcher`` (default: :class:`ReportColumnMatcher` of the two); on the
-    common nodes each report's order is kept and re-ranked 1..M. Returns ``schema_version``,
-    ``matched`` (M), ``spearman`` (rank correlation over the M nodes, None when M < 2), ``top_k``: per
+    common nodes each report's order is kept and re-ranked 1..M. Returns ``schema_version``, ``kind``
+    ("ranking-agreement"), ``matched`` (M), ``spearman`` (rank correlation over the M nodes, None when M < 2), ``top_k``: per
     K <= M the top-K node lists ``a`` and ``b``, their ``overlap`` (count), ``fraction`` (overlap / K)
     and ``expected_by_chance`` (K^2 / M: the mean overlap of two random orders); and per side ``a``/``b``:
     ``source``, ``precision``, ``model``, ``method``, ``layers``, ``mapped_to_nodes``, ``unmatched``
@@ -326,7 +327,7 @@ def compare_reports(
         }
 
     return {
-        "schema_version": 1,
+        **records.header(AGREEMENT_KIND),
         "matched": len(common),
         "spearman": None if rho is None else round(rho, 4),
         "top_k": top_k,

@@ -39,8 +39,8 @@ kept in the run's manifest.
 
 Report (``layer-sensitivity-report.json`` + ``.csv`` + ``.md``)
 --------------------------------------------------------------
-The format shared with the ONNX-native sensitivity tool, written by ``lowbit.sensitivity_report``:
-``schema_version``, ``source`` ("torch"), ``model``, ``model_sha256``, ``precision``, ``quant_format``,
+The format shared with the ONNX-native sensitivity tool, written by ``lowbit.sensitivity_report``
+(docs/records.md): ``schema_version``, ``kind`` ("sensitivity"), ``source`` ("torch"), ``model``, ``model_sha256``, ``precision``, ``quant_format``,
 ``method`` (``name``, ``description``, ``score``, ``higher_is_more_sensitive``), ``data`` (``images``,
 ``source``, ``imgsz``), ``device``, ``wall_s``, ``layers`` (``rank``, ``name``, ``op_type``, ``weight``,
 ``onnx_node``, ``score``; rank 1 = most sensitive). Added here: ``reference`` with the drift when

@@ -213,7 +213,7 @@ def test_oracle_model_scores_one_with_timed_stages(dataset, raw_model, tmp_path)
     assert result.map50_95 == pytest.approx(1.0) and result.map50 == pytest.approx(1.0)
     assert json.loads(out.read_text()) == json.loads(json.dumps(result.record))
     record = result.record
-    assert record["script"] == "eval_yolov10m_onnx_coco.py"  # what lowbit.report looks for
+    assert record["kind"] == "metrics" and record["schema_version"] == 1  # what its readers look for
     assert record["metrics"]["per_class_ap"] == {"boat": pytest.approx(1.0), "kite": pytest.approx(1.0)}
     assert record["dataset"]["image_ids"] == [7, 19]
     assert set(record["timing_s"]) == {"prepare", "session_create", "warmup", "infer", "postprocess", "score", "total"}
@@ -221,7 +221,7 @@ def test_oracle_model_scores_one_with_timed_stages(dataset, raw_model, tmp_path)
     assert record["latency_ms"]["cpu_nodes"] is None
     assert record["args"]["workers"] == 2 and record["args"]["onnx_path"] == str(raw_model)
     manifest = json.loads((out.parent / "manifest.json").read_text())
-    assert manifest["status"] == "ok" and manifest["script"] == "eval_yolov10m_onnx_coco.py"
+    assert manifest["status"] == "ok" and manifest["kind"] == "evaluate"
 
 
 def test_detections_json_holds_plain_coco_results(dataset, raw_model, tmp_path):
@@ -359,6 +359,16 @@ def test_out_that_is_a_folder_or_under_a_file(dataset, raw_model, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
     expect_user_error(settings(raw_model, dataset, blocker / "run" / "metrics.json"), "--out")
+
+
+@pytest.mark.parametrize("manifest", [{"kind": "quantize", "status": "ok"}, {"script": "eval_yolov10m_onnx_coco.py"}])
+def test_out_in_the_folder_of_another_run_is_refused(dataset, raw_model, tmp_path, manifest):
+    """A manifest.json of another kind, or of none (written before manifests named their kind), is another run's."""
+    out = tmp_path / "run" / "metrics.json"
+    out.parent.mkdir()
+    (out.parent / "manifest.json").write_text(json.dumps(manifest))
+    expect_user_error(settings(raw_model, dataset, out), "--out")
+    assert json.loads((out.parent / "manifest.json").read_text()) == manifest and not out.exists()
 
 
 @pytest.mark.parametrize("content", [b"", b"not a model"])

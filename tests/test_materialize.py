@@ -68,6 +68,7 @@ def test_materializes_each_k_with_its_exclusions_and_evaluates(setup, load_scrip
         metrics = json.loads((run / f"int8-{tag}-coco" / "metrics.json").read_text())
         assert rows[f"int8-{tag}"]["map50_95"] == metrics["metrics"]["map50_95"]
         record = json.loads(model.with_suffix(".inputs.json").read_text())
+        assert record["kind"] == "scheme-candidate" and record["schema_version"] == 1
         assert record["build"]["onnx_sha256"] == sha256_file(setup["onnx"])
         assert record["build"]["calib_sha256"] == sha256_file(setup["calib"])
         assert record["model_sha256"] == sha256_file(model)
@@ -100,9 +101,17 @@ def test_changed_inputs_are_not_kept_silently(setup, load_script, tmp_path):
     assert (summary.read_bytes(), manifest.read_bytes()) == first  # nothing claims the new inputs
 
     assert load_script(SCRIPT).main([*changed, "--overwrite"]) == 0
-    record = json.loads((run / "onnx" / f"{setup['onnx'].stem}-int8-k0.inputs.json").read_text())
+    record_path = run / "onnx" / f"{setup['onnx'].stem}-int8-k0.inputs.json"
+    record = json.loads(record_path.read_text())
     assert record["build"]["calib_sha256"] == sha256_file(other_calib)
     assert json.loads(manifest.read_text())["inputs"][str(other_calib)] == sha256_file(other_calib)
+    assert json.loads(manifest.read_text())["kind"] == "materialize"
+
+    # a record that names no kind (written before records named their kind) is no record of its inputs
+    del record["kind"]
+    record_path.write_text(json.dumps(record))
+    error = _raises(load_script, changed)
+    assert error.flag == "--overwrite" and "no record of its inputs" in str(error) and "names no kind" in str(error)
 
 
 @pytest.mark.parametrize(

@@ -47,7 +47,7 @@ def test_int8_output_manifest_and_ort_load(int8_run, tiny_yolov10_onnx, tiny_yol
     from lowbit.runs import sha256_file
 
     assert manifest["inputs"][str(tiny_yolov10_onnx)] == sha256_file(tiny_yolov10_onnx)
-    assert manifest["status"] == "ok"
+    assert manifest["status"] == "ok" and manifest["kind"] == "quantize"
     extra = manifest["extra"]
     from lowbit.quantize import resolve_high_precision_dtype
 

@@ -65,10 +65,11 @@ def _sha(data: bytes) -> str:
 def metrics_doc(model_path: str, model_sha: str, map50_95: float, map50: float, p50: float | None, *,
                 quant_dtypes=(), qdq_pairs: int = 0, provider: str = "CPUExecutionProvider",
                 image_ids=IMAGE_IDS, ann_sha: str = ANN_SHA, conf: float = 0.001) -> dict:
-    """A metrics.json as eval_yolov10m_onnx_coco.py writes it (schema_version 1)."""
+    """A metrics.json as eval_yolov10m_onnx_coco.py writes it (kind "metrics", schema_version 1)."""
     is_qdq = bool(quant_dtypes)
     return {
         "schema_version": 1,
+        "kind": "metrics",
         "script": "eval_yolov10m_onnx_coco.py",
         "status": "ok",
         "created_at": "2026-11-27T00:46:13",
@@ -122,6 +123,7 @@ def quant_manifest(source_path: str, source_sha: str, output_path: str, output_s
         "nodes_to_exclude": excluded,
     }
     return {
+        "kind": "quantize",
         "script": "quantize_yolov10m_onnx.py",
         "argv": ["scripts/cv-models/quantize_yolov10m_onnx.py"],
         "args": {"onnx_path": source_path, "calib_path": "calib.npy", "output_path": output_path,
@@ -260,7 +262,7 @@ def test_search_candidate_is_described_by_its_record_and_the_full_models_manifes
     run.variant("int8-k2-coco", "m-int8-k2", 0.53, 0.67, 50.0, manifest=False)
     model = run.root / "onnx" / "m-int8-k2.onnx"
     floated = ["/model.2/cv1/conv/Conv", "/model.0/conv/Conv"]
-    record = {"schema_version": 2, "candidate": "int8-k2", "model_sha256": _sha(model.read_bytes()),
+    record = {"schema_version": 2, "kind": "candidate", "candidate": "int8-k2", "model_sha256": _sha(model.read_bytes()),
               "full_model": str(run.root / "onnx" / "m-int8-qdq.onnx"),
               "build": {"method": "full", "full_model_sha256": full_sha, "nodes": floated}}
     record_path = run.root / "onnx" / "m-int8-k2.inputs.json"
@@ -380,7 +382,7 @@ def test_report_command_numbers_equal_metrics_files(load_script, workflow_run, n
 
     root = workflow_run.root
     report = json.loads((root / "report.json").read_text())
-    assert report["schema_version"] == 1 and report["budget_ap"] == 1.0
+    assert report["schema_version"] == 1 and report["kind"] == "report" and report["budget_ap"] == 1.0
     assert len(report["variants"]) == 6
     base = json.loads((root / "baseline-coco" / "metrics.json").read_text())
     for v in report["variants"]:
@@ -419,6 +421,7 @@ def test_report_command_numbers_equal_metrics_files(load_script, workflow_run, n
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
     manifest = json.loads((root / "report.manifest.json").read_text())
     assert manifest["status"] == "ok" and manifest["extra"]["recommended"] == "FP8 K=5 (onnx ranking)"
+    assert manifest["kind"] == "report"
     # the inputs are the records used, by content: 6 metrics files and the 5 quantizer manifests
     assert manifest["inputs"] == report["provenance"]["records"] and len(manifest["inputs"]) == 11
     assert report["provenance"]["model_sha256"] == workflow_run.fp32_sha and report["dropped"] == []

@@ -35,7 +35,8 @@ class SearchRun:
         self.k0 = self.run.variant("int8-coco", "m-int8-qdq", FULL_MAP, 0.69, 50.0)
         self.full = root / "onnx" / "m-int8-qdq.onnx"
         self.ranking = root / "ranking.json"
-        self.ranking.write_text(json.dumps({"schema_version": 1, "source": "onnx", "nodes": NODES}))
+        ranking = {"schema_version": 1, "kind": "sensitivity", "source": "onnx", "nodes": NODES}
+        self.ranking.write_text(json.dumps(ranking))
         self.metrics = {k: self._candidate(f"int8-k{k}", NODES[:k], ap) for k, ap in CANDIDATE_MAPS.items()}
         self.control = self._candidate("int8-k2_random0", list(reversed(NODES)), CONTROL_MAP, seed=0)
         self.search_path = root / "search-int8" / "search.json"
@@ -47,6 +48,7 @@ class SearchRun:
         model = self.root / "onnx" / f"m-{name}.onnx"
         record = {
             "schema_version": 2,
+            "kind": "candidate",
             "candidate": name,
             "model_sha256": _sha(model.read_bytes()),
             "full_model": str(self.full),
@@ -100,6 +102,7 @@ class SearchRun:
         }
         return {
             "schema_version": 1,
+            "kind": "search",
             "mode": "int8",
             "ranking": {
                 "report": str(self.ranking),
@@ -274,6 +277,14 @@ def test_search_without_schema_version_is_dropped(load_script, search_run):
     assert "the schema is missing" in reason
 
 
+def test_search_without_kind_is_dropped(load_script, search_run):
+    doc = search_run.search_doc()
+    del doc["kind"]  # written before records named their kind
+    search_run.write_search(doc)
+    reason = _search_dropped(_report(load_script, search_run), search_run)
+    assert "names no kind" in reason
+
+
 def test_deleted_candidate_metrics_are_not_cited(load_script, search_run):
     search_run.metrics[2].unlink()
     report = _report(load_script, search_run)
@@ -314,6 +325,33 @@ def test_nan_in_one_variants_metrics_is_dropped_and_the_plots_are_drawn(load_scr
     png = (search_run.root / "pareto.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     _search_dropped(report, search_run)  # it cites the NaN evaluation
+
+
+def test_metrics_without_kind_are_dropped(load_script, search_run):
+    search_run.rewrite_metrics(search_run.metrics[2], lambda d: d.pop("kind"))  # written before records named it
+    report = _report(load_script, search_run)
+    reason = _dropped(report, search_run.metrics[2])
+    assert str(search_run.metrics[2]) in reason and "names no kind" in reason
+    _not_used(report, search_run.metrics[2])
+    assert report["recommended"]["variant"] == "FP32"
+    assert "which this report dropped" in _search_dropped(report, search_run)  # it cites that evaluation
+
+
+def test_metrics_of_another_kind_are_skipped(load_script, search_run):
+    """A metrics.json that is another record (or no record: a training run's) is no evaluation, not a loss."""
+    search_run.rewrite_metrics(search_run.metrics[2], lambda d: d.update(kind="sensitivity"))
+    report = _report(load_script, search_run)
+    assert all(Path(d["path"]) != search_run.metrics[2].resolve() for d in report["dropped"])
+    _not_used(report, search_run.metrics[2])
+
+
+def test_candidate_record_without_kind_is_not_used(load_script, search_run):
+    record = search_run.root / "onnx" / "m-int8-k2.inputs.json"
+    search_run.rewrite_metrics(record, lambda d: d.pop("kind"))
+    variants = _report(load_script, search_run)["variants"]
+    row = next(v for v in variants if v["metrics_path"].endswith("int8-k2-coco/metrics.json"))
+    assert row["model_manifest"] is None and row["excluded_nodes"] is None
+    assert any(str(record) in note and "names no kind" in note and note.endswith("not used") for note in row["notes"])
 
 
 def test_variant_scored_on_other_image_ids_is_dropped(load_script, search_run):
@@ -377,6 +415,13 @@ def test_unreadable_baseline_is_an_error_naming_it(load_script, search_run, caps
         search_run.rewrite_metrics(search_run.baseline, lambda d: d["latency_ms"].update(p50=float("nan")))
     err = _error(load_script, search_run, capsys)
     assert "FP32 baseline's metrics cannot be used" in err and str(search_run.baseline) in err
+
+
+def test_baseline_without_kind_is_an_error_naming_it(load_script, search_run, capsys):
+    search_run.rewrite_metrics(search_run.baseline, lambda d: d.pop("kind"))  # written before records named it
+    err = _error(load_script, search_run, capsys)
+    assert "FP32 baseline's metrics cannot be used" in err and str(search_run.baseline) in err
+    assert "names no kind" in err
 
 
 def test_no_usable_variant_is_an_error(load_script, search_run, capsys):

@@ -111,7 +111,8 @@ def quantizer_manifest(model: Path, fp32: Path, mode: str) -> Path:
     path.write_text(
         json.dumps(
             {
-                "script": records.QUANTIZER_SCRIPT,
+                "kind": "quantize",
+                "script": "quantize_yolov10m_onnx.py",
                 "status": "ok",
                 "args": {"onnx_path": str(fp32)},
                 "inputs": {str(fp32): sha256_file(fp32)},
@@ -403,7 +404,8 @@ def test_torch_ranking_of_another_checkpoint(world, tmp_path, load_script, capsy
     fp32.with_suffix(".manifest.json").write_text(
         json.dumps(
             {
-                "script": records.EXPORTER_SCRIPT,
+                "kind": "export",
+                "script": "scripts/cv-models/export_yolov10_raw_onnx.py",
                 "status": "ok",
                 "inputs": {"tiny.pt": "1" * 64},
                 "extra": {"onnx_sha256": sha256_file(fp32)},
@@ -505,10 +507,29 @@ def test_an_annotation_file_changed_in_place_is_evaluated_again(world, tmp_path,
     assert scored_on == sha256_file(ann) == third["provenance"]["ann_sha256"] != first["provenance"]["ann_sha256"]
 
 
+def test_candidates_cached_before_records_named_their_kind_are_evaluated_again(world, tmp_path, load_script):
+    run = tmp_path / "run"
+    assert not _search(load_script, world, run, world["data"], world["baseline"])["candidates"][0]["reused"]
+    record_path = run / "onnx" / "tiny-int8-k0.inputs.json"
+    log = run / "search-int8" / "search.log"
+    for path in (record_path, run / "int8-k0-coco" / "metrics.json"):  # the record, then its metrics
+        doc = json.loads(path.read_text())
+        del doc["kind"]
+        path.write_text(json.dumps(doc))
+        if path != record_path:  # the record still names these metrics by content
+            record = json.loads(record_path.read_text())
+            record_path.write_text(json.dumps({**record, "metrics_sha256": sha256_file(path)}))
+        again = _search(load_script, world, run, world["data"], world["baseline"])
+        assert not again["candidates"][0]["reused"]
+        lines = [line for line in log.read_text().splitlines() if "int8-k0:" in line and "building and" in line]
+        assert str(path) in lines[-1] and "names no kind" in lines[-1], lines
+    assert _search(load_script, world, run, world["data"], world["baseline"])["candidates"][0]["reused"]
+
+
 def test_search_json_records_its_provenance(world, tmp_path, load_script):
     search = _search(load_script, world, tmp_path / "run", world["data"], world["baseline"])
     ann = world["data"] / "annotations" / "instances_val2017.json"
-    assert search["schema_version"] == records.SCHEMA_VERSIONS["search"] == 1
+    assert search["schema_version"] == records.SCHEMA_VERSIONS["search"] == 1 and search["kind"] == "search"
     p = search["provenance"]
     assert p["full_model_sha256"] == sha256_file(world["int8"]) and p["onnx_sha256"] == sha256_file(world["fp32"])
     assert p["ranking_sha256"] == sha256_file(world["ranking"])

@@ -88,7 +88,7 @@ def runs(load_script, hard_onnx, calib_npy, tmp_path_factory) -> dict[str, Path]
 def test_report_follows_schema_and_is_not_degenerate(runs, hard_onnx, precision):
     out_dir = runs[precision]
     report = json.loads((out_dir / "layer-sensitivity-report.json").read_text())
-    assert report["schema_version"] == 1 and report["source"] == "onnx"
+    assert report["schema_version"] == 1 and report["kind"] == "sensitivity" and report["source"] == "onnx"
     assert report["precision"] == precision and report["quant_format"] == f"{precision}-{precision}"
     assert report["method"]["higher_is_more_sensitive"] is True and report["method"]["score"] == "local_rel_mse"
     assert report["data"] == {"images": NUM_IMAGES, "source": report["data"]["source"], "imgsz": 160}
@@ -124,6 +124,7 @@ def test_report_follows_schema_and_is_not_degenerate(runs, hard_onnx, precision)
     assert (out_dir / "layer-sensitivity-report.md").read_text().count("\n| ") == len(layers) + 2  # header, rule, rows
     manifest = json.loads((out_dir / "manifest.json").read_text())
     assert manifest["status"] == "ok" and manifest["extra"]["fp32_recovery_rel_diff"] < 1e-5
+    assert manifest["kind"] == "sensitivity" and quantize_manifest["kind"] == "quantize"
 
 
 @pytest.mark.parametrize("precision", ["int8", "fp8"])
@@ -272,9 +273,16 @@ def test_spearman_and_compare_reports(tiny_yolov10_onnx):
 
 def test_load_report_rejects_bad_files(tmp_path):
     path = tmp_path / "r.json"
-    path.write_text(json.dumps({"schema_version": 1, "layers": [{"name": "a", "rank": 1}, {"name": "b", "rank": 3}]}))
-    with pytest.raises(UserError, match="--report-json"):
+    layers = [{"name": "a", "rank": 1}, {"name": "b", "rank": 3}]
+    path.write_text(json.dumps({"schema_version": 1, "kind": "sensitivity", "layers": layers}))
+    with pytest.raises(UserError, match="ranks are not 1..2") as e:
         report_io.load_report(path, "--report-json")
+    assert e.value.flag == "--report-json"
+    for kind, why in ((None, "names no kind"), ("metrics", "is a 'metrics' record")):  # another writer's file
+        path.write_text(json.dumps({"schema_version": 1, "layers": [layers[0]], **({"kind": kind} if kind else {})}))
+        with pytest.raises(UserError, match=why) as e:
+            report_io.load_report(path, "--report-json")
+        assert e.value.flag == "--report-json"
     path.write_text("not json")
     with pytest.raises(UserError, match="not a readable JSON"):
         report_io.load_report(path, "--report-json")

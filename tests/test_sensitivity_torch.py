@@ -23,7 +23,7 @@ WRAPPER = REPO / "scripts/cv-models/run_yolov10m_layer_sensitivity_sweep.sh"
 REPORT = "layer-sensitivity-report"
 IMGSZ = 64  # anchors 8^2 + 4^2 + 2^2 = 84: ~85 forward passes of yolov10n stay within seconds
 SCHEMA_KEYS = {
-    "schema_version", "source", "model", "model_sha256", "precision", "quant_format",
+    "schema_version", "kind", "source", "model", "model_sha256", "precision", "quant_format",
     "method", "data", "device", "wall_s", "layers",
 }  # fmt: skip
 ROW_KEYS = {"rank", "name", "op_type", "weight", "onnx_node", "score"}

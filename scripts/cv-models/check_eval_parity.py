@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     image_ids = select_image_ids(coco, args.max_images)
     files = {img["id"]: img["file_name"] for img in coco.dataset["images"]}
 
-    with manifest_run(work / "parity.manifest.json", "check_eval_parity.py", vars(args)) as manifest:
+    with manifest_run(work / "parity.manifest.json", "check_eval_parity.py", vars(args), kind="parity") as manifest:
         manifest.add_input(weights)
         manifest.add_input(onnx_path)
         settings = EvalSettings(

@@ -80,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
 
     out.parent.mkdir(parents=True, exist_ok=True)
     setup_logging()
-    with manifest_run(out.with_suffix(".manifest.json"), SCRIPT, vars(args), argv) as manifest:
+    with manifest_run(
+        out.with_suffix(".manifest.json"), SCRIPT, vars(args), argv, kind="sensitivity-compare"
+    ) as manifest:
         manifest.add_input(path_a)
         manifest.add_input(path_b)
         if onnx_path is not None:

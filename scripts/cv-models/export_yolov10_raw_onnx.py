@@ -108,7 +108,9 @@ def main(argv: list[str] | None = None) -> int:
 def _export(args: argparse.Namespace, loaded, out: Path, manifest_path: Path, argv: list[str] | None):
     import torch
 
-    with manifest_run(manifest_path, "scripts/cv-models/export_yolov10_raw_onnx.py", vars(args), argv) as manifest:
+    with manifest_run(
+        manifest_path, "scripts/cv-models/export_yolov10_raw_onnx.py", vars(args), argv, kind="export"
+    ) as manifest:
         manifest.add_input(loaded.source)
         generator = torch.Generator().manual_seed(args.seed)
         images = torch.rand(1, 3, args.imgsz, args.imgsz, generator=generator)

@@ -239,7 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     report["source"] = str(paths["source"]) if paths["source"] else None
     reference_label = str(paths["reference"] or paths["source"])
     manifest_path = _manifest_path(outputs)
-    context = manifest_run(manifest_path, SCRIPT, vars(args), argv) if manifest_path else contextlib.nullcontext()
+    context = (
+        manifest_run(manifest_path, SCRIPT, vars(args), argv, kind="inspect") if manifest_path else contextlib.nullcontext()
+    )
     with context as manifest:
         for path in paths.values() if manifest is not None else ():
             if path is not None:

@@ -211,7 +211,7 @@ def write_report(collected: dict, args: argparse.Namespace, argv: list[str] | No
     setup_logging(out_dir / "report.log", args.verbose)
     for d in collected["dropped"]:
         log.warning("left out %s: %s", d["path"], d["reason"])
-    with manifest_run(out_dir / "report.manifest.json", SCRIPT, vars(args), argv) as manifest:
+    with manifest_run(out_dir / "report.manifest.json", SCRIPT, vars(args), argv, kind="report") as manifest:
         for name in OUTPUT_FILES:  # --overwrite: a failed rebuild must not leave the old report looking current
             (out_dir / name).unlink(missing_ok=True)
         for path, digest in collected["provenance"]["records"].items():

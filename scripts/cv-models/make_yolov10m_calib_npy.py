@@ -106,7 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     shape = (n, 3, args.imgsz, args.imgsz)
     logger.info("calibration tensor %s from %d images of %s", list(shape), n, list_path)
 
-    with manifest_run(out.with_suffix(".manifest.json"), "make_yolov10m_calib_npy.py", vars(args), argv) as manifest:
+    with manifest_run(
+        out.with_suffix(".manifest.json"), "make_yolov10m_calib_npy.py", vars(args), argv, kind="calib"
+    ) as manifest:
         list_sha = manifest.add_input(list_path)
         channel_sum, channel_sq = write_tensor(entries, out, args.imgsz, args.workers)
         count = n * args.imgsz * args.imgsz

@@ -414,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("--num-images %d: %s holds only %d images; scoring all of them", args.num_images,
                     inputs.calib_path, num_images)  # fmt: skip
     calib_images = min(args.calib_images or args.num_images, inputs.calib.shape[0])
-    with manifest_run(out_dir / "manifest.json", SCRIPT, vars(args), argv) as manifest:
+    with manifest_run(out_dir / "manifest.json", SCRIPT, vars(args), argv, kind="sensitivity") as manifest:
         model_sha = manifest.add_input(inputs.onnx_path)
         manifest.add_input(inputs.calib_path)
         t0 = time.perf_counter()

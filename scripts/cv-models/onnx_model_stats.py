@@ -64,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         stats = model_stats(model, batch=args.batch, input_shapes=overrides)
     else:
         manifest_path = args.json_out.with_suffix(".manifest.json")
-        with manifest_run(manifest_path, "scripts/cv-models/onnx_model_stats.py", vars(args), argv) as manifest:
+        with manifest_run(
+            manifest_path, "scripts/cv-models/onnx_model_stats.py", vars(args), argv, kind="stats"
+        ) as manifest:
             manifest.add_input(model)
             stats = model_stats(model, batch=args.batch, input_shapes=overrides)
             atomic_write_json(args.json_out, stats)

@@ -114,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("search.json", "search.md"):  # an earlier result must not outlive a failed rerun
         (out_dir / name).unlink(missing_ok=True)
     setup_logging(out_dir / "search.log")
-    with manifest_run(out_dir / "manifest.json", "search_yolov10m_lowbit_budget.py", vars(args), argv) as manifest:
+    with manifest_run(
+        out_dir / "manifest.json", "search_yolov10m_lowbit_budget.py", vars(args), argv, kind="search"
+    ) as manifest:
         files = {
             "ranking": cfg.ranking,
             "onnx": cfg.onnx_path,

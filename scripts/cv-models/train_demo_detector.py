@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     _offline_environment(run_dir / "ultralytics-settings")
 
     script = "scripts/cv-models/train_demo_detector.py"
-    with manifest_run(run_dir / "manifest.json", script, vars(args), argv) as manifest:
+    with manifest_run(run_dir / "manifest.json", script, vars(args), argv, kind="train") as manifest:
         manifest.add_input(args.data)
         # lazy: importing ultralytics/torch takes seconds and reads the environment set just above
         import ultralytics

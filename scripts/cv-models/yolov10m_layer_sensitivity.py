@@ -168,7 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     logger = setup_logging(run_dir / LOG_NAME, verbose=args.verbose)
     logger.info("run dir %s", run_dir)
 
-    with manifest_run(run_dir / "manifest.json", SCRIPT, vars(args), sys.argv if argv is None else argv) as manifest:
+    with manifest_run(
+        run_dir / "manifest.json", SCRIPT, vars(args), sys.argv if argv is None else argv, kind="sensitivity"
+    ) as manifest:
         weights_sha = manifest.add_input(checked["weights"])
         manifest.add_input(checked["data_path"])
         manifest.update(

@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
 def _smoke(args, argv, model: Path, shapes, batch_assumed_for, run_dir: Path) -> dict[str, Any]:
     import onnxruntime as ort
 
-    with manifest_run(run_dir / "manifest.json", SCRIPT, vars(args), argv) as manifest:
+    with manifest_run(run_dir / "manifest.json", SCRIPT, vars(args), argv, kind="smoke") as manifest:
         model_sha256 = manifest.add_input(model)
         session, info = build_session(
             model, list(args.providers), args.disable_cpu_fallback, cache_dir=run_dir / "ort_cache"
