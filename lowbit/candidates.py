@@ -252,6 +252,8 @@ class CandidateStore:
             model = self.full_model  # nothing to remove: the full model is the K=0 candidate
         else:
             model = self.run_root / "onnx" / f"{self.stem}-{name}.onnx"
+            if model.resolve() == Path(self.full_model).resolve():  # a rebuild never overwrites the search's input
+                model = model.with_name(f"{self.stem}-{name}-{self.build}.onnx")
         return name, model, self.run_root / f"{name}-coco" / "metrics.json"
 
     def _build_record(self, nodes: list[str]) -> dict[str, Any]:
@@ -302,7 +304,9 @@ class CandidateStore:
         """Build (if needed) and evaluate the candidate with ``nodes`` in float; cached by its record."""
         k = len(nodes)
         name, model, metrics = self.paths(k, random_seed)
-        record_path = self.run_root / "onnx" / f"{self.stem}-{name}.inputs.json"
+        record_path = model.with_suffix(".inputs.json")  # beside the model it describes, where the report looks
+        if model == self.full_model:  # K=0 of a full build: the record must not pass for the full model's own
+            record_path = self.run_root / "onnx" / f"{self.stem}-{name}.inputs.json"
         build, evaluation = self._build_record(nodes), self.evaluation.content(self.dataset)
         why = self.stale_reason(record_path, model, metrics, build, evaluation)
         if why is None:

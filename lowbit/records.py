@@ -52,6 +52,7 @@ SCHEMA_VERSIONS: dict[str, int] = {
     "scheme-candidate": 1,  # lowbit.candidates: <candidate stem>.inputs.json beside a fixed-K candidate
     "search": 1,  # lowbit.search_run: search-<mode>/search.json
     "report": 1,  # lowbit.report: report.json
+    "step": 1,  # lowbit.steps: <run>/.steps/<step>.json, the workflow's record of a completed step
 }
 
 # Run manifest kind (lowbit.runs.Manifest's "kind": the step that wrote it) -> its writer. A step that also

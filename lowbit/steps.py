@@ -35,7 +35,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lowbit.runs import REPO_ROOT, atomic_write_json, sha256_file
+from lowbit import records
+from lowbit.runs import REPO_ROOT, UserError, atomic_write_json, sha256_file
 
 __all__ = [
     "Step",
@@ -316,8 +317,8 @@ def is_complete(run: Path, step: Step) -> bool:
     if step.reuse_existing:
         return all(p.exists() for p in step.outputs)
     try:
-        record = json.loads(_record_path(run, step).read_text())
-    except (OSError, ValueError):
+        record = records.check_record(json.loads(_record_path(run, step).read_text()), _record_path(run, step), "step")
+    except (OSError, ValueError, UserError):  # missing, unreadable or foreign: the step runs again
         return False
     if any(not p.exists() for p in step.reads()):
         return False
@@ -353,6 +354,7 @@ def run_step(run: Path, step: Step, log_dir: Path, processes: StepProcesses) -> 
     atomic_write_json(
         record,
         {
+            **records.header("step"),
             "step": step.name,
             "fingerprint": fingerprint,
             "outputs": digests,
