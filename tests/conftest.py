@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import subprocess
 import sys
 from pathlib import Path
 
@@ -33,6 +35,30 @@ def _load_script(relative_path: str):
 def load_script():
     """``load_script("scripts/cv-models/x.py")`` returns the imported module; call its ``main([...])``."""
     return _load_script
+
+
+_HOLD = (
+    "import sys, time\nfrom lowbit.run_lock import hold_run_folder\n"
+    "with hold_run_folder(sys.argv[1], '--run-root'):\n    print('held', flush=True)\n    time.sleep(120)\n"
+)
+
+
+@contextlib.contextmanager
+def _folder_held_elsewhere(folder: Path):
+    """Another process holds ``folder``'s run lock for the block; yields that process (its ``pid`` is the holder)."""
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(folder)], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield holder
+    finally:
+        holder.terminate()
+        holder.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def folder_held_elsewhere():
+    """``with folder_held_elsewhere(path) as holder:`` another process writes ``path`` (holds its run lock)."""
+    return _folder_held_elsewhere
 
 
 def _redraw_weights(model, seed: int = 0, gain: float = 1.5) -> None:

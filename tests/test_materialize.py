@@ -219,3 +219,11 @@ def test_compare_requantize_prints_the_table_of_both_builds(setup, full_int8, lo
     assert _raises(load_script, no_eval).flag == "--compare-requantize"
     no_full = argv[: argv.index("--from-full-model")] + argv[argv.index("--from-full-model") + 2 :]
     assert _raises(load_script, no_full).flag == "--from-full-model"
+
+
+def test_a_second_writer_of_the_run_folder_is_refused(setup, tmp_path, load_script, folder_held_elsewhere):
+    run = tmp_path / "busy"
+    with folder_held_elsewhere(run) as holder:
+        error = _raises(load_script, _argv(setup, run, "--schemes-dir", str(setup["root"] / "run" / "schemes"), "--ks", "0"))
+    assert error.flag == "--run-root" and f"pid {holder.pid}" in str(error)
+    assert not (run / "candidates-fp8").exists() and not list(run.rglob("*.onnx"))

@@ -547,3 +547,12 @@ def test_search_json_records_its_provenance(world, tmp_path, load_script):
     moved = Path(shutil.copytree(world["data"], tmp_path / "moved"))  # same content, another path: reused
     again = _search(load_script, world, tmp_path / "run", moved, world["baseline"])
     assert again["candidates"][0]["reused"] and again["provenance"] == p
+
+
+def test_a_second_writer_of_the_run_folder_is_refused(world, tmp_path, load_script, capsys, folder_held_elsewhere):
+    run_root = tmp_path / "busy"
+    with folder_held_elsewhere(run_root) as holder:
+        assert load_script(SCRIPT).main(argv(world, run_root)) == 2
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and errors[0].startswith("error: --run-root") and f"pid {holder.pid}" in errors[0]
+    assert not (run_root / "search-int8").exists() and not list(run_root.rglob("*.onnx"))

@@ -214,25 +214,16 @@ def test_a_failed_steps_log_holds_its_error_line(wf, tmp_path, capfd):
     assert not (tmp_path / "run" / ".steps" / "broken.json").exists()
 
 
-def test_a_second_workflow_on_the_same_run_id_is_refused(wf, tiny_inputs, tmp_path, capsys):
+def test_a_second_workflow_on_the_same_run_id_is_refused(wf, tiny_inputs, tmp_path, capsys, folder_held_elsewhere):
     base, _, _ = tiny_inputs
     run = tmp_path / "runs" / "busy"
-    hold = (
-        "import sys, time\nfrom lowbit.run_lock import hold_run_folder\n"
-        "with hold_run_folder(sys.argv[1], '--run-id'):\n    print('held', flush=True)\n    time.sleep(120)\n"
-    )
-    holder = subprocess.Popen([sys.executable, "-c", hold, str(run)], cwd=REPO, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with folder_held_elsewhere(run) as holder:
         rc = wf.main([*base["argv"], "--output-root", str(tmp_path / "runs"), "--run-id", "busy"])
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and err[-1].startswith("error: --run-id") and f"pid {holder.pid}" in err[-1]
         assert not (run / "workflow.json").exists() and not (run / "logs").exists()
         # a dry run reads only, so it needs no hold
         assert wf.main([*base["argv"], "--output-root", str(tmp_path / "runs"), "--run-id", "busy", "--dry-run"]) == 0
-    finally:
-        holder.terminate()
-        holder.wait(timeout=30)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ from pathlib import Path
 from lowbit import candidates
 from lowbit.cli import cli_entry
 from lowbit.ort_session import MODELOPT_CALIBRATION_EPS
+from lowbit.run_lock import hold_run_folder
 from lowbit.runs import CARD_ONNX_PATH, UserError, check_input_file
 
 SCRIPT = "materialize_yolov10m_lowbit_candidates.py"
@@ -96,9 +97,11 @@ def main(argv: list[str] | None = None) -> int:
         if not args.eval:
             raise UserError("--compare-requantize compares evaluations: pass --eval", flag="--compare-requantize")
         args.compare_dir = args.compare_dir or args.run_root.with_name(f"{args.run_root.name}-compare-{args.quant_mode}")
-        print(candidates.compare_table(candidates.compare_requantize(args)))
+        with hold_run_folder(args.run_root, "--run-root"), hold_run_folder(args.compare_dir, "--compare-dir"):
+            print(candidates.compare_table(candidates.compare_requantize(args)))
         return 0
-    rows = candidates.materialize_candidates(args, argv, SCRIPT)
+    with hold_run_folder(args.run_root, "--run-root"):  # one writer per run folder (a no-op inside the workflow)
+        rows = candidates.materialize_candidates(args, argv, SCRIPT)
     print(candidates.summary_markdown(rows))
     return 0
 

@@ -37,6 +37,7 @@ from lowbit.candidates import BUILDS, EvalConfig, RequantizeConfig
 from lowbit.cli import cli_entry
 from lowbit.logs import setup_logging
 from lowbit.ort_session import CUDNN_CONV_ALGO_SEARCH, MODELOPT_CALIBRATION_EPS
+from lowbit.run_lock import hold_run_folder
 from lowbit.runs import UserError, atomic_write_json, atomic_write_text, check_input_file, manifest_run
 
 
@@ -109,6 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = config(args)
     inputs = search_run.check_inputs(cfg)  # every mismatch ends here, before search-<mode>/ exists
+    with hold_run_folder(args.run_root, "--run-root"):  # one writer per run folder (a no-op inside the workflow)
+        return _search(args, cfg, inputs, argv)
+
+
+def _search(args: argparse.Namespace, cfg: search_run.SearchConfig, inputs, argv: list[str] | None) -> int:
     out_dir = args.run_root / f"search-{args.mode}"
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in ("search.json", "search.md"):  # an earlier result must not outlive a failed rerun
