@@ -46,8 +46,7 @@ $(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) requirements/inputs_digest.py check $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -c 'import sys; sys.exit("%d.%d" % sys.version_info[:2] != "$(LOCK_PYTHON)")' || { \
-		echo "error: $(LOCK) is for CPython $(LOCK_PYTHON); $(VENV) has $$($(PY) -V); recreate it with PYTHON=python$(LOCK_PYTHON)" >&2; exit 1; }
-	$(PY) -m pip install --upgrade pip
+		echo "error: $(LOCK) is for CPython $(LOCK_PYTHON); $(VENV) has $$($(PY) -V); recreate it: rm -rf $(VENV) && make env PYTHON=python$(LOCK_PYTHON)" >&2; exit 1; }
 	$(PY) -m pip install --require-hashes --no-deps -r $(LOCK)
 	$(PY) -m pip install --no-deps --no-build-isolation -e .
 	@if $(PY) -m pip show onnxruntime >/dev/null 2>&1; then \

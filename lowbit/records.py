@@ -19,7 +19,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ __all__ = [
     "require_equal",
     "require_finite",
     "settings_sha256",
+    "shape_checked",
 ]
 
 # Record kind -> the schema version its writer writes and its readers accept.
@@ -267,3 +269,14 @@ def quantizer_manifest_for(model_path: str | Path, model_sha256: str) -> tuple[d
         "onnx_path": onnx_path,
         "onnx_sha256": (manifest.get("inputs") or {}).get(str(onnx_path)) if onnx_path else None,
     }, None
+
+
+@contextmanager
+def shape_checked(path: str | Path, flag: str | None = None) -> Iterator[None]:
+    """Inside the block, a record of the wrong shape (a list where an object belongs, text where a number
+    belongs, a missing key) ends in one UserError naming the file, not a traceback."""
+    try:
+        yield
+    except (TypeError, AttributeError, KeyError, ValueError) as e:
+        raise UserError(f"{flag + ': ' if flag else ''}{path} is malformed ({type(e).__name__}: {e})",
+                        flag=flag or str(path)) from e

@@ -321,6 +321,7 @@ def _variant_from_metrics(metrics: dict, metrics_path: Path, run_dir: Path, hash
         "metrics_path": _rel(metrics_path),
         "model_manifest": _rel(manifest_path) if manifest_path else None,
         "derived_from_full_model": (manifest or {}).get("derived") == "full",
+        "_derived": (manifest or {}).get("derived"),
         "run_dir": _rel(run_dir),
         "notes": notes,
         "_metrics_file": metrics_path,
@@ -439,6 +440,22 @@ def _read_searches(
     return searches
 
 
+def _without_uncited_candidates(variants: list[dict], dropped: list[dict]) -> list[dict]:
+    """Budget-search candidates that a used ``search.json`` cites, and every other variant.
+
+    A candidate left in the run dir by an earlier search (another ranking, budget or build) still matches the
+    baseline, but no current search stands behind it: it is dropped, never recommended beside the search shown.
+    """
+    kept = []
+    for v in variants:
+        if v["_derived"] in ("full", "requantized") and not v.get("_cited_by_search"):
+            why = "a budget-search candidate that no search.json of this report cites (left by an earlier search)"
+            inputs.drop(dropped, v["_metrics_file"], why)
+            continue
+        kept.append(v)
+    return kept
+
+
 def _provenance(ref: inputs.Reference, used: list[dict], searches: list[dict], hasher: inputs.Hasher) -> dict:
     """report.json's ``provenance``: the baseline's keys and the sha256 of every record the report used."""
     used_records = {}
@@ -493,6 +510,7 @@ def collect_variants(run_dirs: Iterable[Path], data_root: Path | None = None) ->
     variants = _usable(variants, baseline, ref, dropped)
     ref.fp32_metrics_sha256 = {v["_metrics_sha256"] for v in variants if v["role"] in ("baseline", "fp32_repeat")}
     searches = _read_searches(run_dirs, ref, variants, dropped, hasher)
+    variants = _without_uncited_candidates(variants, dropped)
     unknown_source = [v["label"] for v in variants if v["role"] in ("quantized", "random_control")
                       and not v["source_model_sha256"]]
     if unknown_source:

@@ -330,6 +330,7 @@ class SearchCheck:
     ):
         self.path, self.data, self.ref, self.hasher = path, data, ref, hasher
         self.used = {Path(v["_metrics_file"]).resolve(): v for v in used}
+        self.cited: list[dict] = []  # the evaluations its rows cite
         self.dropped = dropped
         self.baseline_ap = float(data["baseline_ap"])
         self.prov = data.get("provenance")
@@ -361,7 +362,7 @@ class SearchCheck:
         for point in list(s["curve"]) + list(s["probes"]):
             pk = int(point["k"])
             self.check_point(f"probe K={pk}", point["map"], point["delta"], ap_at(pk))
-            if bool(point["meets"]) != (float(point["delta"]) <= float(self.data["budget_ap"]) + 1e-9):
+            if bool(point["meets"]) != (float(point["delta"]) <= float(self.data["budget_ap"])):
                 self.fail(
                     f"probe K={pk} says meets={point['meets']} for a loss of {point['delta']} AP against a "
                     f"budget of {self.data['budget_ap']} AP"
@@ -422,6 +423,7 @@ class SearchCheck:
         for place in places:
             key = place.resolve()
             if key in self.used:
+                self.cited.append(self.used[key])
                 return self.used[key]
             if key in self.dropped:
                 self.fail(f"cites {rel_path(place)}, which this report dropped ({self.dropped[key]})")
@@ -527,8 +529,11 @@ def read_search(path: Path, ref: Reference, used: list[dict], dropped: dict[Path
     where = records.find_non_finite(data)
     if where:
         raise UserError(f"{path}: {where} is not a finite number", flag=str(path))
+    check = SearchCheck(path, data, ref, used, dropped, hasher)
     try:
-        SearchCheck(path, data, ref, used, dropped, hasher).run()
+        check.run()
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
         raise UserError(f"{path} is not a complete search record ({type(e).__name__}: {e})", flag=str(path)) from e
+    for variant in check.cited:
+        variant["_cited_by_search"] = True
     return data

@@ -156,7 +156,8 @@ def check_inputs(cfg: SearchConfig) -> SearchInputs:
     digests = _digests(cfg)
     notes: list[str] = []
     manifest = _check_full_model(cfg, fp32, full, digests, notes)
-    report = _check_ranking(cfg, digests, notes)
+    with records.shape_checked(cfg.ranking, "--ranking"):
+        report = _check_ranking(cfg, digests, notes)
     ranked = match_ranking(report, fp32, full, "--ranking", cfg.ranking, cfg.full_model)
     warning = unmatched_warning(ranked, cfg.ranking, cfg.full_model)
     if warning:
@@ -169,14 +170,16 @@ def check_inputs(cfg: SearchConfig) -> SearchInputs:
             flag="--seed-ks",
         )
     dataset = dataset_key(cfg.evaluation)
-    baseline_ap = _check_metrics(
-        cfg.baseline_metrics, "--baseline-metrics", digests["onnx"], f"--onnx-path {cfg.onnx_path}", cfg, dataset
-    )
+    with records.shape_checked(cfg.baseline_metrics, "--baseline-metrics"):
+        baseline_ap = _check_metrics(
+            cfg.baseline_metrics, "--baseline-metrics", digests["onnx"], f"--onnx-path {cfg.onnx_path}", cfg, dataset
+        )
     k0_ap = None
     if cfg.k0_metrics is not None:
-        k0_ap = _check_metrics(
-            cfg.k0_metrics, "--k0-metrics", digests["full_model"], f"--full-model {cfg.full_model}", cfg, dataset
-        )
+        with records.shape_checked(cfg.k0_metrics, "--k0-metrics"):
+            k0_ap = _check_metrics(
+                cfg.k0_metrics, "--k0-metrics", digests["full_model"], f"--full-model {cfg.full_model}", cfg, dataset
+            )
     return SearchInputs(ranked.nodes, ranked.unmatched, report, baseline_ap, k0_ap, dataset, digests, manifest, notes)
 
 

@@ -271,9 +271,14 @@ class StepProcesses:
         return sorted(running)
 
 
+# Signals that stop a run. SIGHUP too: a closed terminal must not leave steps running in their own sessions
+# after the scheduler (and its run-folder lock) is gone.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+
+
 @contextmanager
 def stop_signals() -> Iterator[dict[str, int]]:
-    """While the block runs, SIGINT and SIGTERM set ``state["signal"]`` instead of ending the process.
+    """While the block runs, the :data:`STOP_SIGNALS` set ``state["signal"]`` instead of ending the process.
 
     Outside the main thread (where handlers cannot be installed) the state is never set.
     """
@@ -285,7 +290,7 @@ def stop_signals() -> Iterator[dict[str, int]]:
     def handler(signum, _frame):
         state.setdefault("signal", signum)
 
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
     try:
         yield state
     finally:

@@ -254,7 +254,7 @@ def test_variant_without_manifest_is_labelled_from_metrics(tmp_path):
     assert row["qdq_pairs"] == 60  # the evaluator's count is still there
 
 
-def test_search_candidate_is_described_by_its_record_and_the_full_models_manifest(tmp_path):
+def test_search_candidate_is_described_by_its_record_and_the_full_models_manifest(tmp_path, monkeypatch):
     run = RunDir(tmp_path / "run")
     run.baseline()
     run.variant("int8-coco", "m-int8-qdq", 0.52, 0.66, 50.0)  # the full Q/DQ model, with its quantizer manifest
@@ -267,6 +267,11 @@ def test_search_candidate_is_described_by_its_record_and_the_full_models_manifes
               "build": {"method": "full", "full_model_sha256": full_sha, "nodes": floated}}
     record_path = run.root / "onnx" / "m-int8-k2.inputs.json"
     record_path.write_text(json.dumps(record))
+    # no search.json cites it: a candidate left by an earlier search is dropped, never recommended
+    collected = rep.collect_variants([run.root])
+    assert "INT8 K=2" not in _by_label(collected["variants"])
+    assert any("int8-k2-coco" in d["path"] and "no search.json" in d["reason"] for d in collected["dropped"])
+    monkeypatch.setattr(rep, "_without_uncited_candidates", lambda variants, dropped: variants)  # as if one did
     row = _by_label(rep.collect_variants([run.root])["variants"])["INT8 K=2"]
     assert row["excluded_node_names"] == floated and row["excluded_nodes"] == 2
     assert row["num_quantized_nodes"] == 40 - 2 and row["derived_from_full_model"]

@@ -321,7 +321,8 @@ def test_nan_in_one_variants_metrics_is_dropped_and_the_plots_are_drawn(load_scr
     reason = _dropped(report, search_run.metrics[1])
     assert str(search_run.metrics[1]) in reason and "non-finite number NaN" in reason
     _not_used(report, search_run.metrics[1])
-    assert report["recommended"]["variant"] == "INT8 K=2"
+    # the search that cites it is dropped, and with it the candidates no other search stands behind
+    assert report["recommended"]["variant"] == "FP32"
     png = (search_run.root / "pareto.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     _search_dropped(report, search_run)  # it cites the NaN evaluation
@@ -429,3 +430,14 @@ def test_no_usable_variant_is_an_error(load_script, search_run, capsys):
         (search_run.root / "onnx" / f"{name}.onnx").unlink()
     err = _error(load_script, search_run, capsys)
     assert "no quantized variant is left" in err and "m-int8-k2.onnx no longer exists" in err
+
+
+def test_a_candidate_left_by_an_earlier_search_is_dropped(load_script, search_run):
+    """A candidate of an earlier search in the same run dir (here K=3, better than the search's pick and within
+    budget) still matches the baseline, but no search.json of the run cites it: it is never recommended."""
+    left = search_run._candidate("int8-k3", NODES[:3], 0.4995)
+    report = _report(load_script, search_run)
+    reason = _dropped(report, left)
+    assert "no search.json" in reason
+    _not_used(report, left)
+    assert report["recommended"]["variant"] == "INT8 K=2"

@@ -556,3 +556,23 @@ def test_a_second_writer_of_the_run_folder_is_refused(world, tmp_path, load_scri
         errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
         assert len(errors) == 1 and errors[0].startswith("error: --run-root") and f"pid {holder.pid}" in errors[0]
     assert not (run_root / "search-int8").exists() and not list(run_root.rglob("*.onnx"))
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [("dataset", []), ("postprocess", "topk"), ("model", None)],
+)
+def test_baseline_of_the_wrong_shape_names_its_file(world, tmp_path, load_script, capsys, key, value):
+    baseline = metrics_copy(world["baseline"], tmp_path / "b" / "metrics.json", lambda d: d.__setitem__(key, value))
+    run = tmp_path / "run"
+    expect_refusal(load_script, capsys, argv(world, run, baseline_metrics=baseline), run, "--baseline-metrics", baseline)
+
+
+def test_ranking_of_the_wrong_shape_names_its_file(world, tmp_path, load_script, capsys):
+    report = tmp_path / "rank-bad" / "layer-sensitivity-report.json"
+    report.parent.mkdir(parents=True)
+    data = json.loads(Path(world["ranking"]).read_text())
+    data["method"] = "single"
+    report.write_text(json.dumps(data))
+    run = tmp_path / "run"
+    expect_refusal(load_script, capsys, argv(world, run, ranking=report), run, "--ranking", report)

@@ -367,6 +367,7 @@ def _data_without_images(t: Path, data: Path) -> list[str]:
 BAD_INPUTS = {
     # case: (flag the error names, extra argv (t, data, model) -> argv, text the error must also contain)
     "a mode twice": ("--candidate-modes", lambda t, d, m: ["--candidate-modes", "int8", "int8"], "int8 int8"),
+    "--budget-ap 0 with --ks": ("--budget-ap", lambda t, d, m: ["--ks", "0", "2", "--budget-ap", "0"], "> 0"),
     "--random-seeds with --ks": ("--random-seeds", lambda t, d, m: ["--ks", "0", "2", "--random-seeds", "2"], "--ks"),
     "--random-band with --ks": ("--random-band", lambda t, d, m: ["--ks", "0", "2", "--random-band"], "--ks"),
     "--max-probes with --ks": ("--max-probes", lambda t, d, m: ["--ks", "0", "2", "--max-probes", "3"], "--ks"),
