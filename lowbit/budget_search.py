@@ -39,7 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from lowbit.runs import UserError
+from lowbit.errors import UserError
 
 # Probes allowed by default: end points + bisection over ~100 ranked nodes + a few scan probes.
 DEFAULT_MAX_PROBES = 12

@@ -18,7 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from lowbit.runs import REPO_ROOT, UserError, check_input_file
+from lowbit.errors import UserError
+
+from lowbit.runs import REPO_ROOT, check_input_file
 
 _NPY_MAGIC = b"\x93NUMPY"
 _ZIP_MAGIC = b"PK\x03\x04"

@@ -40,7 +40,8 @@ from typing import Any
 
 from lowbit import records
 from lowbit.logs import get_logger
-from lowbit.runs import UserError, atomic_write_json, atomic_write_text, manifest_run, sha256_file
+from lowbit.errors import UserError
+from lowbit.runs import atomic_write_json, atomic_write_text, manifest_run, sha256_file
 from lowbit.schemes import Scheme, find_schemes
 
 log = get_logger("candidates")

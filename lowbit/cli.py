@@ -30,7 +30,7 @@ import os
 import sys
 from pathlib import Path
 
-from lowbit.runs import UserError
+from lowbit.errors import UserError
 
 # YOLO's largest stride: the letterboxed side must be a multiple of it.
 IMGSZ_STRIDE = 32
@@ -151,6 +151,24 @@ def existing_file(text: str) -> Path:
             f"{path} is a folder, not a file" if path.is_dir() else f"{path} is not a file"
         )
     return path
+
+
+class _DefaultsAndRawDescription(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in ``--help`` and the description's own line breaks (examples stay readable)."""
+
+
+def make_parser(doc: str | None, *, epilog: str | None = None, raw: bool = False) -> argparse.ArgumentParser:
+    """The parser every script starts from: its description is the first paragraph of ``doc`` (the script's
+    module docstring), no prefix abbreviation of flags, defaults shown in ``--help``.
+
+    Args:
+        doc: the script's ``__doc__``; its first paragraph becomes the description.
+        epilog: text after the flags in ``--help``.
+        raw: keep the description's line breaks (for multi-line descriptions with examples).
+    """
+    description = (doc or "").strip().split("\n\n")[0] if not raw else doc
+    formatter = _DefaultsAndRawDescription if raw else argparse.ArgumentDefaultsHelpFormatter
+    return argparse.ArgumentParser(description=description, epilog=epilog, allow_abbrev=False, formatter_class=formatter)
 
 
 def add_coco_paths(parser: argparse.ArgumentParser) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from lowbit.runs import UserError
+from lowbit.errors import UserError
 
 # Keys of the metrics dict, in COCOeval.stats order; stable, documented in metrics.json.
 STAT_KEYS = (

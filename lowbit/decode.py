@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lowbit.runs import UserError
+from lowbit.errors import UserError
 
 REG_MAX = 16  # DFL bins per box side in YOLOv8/v10 heads
 STRIDES = (8, 16, 32)  # P3, P4, P5

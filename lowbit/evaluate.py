@@ -79,17 +79,8 @@ from lowbit import records
 from lowbit.cli import check_imgsz
 from lowbit.latency import latency_stats
 from lowbit.logs import LOGGER_NAME, get_logger
-from lowbit.runs import (
-    REPO_ROOT,
-    UserError,
-    atomic_write_json,
-    atomic_write_records,
-    check_input_file,
-    manifest_run,
-    new_run_dir,
-    package_versions,
-    resolve_repo_path,
-)
+from lowbit.errors import UserError
+from lowbit.runs import REPO_ROOT, atomic_write_json, atomic_write_records, check_input_file, manifest_run, new_run_dir, package_versions, resolve_repo_path
 from lowbit.runs import (
     check_output_path as runs_check_output_path,
 )

@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from lowbit.logs import get_logger
-from lowbit.runs import UserError, check_input_file
+from lowbit.errors import UserError
+from lowbit.runs import check_input_file
 
 log = get_logger("export")
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from lowbit.qdq_graph import dtype_name, element_bits
-from lowbit.runs import UserError
+from lowbit.errors import UserError
 
 MIB = 1024 * 1024
 COMPUTE_OPS = ("Conv", "MatMul", "Gemm")

@@ -6,7 +6,7 @@ Provider names are ONNX Runtime's own (``TensorrtExecutionProvider``, ``CUDAExec
 * every requested provider must be compiled into the installed onnxruntime;
 * every requested GPU provider's library (``libonnxruntime_providers_{tensorrt,cuda}.so``) must load,
   after ``onnxruntime.preload_dlls()`` has loaded CUDA/cuDNN from pip ``nvidia-*`` wheels. A library
-  that does not load is one :class:`~lowbit.runs.UserError` naming the provider, the missing shared
+  that does not load is one :class:`~lowbit.errors.UserError` naming the provider, the missing shared
   library (``libnvinfer.so.10``, ``libcublasLt.so.12`` ...), what to install, and the provider list
   that would work instead.
 
@@ -51,7 +51,7 @@ import onnx
 
 from lowbit.logs import get_logger
 from lowbit.qdq_graph import is_integer_name, load_graph_proto, qdq_info
-from lowbit.runs import UserError
+from lowbit.errors import UserError
 
 log = get_logger("ort_session")
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from lowbit.runs import UserError
+from lowbit.errors import UserError
 
 PAD_VALUE = 114  # ultralytics' letterbox fill (grey), also what the models were trained with
 

@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from lowbit.runs import UserError
+from lowbit.errors import UserError
 
 _QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 FLOAT_SUFFIX = "__float"

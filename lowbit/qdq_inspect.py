@@ -785,7 +785,7 @@ def load_images(path: Path, count: int, input_shape: list, flag: str = "--calib-
             tensor does not have.
     """
     from lowbit.calib import load_calib_tensor
-    from lowbit.runs import UserError
+    from lowbit.errors import UserError
 
     data = load_calib_tensor(path, flag, max_images=count)
     wanted = ["N", *list(input_shape)[1:]]

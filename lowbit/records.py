@@ -10,7 +10,7 @@ their writers, readers and fields are documented in one place, ``docs/records.md
 
 Writers start a record with :func:`header`. Every reader goes through :func:`read_record` (or
 :func:`read_json` for files that are not records, :func:`manifest_for` for manifests), so a missing,
-truncated, non-finite or foreign file ends in one :class:`~lowbit.runs.UserError` that names the file;
+truncated, non-finite or foreign file ends in one :class:`~lowbit.errors.UserError` that names the file;
 provenance mismatches end in one error from :func:`require_equal`.
 """
 
@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from lowbit.runs import UserError
+from lowbit.errors import UserError
 
 __all__ = [
     "KINDS",

@@ -19,7 +19,7 @@ is checked against (:mod:`lowbit.report_inputs`): every file is read through :mo
 variant scored on other annotations, images or post-processing, whose model file changed since it was
 evaluated, or quantized from another model, is dropped with its reason, as is a ``search.json`` that is not
 a search of this run. An unusable baseline, no usable quantized variant, or an annotation file changed
-since the run was scored raise :class:`~lowbit.runs.UserError` naming the file. Every record read and written
+since the run was scored raise :class:`~lowbit.errors.UserError` naming the file. Every record read and written
 here is described in docs/records.md.
 
 ``report.json`` keys (``schema_version``: ``lowbit.records.SCHEMA_VERSIONS["report"]``, ``kind``: "report"):
@@ -71,7 +71,8 @@ from lowbit import records
 from lowbit import report_inputs as inputs
 from lowbit.logs import get_logger
 from lowbit.report_inputs import rel_path as _rel
-from lowbit.runs import REPO_ROOT, UserError
+from lowbit.errors import UserError
+from lowbit.runs import REPO_ROOT
 
 log = get_logger("report")
 

@@ -2,7 +2,7 @@
 
 Every file is read through :mod:`lowbit.records`, so a missing, truncated, non-finite or foreign file (one
 that names another ``kind``, or none: written before records named their kind) ends in one
-:class:`~lowbit.runs.UserError` that names it. The records and these rules are in docs/records.md. :func:`lowbit.report.collect_variants` turns
+:class:`~lowbit.errors.UserError` that names it. The records and these rules are in docs/records.md. :func:`lowbit.report.collect_variants` turns
 that error into one of two outcomes:
 
 * **dropped**: one variant's ``metrics.json`` or one ``search.json`` is left out of the report and listed
@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from lowbit import records
-from lowbit.runs import REPO_ROOT, UserError, resolve_repo_path, sha256_file
+from lowbit.errors import UserError
+from lowbit.runs import REPO_ROOT, resolve_repo_path, sha256_file
 
 # Two AP values (AP points, mAP50-95 x 100) closer than this are equal: half the last digit the report shows
 # (ΔAP +0.00), so a writer that rounds its numbers is not taken for a tampered one.

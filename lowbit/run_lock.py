@@ -20,7 +20,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from lowbit.runs import UserError
+from lowbit.errors import UserError
 
 __all__ = ["HELD_ENV", "hold_run_folder"]
 

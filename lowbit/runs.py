@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+from lowbit.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # The model card's checkpoint: a symlink the user points at their yolov10m.onnx (never committed).
@@ -46,20 +47,6 @@ TRACKED_PACKAGES = (
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
-
-
-class UserError(Exception):
-    """Bad input from the user: printed as one line, exit status 2, no traceback.
-
-    Args:
-        message: what is wrong and how to fix it.
-        flag: the flag, env var or file the error is about (``"--max-images"``, ``"CALIB_PATH"``),
-            so callers and tests can tell which input failed without parsing the wording.
-    """
-
-    def __init__(self, message: str, *, flag: str | None = None):
-        super().__init__(message)
-        self.flag = flag
 
 
 def timestamp() -> str:

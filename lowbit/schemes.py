@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from lowbit.logs import get_logger
-from lowbit.runs import UserError, atomic_write_json
+from lowbit.errors import UserError
+from lowbit.runs import atomic_write_json
 
 log = get_logger("schemes")
 

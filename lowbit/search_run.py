@@ -60,7 +60,8 @@ from lowbit.candidates import (
     unmatched_warning,
 )
 from lowbit.logs import get_logger
-from lowbit.runs import UserError, sha256_file
+from lowbit.errors import UserError
+from lowbit.runs import sha256_file
 
 log = get_logger("search_run")
 
@@ -139,7 +140,7 @@ def check_config(cfg: SearchConfig) -> None:
 def check_inputs(cfg: SearchConfig) -> SearchInputs:
     """Check that the search's inputs belong together and can be used, before anything is written or built.
 
-    Every mismatch is one :class:`~lowbit.runs.UserError` naming the flag (or file) to fix: the evaluation
+    Every mismatch is one :class:`~lowbit.errors.UserError` naming the flag (or file) to fix: the evaluation
     settings, data root and providers; ``--onnx-path``/``--full-model`` readable ONNX models whose input fits
     ``--imgsz``; ``--full-model`` a Q/DQ model of ``--mode`` quantized from ``--onnx-path``; ``--ranking`` a
     ranking of that model in that mode; ``--seed-ks`` within the ranked nodes; ``--baseline-metrics`` and

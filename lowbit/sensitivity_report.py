@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from lowbit import records
-from lowbit.runs import UserError, atomic_write_json, atomic_write_text
+from lowbit.errors import UserError
+from lowbit.runs import atomic_write_json, atomic_write_text
 
 KIND = "sensitivity"  # the report's "kind"
 SCHEMA_VERSION = records.SCHEMA_VERSIONS[KIND]

@@ -70,7 +70,8 @@ from typing import Any
 
 from lowbit import sensitivity_report
 from lowbit.logs import get_logger
-from lowbit.runs import REPO_ROOT, UserError
+from lowbit.errors import UserError
+from lowbit.runs import REPO_ROOT
 
 log = get_logger("sensitivity_torch")
 

@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lowbit import records
-from lowbit.runs import REPO_ROOT, UserError, atomic_write_json, sha256_file
+from lowbit.errors import UserError
+from lowbit.runs import REPO_ROOT, atomic_write_json, sha256_file
 
 __all__ = [
     "Step",

@@ -35,7 +35,9 @@ from typing import Any
 import cv2
 import numpy as np
 
-from lowbit.runs import UserError, atomic_write_json, atomic_write_text, sha256_file
+from lowbit.errors import UserError
+
+from lowbit.runs import atomic_write_json, atomic_write_text, sha256_file
 
 # Bump whenever the pixels or annotations produced for a given (seed, split, index) change.
 GENERATOR_VERSION = "1"

@@ -11,7 +11,7 @@ import pytest
 
 from lowbit import budget_search
 from lowbit.budget_search import default_max_probes, search_smallest_k
-from lowbit.runs import UserError
+from lowbit.errors import UserError
 
 BASELINE = 50.0  # FP32 mAP in AP points
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from lowbit import cli
-from lowbit.runs import UserError, check_output_path
+from lowbit.errors import UserError
+from lowbit.runs import check_output_path
 
 
 def _parser(type_fn) -> argparse.ArgumentParser:

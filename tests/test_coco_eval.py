@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from lowbit import coco_eval
-from lowbit.runs import UserError
+from lowbit.errors import UserError
 
 # Non-COCO category set, deliberately not sorted and not contiguous: index 0 -> id 2, 1 -> 5, 2 -> 9.
 CATEGORIES = [{"id": 5, "name": "cat"}, {"id": 2, "name": "dog"}, {"id": 9, "name": "bird"}]

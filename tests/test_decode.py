@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from lowbit import decode
-from lowbit.runs import UserError
+from lowbit.errors import UserError
 
 IMGSZ = 160  # anchors: 20*20 + 10*10 + 5*5 = 525
 

@@ -27,7 +27,8 @@ from test_evaluate import (
 )
 
 from lowbit.evaluate import EvalSettings, evaluate
-from lowbit.runs import REPO_ROOT, UserError
+from lowbit.errors import UserError
+from lowbit.runs import REPO_ROOT
 
 SCRIPT = REPO_ROOT / "scripts" / "cv-models" / "eval_yolov10m_onnx_coco.py"
 

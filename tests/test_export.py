@@ -13,7 +13,7 @@ import torch
 
 from lowbit.cli import imgsz_problem
 from lowbit.export import head_output_name, load_yolov10, num_anchors, raw_head_reference
-from lowbit.runs import UserError
+from lowbit.errors import UserError
 
 EXPORTER = "scripts/cv-models/export_yolov10_raw_onnx.py"
 OUTPUT = "/model.23/Concat_3_output_0"

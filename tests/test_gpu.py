@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from lowbit import ort_session
-from lowbit.runs import UserError
+from lowbit.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
 ONNX = REPO / "models/cv-models/yolov10n-demo-shapes/yolov10n-demo-shapes.onnx"

@@ -12,7 +12,9 @@ import numpy as np
 import onnx
 import pytest
 
-from lowbit.runs import UserError, sha256_file
+from lowbit.errors import UserError
+
+from lowbit.runs import sha256_file
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = "scripts/cv-models/materialize_yolov10m_lowbit_candidates.py"

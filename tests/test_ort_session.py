@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from lowbit import ort_session
-from lowbit.runs import UserError
+from lowbit.errors import UserError
 
 TRT, CUDA, CPU = ort_session.TRT, ort_session.CUDA, ort_session.CPU
 HAS_NVIDIA_DRIVER = Path("/dev/nvidiactl").exists()

@@ -18,7 +18,7 @@ from lowbit.preprocess import (
     scale_boxes_xyxy_to_original,
     to_nchw_float,
 )
-from lowbit.runs import UserError
+from lowbit.errors import UserError
 
 
 def _write(path: Path, img: np.ndarray) -> Path:

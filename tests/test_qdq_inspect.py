@@ -12,7 +12,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from lowbit import qdq_inspect as qi
-from lowbit.runs import UserError
+from lowbit.errors import UserError
 
 SCRIPT = "scripts/cv-models/inspect_qdq_model.py"
 
@@ -294,7 +294,7 @@ def test_tiny_yolov10_fp16_high_precision(load_script, tiny_yolov10_onnx, tiny_y
 
 def test_calibration_for_a_model_with_dynamic_height_and_width(tmp_path):
     """Dynamic H/W take any size; a wrong channel count or a non-array file is a --calib-path error."""
-    from lowbit.runs import UserError
+    from lowbit.errors import UserError
 
     calib = tmp_path / "calib.npy"
     np.save(calib, np.zeros((2, 3, 16, 24), np.float32))

@@ -398,7 +398,7 @@ BAD_INPUTS = {
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_names_its_flag_before_any_work(case, tmp_path, monkeypatch, tiny_yolov10_onnx, calib_npy, tiny_yolov10_spec):
     from lowbit import quantize
-    from lowbit.runs import UserError
+    from lowbit.errors import UserError
 
     monkeypatch.setattr(quantize, "_run_modelopt", lambda *a: pytest.fail("validation must come before ModelOpt"))
     out = tmp_path / "run" / "out.onnx"

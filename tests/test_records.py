@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from lowbit import records
-from lowbit.runs import REPO_ROOT, Manifest, UserError, manifest_run
+from lowbit.errors import UserError
+from lowbit.runs import REPO_ROOT, Manifest, manifest_run
 
 
 def _write(path: Path, value) -> Path:

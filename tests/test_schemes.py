@@ -14,7 +14,8 @@ from onnx import helper
 
 from lowbit import schemes
 from lowbit import sensitivity_report as report_io
-from lowbit.runs import UserError, sha256_file
+from lowbit.errors import UserError
+from lowbit.runs import sha256_file
 
 SCRIPT = "scripts/cv-models/make_yolov10m_candidate_schemes.py"
 

@@ -10,7 +10,7 @@ import pytest
 
 from lowbit import candidates, search_run
 from lowbit import report as rep
-from lowbit.runs import UserError
+from lowbit.errors import UserError
 
 NODES = [f"/model.{i}/conv/Conv" for i in range(40)]
 BASELINE_AP = 50.0

@@ -14,7 +14,7 @@ from onnx import numpy_helper
 
 from lowbit import sensitivity_onnx as sens
 from lowbit import sensitivity_report as report_io
-from lowbit.runs import UserError
+from lowbit.errors import UserError
 
 SCRIPT = "scripts/cv-models/onnx_layer_sensitivity.py"
 COMPARE = "scripts/cv-models/compare_sensitivity_reports.py"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from lowbit import synth
-from lowbit.runs import UserError
+from lowbit.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = "scripts/cv-models/train_demo_detector.py"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from lowbit.runs import UserError
+from lowbit.errors import UserError
 from lowbit.steps import dependencies
 
 REPO = Path(__file__).resolve().parent.parent

@@ -21,13 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from lowbit.cli import add_coco_paths, cli_entry, non_negative_int, positive_int
-from lowbit.runs import (
-    REPO_ROOT,
-    UserError,
-    atomic_write_text,
-    check_input_file,
-    check_output_path,
-)
+from lowbit.errors import UserError
+from lowbit.runs import REPO_ROOT, atomic_write_text, check_input_file, check_output_path
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from lowbit.cli import cli_entry, int_range, non_negative_int, positive_int
 from lowbit.logs import get_logger, setup_logging
-from lowbit.runs import UserError
+from lowbit.errors import UserError
 
 # Image ids are split-offset (train from 1000001), so a split holds fewer than a million images.
 SPLIT_SIZE = int_range(1, 999_999)

@@ -50,14 +50,8 @@ from lowbit import report as lowbit_report
 from lowbit.cli import cli_entry, positive_float
 from lowbit.logs import get_logger, setup_logging
 from lowbit.run_lock import hold_run_folder
-from lowbit.runs import (
-    UserError,
-    atomic_write_bytes,
-    atomic_write_json,
-    atomic_write_text,
-    manifest_run,
-    resolve_repo_path,
-)
+from lowbit.errors import UserError
+from lowbit.runs import atomic_write_bytes, atomic_write_json, atomic_write_text, manifest_run, resolve_repo_path
 
 SCRIPT = "make_lowbit_report.py"
 OUTPUT_FILES = ("report.json", "report.md", "pareto.png", "search-curves.png")

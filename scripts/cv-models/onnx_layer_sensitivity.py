@@ -44,17 +44,8 @@ import numpy as np
 from lowbit.cli import cli_entry
 from lowbit.logs import get_logger, setup_logging
 from lowbit.ort_session import MODELOPT_CALIBRATION_EPS
-from lowbit.runs import (
-    CARD_ONNX_PATH,
-    REPO_ROOT,
-    UserError,
-    atomic_write_json,
-    check_input_file,
-    manifest_run,
-    new_run_dir,
-    resolve_repo_path,
-    sha256_file,
-)
+from lowbit.errors import UserError
+from lowbit.runs import CARD_ONNX_PATH, REPO_ROOT, atomic_write_json, check_input_file, manifest_run, new_run_dir, resolve_repo_path, sha256_file
 
 SCRIPT = "onnx_layer_sensitivity.py"
 DEFAULT_ONNX = CARD_ONNX_PATH

@@ -73,7 +73,8 @@ from lowbit.cli import cli_entry
 from lowbit.logs import setup_logging
 from lowbit.ort_session import MODELOPT_CALIBRATION_EPS
 from lowbit.run_lock import hold_run_folder
-from lowbit.runs import REPO_ROOT, UserError, atomic_write_json
+from lowbit.errors import UserError
+from lowbit.runs import REPO_ROOT, atomic_write_json
 from lowbit.steps import Step, Stopped, inside, run_steps
 
 SCRIPTS = REPO_ROOT / "scripts" / "cv-models"

@@ -38,7 +38,8 @@ from lowbit.cli import cli_entry
 from lowbit.logs import setup_logging
 from lowbit.ort_session import CUDNN_CONV_ALGO_SEARCH, MODELOPT_CALIBRATION_EPS
 from lowbit.run_lock import hold_run_folder
-from lowbit.runs import UserError, atomic_write_json, atomic_write_text, check_input_file, manifest_run
+from lowbit.errors import UserError
+from lowbit.runs import atomic_write_json, atomic_write_text, check_input_file, manifest_run
 
 
 def build_parser() -> argparse.ArgumentParser:

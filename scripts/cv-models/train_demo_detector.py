@@ -28,13 +28,8 @@ from pathlib import Path
 
 from lowbit.cli import cli_entry, imgsz, non_negative_int, positive_float, positive_int
 from lowbit.logs import get_logger, setup_logging
-from lowbit.runs import (
-    UserError,
-    atomic_write_json,
-    manifest_run,
-    new_run_dir,
-    timestamp,
-)
+from lowbit.errors import UserError
+from lowbit.runs import atomic_write_json, manifest_run, new_run_dir, timestamp
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -27,14 +27,8 @@ from lowbit import sensitivity_torch as sens
 from lowbit.calib import load_calib_tensor
 from lowbit.cli import cli_entry, imgsz, non_negative_int, positive_int
 from lowbit.logs import get_logger, setup_logging
-from lowbit.runs import (
-    UserError,
-    check_input_file,
-    manifest_run,
-    new_run_dir,
-    resolve_repo_path,
-    timestamp,
-)
+from lowbit.errors import UserError
+from lowbit.runs import check_input_file, manifest_run, new_run_dir, resolve_repo_path, timestamp
 
 SCRIPT = "scripts/cv-models/yolov10m_layer_sensitivity.py"
 DEFAULT_OUTPUT_ROOT = Path("tmp/yolov10m_layer_sensitivity")
