@@ -43,7 +43,8 @@ def setup_logging(log_file: Path | None = None, verbose: bool = False) -> loggin
 @contextmanager
 def log_to_file(log_file: Path, logger: logging.Logger | None = None, mode: str = "a") -> Iterator[None]:
     """Also write ``logger``'s records (default: this package's logger) at DEBUG and above to ``log_file``
-    while the block runs; the logger's level is lowered to DEBUG for the block and restored after.
+    while the block runs. A named logger's level is lowered to DEBUG for the block and restored after; the root
+    logger's is left alone (lowering it would turn on every library's debug records).
 
     Args:
         log_file: the file, created or appended to (``mode="w"`` starts it afresh).
@@ -56,7 +57,7 @@ def log_to_file(log_file: Path, logger: logging.Logger | None = None, mode: str 
     handler.setLevel(logging.DEBUG)
     handler.setFormatter(logging.Formatter(_FORMAT))
     level = logger.level
-    if level == logging.NOTSET or level > logging.DEBUG:
+    if logger is not logging.getLogger() and (level == logging.NOTSET or level > logging.DEBUG):
         logger.setLevel(logging.DEBUG)
     logger.addHandler(handler)
     try:
