@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 
 from lowbit.errors import UserError
-
 from lowbit.runs import REPO_ROOT, check_input_file
 
 _NPY_MAGIC = b"\x93NUMPY"

@@ -39,8 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from lowbit import records
-from lowbit.logs import get_logger
 from lowbit.errors import UserError
+from lowbit.logs import get_logger
 from lowbit.runs import atomic_write_json, atomic_write_text, manifest_run, sha256_file
 from lowbit.schemes import Scheme, find_schemes
 

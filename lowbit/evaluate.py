@@ -75,12 +75,21 @@ from typing import Any
 
 import numpy as np
 
-from lowbit import records
+from lowbit import model_input, records
 from lowbit.cli import check_imgsz
+from lowbit.errors import UserError
 from lowbit.latency import latency_stats
 from lowbit.logs import LOGGER_NAME, get_logger
-from lowbit.errors import UserError
-from lowbit.runs import REPO_ROOT, atomic_write_json, atomic_write_records, check_input_file, manifest_run, new_run_dir, package_versions, resolve_repo_path
+from lowbit.runs import (
+    REPO_ROOT,
+    atomic_write_json,
+    atomic_write_records,
+    check_input_file,
+    manifest_run,
+    new_run_dir,
+    package_versions,
+    resolve_repo_path,
+)
 from lowbit.runs import (
     check_output_path as runs_check_output_path,
 )
@@ -211,8 +220,11 @@ def validate_settings(s: EvalSettings) -> None:
         ("--iou", 0.0 < s.iou <= 1.0, f"must be in (0, 1], got {s.iou}"),
         ("--max-det", s.max_det >= 1, f"must be >= 1, got {s.max_det}"),
         ("--workers", s.workers >= 0, f"must be >= 0, got {s.workers}"),
-        ("--cudnn-conv-algo-search", s.cudnn_conv_algo_search in CUDNN_CONV_ALGO_SEARCH,
-         f"must be one of {', '.join(CUDNN_CONV_ALGO_SEARCH)}, got {s.cudnn_conv_algo_search!r}"),
+        (
+            "--cudnn-conv-algo-search",
+            s.cudnn_conv_algo_search in CUDNN_CONV_ALGO_SEARCH,
+            f"must be one of {', '.join(CUDNN_CONV_ALGO_SEARCH)}, got {s.cudnn_conv_algo_search!r}",
+        ),
     ]
     for flag, ok, problem in checks:
         if not ok:
@@ -360,7 +372,7 @@ def _open_session(plan: _Plan) -> None:
     plan.session_create_s = time.perf_counter() - t0
     _check_input_size(plan.session, s.imgsz)
     with _about("--onnx-path"):
-        plan.input_spec = ort_session.check_image_input(plan.session, s.imgsz, plan.onnx_path)
+        plan.input_spec = model_input.check_image_input(plan.session, s.imgsz, plan.onnx_path)
     outputs = plan.session.get_outputs()
     if len(outputs) > 1:
         plan.warnings.append(f"the model has {len(outputs)} outputs; using the first, {outputs[0].name}")

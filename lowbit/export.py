@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lowbit.logs import get_logger
 from lowbit.errors import UserError
+from lowbit.logs import get_logger
 from lowbit.runs import check_input_file
 
 log = get_logger("export")

@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from lowbit.qdq_graph import dtype_name, element_bits
 from lowbit.errors import UserError
+from lowbit.qdq_graph import dtype_name, element_bits
 
 MIB = 1024 * 1024
 COMPUTE_OPS = ("Conv", "MatMul", "Gemm")

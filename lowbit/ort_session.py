@@ -49,9 +49,9 @@ from typing import Any
 
 import onnx
 
+from lowbit.errors import UserError
 from lowbit.logs import get_logger
 from lowbit.qdq_graph import is_integer_name, load_graph_proto, qdq_info
-from lowbit.errors import UserError
 
 log = get_logger("ort_session")
 
@@ -115,7 +115,10 @@ def available_providers() -> list[str]:
 
 
 def provider_options(
-    providers: list[str], cache_dir: Path | None, is_qdq: bool, is_fp8: bool,
+    providers: list[str],
+    cache_dir: Path | None,
+    is_qdq: bool,
+    is_fp8: bool,
     cudnn_conv_algo_search: str = "EXHAUSTIVE",
 ) -> list[dict[str, Any]]:
     """Per-provider options, in the order of ``providers`` (pure function).
@@ -358,9 +361,7 @@ def install_hint(missing: tuple[str, ...] | list[str], build: dict[str, str | No
     return text
 
 
-def suggested_providers(
-    providers: list[str], failing: list[str], disable_cpu_fallback: bool, flag: str
-) -> str:
+def suggested_providers(providers: list[str], failing: list[str], disable_cpu_fallback: bool, flag: str) -> str:
     """The provider setting that would work: ``providers`` without ``failing``; the CPU EP if no GPU is left."""
     remaining = [p for p in providers if p not in failing]
     gpu_left = any(p != CPU for p in remaining)
@@ -579,8 +580,9 @@ def _optimizer_kwargs(disabled_optimizers: tuple[str, ...]) -> dict:
     return {"disabled_optimizers": list(disabled_optimizers)} if disabled_optimizers else {}
 
 
-def _unsupported_nodes_hint(source, options, providers: list[str], provider_opts: list[dict],
-                            disabled_optimizers: tuple[str, ...] = ()) -> str:
+def _unsupported_nodes_hint(
+    source, options, providers: list[str], provider_opts: list[dict], disabled_optimizers: tuple[str, ...] = ()
+) -> str:
     """The nodes ORT would put on the CPU EP, from a second session with the CPU EP allowed (not for TensorRT)."""
     import onnxruntime as ort
 
@@ -588,8 +590,13 @@ def _unsupported_nodes_hint(source, options, providers: list[str], provider_opts
         return ""  # a second session would build TensorRT engines again
     options.add_session_config_entry(CFG_DISABLE_CPU_FALLBACK, "0")
     try:
-        probe = ort.InferenceSession(source, options, providers=list(zip(providers, provider_opts)), enable_fallback=0,
-                                     **_optimizer_kwargs(disabled_optimizers))
+        probe = ort.InferenceSession(
+            source,
+            options,
+            providers=list(zip(providers, provider_opts)),
+            enable_fallback=0,
+            **_optimizer_kwargs(disabled_optimizers),
+        )
     except Exception:  # noqa: BLE001 - best effort: the caller's error stands without the hint
         return ""
     _, cpu_nodes = node_placement(probe)
@@ -599,14 +606,27 @@ def _unsupported_nodes_hint(source, options, providers: list[str], provider_opts
     return f" Nodes with no kernel on {', '.join(providers)}: {names}."
 
 
-def _create_session(source, options, providers: list[str], provider_opts: list[dict], label: str, flag: str,
-                    model_flag: str, disabled_optimizers: tuple[str, ...] = ()):
+def _create_session(
+    source,
+    options,
+    providers: list[str],
+    provider_opts: list[dict],
+    label: str,
+    flag: str,
+    model_flag: str,
+    disabled_optimizers: tuple[str, ...] = (),
+):
     """``InferenceSession`` with ORT's own retry-on-other-providers off, its errors turned into UserErrors."""
     import onnxruntime as ort
 
     try:
-        return ort.InferenceSession(source, options, providers=list(zip(providers, provider_opts)), enable_fallback=0,
-                                    **_optimizer_kwargs(disabled_optimizers))
+        return ort.InferenceSession(
+            source,
+            options,
+            providers=list(zip(providers, provider_opts)),
+            enable_fallback=0,
+            **_optimizer_kwargs(disabled_optimizers),
+        )
     except Exception as exc:
         text = str(exc).strip()
         if "fallback to CPU EP has been explicitly disabled" in text:
@@ -620,7 +640,8 @@ def _create_session(source, options, providers: list[str], provider_opts: list[d
         if any(p in text for p in GPU_PROVIDERS) or "TensorRT" in text or "CUDA" in text:
             raise UserError(
                 f"{flag}: ONNX Runtime could not create {', '.join(p for p in providers if p != CPU)} for {label}: "
-                f"{text}", flag=flag,
+                f"{text}",
+                flag=flag,
             ) from exc
         raise UserError(
             f"{model_flag}: ONNX Runtime could not load {label}: {type(exc).__name__}: {text}", flag=model_flag
@@ -716,70 +737,3 @@ def build_session(
         log.warning("%d of the model's nodes run on the CPU EP: %s", len(cpu_nodes), ", ".join(cpu_nodes[:5]))
     log.debug("session for %s: %s", label, info)
     return session, info
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# the image input
-
-
-def model_input_spec(session, model_flag: str = "--onnx-path") -> tuple[str, list, str]:
-    """``(name, shape, dtype)`` of the session's only input; shape entries are ints or symbol strings."""
-    inputs = session.get_inputs()
-    if len(inputs) != 1:
-        names = ", ".join(f"{i.name}{list(i.shape)}" for i in inputs)
-        raise UserError(
-            f"{model_flag}: the model has {len(inputs)} inputs ({names}); expected one image input [1,3,H,W]",
-            flag=model_flag,
-        )
-    spec = inputs[0]
-    return spec.name, list(spec.shape), spec.type
-
-
-def _dim_text(dim) -> str:
-    return str(dim) if isinstance(dim, int) else f"{dim or '?'} (dynamic)"
-
-
-def check_image_input(
-    session, imgsz: int | None = None, model_path: Path | None = None, model_flag: str = "--onnx-path"
-) -> tuple[str, list, str]:
-    """Require one float input ``[B, 3, H, W]`` with B 1 or dynamic, H and W static or dynamic.
-
-    A dynamic H or W takes any size (the image is letterboxed to ``imgsz``); a static one must equal
-    ``imgsz`` when it is given.
-
-    Returns:
-        ``(name, shape, dtype)``.
-
-    Raises:
-        UserError(flag=model_flag): not one input, not float, not rank 4, batch > 1, channels not 3;
-        UserError(flag="--imgsz"): a static H/W that differs from ``imgsz``.
-    """
-    where = f"{model_path}: " if model_path is not None else ""
-    name, shape, dtype = model_input_spec(session, model_flag)
-    if dtype not in ("tensor(float)", "tensor(float16)"):
-        raise UserError(
-            f"{model_flag}: {where}input {name!r} has type {dtype}; expected a float tensor [1,3,H,W]", flag=model_flag
-        )
-    problems = []
-    if len(shape) != 4:
-        problems.append(f"rank {len(shape)}, expected 4 dims [batch, 3, H, W]")
-    else:
-        if isinstance(shape[0], int) and shape[0] != 1:
-            problems.append(f"batch {shape[0]}, expected 1 or dynamic")
-        if shape[1] != 3:
-            problems.append(f"channels {_dim_text(shape[1])}, expected 3")
-    if problems:
-        raise UserError(
-            f"{model_flag}: {where}input {name!r} has shape {shape}; expected [1,3,H,W] ({'; '.join(problems)}; "
-            "H and W may be static or dynamic)",
-            flag=model_flag,
-        )
-    if imgsz is not None:
-        for axis, dim in zip("HW", shape[2:]):
-            if isinstance(dim, int) and dim != imgsz:
-                raise UserError(
-                    f"--imgsz {imgsz} does not match the model input {name!r} of shape {shape} "
-                    f"({axis} is fixed to {dim}); pass --imgsz {dim}",
-                    flag="--imgsz",
-                )
-    return name, shape, dtype

@@ -35,9 +35,9 @@ from typing import Any
 import numpy as np
 
 from lowbit.calib import load_calib_tensor
+from lowbit.errors import UserError
 from lowbit.logs import get_logger
 from lowbit.ort_session import MODELOPT_CALIBRATION_EPS, check_calibration_eps
-from lowbit.errors import UserError
 from lowbit.runs import check_input_file, check_output_path, manifest_run
 
 QUANTIZE_MODES = ("int8", "fp8", "int4")  # int4 is listed so that asking for it gets a reason, not "invalid choice"

@@ -69,9 +69,9 @@ from typing import Any
 
 from lowbit import records
 from lowbit import report_inputs as inputs
+from lowbit.errors import UserError
 from lowbit.logs import get_logger
 from lowbit.report_inputs import rel_path as _rel
-from lowbit.errors import UserError
 from lowbit.runs import REPO_ROOT
 
 log = get_logger("report")

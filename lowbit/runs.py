@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
 from lowbit.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lowbit.logs import get_logger
 from lowbit.errors import UserError
+from lowbit.logs import get_logger
 from lowbit.runs import atomic_write_json
 
 log = get_logger("schemes")

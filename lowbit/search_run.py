@@ -59,8 +59,8 @@ from lowbit.candidates import (
     random_nodes,
     unmatched_warning,
 )
-from lowbit.logs import get_logger
 from lowbit.errors import UserError
+from lowbit.logs import get_logger
 from lowbit.runs import sha256_file
 
 log = get_logger("search_run")
@@ -196,16 +196,10 @@ def _check_evaluation(evaluation: EvalConfig) -> None:
 
 
 def _check_model_input(proto, path: Path, flag: str, imgsz: int) -> None:
-    """The evaluator's input check (:func:`lowbit.ort_session.check_image_input`) on the graph's declared input,
-    without building a session."""
-    from lowbit.onnx_stats import graph_inputs
-    from lowbit.ort_session import check_image_input
+    """The evaluator's input check on the graph's declared input, without building a session."""
+    from lowbit.model_input import check_graph_image_input
 
-    inputs = [
-        SimpleNamespace(name=spec.name, shape=list(spec.shape or []), type=f"tensor({str(spec.dtype).lower()})")
-        for spec in graph_inputs(proto)
-    ]
-    check_image_input(SimpleNamespace(get_inputs=lambda: inputs), imgsz, path, flag)
+    check_graph_image_input(proto, imgsz, path, flag)
 
 
 def _digests(cfg: SearchConfig) -> dict[str, str | None]:

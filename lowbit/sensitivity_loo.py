@@ -54,10 +54,10 @@ import onnx
 from onnx import helper
 
 from lowbit import sensitivity_report
+from lowbit.errors import UserError
 from lowbit.logs import get_logger
 from lowbit.qdq_edit import constant_values, float_source
 from lowbit.qdq_graph import QuantizedNode, find_quantized_nodes
-from lowbit.errors import UserError
 from lowbit.sensitivity_torch import METRICS, drift_sums, finish_scores
 
 log = get_logger("sensitivity_loo")

@@ -33,9 +33,9 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from lowbit.errors import UserError
 from lowbit.logs import get_logger
 from lowbit.qdq_graph import QDQPair, QuantizedNode, find_quantized_nodes, qdq_pairs, tensor_consumers
-from lowbit.errors import UserError
 from lowbit.sensitivity_report import Match
 
 log = get_logger("sensitivity_onnx")

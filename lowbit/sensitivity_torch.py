@@ -69,8 +69,8 @@ from pathlib import Path
 from typing import Any
 
 from lowbit import sensitivity_report
-from lowbit.logs import get_logger
 from lowbit.errors import UserError
+from lowbit.logs import get_logger
 from lowbit.runs import REPO_ROOT
 
 log = get_logger("sensitivity_torch")

@@ -36,7 +36,6 @@ import cv2
 import numpy as np
 
 from lowbit.errors import UserError
-
 from lowbit.runs import atomic_write_json, atomic_write_text, sha256_file
 
 # Bump whenever the pixels or annotations produced for a given (seed, split, index) change.

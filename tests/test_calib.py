@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from lowbit.calib import load_calib_tensor, parse_image_list, read_image_list
-from lowbit.preprocess import preprocess
 from lowbit.errors import UserError
+from lowbit.preprocess import preprocess
 
 BUILDER = "scripts/cv-models/make_yolov10m_calib_npy.py"
 LISTER = "scripts/cv-models/make_calib_list.py"

@@ -26,8 +26,8 @@ from test_evaluate import (
     oracle_raw_output,
 )
 
-from lowbit.evaluate import EvalSettings, evaluate
 from lowbit.errors import UserError
+from lowbit.evaluate import EvalSettings, evaluate
 from lowbit.runs import REPO_ROOT
 
 SCRIPT = REPO_ROOT / "scripts" / "cv-models" / "eval_yolov10m_onnx_coco.py"

@@ -21,9 +21,9 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from lowbit import coco_eval, ort_session
+from lowbit.errors import UserError
 from lowbit.evaluate import EvalResult, EvalSettings, NonFiniteOutputError, evaluate, latency_provider
 from lowbit.latency import latency_stats
-from lowbit.errors import UserError
 from lowbit.runs import REPO_ROOT
 
 IMGSZ = 64  # anchors 8*8 + 4*4 + 2*2 = 84

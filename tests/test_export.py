@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from lowbit.cli import imgsz_problem
-from lowbit.export import head_output_name, load_yolov10, num_anchors, raw_head_reference
 from lowbit.errors import UserError
+from lowbit.export import head_output_name, load_yolov10, num_anchors, raw_head_reference
 
 EXPORTER = "scripts/cv-models/export_yolov10_raw_onnx.py"
 OUTPUT = "/model.23/Concat_3_output_0"

@@ -7,8 +7,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from lowbit.mac_share import low_precision_mac_share
 from lowbit.errors import UserError
+from lowbit.mac_share import low_precision_mac_share
 
 # conv1: [1,3,16,16] -> [1,8,16,16], 3x3 -> 16*16*8 * 3*9 MACs; conv2: 8 -> 4 channels, 1x1.
 CONV1_MACS = 16 * 16 * 8 * 3 * 3 * 3

@@ -13,7 +13,6 @@ import onnx
 import pytest
 
 from lowbit.errors import UserError
-
 from lowbit.runs import sha256_file
 
 REPO = Path(__file__).resolve().parent.parent

@@ -11,9 +11,9 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from lowbit.errors import UserError
 from lowbit.export import exported_parameter_count, load_yolov10, prepare_raw_head_model
 from lowbit.onnx_stats import format_markdown, model_stats, parse_input_shapes
-from lowbit.errors import UserError
 
 STATS = "scripts/cv-models/onnx_model_stats.py"
 

@@ -10,7 +10,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from lowbit import ort_session
+from lowbit import model_input, ort_session
 from lowbit.errors import UserError
 
 TRT, CUDA, CPU = ort_session.TRT, ort_session.CUDA, ort_session.CPU
@@ -32,8 +32,9 @@ def fails(**missing: str):
         if provider not in table:
             return ort_session.ProviderProbe(provider, None)
         error = f"{table[provider]}: cannot open shared object file: No such file or directory"
-        return ort_session.ProviderProbe(provider, f"/x/{ort_session.PROVIDER_LIBRARIES[provider]}", error,
-                                         (table[provider],))
+        return ort_session.ProviderProbe(
+            provider, f"/x/{ort_session.PROVIDER_LIBRARIES[provider]}", error, (table[provider],)
+        )
 
     return probe
 
@@ -107,7 +108,7 @@ def test_cpu_session_records_what_it_did(float_model, tmp_path):
     assert info["session_config"] == {}
     assert info["graph_optimization_level"] == "ORT_ENABLE_ALL"
     assert info["qdq"]["is_qdq"] is False
-    assert ort_session.check_image_input(session, imgsz=8) == ("images", [1, 3, 8, 8], "tensor(float)")
+    assert model_input.check_image_input(session, imgsz=8) == ("images", [1, 3, 8, 8], "tensor(float)")
 
 
 def test_fp8_qdq_model_runs_on_cpu_with_qdq_fusion_off(tmp_path, qdq_add_model):
@@ -340,7 +341,10 @@ def test_in_memory_models_and_session_options(tmp_path):
     model = _conv_model()
     for source in (model, model.SerializeToString()):
         session, info = ort_session.build_session(
-            source, [CPU], graph_optimization_level="ORT_DISABLE_ALL", log_severity_level=3,
+            source,
+            [CPU],
+            graph_optimization_level="ORT_DISABLE_ALL",
+            log_severity_level=3,
             session_config={ort_session.CFG_DISABLE_QUANT_QDQ: "1"},
         )
         assert info["graph_optimization_level"] == "ORT_DISABLE_ALL"
@@ -378,21 +382,21 @@ def test_input_validator_rejects_non_images(tmp_path, shape, elem_type):
     path = _identity_model(tmp_path / "m.onnx", shape, elem_type)
     session, _ = ort_session.build_session(path, [CPU])
     with pytest.raises(UserError) as exc:
-        ort_session.check_image_input(session, model_path=path)
+        model_input.check_image_input(session, model_path=path)
     assert exc.value.flag == "--onnx-path"
 
 
 def test_input_validator_accepts_dynamic_batch_and_size(tmp_path):
     path = _identity_model(tmp_path / "m.onnx", ("batch", 3, "height", "width"))
     session, _ = ort_session.build_session(path, [CPU])
-    assert ort_session.check_image_input(session, imgsz=640)[1] == ["batch", 3, "height", "width"]
-    assert ort_session.check_image_input(session)[1] == ["batch", 3, "height", "width"]
+    assert model_input.check_image_input(session, imgsz=640)[1] == ["batch", 3, "height", "width"]
+    assert model_input.check_image_input(session)[1] == ["batch", 3, "height", "width"]
 
 
 def test_input_validator_checks_imgsz(float_model):
     session, _ = ort_session.build_session(float_model, [CPU])
     with pytest.raises(UserError) as exc:
-        ort_session.check_image_input(session, imgsz=640)
+        model_input.check_image_input(session, imgsz=640)
     assert exc.value.flag == "--imgsz"
 
 
@@ -416,8 +420,13 @@ def _qdq_conv_with_float_bias() -> onnx.ModelProto:
         helper.make_node("QuantizeLinear", ["c", "y_scale", "x_zp"], ["c_q"], name="c_q"),
         helper.make_node("DequantizeLinear", ["c_q", "y_scale", "x_zp"], ["y"], name="c_dq"),
     ]
-    graph = helper.make_graph(nodes, "qdq_conv", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])], inits)
+    graph = helper.make_graph(
+        nodes,
+        "qdq_conv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])],
+        inits,
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)], ir_version=9)
 
 
@@ -428,9 +437,13 @@ def test_bias_rewrite_is_disabled_for_gpu_sessions_of_qdq_models(monkeypatch):
     model = _qdq_conv_with_float_bias()
     options = ort.SessionOptions()
     options.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
-    rewritten = lambda disabled: [n for n in ort_session.node_placement(
-        ort.InferenceSession(model.SerializeToString(), options, providers=[CPU], disabled_optimizers=disabled))[1]
-        if "bias" in n]
+    rewritten = lambda disabled: [
+        n
+        for n in ort_session.node_placement(
+            ort.InferenceSession(model.SerializeToString(), options, providers=[CPU], disabled_optimizers=disabled)
+        )[1]
+        if "bias" in n
+    ]
     if not rewritten([]):
         pytest.skip(f"onnxruntime {ort.__version__} does not rewrite the bias of this Q/DQ conv")
     assert rewritten(list(ort_session.GPU_QDQ_DISABLED_OPTIMIZERS)) == []

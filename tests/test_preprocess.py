@@ -9,6 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
+from lowbit.errors import UserError
 from lowbit.preprocess import (
     ImageReadError,
     iter_prepared,
@@ -18,7 +19,6 @@ from lowbit.preprocess import (
     scale_boxes_xyxy_to_original,
     to_nchw_float,
 )
-from lowbit.errors import UserError
 
 
 def _write(path: Path, img: np.ndarray) -> Path:

@@ -21,8 +21,8 @@ from onnx import TensorProto, helper, numpy_helper
 from test_evaluate import IMGSZ, make_dataset, oracle_raw_output
 
 from lowbit import records, search_run, sensitivity_report
-from lowbit.evaluate import EvalSettings, evaluate
 from lowbit.errors import UserError
+from lowbit.evaluate import EvalSettings, evaluate
 from lowbit.runs import sha256_file
 
 SCRIPT = "scripts/cv-models/search_yolov10m_lowbit_budget.py"

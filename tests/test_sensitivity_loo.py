@@ -16,10 +16,10 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from lowbit import sensitivity_report as report_io
+from lowbit.errors import UserError
 from lowbit.ort_session import CFG_DISABLE_QUANT_QDQ
 from lowbit.qdq_edit import remove_all_qdq, remove_qdq_for_nodes
 from lowbit.qdq_graph import qdq_summary
-from lowbit.errors import UserError
 from lowbit.sensitivity_loo import build_gated_model, gate_feeds, loo_sensitivity, method_description
 
 REG_MAX = 2

@@ -61,9 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--providers", nargs="+", default=["CPUExecutionProvider"], help="ORT providers, in order")
     parser.add_argument("--disable-cpu-fallback", action="store_true", help="fail if any node would run on CPU")
     parser.add_argument(
-        "--workers", type=non_negative_int, nargs="+", default=[DEFAULT_WORKERS], help="prefetch worker counts to sweep; one evaluator run each"
+        "--workers",
+        type=non_negative_int,
+        nargs="+",
+        default=[DEFAULT_WORKERS],
+        help="prefetch worker counts to sweep; one evaluator run each",
     )
-    parser.add_argument("--warmup-runs", type=non_negative_int, default=3, help="untimed session.run calls before each timing")
+    parser.add_argument(
+        "--warmup-runs", type=non_negative_int, default=3, help="untimed session.run calls before each timing"
+    )
     parser.add_argument(
         "--out", type=Path, default=None, help="bench.json path; None means tmp/bench_eval_pipeline/<time>/bench.json"
     )
@@ -126,13 +132,13 @@ def metric_step(coco, records: list[dict], image_ids: list[int]) -> dict:
 
 def bare_session_run(args: argparse.Namespace, onnx_path: Path, items: list[tuple[int, Path]], cache: Path) -> dict:
     """images/s of ``session.run`` alone over preprocessed inputs (measured twice, averaged)."""
-    from lowbit import ort_session
+    from lowbit import model_input, ort_session
     from lowbit.preprocess import prepare_image
 
     session, info = ort_session.build_session(
         onnx_path, list(args.providers), args.disable_cpu_fallback, cache_dir=cache, flag="--providers"
     )
-    input_name, _, input_dtype = ort_session.check_image_input(session, args.imgsz, onnx_path)
+    input_name, _, input_dtype = model_input.check_image_input(session, args.imgsz, onnx_path)
     dtype = np.float16 if input_dtype == "tensor(float16)" else np.float32
     tensors = [prepare_image(key, path, args.imgsz).chw[None].astype(dtype) for key, path in items]
     output_name = session.get_outputs()[0].name

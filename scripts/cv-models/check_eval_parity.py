@@ -23,9 +23,9 @@ from pathlib import Path
 
 from lowbit.cli import cli_entry, imgsz, positive_int
 from lowbit.coco_eval import category_mapping, evaluate_bbox, load_coco, select_image_ids
+from lowbit.errors import UserError
 from lowbit.evaluate import EvalSettings, evaluate
 from lowbit.logs import setup_logging
-from lowbit.errors import UserError
 from lowbit.runs import atomic_write_json, check_input_file, check_output_path, manifest_run
 
 

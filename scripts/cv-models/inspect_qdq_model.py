@@ -34,9 +34,17 @@ import io
 from pathlib import Path
 
 from lowbit.cli import cli_entry, positive_float, positive_int
-from lowbit.logs import get_logger, setup_logging
 from lowbit.errors import UserError
-from lowbit.runs import atomic_write_bytes, atomic_write_json, atomic_write_text, check_input_file, check_output_path, manifest_run, resolve_repo_path
+from lowbit.logs import get_logger, setup_logging
+from lowbit.runs import (
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    check_input_file,
+    check_output_path,
+    manifest_run,
+    resolve_repo_path,
+)
 
 SCRIPT = "scripts/cv-models/inspect_qdq_model.py"
 log = get_logger("inspect_qdq_model")

@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 
 from lowbit.cli import cli_entry, int_range, non_negative_int, positive_int
-from lowbit.logs import get_logger, setup_logging
 from lowbit.errors import UserError
+from lowbit.logs import get_logger, setup_logging
 
 # Image ids are split-offset (train from 1000001), so a split holds fewer than a million images.
 SPLIT_SIZE = int_range(1, 999_999)

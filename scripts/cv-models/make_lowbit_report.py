@@ -48,9 +48,9 @@ from pathlib import Path
 from lowbit import records, trt
 from lowbit import report as lowbit_report
 from lowbit.cli import cli_entry, positive_float
+from lowbit.errors import UserError
 from lowbit.logs import get_logger, setup_logging
 from lowbit.run_lock import hold_run_folder
-from lowbit.errors import UserError
 from lowbit.runs import atomic_write_bytes, atomic_write_json, atomic_write_text, manifest_run, resolve_repo_path
 
 SCRIPT = "make_lowbit_report.py"

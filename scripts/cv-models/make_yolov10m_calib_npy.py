@@ -24,9 +24,9 @@ import numpy as np
 
 from lowbit.calib import read_image_list
 from lowbit.cli import cli_entry, existing_file, imgsz, positive_int
+from lowbit.errors import UserError
 from lowbit.logs import setup_logging
 from lowbit.preprocess import iter_prepared
-from lowbit.errors import UserError
 from lowbit.runs import atomic_write_json, check_output_path, manifest_run, sha256_file
 
 

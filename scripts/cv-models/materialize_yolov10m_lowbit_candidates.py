@@ -40,9 +40,9 @@ from pathlib import Path
 
 from lowbit import candidates
 from lowbit.cli import cli_entry
+from lowbit.errors import UserError
 from lowbit.ort_session import MODELOPT_CALIBRATION_EPS
 from lowbit.run_lock import hold_run_folder
-from lowbit.errors import UserError
 from lowbit.runs import CARD_ONNX_PATH, check_input_file
 
 SCRIPT = "materialize_yolov10m_lowbit_candidates.py"

@@ -42,10 +42,19 @@ from pathlib import Path
 import numpy as np
 
 from lowbit.cli import cli_entry
+from lowbit.errors import UserError
 from lowbit.logs import get_logger, setup_logging
 from lowbit.ort_session import MODELOPT_CALIBRATION_EPS
-from lowbit.errors import UserError
-from lowbit.runs import CARD_ONNX_PATH, REPO_ROOT, atomic_write_json, check_input_file, manifest_run, new_run_dir, resolve_repo_path, sha256_file
+from lowbit.runs import (
+    CARD_ONNX_PATH,
+    REPO_ROOT,
+    atomic_write_json,
+    check_input_file,
+    manifest_run,
+    new_run_dir,
+    resolve_repo_path,
+    sha256_file,
+)
 
 SCRIPT = "onnx_layer_sensitivity.py"
 DEFAULT_ONNX = CARD_ONNX_PATH

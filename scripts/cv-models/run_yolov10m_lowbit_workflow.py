@@ -70,10 +70,10 @@ from pathlib import Path
 
 from lowbit.budget_search import default_max_probes
 from lowbit.cli import cli_entry
+from lowbit.errors import UserError
 from lowbit.logs import setup_logging
 from lowbit.ort_session import MODELOPT_CALIBRATION_EPS
 from lowbit.run_lock import hold_run_folder
-from lowbit.errors import UserError
 from lowbit.runs import REPO_ROOT, atomic_write_json
 from lowbit.steps import Step, Stopped, inside, run_steps
 
@@ -99,8 +99,21 @@ PRESETS = {
         "run_id": "yolov10m",
     },
 }
-STEP_NAMES = ("dataset", "smoke", "baseline", "calib-list", "calib", "int8", "int8-eval", "fp8", "sensitivity", "search",
-              "schemes", "candidates", "report")
+STEP_NAMES = (
+    "dataset",
+    "smoke",
+    "baseline",
+    "calib-list",
+    "calib",
+    "int8",
+    "int8-eval",
+    "fp8",
+    "sensitivity",
+    "search",
+    "schemes",
+    "candidates",
+    "report",
+)
 SENSITIVITY_PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider")  # what the ONNX rankings run on
 # Leave-one-out costs (3 + nodes) inferences per image: few images on the CPU EP, more on CUDA (see the README).
 DEFAULT_SENSITIVITY_IMAGES = {"cpu": 4, "cuda": 16}
@@ -132,49 +145,124 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--onnx-path", type=Path, help="FP32 raw-head ONNX (preset); its file stem names the outputs")
     parser.add_argument("--weights", type=Path, help="ultralytics .pt for the torch sweep (preset)")
     parser.add_argument("--data-root", type=Path, help="COCO-layout dataset: val2017/ + annotations/ (preset)")
-    parser.add_argument("--calib-list", type=Path, help="calibration image list (preset; made from --data-root if missing)")
-    parser.add_argument("--max-images", type=int, help="evaluation slice: first N image ids (preset: demo 500, yolov10m 100)")
-    parser.add_argument("--output-root", type=Path, default=Path("tmp/yolov10m_lowbit"), help="parent of run dirs (default: %(default)s)")
+    parser.add_argument(
+        "--calib-list", type=Path, help="calibration image list (preset; made from --data-root if missing)"
+    )
+    parser.add_argument(
+        "--max-images", type=int, help="evaluation slice: first N image ids (preset: demo 500, yolov10m 100)"
+    )
+    parser.add_argument(
+        "--output-root",
+        type=Path,
+        default=Path("tmp/yolov10m_lowbit"),
+        help="parent of run dirs (default: %(default)s)",
+    )
     parser.add_argument("--run-id", help="run directory name; an existing one is resumed (preset: demo | yolov10m)")
-    parser.add_argument("--imgsz", type=int, default=640, help="square input side, a multiple of 32 (default: %(default)s)")
-    parser.add_argument("--providers", nargs="+", default=["CPUExecutionProvider"], help="ORT providers for smoke and evals")
-    parser.add_argument("--calibration-eps", nargs="+", choices=MODELOPT_CALIBRATION_EPS, default=["cpu"],
-                        help="ModelOpt calibration EPs of every quantization (default: cpu)")
-    parser.add_argument("--calibration-method", choices=("entropy", "max"), default="entropy",
-                        help="INT8 calibration, of the int8 step and the INT8 candidates (default: entropy; FP8 uses max)")
-    parser.add_argument("--high-precision-dtype", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
-                        help="non-quantized tensors of every Q/DQ model (default: auto = fp16 where onnxruntime rounds fp16 QuantizeLinear correctly, else fp32; see the card)")
-    parser.add_argument("--candidate-modes", nargs="*", choices=("fp8", "int8"), default=["fp8", "int8"],
-                        help="low-bit candidate families K in --ks (default: fp8 int8; INT8 K=0 is the int8 step; "
-                        "nothing to skip step 4)")
-    parser.add_argument("--ks", type=int, nargs="+", default=None,
-                        help="fixed top-K exclusions, e.g. 0 5 10 20 (default: none, the budget search chooses K)")
-    parser.add_argument("--sensitivity", choices=("single", "loo", "local", "torch"), default=None,
-                        help="ranking: single = one node quantized at a time on the deployed Q/DQ graph, output drift "
-                        "after propagation (the torch sweep's score; default), loo = leave-one-out of the full Q/DQ "
-                        "graph, local = "
-                        "each node's own error (cheap), torch = the torch sweep on --weights")
-    parser.add_argument("--sensitivity-images", type=int, default=None,
-                        help="images scored by the sensitivity step (default: 4 on the CPU EP, 16 with CUDA)")
-    parser.add_argument("--random-control", type=int, default=None, metavar="SEED",
-                        help="with --ks: also build random K-node exclusions with this seed")
-    parser.add_argument("--random-seeds", type=int, default=None, help="search: random controls at the K found (default: 3)")
-    parser.add_argument("--random-band", action="store_true", default=None,
-                        help="search: random controls at every probed K too (costs seeds x probes evaluations)")
-    parser.add_argument("--max-probes", type=int, default=None,
-                        help="search: most candidates evaluated per mode (default: 12 x --parallel-probes)")
-    parser.add_argument("--parallel-probes", type=int, default=None,
-                        help="search: candidates evaluated at once, each in a worker process (default: 3 with the "
-                        "CUDA EP, where three evaluations side by side take about as long as one; 1 otherwise)")
-    parser.add_argument("--candidate-build", choices=("full", "requantize"), default=None,
-                        help="search: candidates from the full Q/DQ model with Q/DQ pairs removed (default) or "
-                        "ModelOpt re-quantization with nodes_to_exclude")
-    parser.add_argument("--budget-ap", type=float, default=0.5,
-                        help="AP points a variant may lose against FP32: the search's target and the "
-                        "recommendation's budget (default: 0.5)")
-    parser.add_argument("--jobs", type=int, default=None,
-                        help="steps run at once when they do not depend on each other, e.g. the FP8 branch beside "
-                        "INT8's calibration (default: 3 with a GPU provider, 1 on the CPU EP, whose sessions use every core)")
+    parser.add_argument(
+        "--imgsz", type=int, default=640, help="square input side, a multiple of 32 (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--providers", nargs="+", default=["CPUExecutionProvider"], help="ORT providers for smoke and evals"
+    )
+    parser.add_argument(
+        "--calibration-eps",
+        nargs="+",
+        choices=MODELOPT_CALIBRATION_EPS,
+        default=["cpu"],
+        help="ModelOpt calibration EPs of every quantization (default: cpu)",
+    )
+    parser.add_argument(
+        "--calibration-method",
+        choices=("entropy", "max"),
+        default="entropy",
+        help="INT8 calibration, of the int8 step and the INT8 candidates (default: entropy; FP8 uses max)",
+    )
+    parser.add_argument(
+        "--high-precision-dtype",
+        choices=("auto", "fp32", "fp16", "bf16"),
+        default="auto",
+        help="non-quantized tensors of every Q/DQ model (default: auto = fp16 where onnxruntime rounds fp16 QuantizeLinear correctly, else fp32; see the card)",
+    )
+    parser.add_argument(
+        "--candidate-modes",
+        nargs="*",
+        choices=("fp8", "int8"),
+        default=["fp8", "int8"],
+        help="low-bit candidate families K in --ks (default: fp8 int8; INT8 K=0 is the int8 step; "
+        "nothing to skip step 4)",
+    )
+    parser.add_argument(
+        "--ks",
+        type=int,
+        nargs="+",
+        default=None,
+        help="fixed top-K exclusions, e.g. 0 5 10 20 (default: none, the budget search chooses K)",
+    )
+    parser.add_argument(
+        "--sensitivity",
+        choices=("single", "loo", "local", "torch"),
+        default=None,
+        help="ranking: single = one node quantized at a time on the deployed Q/DQ graph, output drift "
+        "after propagation (the torch sweep's score; default), loo = leave-one-out of the full Q/DQ "
+        "graph, local = "
+        "each node's own error (cheap), torch = the torch sweep on --weights",
+    )
+    parser.add_argument(
+        "--sensitivity-images",
+        type=int,
+        default=None,
+        help="images scored by the sensitivity step (default: 4 on the CPU EP, 16 with CUDA)",
+    )
+    parser.add_argument(
+        "--random-control",
+        type=int,
+        default=None,
+        metavar="SEED",
+        help="with --ks: also build random K-node exclusions with this seed",
+    )
+    parser.add_argument(
+        "--random-seeds", type=int, default=None, help="search: random controls at the K found (default: 3)"
+    )
+    parser.add_argument(
+        "--random-band",
+        action="store_true",
+        default=None,
+        help="search: random controls at every probed K too (costs seeds x probes evaluations)",
+    )
+    parser.add_argument(
+        "--max-probes",
+        type=int,
+        default=None,
+        help="search: most candidates evaluated per mode (default: 12 x --parallel-probes)",
+    )
+    parser.add_argument(
+        "--parallel-probes",
+        type=int,
+        default=None,
+        help="search: candidates evaluated at once, each in a worker process (default: 3 with the "
+        "CUDA EP, where three evaluations side by side take about as long as one; 1 otherwise)",
+    )
+    parser.add_argument(
+        "--candidate-build",
+        choices=("full", "requantize"),
+        default=None,
+        help="search: candidates from the full Q/DQ model with Q/DQ pairs removed (default) or "
+        "ModelOpt re-quantization with nodes_to_exclude",
+    )
+    parser.add_argument(
+        "--budget-ap",
+        type=float,
+        default=0.5,
+        help="AP points a variant may lose against FP32: the search's target and the "
+        "recommendation's budget (default: 0.5)",
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="steps run at once when they do not depend on each other, e.g. the FP8 branch beside "
+        "INT8's calibration (default: 3 with a GPU provider, 1 on the CPU EP, whose sessions use every core)",
+    )
     parser.add_argument("--force", nargs="+", choices=STEP_NAMES, default=[], help="rerun these steps even if complete")
     parser.add_argument(
         "--dry-run", action="store_true", help="print the commands and what would be skipped; run and write nothing"
@@ -277,7 +365,8 @@ def check_inputs(args: argparse.Namespace) -> None:
     onnx_path = args.onnx_path
     if onnx_path.is_symlink() and not onnx_path.exists():
         raise UserError(
-            f"--onnx-path: {onnx_path} is a symlink to {os.readlink(onnx_path)}, which does not exist", flag="--onnx-path"
+            f"--onnx-path: {onnx_path} is a symlink to {os.readlink(onnx_path)}, which does not exist",
+            flag="--onnx-path",
         )
     if not onnx_path.is_file():
         raise UserError(
@@ -303,17 +392,10 @@ def check_inputs(args: argparse.Namespace) -> None:
 
 def check_model_input(onnx_path: Path, imgsz: int) -> None:
     """The model is an ONNX graph with one image input [1,3,H,W] whose static H and W, if any, equal ``--imgsz``."""
-    from types import SimpleNamespace
+    from lowbit.model_input import check_graph_image_input
+    from lowbit.onnx_stats import load_model_proto
 
-    from lowbit.onnx_stats import graph_inputs, load_model_proto
-    from lowbit.ort_session import check_image_input
-
-    inputs = [
-        SimpleNamespace(name=spec.name, shape=spec.shape or [], type=f"tensor({spec.dtype.lower()})")
-        for spec in graph_inputs(load_model_proto(onnx_path, "--onnx-path"))
-    ]
-    # check_image_input reads only get_inputs(): the graph's declared inputs stand in for a session's
-    check_image_input(SimpleNamespace(get_inputs=lambda: inputs), imgsz, onnx_path, "--onnx-path")
+    check_graph_image_input(load_model_proto(onnx_path, "--onnx-path"), imgsz, onnx_path, "--onnx-path")
 
 
 def is_generated_demo_data(args: argparse.Namespace) -> bool:
@@ -335,13 +417,17 @@ def quantize_argv(onnx_path: Path, calib: Path, output: Path, mode: str, calibra
     return argv + ["--no-use-zero-point", "--passes", "concat_elimination", "--overwrite"]
 
 
-def torch_sweep_argv(weights: Path, calib: Path, num_images: int, fmt: str, output_root: Path, run_id: str) -> list[str]:
+def torch_sweep_argv(
+    weights: Path, calib: Path, num_images: int, fmt: str, output_root: Path, run_id: str
+) -> list[str]:
     """``yolov10m_layer_sensitivity.py`` as ``run_yolov10m_layer_sensitivity_sweep.sh`` calls it (OVERWRITE=1)."""
     return ["--weights", str(weights), "--calib-npy", str(calib), "--num-images", str(num_images), "--formats", fmt,
             "--output-root", str(output_root), "--run-id", run_id, "--overwrite"]  # fmt: skip
 
 
-def materialize_argv(args: argparse.Namespace, run: Path, calib: Path, schemes: Path, mode: str, ks: list[int]) -> list[str]:
+def materialize_argv(
+    args: argparse.Namespace, run: Path, calib: Path, schemes: Path, mode: str, ks: list[int]
+) -> list[str]:
     """``materialize_yolov10m_lowbit_candidates.py`` as ``materialize_yolov10m_lowbit_candidates.sh`` calls it
     (EVAL=1, OVERWRITE=1, INCLUDE_RANDOM=1 with a random control)."""
     argv = ["--run-root", str(run), "--calib-path", str(calib), "--schemes-dir", str(schemes),
@@ -513,7 +599,9 @@ def search_steps(args: argparse.Namespace, run: Path, mode: str) -> list[Step]:
     full = full_model_path(args, run, mode)
     steps = []
     if mode == "fp8":
-        fp8_argv = quantize_argv(args.onnx_path, calib, full, "fp8", args.calibration_eps, args.high_precision_dtype, None)
+        fp8_argv = quantize_argv(
+            args.onnx_path, calib, full, "fp8", args.calibration_eps, args.high_precision_dtype, None
+        )
         steps.append(Step("fp8", [*_script("quantize_yolov10m_onnx.py"), *fp8_argv], outputs=[full],
                           inputs=[args.onnx_path, calib]))  # fmt: skip
     sens = sensitivity_step(args, run, mode, None if args.sensitivity == "torch" else full)
@@ -564,7 +652,9 @@ def plan(args: argparse.Namespace, run: Path) -> list[Step]:
         steps += search_steps(args, run, mode) if args.search else mode_steps(args, run, mode)
     # the report reads every evaluation: the metrics files, and the searches' and candidates' records with the
     # models and metrics they name
-    evaluated = [s.outputs[0] for s in steps if s.name in ("baseline", "int8-eval") or s.family in ("candidates", "search")]
+    evaluated = [
+        s.outputs[0] for s in steps if s.name in ("baseline", "int8-eval") or s.family in ("candidates", "search")
+    ]
     records = [s.outputs[0] for s in steps if s.family in ("candidates", "search")]
     outputs = [run / "report.md", run / "report.json", run / "pareto.png"]
     if args.search and args.candidate_modes:

@@ -35,10 +35,10 @@ from lowbit import search_run
 from lowbit.budget_search import default_max_probes
 from lowbit.candidates import BUILDS, EvalConfig, RequantizeConfig
 from lowbit.cli import cli_entry
+from lowbit.errors import UserError
 from lowbit.logs import setup_logging
 from lowbit.ort_session import CUDNN_CONV_ALGO_SEARCH, MODELOPT_CALIBRATION_EPS
 from lowbit.run_lock import hold_run_folder
-from lowbit.errors import UserError
 from lowbit.runs import atomic_write_json, atomic_write_text, check_input_file, manifest_run
 
 

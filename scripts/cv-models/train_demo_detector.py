@@ -27,8 +27,8 @@ import time
 from pathlib import Path
 
 from lowbit.cli import cli_entry, imgsz, non_negative_int, positive_float, positive_int
-from lowbit.logs import get_logger, setup_logging
 from lowbit.errors import UserError
+from lowbit.logs import get_logger, setup_logging
 from lowbit.runs import atomic_write_json, manifest_run, new_run_dir, timestamp
 
 

@@ -26,8 +26,8 @@ from pathlib import Path
 from lowbit import sensitivity_torch as sens
 from lowbit.calib import load_calib_tensor
 from lowbit.cli import cli_entry, imgsz, non_negative_int, positive_int
-from lowbit.logs import get_logger, setup_logging
 from lowbit.errors import UserError
+from lowbit.logs import get_logger, setup_logging
 from lowbit.runs import check_input_file, manifest_run, new_run_dir, resolve_repo_path, timestamp
 
 SCRIPT = "scripts/cv-models/yolov10m_layer_sensitivity.py"

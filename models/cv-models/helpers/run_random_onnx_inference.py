@@ -30,12 +30,19 @@ from pathlib import Path
 from typing import Any
 
 from lowbit.cli import cli_entry, non_negative_int, positive_int
+from lowbit.errors import UserError
 from lowbit.latency import latency_stats
 from lowbit.logs import get_logger, setup_logging
 from lowbit.onnx_stats import graph_inputs, load_model_proto, parse_input_shapes, resolve_input_shapes
 from lowbit.ort_session import CPU, build_session, check_providers
-from lowbit.errors import UserError
-from lowbit.runs import atomic_write_json, check_input_file, manifest_run, new_run_dir, package_versions, resolve_repo_path
+from lowbit.runs import (
+    atomic_write_json,
+    check_input_file,
+    manifest_run,
+    new_run_dir,
+    package_versions,
+    resolve_repo_path,
+)
 
 log = get_logger("run_random_onnx_inference")
 
