@@ -1,4 +1,5 @@
-"""Command-line plumbing shared by every script: argparse value types and the entry-point decorator.
+"""Command-line plumbing shared by every script: the parser factory, argparse value types and the entry-point
+decorator.
 
 Argparse types
 --------------
@@ -31,6 +32,22 @@ import sys
 from pathlib import Path
 
 from lowbit.errors import UserError
+
+__all__ = [
+    "IMGSZ_STRIDE",
+    "add_coco_paths",
+    "check_imgsz",
+    "cli_entry",
+    "existing_file",
+    "imgsz",
+    "imgsz_problem",
+    "int_range",
+    "make_parser",
+    "non_negative_int",
+    "positive_float",
+    "positive_int",
+    "unit_interval",
+]
 
 # YOLO's largest stride: the letterboxed side must be a multiple of it.
 IMGSZ_STRIDE = 32
@@ -168,17 +185,27 @@ def make_parser(doc: str | None, *, epilog: str | None = None, raw: bool = False
     """
     description = (doc or "").strip().split("\n\n")[0] if not raw else doc
     formatter = _DefaultsAndRawDescription if raw else argparse.ArgumentDefaultsHelpFormatter
-    return argparse.ArgumentParser(description=description, epilog=epilog, allow_abbrev=False, formatter_class=formatter)
+    return argparse.ArgumentParser(
+        description=description, epilog=epilog, allow_abbrev=False, formatter_class=formatter
+    )
 
 
 def add_coco_paths(parser: argparse.ArgumentParser) -> None:
     """``--data-root``, ``--images-dir`` and ``--ann-file``: a COCO-layout dataset, as every script reading one names it
     (``lowbit.evaluate.resolve_data_paths`` turns them into the image folder and the annotation file)."""
-    parser.add_argument("--data-root", type=Path, default=Path("datasets/coco2017/source-data"),
-                        help="COCO root holding val2017/ and annotations/instances_val2017.json")  # fmt: skip
+    parser.add_argument(
+        "--data-root",
+        type=Path,
+        default=Path("datasets/coco2017/source-data"),
+        help="COCO root holding val2017/ and annotations/instances_val2017.json",
+    )
     parser.add_argument("--images-dir", type=Path, default=None, help="image folder; None means DATA_ROOT/val2017")
-    parser.add_argument("--ann-file", type=Path, default=None,
-                        help="instances json; None means DATA_ROOT/annotations/instances_val2017.json")  # fmt: skip
+    parser.add_argument(
+        "--ann-file",
+        type=Path,
+        default=None,
+        help="instances json; None means DATA_ROOT/annotations/instances_val2017.json",
+    )
 
 
 def _user_path_error(exc: OSError) -> str | None:

@@ -24,6 +24,28 @@ from typing import Any
 
 from lowbit.errors import UserError
 
+__all__ = [
+    "CARD_ONNX_PATH",
+    "REPO_ROOT",
+    "TRACKED_PACKAGES",
+    "Manifest",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_records",
+    "atomic_write_text",
+    "check_input_file",
+    "check_output_path",
+    "git_commit",
+    "manifest_run",
+    "new_run_dir",
+    "package_versions",
+    "peak_rss_mb",
+    "refuse_overwrite",
+    "resolve_repo_path",
+    "sha256_file",
+    "timestamp",
+]
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # The model card's checkpoint: a symlink the user points at their yolov10m.onnx (never committed).
 CARD_ONNX_PATH = Path("models/cv-models/yolov10m/checkpoints/yolov10m.onnx")
