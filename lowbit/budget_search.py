@@ -1,4 +1,4 @@
-"""Smallest number of float layers (K) whose evaluated accuracy loss fits a budget.
+"""The search for the smallest number of float layers (K) whose evaluated accuracy loss fits a budget.
 
 Candidates along a ranking are indexed by K: the K most sensitive nodes run in float, the rest
 quantized (K = 0: the fully quantized model; ``ks_max``: every ranked node in float). Each probe
@@ -40,6 +40,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from lowbit.errors import UserError
+
+__all__ = ["DEFAULT_MAX_PROBES", "Probe", "SearchResult", "default_max_probes", "search_smallest_k"]
 
 # Probes allowed by default: end points + bisection over ~100 ranked nodes + a few scan probes.
 DEFAULT_MAX_PROBES = 12
@@ -110,8 +112,9 @@ def default_max_probes(parallel: int = 1) -> int:
     return DEFAULT_MAX_PROBES * max(1, parallel)
 
 
-def _validate(ks_max: int, budget: float, max_probes: int, seed_ks: Iterable[int], known: dict[int, float],
-              parallel: int) -> None:  # fmt: skip
+def _validate(
+    ks_max: int, budget: float, max_probes: int, seed_ks: Iterable[int], known: dict[int, float], parallel: int
+) -> None:
     if not budget > 0:  # also rejects NaN
         raise UserError(f"--budget-ap must be > 0 (AP points lost against FP32), got {budget}", flag="--budget-ap")
     if ks_max < 0:

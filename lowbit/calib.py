@@ -21,6 +21,8 @@ import numpy as np
 from lowbit.errors import UserError
 from lowbit.runs import REPO_ROOT, check_input_file
 
+__all__ = ["ListEntry", "load_calib_tensor", "parse_image_list", "read_image_list"]
+
 _NPY_MAGIC = b"\x93NUMPY"
 _ZIP_MAGIC = b"PK\x03\x04"
 # A comment: '#' at the start of the line or after whitespace, up to the end of the line.

@@ -20,6 +20,20 @@ import numpy as np
 
 from lowbit.errors import UserError
 
+__all__ = [
+    "STAT_KEYS",
+    "category_mapping",
+    "check_instances",
+    "detections_to_records",
+    "evaluate_bbox",
+    "load_coco",
+    "per_class_ap",
+    "pycocotools_stats",
+    "results_dataset",
+    "round_like_python",
+    "select_image_ids",
+]
+
 # Keys of the metrics dict, in COCOeval.stats order; stable, documented in metrics.json.
 STAT_KEYS = (
     "map50_95",

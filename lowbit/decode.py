@@ -38,6 +38,30 @@ import numpy as np
 
 from lowbit.errors import UserError
 
+__all__ = [
+    "CONF_DEFAULT",
+    "IOU_DEFAULT",
+    "LAYOUTS",
+    "MAX_DET_DEFAULT",
+    "MAX_NMS",
+    "MAX_WH",
+    "REG_MAX",
+    "STRIDES",
+    "Detections",
+    "OutputLayout",
+    "decode_raw",
+    "decode_raw_boxes",
+    "detect_layout",
+    "dfl_expectation",
+    "grid_sizes",
+    "make_anchors",
+    "nms_class_aware",
+    "num_anchors",
+    "postprocess",
+    "topk_one2one",
+    "xywh_to_xyxy",
+]
+
 REG_MAX = 16  # DFL bins per box side in YOLOv8/v10 heads
 STRIDES = (8, 16, 32)  # P3, P4, P5
 CONF_DEFAULT = 0.001  # ultralytics val default
@@ -81,12 +105,17 @@ class Detections:
 
 
 def grid_sizes(imgsz: int, strides: tuple[int, ...] = STRIDES) -> list[tuple[int, int]]:
-    """Feature-map (h, w) per level for a square input: ``ceil(imgsz / stride)`` (stride-2 convs, pad 1)."""
+    """Feature-map (h, w) per level for a square input: ``ceil(imgsz / stride)``, as the backbone's stride-2
+    convs (kernel 3, pad 1: ``out = ceil(in / 2)``) give; equal to ``imgsz // stride`` at multiples of 32."""
     return [(math.ceil(imgsz / s), math.ceil(imgsz / s)) for s in strides]
 
 
 def num_anchors(imgsz: int, strides: tuple[int, ...] = STRIDES) -> int:
-    """Anchor count ``A`` for a square input, e.g. 8400 at 640, 84 at 64."""
+    """Anchor count ``A`` for a square input (the head output's last dim), e.g. 8400 at 640, 84 at 64, 189 at 90.
+
+    The one count in the package: the exporter checks its graph against it and :func:`detect_layout` reads
+    outputs with it.
+    """
     return sum(h * w for h, w in grid_sizes(imgsz, strides))
 
 

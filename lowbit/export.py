@@ -8,9 +8,9 @@ The checkpoint the model card describes has one input and one output::
 The output is the *raw* one-to-one (NMS-free) head before any decoding: for every pyramid level
 P3/P4/P5 the box-distribution conv (``one2one_cv2``, 4 x 16 DFL bins) and the class-logit conv
 (``one2one_cv3``, ``nc`` logits) are concatenated on channels, flattened to ``[1, C, h * w]``
-and the three levels concatenated on anchors (``A = (S/8)^2 + (S/16)^2 + (S/32)^2``; 8400 at 640).
-Channel order per anchor: 64 DFL logits (``l, t, r, b`` x 16 bins), then ``nc`` class logits
-(no sigmoid).
+and the three levels concatenated on anchors (``A = (S/8)^2 + (S/16)^2 + (S/32)^2``, 8400 at 640:
+:func:`lowbit.decode.num_anchors`). Channel order per anchor: 64 DFL logits (``l, t, r, b`` x 16
+bins), then ``nc`` class logits (no sigmoid).
 
 ultralytics' own ONNX export returns boxes already decoded from the one-to-many branch
 (``[1, 84, 8400]``) instead, so this module replaces only the forward of the detection head and
@@ -33,9 +33,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lowbit.cli import check_imgsz
+from lowbit.decode import num_anchors
 from lowbit.errors import UserError
 from lowbit.logs import get_logger
 from lowbit.runs import check_input_file
+
+__all__ = [
+    "DEFAULT_OPSET",
+    "DEFAULT_RTOL",
+    "INPUT_NAME",
+    "LoadedModel",
+    "check_export_imgsz",
+    "check_static_shapes",
+    "export_raw_head_onnx",
+    "exported_parameter_count",
+    "head_output_name",
+    "load_yolov10",
+    "onnx_vs_reference",
+    "prepare_raw_head_model",
+    "raw_head_reference",
+    "resolve_yaml",
+]
 
 log = get_logger("export")
 
@@ -63,11 +82,6 @@ def head_output_name(head_index: int, num_levels: int) -> str:
     so the last Concat gets suffix ``_{num_levels}``.
     """
     return f"/model.{head_index}/Concat_{num_levels}_output_0"
-
-
-def num_anchors(imgsz: int, strides: tuple[int, ...] = (8, 16, 32)) -> int:
-    """Anchor count of a square ``imgsz`` input: ``sum((imgsz // s) ** 2)``; 8400 at 640."""
-    return sum((imgsz // s) ** 2 for s in strides)
 
 
 def resolve_yaml(weights: str | Path) -> Path:
@@ -426,12 +440,20 @@ def onnx_vs_reference(onnx_path: Path, reference, images) -> dict[str, float]:
     }
 
 
-def check_imgsz(imgsz: int, max_stride: int) -> None:
-    if imgsz < max_stride or imgsz % max_stride:
+def check_export_imgsz(imgsz: int, max_stride: int) -> int:
+    """:func:`lowbit.cli.check_imgsz`'s rule, and a multiple of the model's largest stride (stricter for a P6
+    model's 64): then every level's grid is whole and the neck's x2-upsampled maps match the ones they join.
+
+    Raises:
+        UserError(flag="--imgsz"): either rule broken.
+    """
+    check_imgsz(imgsz)
+    if imgsz % max_stride:
         raise UserError(
             f"--imgsz must be a positive multiple of {max_stride} (the model's largest stride), got {imgsz}",
             flag="--imgsz",
         )
+    return imgsz
 
 
 def exported_parameter_count(model) -> int:

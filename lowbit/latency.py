@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+__all__ = ["STAT_KEYS", "latency_stats"]
+
 STAT_KEYS = ("mean", "median", "p50", "p90", "p95", "p99", "min", "max", "std")
 
 

@@ -38,7 +38,15 @@ from lowbit.onnx_stats import (
     shape_table,
     with_input_shapes,
 )
-from lowbit.qdq_graph import qdq_summary
+from lowbit.qdq_graph import (
+    constant_elem_types,
+    qdq_summary,
+    quant_dtype_name,
+    quantize_output_type,
+    tensor_producers,
+)
+
+__all__ = ["UNQUANTIZED", "MacShare", "low_precision_mac_share"]
 
 UNQUANTIZED = "unknown"  # by_dtype key when a quantized node's element type cannot be read
 
@@ -67,11 +75,6 @@ class MacShare:
         return asdict(self)
 
 
-def _type_name(code: int) -> str:
-    """Lower-case ONNX element type name (``INT8`` -> ``int8``, ``FLOAT8E4M3FN`` -> ``float8e4m3fn``)."""
-    return onnx.TensorProto.DataType.Name(code).lower()
-
-
 def _quantized_dtype(node: onnx.NodeProto, producers: dict, constant_types: dict[str, int]) -> str:
     """Element types of the quantized tensors ``node`` reads, joined with ``+``."""
     types = set()
@@ -82,27 +85,11 @@ def _quantized_dtype(node: onnx.NodeProto, producers: dict, constant_types: dict
         code = constant_types.get(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else None
         source = producers.get(dq.input[0])
         if code is None and source is not None and source.op_type == "QuantizeLinear":
-            if len(source.input) > 2 and source.input[2]:
-                code = constant_types.get(source.input[2])
-            for attr in source.attribute:
-                if code is None and attr.name == "output_dtype" and attr.i:
-                    code = attr.i
-            if code is None:  # no zero point nor output_dtype: ONNX's default is uint8
-                code = onnx.TensorProto.UINT8
+            code = quantize_output_type(source, constant_types)
         if code is None:
             code = constant_types.get(dq.input[0])
-        types.add(_type_name(code) if code is not None else UNQUANTIZED)
+        types.add(quant_dtype_name(code) if code is not None else UNQUANTIZED)
     return "+".join(sorted(types)) or UNQUANTIZED
-
-
-def _constant_types(graph: onnx.GraphProto) -> dict[str, int]:
-    types = {init.name: init.data_type for init in graph.initializer}
-    for node in graph.node:
-        if node.op_type == "Constant":
-            for attr in node.attribute:
-                if attr.name == "value":
-                    types[node.output[0]] = attr.t.data_type
-    return types
 
 
 def low_precision_mac_share(
@@ -128,8 +115,8 @@ def low_precision_mac_share(
     table = shape_table(inferred)
     graph = inferred.graph
     quantized = set(qdq_summary(graph)["quantized_nodes"])
-    producers = {out: node for node in graph.node for out in node.output if out}
-    constant_types = _constant_types(graph)
+    producers = tensor_producers(graph)
+    constant_types = constant_elem_types(graph)
     total = low = 0
     by_dtype: dict[str, int] = {}
     unknown: list[str] = []

@@ -1,5 +1,6 @@
 """The model's image input: one float tensor ``[1, 3, H, W]`` whose static H and W equal ``--imgsz``, checked on an
-ORT session or on the graph's declared input (before any session is built)."""
+ORT session or on the graph's declared input (before any session is built); quantization's stricter rule (static
+H and W) is :func:`static_image_chw`."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from types import SimpleNamespace
 
 from lowbit.errors import UserError
 
-__all__ = ["check_graph_image_input", "check_image_input", "model_input_spec"]
+__all__ = ["check_graph_image_input", "check_image_input", "model_input_spec", "static_image_chw"]
 
 
 def model_input_spec(session, model_flag: str = "--onnx-path") -> tuple[str, list, str]:
@@ -86,3 +87,30 @@ def check_graph_image_input(
     ]
     # check_image_input reads only get_inputs(): the graph's declared inputs stand in for a session's
     return check_image_input(SimpleNamespace(get_inputs=lambda: inputs), imgsz, model_path, model_flag)
+
+
+def static_image_chw(proto, flag: str = "--onnx-path") -> tuple[int, int, int]:
+    """``(C, H, W)`` of the graph's single declared input, which must be ``[N, 3, H, W]`` with static H and W.
+
+    Stricter than :func:`check_graph_image_input` about H and W (quantization calibrates at one image
+    size, so they must be fixed) and silent about batch and dtype, which ModelOpt handles.
+
+    Args:
+        proto: the ``onnx.ModelProto`` (graph only is enough).
+        flag: the CLI flag that named the model.
+
+    Raises:
+        UserError(flag): not one input, or not ``[N, 3, H, W]`` with static C, H and W.
+    """
+    from lowbit.onnx_stats import graph_inputs  # lazy: as in check_graph_image_input
+
+    inputs = graph_inputs(proto)
+    if len(inputs) != 1:
+        raise UserError(f"{flag}: the model has {len(inputs)} inputs; expected one image input", flag=flag)
+    dims = list(inputs[0].shape or [])
+    if len(dims) != 4 or not all(isinstance(d, int) and d > 0 for d in dims[1:]) or dims[1] != 3:
+        raise UserError(
+            f"{flag}: input {inputs[0].name!r} has shape {dims}; quantization needs [N,3,H,W] with static H and W",
+            flag=flag,
+        )
+    return dims[1], dims[2], dims[3]

@@ -1,4 +1,5 @@
-"""ONNX model statistics (the model card's "Model Stats" block) and input-shape resolution.
+"""ONNX model statistics (the model card's "Model Stats" block: size, parameters, MACs, I/O), with the input-shape
+resolution they are counted at.
 
 Counting rules, as the card states them:
 
@@ -25,7 +26,29 @@ from pathlib import Path
 from typing import Any
 
 from lowbit.errors import UserError
-from lowbit.qdq_graph import dtype_name, element_bits
+from lowbit.qdq_graph import constant_values, dtype_name, element_bits
+
+__all__ = [
+    "COMPUTE_OPS",
+    "MIB",
+    "Dim",
+    "TensorSpec",
+    "count_macs",
+    "count_parameters",
+    "external_data_files",
+    "format_markdown",
+    "format_text",
+    "graph_inputs",
+    "infer_shapes",
+    "load_model_proto",
+    "model_stats",
+    "node_macs",
+    "parse_input_shapes",
+    "resolve_input_shapes",
+    "shape_table",
+    "tensor_spec",
+    "with_input_shapes",
+]
 
 MIB = 1024 * 1024
 COMPUTE_OPS = ("Conv", "MatMul", "Gemm")
@@ -229,13 +252,8 @@ def shape_table(proto) -> dict[str, list[Dim] | None]:
     for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
         if vi.type.HasField("tensor_type"):
             table[vi.name] = tensor_spec(vi).shape
-    for init in graph.initializer:
-        table[init.name] = list(init.dims)
-    for node in graph.node:
-        if node.op_type == "Constant":
-            for attr in node.attribute:
-                if attr.name == "value":
-                    table[node.output[0]] = list(attr.t.dims)
+    for name, tensor in constant_values(graph).items():
+        table[name] = list(tensor.dims)
     return table
 
 
@@ -283,15 +301,20 @@ def count_macs(inferred_proto) -> tuple[dict[str, int], list[str]]:
     return by_op, unresolved
 
 
-def _file_bytes(path: Path, proto) -> tuple[int, int]:
-    """``(bytes of the .onnx file, bytes of external data files it references)``."""
+def external_data_files(model) -> list[str]:
+    """Relative paths of the external-data files an ONNX model's initializers point to, sorted."""
     locations = set()
-    for init in proto.graph.initializer:
+    for init in model.graph.initializer:
         for entry in init.external_data:
             if entry.key == "location":
                 locations.add(entry.value)
+    return sorted(locations)
+
+
+def _file_bytes(path: Path, proto) -> tuple[int, int]:
+    """``(bytes of the .onnx file, bytes of external data files it references)``."""
     external = 0
-    for location in sorted(locations):
+    for location in external_data_files(proto):
         data_file = path.parent / location
         if data_file.exists():
             external += data_file.stat().st_size
@@ -370,8 +393,10 @@ def format_markdown(stats: dict[str, Any]) -> str:
         f"- **Compute (FLOPs)**: {stats['gflops']:.3f} GFLOPs @ 2 FLOPs per MAC",
         f"- **Assumed batch**: {stats['assumed_batch']} (for symbolic batch dims)",
         "",
-        "- **Notes**: Parameter count/bytes are computed from ONNX initializer tensors; compute is MACs from "
-        "Conv/MatMul/Gemm nodes only (elementwise ops excluded).",
+        (
+            "- **Notes**: Parameter count/bytes are computed from ONNX initializer tensors; compute is MACs from "
+            "Conv/MatMul/Gemm nodes only (elementwise ops excluded)."
+        ),
     ]
     if stats["unresolved_compute_nodes"]:
         lines.append(

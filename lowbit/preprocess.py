@@ -27,6 +27,21 @@ import numpy as np
 
 from lowbit.errors import UserError
 
+__all__ = [
+    "PAD_VALUE",
+    "ImageReadError",
+    "LetterboxInfo",
+    "PreparedImage",
+    "iter_prepared",
+    "letterbox",
+    "load_image_bgr",
+    "prepare_image",
+    "preprocess",
+    "scale_boxes_xyxy_to_original",
+    "to_bgr_uint8",
+    "to_nchw_float",
+]
+
 PAD_VALUE = 114  # ultralytics' letterbox fill (grey), also what the models were trained with
 
 

@@ -1,9 +1,9 @@
-"""Reading a Q/DQ ONNX graph: who reads a tensor, which Q/DQ pairs exist, what they quantize to, and
-which compute nodes run quantized.
+"""Reading a Q/DQ ONNX graph: its constants and element types, who reads a tensor, which Q/DQ pairs exist, what
+they quantize to, and which compute nodes run quantized.
 
 Every module that looks at a quantized graph (session options, the evaluator's record, the fp16
-inspection, the ONNX sensitivity sweep, the quantizer's checks) reads it through these functions, so a
-"quantized node" or a "Q/DQ pair" means the same thing everywhere.
+inspection, the ONNX sensitivity sweep, the quantizer's checks, the MAC share) reads it through these
+functions, so a "constant", a "quantized node" or a "Q/DQ pair" means the same thing everywhere.
 
 Element-type names come from ``onnx.helper`` in two spellings: :func:`dtype_name` gives ONNX's own
 (``FLOAT``, ``FLOAT16``, ``FLOAT8E4M3FN``), :func:`quant_dtype_name` the lower-case form metrics.json and
@@ -16,8 +16,36 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
+
+__all__ = [
+    "QDQ_OPS",
+    "QUANT_ELEM_TYPES",
+    "WEIGHTED_OPS",
+    "QDQPair",
+    "QuantizedNode",
+    "constant_arrays",
+    "constant_elem_types",
+    "constant_values",
+    "declared_elem_types",
+    "dtype_name",
+    "element_bits",
+    "find_quantized_nodes",
+    "inferred_elem_types",
+    "is_fp8_name",
+    "is_integer_name",
+    "load_graph_proto",
+    "qdq_info",
+    "qdq_pairs",
+    "qdq_summary",
+    "quant_dtype_name",
+    "quant_max_magnitude",
+    "quantize_output_type",
+    "tensor_consumers",
+    "tensor_producers",
+]
 
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 # Ops whose second input is a weight: they count as quantized when that weight comes through a DQ.
@@ -158,19 +186,56 @@ def qdq_pairs(graph: onnx.GraphProto) -> dict[str, QDQPair]:
     return pairs
 
 
-def declared_elem_types(graph: onnx.GraphProto) -> dict[str, int]:
-    """Element types the graph states without inference: initializers, ``Constant`` outputs, value_info, I/O."""
-    types: dict[str, int] = {}
-    for vi in list(graph.value_info) + list(graph.input) + list(graph.output):
-        if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
-            types[vi.name] = vi.type.tensor_type.elem_type
+def constant_values(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
+    """Initializers and ``Constant`` node outputs of ``graph`` (a ``Constant``'s tensor renamed to its output), by name."""
+    values = {init.name: init for init in graph.initializer}
     for node in graph.node:
         if node.op_type == "Constant":
             for attr in node.attribute:
                 if attr.name == "value":
-                    types[node.output[0]] = attr.t.data_type
-    for init in graph.initializer:
-        types[init.name] = init.data_type
+                    tensor = onnx.TensorProto()
+                    tensor.CopyFrom(attr.t)
+                    tensor.name = node.output[0]
+                    values[node.output[0]] = tensor
+    return values
+
+
+def constant_arrays(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+    """:func:`constant_values` as numpy arrays."""
+    return {name: numpy_helper.to_array(tensor) for name, tensor in constant_values(graph).items()}
+
+
+def constant_elem_types(graph: onnx.GraphProto) -> dict[str, int]:
+    """Element type of every initializer and ``Constant`` output, by name."""
+    return {name: tensor.data_type for name, tensor in constant_values(graph).items()}
+
+
+def _value_info_types(graph: onnx.GraphProto) -> dict[str, int]:
+    types: dict[str, int] = {}
+    for vi in list(graph.value_info) + list(graph.input) + list(graph.output):
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.elem_type:
+            types[vi.name] = vi.type.tensor_type.elem_type
+    return types
+
+
+def declared_elem_types(graph: onnx.GraphProto) -> dict[str, int]:
+    """Element types the graph states without inference: value_info, I/O, then initializers and ``Constant`` outputs."""
+    return {**_value_info_types(graph), **constant_elem_types(graph)}
+
+
+def inferred_elem_types(model: onnx.ModelProto) -> dict[str, int]:
+    """Element type of every tensor ONNX type inference can name, then :func:`declared_elem_types`' constants, then
+    each ``Cast`` output's ``to`` type. Inference is best effort: on failure the declared types are used."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    except Exception:  # noqa: BLE001 - inference is best effort; declared types are used then
+        inferred = model
+    types = {**_value_info_types(inferred.graph), **constant_elem_types(model.graph)}
+    for node in model.graph.node:
+        if node.op_type == "Cast":
+            for attr in node.attribute:
+                if attr.name == "to":
+                    types[node.output[0]] = attr.i
     return types
 
 
@@ -199,8 +264,10 @@ def _quantized_node_rule(graph: onnx.GraphProto):
     def quantized(node) -> bool:
         if node.op_type in QDQ_OPS:
             return False
-        if node.op_type in WEIGHTED_OPS and len(node.input) > 1 and (
-            node.input[1] in constants or node.input[1] in dq_of_constant
+        if (
+            node.op_type in WEIGHTED_OPS
+            and len(node.input) > 1
+            and (node.input[1] in constants or node.input[1] in dq_of_constant)
         ):
             return node.input[1] in dq_of_constant
         variable = [i for i in node.input if i and i not in constants and i not in dq_of_constant]

@@ -6,10 +6,10 @@
 
 1. validate every input before any work (``validate_settings``): files, output path, mode,
    exclusions and op types against the graph, the calibration tensor (``lowbit.calib``);
-2. quantize a private work copy with ``modelopt.onnx.quantization.quantize``, its log captured
-   in ``<out stem>.modelopt.log``;
+2. quantize a private work copy with ``modelopt.onnx.quantization.quantize`` (``lowbit.quantize_modelopt``),
+   its log captured in ``<out stem>.modelopt.log``;
 3. fold DequantizeLinear nodes of constant int32 tensors (quantized conv biases) into float
-   initializers (``fold_int32_bias_dequantize``);
+   initializers (``lowbit.qdq_edit.fold_int32_bias_dequantize``);
 4. verify: Q/DQ pairs exist, ONNX Runtime loads the model and gives finite outputs on one
    calibration image, and with fp16/bf16 high precision the float16-QuantizeLinear hazard is checked;
 5. publish the model (a rename) and complete ``<out stem>.manifest.json`` (``kind`` "quantize"; its keys, and
@@ -21,23 +21,19 @@ The output model appears only when all of that succeeded; the work folder is rem
 from __future__ import annotations
 
 import dataclasses
-import logging
-import os
 import re
 import shutil
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from lowbit import quantize_modelopt
 from lowbit.calib import load_calib_tensor
 from lowbit.errors import UserError
-from lowbit.logs import get_logger
-from lowbit.ort_session import MODELOPT_CALIBRATION_EPS, check_calibration_eps
+from lowbit.logs import get_logger, log_to_file
+from lowbit.ort_providers import MODELOPT_CALIBRATION_EPS, check_calibration_eps
 from lowbit.runs import check_input_file, check_output_path, manifest_run
 
 QUANTIZE_MODES = ("int8", "fp8", "int4")  # int4 is listed so that asking for it gets a reason, not "invalid choice"
@@ -51,8 +47,28 @@ HIGH_PRECISION_DTYPES = ("auto", "fp32", "fp16", "bf16")
 DEFAULT_HIGH_PRECISION_DTYPE = "auto"
 PASSES = ("concat_elimination",)
 MANIFEST_SCRIPT = "quantize_yolov10m_onnx.py"  # the manifest's informational "script" key; readers match its kind
-# Threads that build the entropy/percentile calibration histograms, each over a share of the tensors.
-HISTOGRAM_THREADS = min(8, os.cpu_count() or 1)
+
+__all__ = [
+    "CALIBRATION_EPS",
+    "CALIBRATION_METHODS",
+    "DEFAULT_HIGH_PRECISION_DTYPE",
+    "HIGH_PRECISION_DTYPES",
+    "MANIFEST_SCRIPT",
+    "PASSES",
+    "QUANTIZE_MODES",
+    "QuantizeResult",
+    "QuantizeSettings",
+    "check_op_types",
+    "count_int4_targets",
+    "default_calibration_method",
+    "exact_patterns",
+    "parse_exclusions",
+    "quantize_onnx",
+    "refuse_int4",
+    "resolve_high_precision_dtype",
+    "run_paths",
+    "validate_settings",
+]
 
 log = get_logger("quantize")
 
@@ -117,7 +133,7 @@ class QuantizeResult:
         quantized_nodes: names of compute nodes that run quantized, sorted.
         excluded_nodes: exact node names that were excluded, in the order given.
         folded_bias_nodes: DequantizeLinear nodes of int32 constants folded into float initializers.
-        fp16_quantize_hazard: ``lowbit.qdq_inspect.fp16_quantize_hazard``'s finding, or None.
+        fp16_quantize_hazard: ``lowbit.qdq_fp16.fp16_quantize_hazard``'s finding, or None.
         quantize_s: seconds spent inside ModelOpt.
     """
 
@@ -249,29 +265,13 @@ def _check_choices(settings: QuantizeSettings) -> None:
         raise UserError(f"--max-calib-images must be >= 1, got {settings.max_calib_images}", flag="--max-calib-images")
 
 
-def _model_input_chw(model, flag: str = "--onnx-path") -> tuple[int, int, int]:
-    """``(C, H, W)`` of the model's single static image input."""
-    initializers = {init.name for init in model.graph.initializer}
-    inputs = [vi for vi in model.graph.input if vi.name not in initializers]
-    if len(inputs) != 1:
-        raise UserError(f"{flag}: the model has {len(inputs)} inputs; expected one image input", flag=flag)
-    dims = [
-        d.dim_value if d.HasField("dim_value") else d.dim_param or "?" for d in inputs[0].type.tensor_type.shape.dim
-    ]
-    if len(dims) != 4 or not all(isinstance(d, int) and d > 0 for d in dims[1:]) or dims[1] != 3:
-        raise UserError(
-            f"{flag}: input {inputs[0].name!r} has shape {dims}; quantization needs [N,3,H,W] with static H and W",
-            flag=flag,
-        )
-    return dims[1], dims[2], dims[3]
-
-
 def validate_settings(settings: QuantizeSettings) -> _Inputs:
     """Check every input before any work; returns the loaded graph, calibration tensor and exclusions.
 
     Raises:
         UserError(flag): the first bad input, naming its flag.
     """
+    from lowbit.model_input import static_image_chw
     from lowbit.onnx_stats import load_model_proto
 
     _check_choices(settings)
@@ -285,7 +285,7 @@ def validate_settings(settings: QuantizeSettings) -> _Inputs:
     refuse_int4(settings.quantize_mode, model=model)
     exclusions = parse_exclusions(settings, {n.name for n in model.graph.node})
     check_op_types(settings, {n.op_type for n in model.graph.node})
-    _, height, width = _model_input_chw(model)
+    _, height, width = static_image_chw(model)
     calib = load_calib_tensor(
         settings.calib_path, "--calib-path", height if height == width else None, settings.max_calib_images
     )
@@ -299,246 +299,11 @@ def validate_settings(settings: QuantizeSettings) -> _Inputs:
     return _Inputs(model=model, calib=calib, exclusions=exclusions, calibration_method=method)
 
 
-def _dequantize_constant(values: np.ndarray, scale: np.ndarray, zero_point: np.ndarray | None, axis: int) -> np.ndarray:
-    """``(values - zero_point) * scale`` as ONNX Runtime's DequantizeLinear computes it, in the scale's type.
-
-    The difference is taken in integers and converted to float32 before the product, as ORT's
-    kernel does, so float32 results are bit-identical to the node's.
-    """
-    scale32 = scale.astype(np.float32)
-    zp = None if zero_point is None else zero_point.astype(np.int64)
-    if scale.ndim == 1 and values.ndim > 0:  # per-axis: scale (and zero point) run along ``axis``
-        shape = [1] * values.ndim
-        shape[axis % values.ndim] = scale.size
-        scale32 = scale32.reshape(shape)
-        zp = None if zp is None else zp.reshape(shape)
-    shifted = values.astype(np.int64) - (0 if zp is None else zp)
-    return (shifted.astype(np.float32) * scale32).astype(scale.dtype).reshape(values.shape)
-
-
-def fold_int32_bias_dequantize(model) -> list[str]:
-    """Replace each DequantizeLinear of a constant int32 initializer by a float initializer, in place.
-
-    ModelOpt (through ORT's quantizer) can quantize a conv bias to int32 behind a DequantizeLinear.
-    ONNX Runtime's CUDA EP has no int32 DequantizeLinear kernel, so such nodes force a CPU fallback;
-    TensorRT takes float biases anyway. The folded initializer holds ``(q - zero_point) * scale``
-    in the scale's type (float32 unless the model runs in fp16) under the node's output name, so
-    every consumer reads the same numbers as before. Initializers left unused are removed.
-
-    Args:
-        model: an ``onnx.ModelProto`` with its weights loaded.
-
-    Returns:
-        Names of the folded DequantizeLinear nodes, in graph order.
-    """
-    from onnx import TensorProto, helper, numpy_helper
-
-    graph = model.graph
-    inits = {init.name: init for init in graph.initializer}
-    graph_outputs = {o.name for o in graph.output}
-    folded, folded_nodes, new_inits, keep_nodes = [], [], [], []
-    for node in graph.node:
-        source = inits.get(node.input[0]) if node.op_type == "DequantizeLinear" and node.input else None
-        if (
-            source is None
-            or source.data_type != TensorProto.INT32
-            or node.output[0] in graph_outputs
-            or any(name and name not in inits for name in node.input[1:])
-            or any(a.name == "block_size" and a.i for a in node.attribute)
-        ):
-            keep_nodes.append(node)
-            continue
-        scale = numpy_helper.to_array(inits[node.input[1]])
-        if scale.dtype not in (np.float32, np.float16):  # bfloat16 scales: left to the runtime
-            keep_nodes.append(node)
-            continue
-        zero_point = numpy_helper.to_array(inits[node.input[2]]) if len(node.input) > 2 and node.input[2] else None
-        axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 1)
-        values = _dequantize_constant(numpy_helper.to_array(source), scale, zero_point, axis)
-        new_inits.append(numpy_helper.from_array(values, node.output[0]))
-        folded.append(node.name or node.output[0])
-        folded_nodes.append(node)
-    if not folded:
-        return []
-    del graph.node[:]
-    graph.node.extend(keep_nodes)
-    graph.initializer.extend(new_inits)
-    _drop_unused_initializers(graph, {name for node in folded_nodes for name in node.input})
-    return folded
-
-
-def _graph_reads(graph) -> set[str]:
-    """Every tensor name a node of ``graph`` or of its subgraphs (If/Loop bodies) reads, plus its outputs."""
-    names = {o.name for o in graph.output}
-    for node in graph.node:
-        names.update(node.input)
-        for attr in node.attribute:
-            subgraphs = list(attr.graphs) + ([attr.g] if attr.HasField("g") else [])
-            for sub in subgraphs:
-                names |= _graph_reads(sub)
-    return names
-
-
-def _drop_unused_initializers(graph, candidates: set[str]) -> None:
-    """Remove the initializers named in ``candidates`` (and their graph inputs) that nothing reads any more."""
-    unused = candidates - _graph_reads(graph)
-    if not unused:
-        return
-    kept = [init for init in graph.initializer if init.name not in unused]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
-    inputs = [vi for vi in graph.input if vi.name not in unused]
-    del graph.input[:]
-    graph.input.extend(inputs)
-
-
-def external_data_files(model) -> list[str]:
-    """Relative paths of the external-data files an ONNX model's initializers point to."""
-    locations = set()
-    for init in model.graph.initializer:
-        for entry in init.external_data:
-            if entry.key == "location":
-                locations.add(entry.value)
-    return sorted(locations)
-
-
-def calibration_eps_used(onnx_path: Path, eps: list[str]) -> list[str]:
-    """The ORT providers a ModelOpt calibration session really gets for ``eps``.
-
-    ModelOpt drops EPs whose libraries are missing, and ORT itself silently drops a CUDA EP that
-    fails to initialise (no GPU); both happen inside ``quantize``. Building a session with
-    ModelOpt's own factory and reading ``get_providers()`` reports what calibration ran on.
-    """
-    from modelopt.onnx.quantization.ort_utils import create_inference_session
-
-    return list(create_inference_session(str(onnx_path), list(eps)).get_providers())
-
-
-def _make_work_copy(onnx_path: Path, model, work_dir: Path) -> Path:
-    """Copy the model (and its external data) into ``work_dir``, a fresh folder.
-
-    ModelOpt writes intermediate files next to its input model, and measured with 0.47 it also
-    rewrites the input file itself (through a symlink too): it only ever sees this private copy.
-    """
-    shutil.rmtree(work_dir, ignore_errors=True)
-    work_dir.mkdir(parents=True)
-    work_input = work_dir / onnx_path.name
-    shutil.copyfile(onnx_path, work_input)
-    for location in external_data_files(model):
-        shutil.copyfile(onnx_path.parent / location, work_dir / location)
-    return work_input
-
-
-@contextmanager
-def _capture_modelopt_log(log_file: Path) -> Iterator[None]:
-    """Copy every log record into ``log_file`` while ModelOpt runs.
-
-    ModelOpt re-configures its logger (dropping a log_file handler) part-way through, but its
-    records always propagate to the root logger: capture the full log there.
-    """
-    handler = logging.FileHandler(log_file, mode="w", encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
-    root = logging.getLogger()
-    root.addHandler(handler)
-    try:
-        yield
-    finally:
-        root.removeHandler(handler)
-        handler.close()
-
-
-@contextmanager
-def _package_log_file(log_file: Path) -> Iterator[None]:
-    """Also write this package's log records to ``log_file`` for the duration of the run."""
-    handler = logging.FileHandler(log_file, mode="w", encoding="utf-8")
-    handler.setLevel(logging.DEBUG)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    package_logger = get_logger()
-    package_logger.addHandler(handler)
-    try:
-        yield
-    finally:
-        package_logger.removeHandler(handler)
-        handler.close()
-
-
-@contextmanager
-def _tensor_parallel_histograms(threads: int) -> Iterator[None]:
-    """Let ONNX Runtime's ``HistogramCollector.collect`` work on disjoint shares of the tensors in threads.
-
-    ModelOpt's histogram calibration (entropy, percentile) calls ``collect({tensor: outputs})`` once
-    per calibration batch, and the collector builds each tensor's histogram with one serial
-    ``np.histogram`` after another: on the demo detector that is 187 tensors x 100 images, most of
-    an INT8 quantization's time once inference runs on a GPU. Each tensor's histogram depends
-    only on its own data and state (``histogram_dict[tensor]``), and NumPy releases the GIL inside
-    its array loops, so shares of the tensors run in threads and the histograms (hence the scales)
-    are the ones the serial loop makes. ModelOpt's own ``collect`` (per-node calibration replaces
-    it) is left alone, and the original method is restored on exit.
-    """
-    from concurrent.futures import ThreadPoolExecutor
-
-    from onnxruntime.quantization.calibrate import HistogramCollector
-
-    serial = HistogramCollector.collect
-    if threads <= 1:
-        yield
-        return
-
-    def collect(self, name_to_arr):
-        # what the serial collect dispatches to; it also prints one line per batch, which is dropped
-        if self.method not in ("entropy", "distribution", "percentile"):
-            return serial(self, name_to_arr)  # its own error for an unknown method
-        build = self.collect_absolute_value if self.method == "percentile" and self.symmetric else self.collect_value
-        names = list(name_to_arr)
-        shares = [names[i::threads] for i in range(threads)]
-        jobs = [pool.submit(build, {n: name_to_arr[n] for n in share}) for share in shares if share]
-        for job in jobs:
-            job.result()  # re-raises a collector error here
-        return None
-
-    with ThreadPoolExecutor(threads, thread_name_prefix="histogram") as pool:
-        HistogramCollector.collect = collect
-        try:
-            yield
-        finally:
-            if HistogramCollector.collect is collect:
-                HistogramCollector.collect = serial
-
-
-def _run_modelopt(
-    settings: QuantizeSettings, inputs: _Inputs, work_input: Path, work_output: Path, log_file: Path
-) -> float:
-    """Run ModelOpt's ``quantize`` on the work copy; returns its wall time in seconds."""
-    from modelopt.onnx.quantization import quantize  # heavy: imported only when quantizing
-
-    with _capture_modelopt_log(log_file), _tensor_parallel_histograms(HISTOGRAM_THREADS):
-        t0 = time.perf_counter()
-        quantize(
-            onnx_path=str(work_input),
-            quantize_mode=settings.quantize_mode,
-            calibration_data=inputs.calib,
-            calibration_method=inputs.calibration_method,
-            calibration_eps=list(settings.calibration_eps),
-            nodes_to_exclude=exact_patterns(inputs.exclusions),
-            high_precision_dtype=settings.high_precision_dtype,
-            use_zero_point=settings.use_zero_point,
-            passes=list(settings.passes),
-            op_types_to_quantize=settings.op_types_to_quantize,
-            op_types_to_exclude=settings.op_types_to_exclude,
-            calibrate_per_node=settings.calibrate_per_node,
-            output_path=str(work_output),
-            log_level="INFO",
-        )
-        seconds = time.perf_counter() - t0
-    if not work_output.exists():
-        raise RuntimeError(f"ModelOpt finished without writing {work_output}; see {log_file}")
-    return seconds
-
-
 def _fold_and_summarize(work_output: Path, log_file: Path) -> tuple[Any, dict[str, Any], list[str]]:
     """Fold int32 bias DequantizeLinear nodes of ModelOpt's output, save it, and summarize its Q/DQ graph."""
     import onnx
 
+    from lowbit.qdq_edit import fold_int32_bias_dequantize
     from lowbit.qdq_graph import qdq_summary
 
     quantized = onnx.load(str(work_output))
@@ -567,7 +332,7 @@ def _fp16_hazard(quantized, high_precision_dtype: str) -> dict[str, Any] | None:
     """With fp16/bf16 high precision: this onnxruntime's float16-QuantizeLinear rounding hazard, or None."""
     if high_precision_dtype == "fp32":
         return None
-    from lowbit.qdq_inspect import fp16_quantize_hazard
+    from lowbit.qdq_fp16 import fp16_quantize_hazard
 
     hazard = fp16_quantize_hazard(quantized)
     if hazard is not None:
@@ -595,16 +360,28 @@ def _settings_record(settings: QuantizeSettings, inputs: _Inputs) -> dict[str, A
 
 def _quantize_into(settings: QuantizeSettings, inputs: _Inputs, manifest, paths: dict[str, Path]) -> QuantizeResult:
     """Stages 2-5 inside an open manifest; the work folder is the caller's to remove."""
-    eps_used = calibration_eps_used(paths["work_input"], settings.calibration_eps)
+    eps_used = quantize_modelopt.calibration_eps_used(paths["work_input"], settings.calibration_eps)
     log.info("calibration runs on ORT providers %s (requested %s)", eps_used, settings.calibration_eps)
     if any(ep.startswith(("cuda", "trt")) for ep in settings.calibration_eps) and eps_used == ["CPUExecutionProvider"]:
         log.warning("no GPU execution provider could be created: calibration runs on CPU only")
     log.info(
         "ModelOpt %s quantization: method=%s high_precision=%s eps=%s excluded=%d images=%d",
-        settings.quantize_mode, inputs.calibration_method, settings.high_precision_dtype,
-        settings.calibration_eps, len(inputs.exclusions), inputs.calib.shape[0],
-    )  # fmt: skip
-    quantize_s = _run_modelopt(settings, inputs, paths["work_input"], paths["work_output"], paths["modelopt_log"])
+        settings.quantize_mode,
+        inputs.calibration_method,
+        settings.high_precision_dtype,
+        settings.calibration_eps,
+        len(inputs.exclusions),
+        inputs.calib.shape[0],
+    )
+    quantize_s = quantize_modelopt.run_modelopt(
+        settings,
+        inputs.calib,
+        inputs.calibration_method,
+        exact_patterns(inputs.exclusions),
+        paths["work_input"],
+        paths["work_output"],
+        paths["modelopt_log"],
+    )
     quantized, summary, folded = _fold_and_summarize(paths["work_output"], paths["modelopt_log"])
     validation = _verify_in_ort(paths["work_output"], inputs.calib)
     hazard = _fp16_hazard(quantized, settings.high_precision_dtype)
@@ -626,13 +403,21 @@ def _quantize_into(settings: QuantizeSettings, inputs: _Inputs, manifest, paths:
     )
     manifest.data["inputs"].pop(str(output_path), None)  # the output's digest belongs under extra only
     return QuantizeResult(
-        output_path=output_path, manifest_path=manifest.path, log_path=paths["log"],
-        modelopt_log_path=paths["modelopt_log"], quantize_mode=settings.quantize_mode,
-        calibration_method=inputs.calibration_method, calibration_images=int(inputs.calib.shape[0]),
-        calibration_eps_used=eps_used, qdq_pairs=summary["qdq_pairs"],
-        quantized_nodes=list(summary["quantized_nodes"]), excluded_nodes=list(inputs.exclusions),
-        folded_bias_nodes=folded, fp16_quantize_hazard=hazard, quantize_s=round(quantize_s, 2),
-    )  # fmt: skip
+        output_path=output_path,
+        manifest_path=manifest.path,
+        log_path=paths["log"],
+        modelopt_log_path=paths["modelopt_log"],
+        quantize_mode=settings.quantize_mode,
+        calibration_method=inputs.calibration_method,
+        calibration_images=int(inputs.calib.shape[0]),
+        calibration_eps_used=eps_used,
+        qdq_pairs=summary["qdq_pairs"],
+        quantized_nodes=list(summary["quantized_nodes"]),
+        excluded_nodes=list(inputs.exclusions),
+        folded_bias_nodes=folded,
+        fp16_quantize_hazard=hazard,
+        quantize_s=round(quantize_s, 2),
+    )
 
 
 def run_paths(output_path: Path) -> dict[str, Path]:
@@ -652,13 +437,13 @@ def resolve_high_precision_dtype(value: str) -> tuple[str, str]:
     """``(dtype, reason)``: ``auto`` becomes fp16 (ModelOpt's default, what TensorRT engines use) when the
     installed onnxruntime's CPU EP rounds float16 QuantizeLinear inputs to nearest-even, else fp32.
 
-    The probe runs one QuantizeLinear (:func:`lowbit.qdq_inspect.probe_fp16_quantize_rounding`): measured,
+    The probe runs one QuantizeLinear (:func:`lowbit.qdq_fp16.probe_fp16_quantize_rounding`): measured,
     fp16 high precision keeps INT8 YOLOv10 at its fp32-high-precision accuracy on onnxruntime 1.30/1.31
     and collapses it on 1.24 (the model card's "INT8 accuracy").
     """
     if value != "auto":
         return value, "requested"
-    from lowbit.qdq_inspect import probe_fp16_quantize_rounding
+    from lowbit.qdq_fp16 import probe_fp16_quantize_rounding
 
     probe = probe_fp16_quantize_rounding()
     version = probe.get("onnxruntime")
@@ -696,15 +481,20 @@ def quantize_onnx(settings: QuantizeSettings, argv: list[str] | None = None) -> 
         )
     record = dataclasses.asdict(settings)
     with (
-        _package_log_file(paths["log"]),
+        log_to_file(paths["log"], mode="w"),
         manifest_run(paths["manifest"], MANIFEST_SCRIPT, record, argv, kind="quantize") as manifest,
     ):
         manifest.add_input(onnx_path)
         manifest.add_input(settings.calib_path)
-        manifest.update(settings={**_settings_record(settings, inputs), "high_precision_dtype_requested": requested,
-                                  "high_precision_dtype_reason": reason})
+        manifest.update(
+            settings={
+                **_settings_record(settings, inputs),
+                "high_precision_dtype_requested": requested,
+                "high_precision_dtype_reason": reason,
+            }
+        )
         try:
-            paths["work_input"] = _make_work_copy(onnx_path, inputs.model, paths["work_dir"])
+            paths["work_input"] = quantize_modelopt.make_work_copy(onnx_path, inputs.model, paths["work_dir"])
             result = _quantize_into(settings, inputs, manifest, paths)
         finally:
             shutil.rmtree(paths["work_dir"], ignore_errors=True)

@@ -65,7 +65,7 @@ MANIFEST_KINDS: dict[str, str] = {
     "evaluate": "lowbit.evaluate: <eval dir>/manifest.json",
     "export": "export_yolov10_raw_onnx.py: <model stem>.manifest.json",
     "inspect": "inspect_qdq_model.py: <report stem>.inspect.manifest.json",
-    "materialize": "lowbit.candidates.materialize_candidates: candidates-<mode>/manifest.json",
+    "materialize": "lowbit.candidates_materialize.materialize_candidates: candidates-<mode>/manifest.json",
     "parity": "check_eval_parity.py: parity.manifest.json",
     "quantize": "lowbit.quantize: <model stem>.manifest.json",
     "report": "make_lowbit_report.py: report.manifest.json",

@@ -32,6 +32,32 @@ from lowbit.errors import UserError
 from lowbit.logs import get_logger
 from lowbit.runs import atomic_write_json
 
+__all__ = [
+    "DEFAULT_KS",
+    "DEFAULT_MAX_UNMATCHED_FRAC",
+    "LOG_FILE",
+    "SUMMARY_FILE",
+    "LayerMapping",
+    "Scheme",
+    "SchemesResult",
+    "build_schemes",
+    "candidate_tag",
+    "check_k_list",
+    "check_ks",
+    "check_settings",
+    "find_schemes",
+    "load_scheme",
+    "map_layers",
+    "previous_files",
+    "random_scheme",
+    "scheme_path",
+    "seeded_sample",
+    "summarize",
+    "top_k_scheme",
+    "validate_scheme",
+    "write_scheme",
+]
+
 log = get_logger("schemes")
 
 SUMMARY_FILE = "schemes_summary.json"
@@ -39,6 +65,22 @@ LOG_FILE = "make_yolov10m_candidate_schemes.log"
 DEFAULT_KS = (0, 5, 10, 20)
 DEFAULT_MAX_UNMATCHED_FRAC = 0.2  # share of the top max(K) report layers allowed to map to no node
 _SCHEME_NAME = re.compile(r"^scheme_k(\d+)(?:_random(\d+))?\.json$")
+
+
+def candidate_tag(k: int, random_seed: int | None = None) -> str:
+    """``k5`` or ``k5_random7``: how a scheme file, a candidate and its folders name K and a random control's seed."""
+    return f"k{k}" + ("" if random_seed is None else f"_random{random_seed}")
+
+
+def seeded_sample(n: int, k: int, seed: int) -> list[int]:
+    """``k`` of the indices ``0..n-1``, drawn without replacement with ``numpy.random.default_rng(seed)``, ascending.
+
+    The one draw of every random control (scheme files and the search's), so a seed picks the same nodes of the
+    same pool wherever it is used.
+    """
+    import numpy as np
+
+    return sorted(np.random.default_rng(seed).choice(n, size=k, replace=False).tolist())
 
 
 @dataclass
@@ -75,7 +117,7 @@ class Scheme:
     @property
     def tag(self) -> str:
         """``k5`` or ``k5_random7``: the candidate's name suffix."""
-        return f"k{self.k}" + (f"_random{self.random_seed}" if self.random_seed is not None else "")
+        return candidate_tag(self.k, self.random_seed)
 
 
 @dataclass
@@ -108,17 +150,23 @@ def map_layers(report: dict, matcher) -> LayerMapping:
     return mapping
 
 
+def check_k_list(ks: list[int], flag: str = "--k") -> list[int]:
+    """A list of Ks (``--k``, ``--ks``): at least one, each >= 0; returns them sorted, without repeats."""
+    if not ks:
+        raise UserError(f"{flag} needs at least one value", flag=flag)
+    if any(k < 0 for k in ks):
+        raise UserError(f"{flag} values must be >= 0, got {ks}", flag=flag)
+    return sorted(set(ks))
+
+
 def check_settings(ks: list[int], max_unmatched_frac: float) -> list[int]:
     """Validate ``--k`` and ``--max-unmatched-frac`` before any file is read; returns the sorted unique Ks."""
-    if not ks:
-        raise UserError("--k needs at least one value", flag="--k")
-    if any(k < 0 for k in ks):
-        raise UserError(f"--k values must be >= 0, got {ks}", flag="--k")
+    ks = check_k_list(ks, "--k")
     if not 0.0 <= max_unmatched_frac <= 1.0:
         raise UserError(
             f"--max-unmatched-frac must be between 0 and 1, got {max_unmatched_frac}", flag="--max-unmatched-frac"
         )
-    return sorted(set(ks))
+    return ks
 
 
 def check_ks(ks: list[int], report: dict, mapping: LayerMapping, max_frac: float, report_path: Path) -> None:
@@ -167,11 +215,8 @@ def random_scheme(mapping: LayerMapping, k: int, seed: int, order: dict[str, int
     The pool is every mapped layer in graph order (``order``: node name -> position), so a control
     depends only on the seed, K and the graph, not on the report's ranking.
     """
-    import numpy as np
-
     pool = sorted(mapping.matched, key=lambda m: order.get(m["onnx_node"], 0))
-    picks = sorted(np.random.default_rng(seed).choice(len(pool), size=k, replace=False).tolist())
-    chosen = [pool[i] for i in picks]
+    chosen = [pool[i] for i in seeded_sample(len(pool), k, seed)]
     return {
         "k": k,
         "nodes_to_exclude": [m["onnx_node"] for m in chosen],
@@ -183,8 +228,7 @@ def random_scheme(mapping: LayerMapping, k: int, seed: int, order: dict[str, int
 
 def scheme_path(out_dir: Path, k: int, random_seed: int | None = None) -> Path:
     """``<out_dir>/scheme_k{K}.json`` or ``scheme_k{K}_random{SEED}.json``."""
-    suffix = "" if random_seed is None else f"_random{random_seed}"
-    return Path(out_dir) / f"scheme_k{k}{suffix}.json"
+    return Path(out_dir) / f"scheme_{candidate_tag(k, random_seed)}.json"
 
 
 def previous_files(out_dir: Path) -> list[Path]:
@@ -197,9 +241,16 @@ def previous_files(out_dir: Path) -> list[Path]:
 
 
 def summarize(
-    ks: list[int], report: dict, report_path: Path, onnx_path: Path, mapping: LayerMapping,
-    max_unmatched_frac: float, written: dict[int, Path], random_written: dict[int, Path], seed: int | None,
-) -> dict[str, Any]:  # fmt: skip
+    ks: list[int],
+    report: dict,
+    report_path: Path,
+    onnx_path: Path,
+    mapping: LayerMapping,
+    max_unmatched_frac: float,
+    written: dict[int, Path],
+    random_written: dict[int, Path],
+    seed: int | None,
+) -> dict[str, Any]:
     """``schemes_summary.json``: what was mapped, how, and which files were written."""
     return {
         "ks": ks,
@@ -277,8 +328,9 @@ def load_scheme(path: Path, flag: str) -> Scheme:
     if named and named.group(2) is not None:  # a random control: the name carries its seed
         seed = int(named.group(2))
         if scheme.random_seed not in (None, seed):
-            raise UserError(f"{flag}: {path} is named for seed {seed} but holds 'random_seed' {scheme.random_seed}",
-                            flag=flag)  # fmt: skip
+            raise UserError(
+                f"{flag}: {path} is named for seed {seed} but holds 'random_seed' {scheme.random_seed}", flag=flag
+            )
         scheme.random_seed = seed
     return scheme
 
@@ -367,16 +419,24 @@ def build_schemes(
             "precision": report.get("precision"),
         }
         written, random_written = write_schemes(out_dir, ks, mapping, common, matcher.order, random_seed)
-        for name, path in [*((f"scheme_k{k}", p) for k, p in written.items()),
-                           *((f"scheme_k{k}_random{random_seed}", p) for k, p in random_written.items())]:  # fmt: skip
-            mf.add_output(name, path)
-        summary = summarize(ks, report, report_path, onnx_path, mapping, max_unmatched_frac, written,
-                            random_written, random_seed)  # fmt: skip
+        for k, path in written.items():
+            mf.add_output(f"scheme_{candidate_tag(k)}", path)
+        for k, path in random_written.items():
+            mf.add_output(f"scheme_{candidate_tag(k, random_seed)}", path)
+        summary = summarize(
+            ks, report, report_path, onnx_path, mapping, max_unmatched_frac, written, random_written, random_seed
+        )
         atomic_write_json(out_dir / SUMMARY_FILE, summary)
         mf.add_output("summary", out_dir / SUMMARY_FILE)
         mf.update(matched=len(mapping.matched), unmatched=len(mapping.unmatched), matched_via=mapping.vias())
         if mapping.unmatched:
             first = mapping.unmatched[0]
-            log.warning("%d of %d report layers map to no node (first: %s: %s); see %s", len(mapping.unmatched),
-                        len(report["layers"]), first["name"], first["reason"], SUMMARY_FILE)  # fmt: skip
+            log.warning(
+                "%d of %d report layers map to no node (first: %s: %s); see %s",
+                len(mapping.unmatched),
+                len(report["layers"]),
+                first["name"],
+                first["reason"],
+                SUMMARY_FILE,
+            )
     return SchemesResult(written, random_written, summary, out_dir / SUMMARY_FILE)

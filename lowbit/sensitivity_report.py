@@ -33,6 +33,29 @@ from lowbit import records
 from lowbit.errors import UserError
 from lowbit.runs import atomic_write_json, atomic_write_text
 
+__all__ = [
+    "AGREEMENT_FILE",
+    "AGREEMENT_KIND",
+    "KIND",
+    "LAYER_KEYS",
+    "PRECISIONS",
+    "QUANT_FORMAT_BY_PRECISION",
+    "REPORT_STEM",
+    "SCHEMA_VERSION",
+    "LayerMatcher",
+    "Match",
+    "ReportColumnMatcher",
+    "compare_reports",
+    "format_csv",
+    "format_markdown",
+    "load_report",
+    "make_report",
+    "rank_layers",
+    "report_paths",
+    "spearman",
+    "write_report",
+]
+
 KIND = "sensitivity"  # the report's "kind"
 SCHEMA_VERSION = records.SCHEMA_VERSIONS[KIND]
 AGREEMENT_KIND = "ranking-agreement"  # compare_reports' "kind"
@@ -59,8 +82,7 @@ def rank_layers(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """
     order = sorted(range(len(entries)), key=lambda i: (-float(entries[i]["score"]), i))
     return [
-        {key: (rank if key == "rank" else entries[i].get(key)) for key in LAYER_KEYS}
-        for rank, i in enumerate(order, 1)
+        {key: (rank if key == "rank" else entries[i].get(key)) for key in LAYER_KEYS} for rank, i in enumerate(order, 1)
     ]
 
 

@@ -21,33 +21,10 @@ Why not ModelOpt ``auto_quantize``: with an MSE loss against the model's own FP3
 gradient-based score is exactly 0 for every layer (the loss and its gradient vanish at the FP32
 point), which ranks nothing.
 
-Scores (higher = more sensitive)
---------------------------------
-``output_drift_det_kl`` (default): detection-aware drift in nats per image. With ``p = sigmoid``
-of the FP32 class logits and ``q`` of the quantized ones, for every image, anchor and class the
-Bernoulli KL ``p log(p/q) + (1-p) log((1-p)/(1-q))``; plus, for every anchor, the KL between the
-FP32 and quantized softmax distributions over the ``reg_max`` DFL bins of each of the four box
-sides, weighted by the anchor's FP32 confidence ``max_c p``. Both are summed over anchors and
-averaged over images. Shifts among confidently-negative (background) logits barely count; changes
-of confident classes and of the boxes of confident anchors do -- what moves mAP.
-
-``output_drift_rel_mse``: ``sum ||q - fp||^2 / sum ||fp||^2`` over all images and every element
-of the raw output. Simple, but dominated by the many background logits.
-
-Both are always computed; the report's ``score`` is the chosen one (``metric``) and the other is
-kept in the run's manifest.
-
-Report (``layer-sensitivity-report.json`` + ``.csv`` + ``.md``)
---------------------------------------------------------------
-The format shared with the ONNX-native sensitivity tool, written by ``lowbit.sensitivity_report``
-(docs/records.md): ``schema_version``, ``kind`` ("sensitivity"), ``source`` ("torch"), ``model``, ``model_sha256``, ``precision``, ``quant_format``,
-``method`` (``name``, ``description``, ``score``, ``higher_is_more_sensitive``), ``data`` (``images``,
-``source``, ``imgsz``), ``device``, ``wall_s``, ``layers`` (``rank``, ``name``, ``op_type``, ``weight``,
-``onnx_node``, ``score``; rank 1 = most sensitive). Added here: ``reference`` with the drift when
-every layer is quantized (``all_layers_quantized``) and when none is (``no_layer_quantized``,
-expected 0: it shows the quantized-but-disabled model reproduces FP32). ``onnx_node`` is null: the
-exporter's node names depend on how containers are called (``model.10.ffn.0`` becomes
-``/model.10/ffn/ffn.0/conv/Conv``), so the weight name is the link to the graph.
+Scores (higher = more sensitive): ``lowbit.drift``'s ``output_drift_det_kl`` (default; detection-aware,
+nats per image) and ``output_drift_rel_mse``. Both are always computed; the report's ``score`` is the
+chosen one (``metric``) and the other is kept in the run's manifest. The report and its folder are
+``lowbit.sensitivity_torch_report``'s; the weights, images and device, ``lowbit.sensitivity_torch_inputs``'.
 
 What ModelOpt quantizes in YOLOv10: every ``Conv2d`` (weight + input) and the SPPF ``MaxPool2d``
 (input only; one module called three times, so one layer here, three MaxPool nodes in ONNX). The PSA
@@ -69,34 +46,26 @@ from pathlib import Path
 from typing import Any
 
 from lowbit import sensitivity_report
-from lowbit.errors import UserError
+from lowbit.drift import METRICS, add_sums, drift_sums_torch, finish_scores
 from lowbit.logs import get_logger
-from lowbit.runs import REPO_ROOT
+from lowbit.sensitivity_torch_inputs import QUANT_FORMATS, SweepInputs, import_mtq, prepare_model
+from lowbit.sensitivity_torch_report import format_report, report_dir, report_layers
+
+__all__ = [
+    "QuantLayer",
+    "block_outputs",
+    "drift_of",
+    "exact_fp32",
+    "forward_from",
+    "fp32_cache",
+    "quant_layers",
+    "quantize_model",
+    "report_dir",  # lowbit.sensitivity_torch_report's; the workflow imports it from here
+    "run_sweep",
+    "sweep_layers",
+]
 
 log = get_logger("sensitivity_torch")
-
-# The card's layout: <run>/outputs/<model>/<format>/per_layer/, <model> being the weights' stem
-# (output_model_dir); this is its value for the card's models/yolo10/yolov10m.pt.
-OUTPUT_MODEL_DIR = "yolov10m"
-
-# quant_format -> (precision, ModelOpt torch config name). Both use ModelOpt's "max" calibration.
-QUANT_FORMATS: dict[str, tuple[str, str]] = {
-    "fp8-fp8": ("fp8", "FP8_DEFAULT_CFG"),  # E4M3 per-tensor weights and activations
-    "int8-int8": ("int8", "INT8_DEFAULT_CFG"),  # per-channel weights, per-tensor activations
-}
-# --metric choice -> score name written to the report
-METRICS: dict[str, str] = {
-    "det_kl": "output_drift_det_kl",
-    "rel_mse": "output_drift_rel_mse",
-}
-METHOD_NAME = "one_layer_at_a_time"
-
-# Defaults the card relies on (paths relative to the repository root).
-DEMO_WEIGHTS = Path("models/cv-models/yolov10n-demo-shapes/yolov10n-demo-shapes.pt")
-YOLOV10M_WEIGHTS = Path("models/yolo10/yolov10m.pt")
-# the card's model first: with models/yolo10/yolov10m.pt linked, card step 4a with no arguments analyses it
-DEFAULT_WEIGHTS_CANDIDATES: tuple[Path, ...] = (YOLOV10M_WEIGHTS, DEMO_WEIGHTS)
-DEFAULT_IMAGE_LIST = Path("datasets/quantize-calib/demo_shapes_calib100.txt")
 
 # torch class name of a quantized module (without ModelOpt's "Quant" prefix) -> op_type in reports
 _OP_TYPES = {
@@ -109,166 +78,6 @@ _OP_TYPES = {
     "AvgPool2d": "AveragePool",
     "AdaptiveAvgPool2d": "GlobalAveragePool",
 }
-
-
-# ---------------------------------------------------------------------------------------------
-# inputs
-
-
-def resolve_weights(weights: Path | None, candidates: tuple[Path, ...] | None = None) -> Path:
-    """The weights to analyse: ``weights`` when given, else the first default that exists.
-
-    Defaults, in order: the user's ``models/yolo10/yolov10m.pt`` (the model card's model; a symlink),
-    then the shipped demo detector.
-
-    Raises:
-        UserError: nothing given and no default present (the message names both and the flag).
-    """
-    if weights is not None:
-        return weights
-    candidates = DEFAULT_WEIGHTS_CANDIDATES if candidates is None else candidates
-    for candidate in candidates:
-        path = candidate if candidate.is_absolute() else REPO_ROOT / candidate
-        if path.exists() or path.is_symlink():
-            return path
-    listed = " nor ".join(str(c) for c in candidates)
-    raise UserError(
-        f"--weights (env WEIGHTS) not given and no default weights found: neither {listed} exists "
-        "(link your own yolov10m.pt as models/yolo10/README.md describes; the last is the shipped demo detector)",
-        flag="--weights",
-    )
-
-
-def load_images_from_list(list_path: Path, num_images: int, imgsz: int, flag: str = "--images"):
-    """Letterbox the first ``num_images`` listed images with the evaluator's preprocessing.
-
-    The list is read by :func:`lowbit.calib.read_image_list` (comments, repeated entries, folders
-    and missing files are refused there, each with the paths it was looked for at).
-
-    Returns:
-        ``(images, paths)``: float32 ``[N, 3, imgsz, imgsz]`` RGB in [0, 1], and the N files used
-        (N = ``min(num_images, listed)``).
-
-    Raises:
-        UserError(flag): a bad list, or images that cannot be read (all of them named in one message).
-    """
-    import numpy as np
-
-    from lowbit.calib import read_image_list
-    from lowbit.preprocess import ImageReadError, preprocess
-
-    entries = read_image_list(list_path, flag, max_images=num_images)
-    images, unreadable = [], []
-    for entry in entries:
-        try:
-            chw, _ = preprocess(entry.path, imgsz)
-        except ImageReadError as exc:
-            unreadable.append(f"{entry.text} ({exc.reason})")
-            continue
-        images.append(chw)
-    if unreadable:
-        raise UserError(f"{flag}: {len(unreadable)} image(s) could not be read: {'; '.join(unreadable)}", flag=flag)
-    return np.stack(images), [entry.path for entry in entries]
-
-
-def select_device(name: str) -> str:
-    """``auto`` -> ``cuda:0`` when CUDA is available, else ``cpu``; ``cuda`` -> ``cuda:<current>``."""
-    import torch
-
-    if name == "auto":
-        return "cuda:0" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise UserError(f"--device: {name!r} is not a device (auto, cpu, cuda, cuda:N)", flag="--device") from exc
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(
-                f"--device {name}: CUDA is not available on this machine; use --device cpu or auto", flag="--device"
-            )
-        index = torch.cuda.current_device() if device.index is None else device.index
-        if index >= torch.cuda.device_count():
-            raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present", flag="--device")
-        return f"cuda:{index}"
-    if device.type != "cpu":
-        raise UserError(f"--device: {name!r} is not supported (auto, cpu, cuda, cuda:N)", flag="--device")
-    return "cpu"
-
-
-def import_mtq():
-    """``modelopt.torch.quantization``, or a UserError saying what is missing.
-
-    Imported lazily: it takes seconds, and ``--help`` or input errors need none of it.
-    """
-    try:
-        import modelopt.torch.quantization as mtq
-    except ImportError as exc:
-        raise UserError(
-            f"cannot import modelopt.torch.quantization ({exc}); install the project's environment (make env)"
-        ) from exc
-    return mtq
-
-
-# ---------------------------------------------------------------------------------------------
-# drift metrics
-
-
-def drift_sums(reference, quantized, reg_max: int) -> dict[str, float]:
-    """Additive drift statistics of one batch of raw head outputs.
-
-    Args:
-        reference: FP32 raw output ``[B, 4 * reg_max + nc, A]`` (box DFL logits first, then class logits).
-        quantized: the same from the quantized model.
-        reg_max: DFL bins per box side (16 in YOLOv10).
-
-    Returns:
-        ``{"sq_err", "sq_ref", "cls_kl", "box_kl", "images"}``: sums over the batch; see
-        :func:`finish_scores` for how they become scores.
-    """
-    import torch
-    import torch.nn.functional as F
-
-    ref = reference.double()
-    qnt = quantized.double()
-    batch = ref.shape[0]
-    box_channels = 4 * reg_max
-    sq_err = float(torch.sum((qnt - ref) ** 2))
-    sq_ref = float(torch.sum(ref**2))
-
-    ref_cls, qnt_cls = ref[:, box_channels:], qnt[:, box_channels:]
-    p = torch.sigmoid(ref_cls)
-    # Bernoulli KL(p || q) in log space: stable for logits far from 0.
-    cls_kl = p * (F.logsigmoid(ref_cls) - F.logsigmoid(qnt_cls)) + (1 - p) * (
-        F.logsigmoid(-ref_cls) - F.logsigmoid(-qnt_cls)
-    )
-    confidence = p.amax(dim=1)  # [B, A]
-
-    ref_box = ref[:, :box_channels].reshape(batch, 4, reg_max, -1)
-    qnt_box = qnt[:, :box_channels].reshape(batch, 4, reg_max, -1)
-    log_p_box = F.log_softmax(ref_box, dim=2)
-    log_q_box = F.log_softmax(qnt_box, dim=2)
-    box_kl = (log_p_box.exp() * (log_p_box - log_q_box)).sum(dim=(1, 2))  # [B, A]
-
-    return {
-        "sq_err": sq_err,
-        "sq_ref": sq_ref,
-        "cls_kl": float(cls_kl.sum()),
-        "box_kl": float((confidence * box_kl).sum()),
-        "images": batch,
-    }
-
-
-def finish_scores(sums: dict[str, float]) -> dict[str, float]:
-    """Turn accumulated :func:`drift_sums` into ``{score name: value}`` for every metric."""
-    images = max(sums["images"], 1)
-    return {
-        METRICS["det_kl"]: (sums["cls_kl"] + sums["box_kl"]) / images,
-        METRICS["rel_mse"]: sums["sq_err"] / max(sums["sq_ref"], 1e-30),
-    }
-
-
-def _add(total: dict[str, float], part: dict[str, float]) -> dict[str, float]:
-    return {key: total.get(key, 0.0) + value for key, value in part.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,7 +170,7 @@ def drift_of(model, cache: list[tuple[Any, list]], reg_max: int, start: int = 0)
     total: dict[str, float] = {}
     with torch.inference_mode():
         for batch, outputs in cache:
-            total = _add(total, drift_sums(outputs[-1], forward_from(model, start, batch, outputs), reg_max))
+            total = add_sums(total, drift_sums_torch(outputs[-1], forward_from(model, start, batch, outputs), reg_max))
     return finish_scores(total)
 
 
@@ -532,103 +341,8 @@ def sweep_layers(
     }
 
 
-def report_layers(layers: list[QuantLayer], per_layer: dict[str, dict[str, float]], score_name: str) -> list[dict]:
-    """The report's ``layers``: sorted by score, highest first (ties keep module order); rank 1 = most sensitive."""
-    return sensitivity_report.rank_layers(
-        [
-            {
-                "name": layer.name,
-                "op_type": layer.op_type,
-                "weight": layer.weight,
-                "onnx_node": None,
-                "score": per_layer[layer.name][score_name],
-            }
-            for layer in layers
-        ]
-    )
-
-
-def method_description(metric: str, quant_format: str) -> str:
-    precision, config = QUANT_FORMATS[quant_format]
-    what = {
-        "det_kl": (
-            "detection-aware drift of the raw one-to-one head output from FP32, in nats per image: "
-            "Bernoulli KL of every class probability (sigmoid of the class logits) summed over anchors "
-            "and classes, plus the KL of each box side's DFL bin distribution weighted by the anchor's "
-            "FP32 confidence"
-        ),
-        "rel_mse": (
-            "relative MSE of the raw one-to-one head output against FP32, "
-            "sum ||q - fp||^2 / sum ||fp||^2 over all images and output elements"
-        ),
-    }[metric]
-    return (
-        f"ModelOpt torch {precision.upper()} simulation (mtq.{config}, max calibration on the same images) "
-        "of the Conv+BN-fused model with the raw one-to-one head. All quantizers off, then each layer's own "
-        f"weight and input quantizers on, one layer at a time; the score is the {what}. "
-        "Higher means quantizing that layer alone hurts the output more."
-    )
-
-
-def output_model_dir(weights: Path) -> str:
-    """The ``<model>`` folder of a sweep's outputs: the stem of ``weights`` as given (a symlink keeps its own name).
-
-    ``models/yolo10/yolov10m.pt`` and ``yolov10m.yaml`` give ``yolov10m`` (:data:`OUTPUT_MODEL_DIR`, the card's
-    layout); the demo detector gives ``yolov10n-demo-shapes``, so no run is filed under a model it did not analyse.
-    """
-    return Path(weights).stem
-
-
-def report_dir(run_dir: Path, quant_format: str, weights: Path) -> Path:
-    """``<run_dir>/outputs/<output_model_dir(weights)>/<quant_format>/per_layer`` (the model card's layout)."""
-    return Path(run_dir) / "outputs" / output_model_dir(weights) / quant_format / "per_layer"
-
-
 # ---------------------------------------------------------------------------------------------
 # the whole sweep
-
-
-@dataclass
-class SweepInputs:
-    """Everything a sweep needs, validated.
-
-    Attributes:
-        weights: ``.pt`` checkpoint or ``.yaml`` architecture (random weights).
-        weights_sha256: sha256 of that file.
-        images: float32 numpy ``[N, 3, imgsz, imgsz]``.
-        data_source: the image list or .npy the images came from (for the report).
-        imgsz: square input side.
-        formats: keys of :data:`QUANT_FORMATS`.
-        metric: key of :data:`METRICS`.
-        batch_size: images per forward pass.
-        device: ``cpu`` or ``cuda:N``.
-        seed: seed for ``.yaml`` random weights.
-    """
-
-    weights: Path
-    weights_sha256: str
-    images: Any
-    data_source: str
-    imgsz: int
-    formats: list[str]
-    metric: str
-    batch_size: int
-    device: str
-    seed: int = 0
-
-
-def prepare_model(weights: Path, imgsz: int, seed: int = 0):
-    """Load a YOLOv10 and prepare it as the raw-head export does (fused, raw one-to-one output).
-
-    Returns:
-        ``(model, loaded)``: the prepared model (CPU, eval) and the :class:`lowbit.export.LoadedModel`.
-    """
-    from lowbit.export import check_imgsz, load_yolov10, prepare_raw_head_model
-
-    loaded = load_yolov10(weights, seed=seed)
-    head = loaded.model.model[-1]
-    check_imgsz(imgsz, int(max(head.stride.tolist())))
-    return prepare_raw_head_model(loaded.model), loaded
 
 
 def run_sweep(
@@ -665,11 +379,9 @@ def run_sweep(
     timings["load_s"] = time.perf_counter() - t0
     if loaded.kind == "yaml":
         log.warning("%s has random weights: its timings mean something, its scores do not", inputs.weights.name)
-    log.info(
-        "model %s (%s, nc=%d, %d params) on %s; %d images at %d px, batch %d",
-        inputs.weights, loaded.kind, loaded.nc, sum(p.numel() for p in model.parameters()),
-        inputs.device, images.shape[0], inputs.imgsz, inputs.batch_size,
-    )  # fmt: skip
+    params = sum(p.numel() for p in model.parameters())
+    shown = (inputs.weights, loaded.kind, loaded.nc, params, inputs.device, images.shape[0], inputs.imgsz)
+    log.info("model %s (%s, nc=%d, %d params) on %s; %d images at %d px, batch %d", *shown, inputs.batch_size)
 
     results = []
     # ModelOpt prints progress (and, on first CUDA use, the build of its kernels) to stdout: keep it in the log.
@@ -699,10 +411,8 @@ def _progress_logger(quant_format: str, score_name: str, total: int) -> Callable
     t_sweep = time.perf_counter()
 
     def progress(index: int, total: int, layer: QuantLayer, scores: dict[str, float]) -> None:
-        log.debug(
-            "%s [%d/%d] %s %s: %s %.6g",
-            quant_format, index + 1, total, layer.name, layer.op_type, score_name, scores[score_name],
-        )  # fmt: skip
+        shown = (quant_format, index + 1, total, layer.name, layer.op_type, score_name, scores[score_name])
+        log.debug("%s [%d/%d] %s %s: %s %.6g", *shown)
         if (index + 1) % step == 0 or index + 1 == total:
             elapsed = time.perf_counter() - t_sweep
             eta = elapsed / (index + 1) * (total - index - 1)
@@ -720,38 +430,9 @@ def _quantized_layers(model, quant_format, images, batch_size) -> tuple[Any, lis
     op_counts: dict[str, int] = {}
     for layer in layers:
         op_counts[layer.op_type] = op_counts.get(layer.op_type, 0) + 1
-    log.info(
-        "%s: %d quantized layers %s; not run by the raw-head forward: %s",
-        quant_format, len(layers), op_counts, not_run or "none",
-    )  # fmt: skip
+    shown = (quant_format, len(layers), op_counts, not_run or "none")
+    log.info("%s: %d quantized layers %s; not run by the raw-head forward: %s", *shown)
     return model, layers, not_run, op_counts
-
-
-def _format_report(inputs: SweepInputs, quant_format: str, num_images: int, rows: list[dict], swept: dict) -> dict:
-    """The report of one format (``wall_s`` is left to the caller, which knows the shared setup time)."""
-    score_name = METRICS[inputs.metric]
-    return sensitivity_report.make_report(
-        source="torch",
-        model=inputs.weights,
-        model_sha256=inputs.weights_sha256,
-        precision=QUANT_FORMATS[quant_format][0],
-        method={
-            "name": METHOD_NAME,
-            "description": method_description(inputs.metric, quant_format),
-            "score": score_name,
-            "higher_is_more_sensitive": True,
-        },
-        data={"images": num_images, "source": inputs.data_source, "imgsz": inputs.imgsz},
-        device=inputs.device,
-        wall_s=None,
-        layers=rows,
-        extra={
-            "reference": {
-                "all_layers_quantized": swept["all_layers_quantized"][score_name],
-                "no_layer_quantized": swept["no_layer_quantized"][score_name],
-            }
-        },
-    )
 
 
 def _sweep_one_format(model, quant_format, inputs, images, cache, reg_max, layer_filter) -> dict[str, Any]:
@@ -776,7 +457,7 @@ def _sweep_one_format(model, quant_format, inputs, images, cache, reg_max, layer
     rows = report_layers(layers, swept["per_layer"], score_name)
     names = [row["name"] for row in rows]
     return {
-        "report": _format_report(inputs, quant_format, int(images.shape[0]), rows, swept),
+        "report": format_report(inputs, quant_format, int(images.shape[0]), rows, swept),
         "paths": {},
         "filtered": layer_filter is not None,
         "secondary": {name: swept["per_layer"][name][other_name] for name in names},

@@ -112,6 +112,8 @@ class Step:
     family: str = ""  # a name shared by several steps (e.g. sensitivity-int8, sensitivity-fp8) for --force
     reuse_existing: bool = False  # complete whenever its outputs exist (generated data, not run results)
     cites: list[Path] = field(default_factory=list)
+    # the typed settings the step was made from, when any (lowbit.pipeline_steps: argv, wrapper env, inputs, outputs)
+    settings: object | None = field(default=None, compare=False, repr=False)
 
     def reads(self) -> list[Path]:
         """Every input: the declared files and folders, then the files its cited inputs name."""

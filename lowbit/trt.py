@@ -26,6 +26,25 @@ from pathlib import Path
 
 from lowbit.logs import get_logger
 
+__all__ = [
+    "DEFAULT_ITERATIONS",
+    "DEFAULT_TIMEOUT_S",
+    "DEFAULT_WARMUP_MS",
+    "FLOAT_OPT_LEVEL",
+    "LOW_BIT_OPT_LEVEL",
+    "PRECISION_FLAGS",
+    "QDQ_MODES",
+    "TRTEXEC_FALLBACK_PATHS",
+    "benchmark_engine",
+    "engine_precision",
+    "find_trtexec",
+    "parse_trtexec_latency",
+    "tensorrt_available",
+    "tensorrt_python_version",
+    "tensorrt_status",
+    "trtexec_command",
+]
+
 log = get_logger("trt")
 
 # Where TensorRT's own packages (NGC containers, the Debian/RPM "libnvinfer-bin" package) put
@@ -229,7 +248,9 @@ def parse_trtexec_latency(text: str) -> dict:
             if match:
                 throughput = float(match.group(1))
     if not gpu or not {"min", "max", "mean", "median"} <= gpu.keys():
-        raise ValueError("no 'GPU Compute Time: min = ..., max = ..., mean = ..., median = ...' line in the trtexec output")
+        raise ValueError(
+            "no 'GPU Compute Time: min = ..., max = ..., mean = ..., median = ...' line in the trtexec output"
+        )
     version = None
     for match in _VERSION.finditer(text):
         if match.group(1):  # "[TensorRT v100300]" -> 10.3.0
@@ -269,8 +290,13 @@ def benchmark_engine(
     log_path = out_dir / f"{name}.trtexec.log"
     partial_engine = out_dir / f".{name}.engine.partial"
     argv = trtexec_command(
-        onnx_path, partial_engine, precision, timing_cache=timing_cache, iterations=iterations,
-        warmup_ms=warmup_ms, trtexec=exe,
+        onnx_path,
+        partial_engine,
+        precision,
+        timing_cache=timing_cache,
+        iterations=iterations,
+        warmup_ms=warmup_ms,
+        trtexec=exe,
     )
     result: dict = {"precision": precision, "command": argv, "log_path": str(log_path)}
     log.info("TensorRT %s: %s", name, " ".join(argv))

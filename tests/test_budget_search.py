@@ -156,8 +156,9 @@ def test_parallel_probes_find_the_serial_answer_in_fewer_rounds(budget, monkeypa
     serial = search_smallest_k(monotone(ks_max=100), ks_max=100, budget=budget, baseline=BASELINE)
     rounds = _count_rounds(monkeypatch)
     curve = OverlapCurve(monotone(ks_max=100).deltas)
-    result = search_smallest_k(curve, ks_max=100, budget=budget, baseline=BASELINE, parallel=3,
-                               max_probes=default_max_probes(3))  # fmt: skip
+    result = search_smallest_k(
+        curve, ks_max=100, budget=budget, baseline=BASELINE, parallel=3, max_probes=default_max_probes(3)
+    )
     assert result.found and result.k == serial.k and result.reason == serial.reason
     assert len(curve.calls) == len(set(curve.calls)), "a K was evaluated twice"
     assert rounds[0] == [33, 66, 100]  # the first round splits [0, ks_max] with its spare probes

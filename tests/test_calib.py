@@ -40,9 +40,13 @@ def _write_list(tmp_path: Path, lines: list[str]) -> Path:
 
 def test_builds_tensor_with_the_evaluator_preprocessing(tmp_path, images, load_script):
     # relative entries resolve against the list's folder; comments and blank lines are skipped
-    listing = _write_list(tmp_path, ["# calibration", "", f"imgs/{images[0].name}", str(images[1]), f"imgs/{images[2].name}  # rgba"])
+    listing = _write_list(
+        tmp_path, ["# calibration", "", f"imgs/{images[0].name}", str(images[1]), f"imgs/{images[2].name}  # rgba"]
+    )
     out = tmp_path / "calib" / "calib.npy"
-    assert load_script(BUILDER).main(["--list", str(listing), "--out", str(out), "--imgsz", "64", "--workers", "2"]) == 0
+    assert (
+        load_script(BUILDER).main(["--list", str(listing), "--out", str(out), "--imgsz", "64", "--workers", "2"]) == 0
+    )
     data = np.load(out)
     assert data.shape == (3, 3, 64, 64) and data.dtype == np.float32
     for row, path in zip(data, images):
@@ -123,7 +127,9 @@ def test_calib_list_is_deterministic_and_disjoint_from_eval_slice(tmp_path, load
 def test_calib_list_refuses_when_too_few_images_remain(tmp_path, load_script, capsys):
     root = tmp_path / "data"
     _coco_layout(root, list(range(1, 11)))
-    rc = load_script(LISTER).main(["--data-root", str(root), "--eval-max-images", "5", "--num", "6", "--out", str(tmp_path / "x.txt")])
+    rc = load_script(LISTER).main(
+        ["--data-root", str(root), "--eval-max-images", "5", "--num", "6", "--out", str(tmp_path / "x.txt")]
+    )
     assert rc == 2 and "--num" in capsys.readouterr().err
     assert not (tmp_path / "x.txt").exists()
 
@@ -139,7 +145,9 @@ def _expect_list_error(listing: Path) -> UserError:
 
 
 def test_duplicate_entries_are_named_with_their_lines(tmp_path, images):
-    listing = _write_list(tmp_path, [str(images[0]), str(images[1]), "", str(images[0]), f"imgs/../imgs/{images[1].name}"])
+    listing = _write_list(
+        tmp_path, [str(images[0]), str(images[1]), "", str(images[0]), f"imgs/../imgs/{images[1].name}"]
+    )
     error = str(_expect_list_error(listing))
     assert str(listing) in error
     assert re.search(r"\b1\b.*\b4\b", error) and re.search(r"\b2\b.*\b5\b", error)  # both repeats, by line number
@@ -173,7 +181,10 @@ def test_relative_entry_error_names_every_place_looked(tmp_path):
 def test_hash_in_a_file_name_is_not_a_comment(tmp_path, images):
     named = images[0].with_name("img#1.jpg")
     named.write_bytes(images[0].read_bytes())
-    listing = _write_list(tmp_path, ["# header", "  # indented comment", str(named), f"{images[1]}  # trailing note", f"{images[2]}\t# tab"])
+    listing = _write_list(
+        tmp_path,
+        ["# header", "  # indented comment", str(named), f"{images[1]}  # trailing note", f"{images[2]}\t# tab"],
+    )
     entries = read_image_list(listing, "--list")
     assert [e.path for e in entries] == [named, images[1], images[2]]
     assert [e.line_no for e in entries] == [3, 4, 5]
@@ -205,7 +216,22 @@ def test_load_calib_tensor_returns_the_images(tmp_path):
 
 @pytest.mark.parametrize(
     "case",
-    ["missing", "folder", "npz", "empty", "not_npy", "truncated", "pickled", "float64", "rank3", "channels", "imgsz", "no_images", "nan", "inf"],
+    [
+        "missing",
+        "folder",
+        "npz",
+        "empty",
+        "not_npy",
+        "truncated",
+        "pickled",
+        "float64",
+        "rank3",
+        "channels",
+        "imgsz",
+        "no_images",
+        "nan",
+        "inf",
+    ],
 )
 def test_load_calib_tensor_rejects(case, tmp_path):
     good = np.random.default_rng(0).random((20, 3, 32, 32), dtype=np.float32)
@@ -305,7 +331,10 @@ def test_calib_list_rejects_malformed_annotations(case, tmp_path, load_script, c
     assert not out.exists()
 
 
-@pytest.mark.parametrize("argv, flag", [(["--num", "0"], "--num"), (["--eval-max-images", "-1"], "--eval-max-images"), (["--seed", "-3"], "--seed")])
+@pytest.mark.parametrize(
+    "argv, flag",
+    [(["--num", "0"], "--num"), (["--eval-max-images", "-1"], "--eval-max-images"), (["--seed", "-3"], "--seed")],
+)
 def test_calib_list_rejects_bad_counts(argv, flag, tmp_path, load_script, capsys):
     root = tmp_path / "data"
     _coco_layout(root, list(range(1, 11)))

@@ -26,8 +26,14 @@ def gt_file(tmp_path):
 
     def add(image_id, cat_id, x, y, w, h):
         annotations.append(
-            {"id": len(annotations) + 1, "image_id": image_id, "category_id": cat_id,
-             "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0}
+            {
+                "id": len(annotations) + 1,
+                "image_id": image_id,
+                "category_id": cat_id,
+                "bbox": [x, y, w, h],
+                "area": w * h,
+                "iscrowd": 0,
+            }
         )
 
     add(10, 2, 10, 10, 50, 40)  # dog
@@ -45,8 +51,10 @@ def _perfect_records(coco, image_ids):
     records = []
     for image_id in image_ids:
         anns = coco.imgToAnns[image_id]
-        boxes = np.array([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
-                          for a in anns], np.float32)
+        boxes = np.array(
+            [[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]] for a in anns],
+            np.float32,
+        )
         classes = np.array([cat_ids.index(a["category_id"]) for a in anns])
         records += coco_eval.detections_to_records(image_id, boxes, np.full(len(anns), 0.9), classes, cat_ids)
     return records
@@ -173,21 +181,47 @@ def _random_case(seed: int, n_images: int = 40):
             w, h = rng.choice([rng.uniform(3, 30), rng.uniform(33, 95), rng.uniform(100, 300)], 2)
             box = [float(rng.uniform(0, 640 - w)), float(rng.uniform(0, 480 - h)), float(w), float(h)]
             cat = int(rng.choice([2, 5, 9]))
-            annotations.append({"id": len(annotations) + 1, "image_id": image["id"], "category_id": cat,
-                                "bbox": box, "area": w * h, "iscrowd": int(rng.random() < 0.05)})  # fmt: skip
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image["id"],
+                    "category_id": cat,
+                    "bbox": box,
+                    "area": w * h,
+                    "iscrowd": int(rng.random() < 0.05),
+                }
+            )
             for _ in range(rng.integers(0, 4)):
                 jitter = rng.normal(0, rng.choice([1.0, 6.0, 30.0]), 4)
                 x, y, bw, bh = np.asarray(box) + jitter
                 label = cat if rng.random() < 0.85 else int(rng.choice([2, 5, 9]))
-                records.append({"image_id": image["id"], "category_id": label,
-                                "bbox": [round(float(x), 3), round(float(y), 3), round(abs(float(bw)), 3),
-                                         round(abs(float(bh)), 3)],
-                                "score": round(float(rng.uniform(0.05, 1.0)), 5)})  # fmt: skip
+                records.append(
+                    {
+                        "image_id": image["id"],
+                        "category_id": label,
+                        "bbox": [
+                            round(float(x), 3),
+                            round(float(y), 3),
+                            round(abs(float(bw)), 3),
+                            round(abs(float(bh)), 3),
+                        ],
+                        "score": round(float(rng.uniform(0.05, 1.0)), 5),
+                    }
+                )
         for _ in range(rng.integers(0, 110)):
-            records.append({"image_id": image["id"], "category_id": int(rng.choice([2, 5, 9])),
-                            "bbox": [float(rng.uniform(0, 600)), float(rng.uniform(0, 440)),
-                                     float(rng.uniform(2, 120)), float(rng.uniform(2, 120))],
-                            "score": round(float(rng.uniform(0.001, 0.3)), 5)})  # fmt: skip
+            records.append(
+                {
+                    "image_id": image["id"],
+                    "category_id": int(rng.choice([2, 5, 9])),
+                    "bbox": [
+                        float(rng.uniform(0, 600)),
+                        float(rng.uniform(0, 440)),
+                        float(rng.uniform(2, 120)),
+                        float(rng.uniform(2, 120)),
+                    ],
+                    "score": round(float(rng.uniform(0.001, 0.3)), 5),
+                }
+            )
     dataset = {"images": images, "annotations": annotations, "categories": CATEGORIES}
     return dataset, records
 
@@ -234,9 +268,19 @@ def test_records_keep_the_per_value_rounding_of_a_python_loop():
     boxes = np.round(rng.random((300, 4)) * 1280) / 2000  # many exact halves at the third decimal
     boxes[:, 2:] += boxes[:, :2]
     scores, classes = rng.random(300).astype(np.float32), rng.integers(0, 3, 300)
-    expected = [{"image_id": 9, "category_id": [1, 5, 7][int(c)],
-                 "bbox": [round(float(x1), 3), round(float(y1), 3), round(float(x2) - float(x1), 3),
-                          round(float(y2) - float(y1), 3)], "score": round(float(s), 5)}
-                for (x1, y1, x2, y2), s, c in zip(boxes, scores, classes)]  # fmt: skip
+    expected = [
+        {
+            "image_id": 9,
+            "category_id": [1, 5, 7][int(c)],
+            "bbox": [
+                round(float(x1), 3),
+                round(float(y1), 3),
+                round(float(x2) - float(x1), 3),
+                round(float(y2) - float(y1), 3),
+            ],
+            "score": round(float(s), 5),
+        }
+        for (x1, y1, x2, y2), s, c in zip(boxes, scores, classes)
+    ]
     assert detections_to_records(9, boxes, scores, classes, [1, 5, 7]) == expected
     assert detections_to_records(9, np.zeros((0, 4)), np.zeros(0), np.zeros(0), [1]) == []

@@ -240,11 +240,27 @@ def test_metric_on_decoded_and_end2end_outputs_equals_pycocotools(v10_head_outpu
     annotations = []
     for x1, y1, x2, y2, _, cls in rows:
         box = np.array([x1, y1, x2 - x1, y2 - y1]) + rng.normal(0, 0.05 * (x2 - x1), 4)  # random-head boxes overflow
-        annotations.append({"id": len(annotations) + 1, "image_id": 1, "category_id": int(cls) + 1,
-                            "bbox": [float(v) for v in box], "area": float(box[2] * box[3]), "iscrowd": 0})  # fmt: skip
+        annotations.append(
+            {
+                "id": len(annotations) + 1,
+                "image_id": 1,
+                "category_id": int(cls) + 1,
+                "bbox": [float(v) for v in box],
+                "area": float(box[2] * box[3]),
+                "iscrowd": 0,
+            }
+        )
     for cls in range(5):
-        annotations.append({"id": len(annotations) + 1, "image_id": 1, "category_id": cls + 1,
-                            "bbox": [5.0, 5.0, 20.0, 20.0], "area": 400.0, "iscrowd": 0})  # fmt: skip
+        annotations.append(
+            {
+                "id": len(annotations) + 1,
+                "image_id": 1,
+                "category_id": cls + 1,
+                "bbox": [5.0, 5.0, 20.0, 20.0],
+                "area": 400.0,
+                "iscrowd": 0,
+            }
+        )
     dataset = {
         "images": [{"id": 1, "file_name": "1.jpg", "width": IMGSZ, "height": IMGSZ}],
         "annotations": annotations,

@@ -32,10 +32,8 @@ def test_shipped_files_are_small_and_consistent():
 
 def test_evaluator_matches_ultralytics_val(demo_val_subset, tmp_path, load_script):
     out = tmp_path / "parity.json"
-    rc = load_script("scripts/cv-models/check_eval_parity.py").main(
-        ["--weights", str(PT), "--onnx-path", str(ONNX), "--data-root", str(demo_val_subset),
-         "--max-images", "60", "--out", str(out)]
-    )
+    argv = ["--weights", str(PT), "--onnx-path", str(ONNX), "--data-root", str(demo_val_subset)]
+    rc = load_script("scripts/cv-models/check_eval_parity.py").main([*argv, "--max-images", "60", "--out", str(out)])
     assert rc == 0
     parity = json.loads(out.read_text())
     assert parity["images"] == 60
@@ -54,14 +52,12 @@ def test_fresh_val_split_reproduces_the_card_fp32_map(tmp_path, load_script):
     """Done-when of the demo detector: generate the val split, evaluate the shipped ONNX, match the card."""
     card = json.loads(CARD_METRICS.read_text())
     root = tmp_path / "demo-shapes"
-    assert load_script("scripts/cv-models/make_demo_dataset.py").main(
-        ["--out-root", str(root), "--splits", "val", "--num-val", str(card["val_images_generated"]), "--workers", "2"]
-    ) == 0
+    split = f"--splits val --num-val {card['val_images_generated']} --workers 2".split()
+    assert load_script("scripts/cv-models/make_demo_dataset.py").main(["--out-root", str(root), *split]) == 0
     out = tmp_path / "fp32" / "metrics.json"
-    assert load_script("scripts/cv-models/eval_yolov10m_onnx_coco.py").main(
-        ["--onnx-path", str(ONNX), "--data-root", str(root), "--max-images", str(card["eval_max_images"]),
-         "--providers", "CPUExecutionProvider", "--warmup-runs", "1", "--imgsz", "640", "--out", str(out)]
-    ) == 0
+    run = f"--max-images {card['eval_max_images']} --providers CPUExecutionProvider --warmup-runs 1 --imgsz 640".split()
+    argv = ["--onnx-path", str(ONNX), "--data-root", str(root), *run, "--out", str(out)]
+    assert load_script("scripts/cv-models/eval_yolov10m_onnx_coco.py").main(argv) == 0
     metrics = json.loads(out.read_text())["metrics"]
     assert abs(metrics["map50_95"] - card["fp32"]["map50_95"]) <= 0.001  # ±0.1 AP
     assert abs(metrics["map50"] - card["fp32"]["map50"]) <= 0.001

@@ -54,10 +54,8 @@ def raw_model(tmp_path) -> Path:
 
 
 def _args(model: Path, data_root: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "--onnx-path", str(model), "--data-root", str(data_root), "--imgsz", str(IMGSZ),
-        "--warmup-runs", "2", "--skip-latency", "1", "--out", str(out), *extra,
-    ]
+    timing = f"--imgsz {IMGSZ} --warmup-runs 2 --skip-latency 1".split()
+    return ["--onnx-path", str(model), "--data-root", str(data_root), *timing, "--out", str(out), *extra]
 
 
 def _expect_failure(argv: list[str], out: Path, flag: str) -> None:
@@ -139,7 +137,11 @@ def test_runs_as_a_script_from_the_repo_root(dataset, raw_model, tmp_path):
     out = tmp_path / "run" / "metrics.json"
     proc = subprocess.run(
         [sys.executable, str(SCRIPT.relative_to(REPO_ROOT)), *_args(raw_model, dataset, out, "--max-images", "1")],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=False,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr
     assert "mAP50-95" in proc.stdout and out.is_file()
@@ -239,8 +241,12 @@ def test_bad_numbers(dataset, raw_model, tmp_path, extra, flag):
     assert eval_script.main(argv) == 2 and not out.exists()
     # the library checks the same value for callers that build EvalSettings themselves
     value = float(extra[1]) if "." in extra[1] else int(extra[1])
-    s = EvalSettings(**{**vars(eval_script.build_parser().parse_args(_args(raw_model, dataset, out))),
-                        flag.lstrip("-").replace("-", "_"): value})  # fmt: skip
+    s = EvalSettings(
+        **{
+            **vars(eval_script.build_parser().parse_args(_args(raw_model, dataset, out))),
+            flag.lstrip("-").replace("-", "_"): value,
+        }
+    )
     with pytest.raises(UserError) as info:
         evaluate(s)
     assert info.value.flag == flag and not out.exists()
@@ -251,8 +257,12 @@ def test_cudnn_search_outside_the_offered_values(dataset, raw_model, tmp_path, c
     # argparse's choices: ORT's DEFAULT is not offered
     assert eval_script.main(_args(raw_model, dataset, out, "--cudnn-conv-algo-search", "DEFAULT")) == 2
     assert "--cudnn-conv-algo-search" in capsys.readouterr().err and not out.exists()
-    s = EvalSettings(**{**vars(eval_script.build_parser().parse_args(_args(raw_model, dataset, out))),
-                        "cudnn_conv_algo_search": "DEFAULT"})  # fmt: skip
+    s = EvalSettings(
+        **{
+            **vars(eval_script.build_parser().parse_args(_args(raw_model, dataset, out))),
+            "cudnn_conv_algo_search": "DEFAULT",
+        }
+    )
     with pytest.raises(UserError) as info:
         evaluate(s)
     assert info.value.flag == "--cudnn-conv-algo-search" and not out.exists()
@@ -282,8 +292,8 @@ def test_exported_yolov10_onnx_runs_end_to_end(tiny_yolov10_onnx, tiny_yolov10_s
     ann = {"images": images, "annotations": annotations, "categories": categories}
     (root / "annotations" / "instances_val2017.json").write_text(json.dumps(ann))
     out = tmp_path / "run" / "metrics.json"
-    argv = ["--onnx-path", str(tiny_yolov10_onnx), "--data-root", str(root), "--imgsz", str(tiny_yolov10_spec["imgsz"]),
-            "--warmup-runs", "1", "--skip-latency", "0", "--out", str(out)]  # fmt: skip
+    timing = f"--imgsz {tiny_yolov10_spec['imgsz']} --warmup-runs 1 --skip-latency 0".split()
+    argv = ["--onnx-path", str(tiny_yolov10_onnx), "--data-root", str(root), *timing, "--out", str(out)]
     assert eval_script.main(argv) == 0, capsys.readouterr().err
     metrics = json.loads(out.read_text())
     assert metrics["model"]["output"]["shape"] == [1, 144, tiny_yolov10_spec["anchors"]]
@@ -301,8 +311,8 @@ def test_benchmark_prints_both_ratios_and_a_row_per_worker_count(dataset, raw_mo
     """scripts/cv-models/bench_eval_pipeline.py on a tiny slice (the speeds themselves are not asserted)."""
     bench = _load(SCRIPT.parent / "bench_eval_pipeline.py")
     out = tmp_path / "bench" / "bench.json"
-    argv = ["--onnx-path", str(raw_model), "--data-root", str(dataset), "--imgsz", str(IMGSZ), "--max-images", "3",
-            "--workers", "0", "2", "--warmup-runs", "1", "--out", str(out)]  # fmt: skip
+    sweep = f"--imgsz {IMGSZ} --max-images 3 --workers 0 2 --warmup-runs 1".split()
+    argv = ["--onnx-path", str(raw_model), "--data-root", str(dataset), *sweep, "--out", str(out)]
     assert bench.main(argv) == 0, capsys.readouterr().err
     stdout = capsys.readouterr().out
     result = json.loads(out.read_text())

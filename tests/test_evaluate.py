@@ -50,9 +50,15 @@ def make_dataset(root: Path, annotate: bool = True) -> Path:
         images.append({"id": image_id, "file_name": name, "width": IMAGE_W, "height": IMAGE_H})
         for cat_id, box in GT if annotate else []:
             annotations.append(
-                {"id": len(annotations) + 1, "image_id": image_id, "category_id": cat_id, "bbox": box,
-                 "area": box[2] * box[3], "iscrowd": 0}
-            )  # fmt: skip
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": cat_id,
+                    "bbox": box,
+                    "area": box[2] * box[3],
+                    "iscrowd": 0,
+                }
+            )
     ann = {"images": images, "annotations": annotations, "categories": CATEGORIES}
     (root / "annotations" / "instances_val2017.json").write_text(json.dumps(ann))
     return root

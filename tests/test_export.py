@@ -12,8 +12,16 @@ import pytest
 import torch
 
 from lowbit.cli import imgsz_problem
+from lowbit.decode import grid_sizes, num_anchors
 from lowbit.errors import UserError
-from lowbit.export import head_output_name, load_yolov10, num_anchors, raw_head_reference
+from lowbit.export import (
+    check_export_imgsz,
+    export_raw_head_onnx,
+    head_output_name,
+    load_yolov10,
+    prepare_raw_head_model,
+    raw_head_reference,
+)
 
 EXPORTER = "scripts/cv-models/export_yolov10_raw_onnx.py"
 OUTPUT = "/model.23/Concat_3_output_0"
@@ -98,6 +106,41 @@ def test_output_name_rule():
     assert num_anchors(640) == 8400
 
 
+def test_grid_sizes_are_the_backbone_feature_maps_at_a_side_off_the_stride(tiny_yolov10_pt):
+    # The backbone (layers 0-10, each fed by the one before) downsamples with stride-2 convs, kernel 3, pad 1:
+    # out = ceil(in / 2). At 100 px its maps are 50, 25, then 13 / 7 / 4 at strides 8 / 16 / 32, the grids the
+    # anchors sit on: ceil(100 / s), not 100 // s (12 / 6 / 3).
+    backbone = load_yolov10(tiny_yolov10_pt).model.model[:11]
+    assert all(layer.f == -1 for layer in backbone)
+    x, sides = torch.zeros(1, 3, 100, 100), []
+    with torch.no_grad():
+        for layer in backbone:
+            x = layer(x)
+            sides.append(tuple(x.shape[-2:]))
+    assert list(dict.fromkeys(sides))[2:] == grid_sizes(100) == [(13, 13), (7, 7), (4, 4)]
+    assert num_anchors(100) == 13 * 13 + 7 * 7 + 4 * 4
+
+
+def test_anchor_count_is_what_the_exported_graph_outputs_at_a_side_off_the_stride(tiny_yolov10_pt, tmp_path):
+    # 90 is no multiple of 32, yet the whole model runs on it: its grids 12 / 6 / 3 (ceil(90 / s)) line up with
+    # the neck's x2 upsampling. The exporter checks its graph against num_anchors, so the count must be what the
+    # graph really outputs (rounding down would expect 11 / 5 / 2, 150 anchors, and refuse the export).
+    model = prepare_raw_head_model(load_yolov10(tiny_yolov10_pt).model)
+    out = tmp_path / "side90.onnx"
+    graph = export_raw_head_onnx(model, out, 90)
+    assert graph["output_shape"] == [1, 144, num_anchors(90)] == [1, 144, 12 * 12 + 6 * 6 + 3 * 3]
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    (output,) = session.run(None, {"images": np.zeros((1, 3, 90, 90), np.float32)})
+    assert output.shape == (1, 144, num_anchors(90))
+    # The command line still asks for a multiple of the largest stride (the cli rule, then the model's own).
+    with pytest.raises(UserError) as raised:
+        check_export_imgsz(90, 32)
+    assert raised.value.flag == "--imgsz"
+    with pytest.raises(UserError, match="multiple of 64"):
+        check_export_imgsz(96, 64)  # a P6 model's stride is stricter than the cli's 32
+    assert check_export_imgsz(640, 32) == 640
+
+
 def _refused_flag(load_script, argv: list[str]) -> str:
     """The flag of the UserError ``main`` refuses ``argv`` with."""
     with pytest.raises(UserError) as raised:
@@ -164,5 +207,7 @@ def test_refuses_to_overwrite(tmp_path, capsys, load_script):
     rc = load_script(EXPORTER).main(["--weights", "yolov10n.yaml", "--imgsz", "64", "--out", str(out)])
     assert rc == 2
     assert "--overwrite" in capsys.readouterr().err
-    assert _refused_flag(load_script, ["--weights", "yolov10n.yaml", "--imgsz", "64", "--out", str(out)]) == "--overwrite"
+    assert (
+        _refused_flag(load_script, ["--weights", "yolov10n.yaml", "--imgsz", "64", "--out", str(out)]) == "--overwrite"
+    )
     assert out.read_bytes() == b"keep me"

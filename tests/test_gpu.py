@@ -13,21 +13,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lowbit import ort_session
+from lowbit import ort_providers, ort_session
 from lowbit.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
 ONNX = REPO / "models/cv-models/yolov10n-demo-shapes/yolov10n-demo-shapes.onnx"
-CUDA, CPU, TRT = ort_session.CUDA, ort_session.CPU, ort_session.TRT
+CUDA, CPU, TRT = ort_providers.CUDA, ort_providers.CPU, ort_providers.TRT
 SLICE = 100  # demo val images per evaluation: enough for a stable mAP, seconds on a GPU
 
 
 def _cuda_skip_reason() -> str | None:
     if not Path("/dev/nvidiactl").exists():
         return "no NVIDIA GPU on this machine (/dev/nvidiactl missing)"
-    if CUDA not in ort_session.available_providers():
+    if CUDA not in ort_providers.available_providers():
         return "the installed onnxruntime has no CUDAExecutionProvider"
-    probe = ort_session.probe_provider_library(CUDA)
+    probe = ort_providers.probe_provider_library(CUDA)
     if not probe.ok:
         return f"ORT's CUDA EP cannot load here (missing {', '.join(probe.missing)}); on CUDA 13 use make env CUDA=13"
     return None
@@ -116,7 +116,7 @@ def test_qdq_models_run_on_the_cuda_ep_alone(mode, demo_val, calib_npy, tmp_path
 
 def test_missing_tensorrt_is_named_and_leaves_no_metrics(demo_val, tmp_path, load_script):
     """The card's step-1 command on a GPU machine without TensorRT: one error naming TensorRT and its library."""
-    probe = ort_session.probe_provider_library(TRT)
+    probe = ort_providers.probe_provider_library(TRT)
     if probe.ok:
         pytest.skip("TensorRT's libraries load on this machine")
     with pytest.raises(UserError) as exc:

@@ -62,14 +62,19 @@ def _graph(quantize_conv1=True, quantize_conv2=False, dtype=TensorProto.INT8, ma
     output = "y2"
     if matmul:
         nodes.append(helper.make_node("Reshape", ["y2", "shape"], ["flat"], name="reshape"))
-        inits += [numpy_helper.from_array(np.array([4, 256], np.int64), "shape"),
-                  numpy_helper.from_array(np.ones((256, 256), np.float32), "wm")]  # fmt: skip
+        inits += [
+            numpy_helper.from_array(np.array([4, 256], np.int64), "shape"),
+            numpy_helper.from_array(np.ones((256, 256), np.float32), "wm"),
+        ]
         nodes.append(helper.make_node("MatMul", ["flat", "wm"], ["out"], name="matmul"))
         output = "out"
     graph = helper.make_graph(
-        nodes, "two_convs", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 16, 16])],
-        [helper.make_tensor_value_info(output, TensorProto.FLOAT, None)], initializer=inits,
-    )  # fmt: skip
+        nodes,
+        "two_convs",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 16, 16])],
+        [helper.make_tensor_value_info(output, TensorProto.FLOAT, None)],
+        initializer=inits,
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
 
 

@@ -25,16 +25,21 @@ def setup(tmp_path_factory, tiny_yolov10_onnx, tiny_yolov10_spec, load_script):
     size = tiny_yolov10_spec["imgsz"]
     calib = root / "calib.npy"
     np.save(calib, np.random.default_rng(0).random((2, 3, size, size), dtype=np.float32))
-    convs = [n.name for n in onnx.load(str(tiny_yolov10_onnx), load_external_data=False).graph.node if n.op_type == "Conv"]
+    convs = [
+        n.name for n in onnx.load(str(tiny_yolov10_onnx), load_external_data=False).graph.node if n.op_type == "Conv"
+    ]
     schemes = root / "run" / "schemes"
     schemes.mkdir(parents=True)
     for k, names in ((0, []), (2, convs[3:5])):
         (schemes / f"scheme_k{k}.json").write_text(json.dumps({"k": k, "nodes_to_exclude": names}))
     (schemes / "scheme_k2_random7.json").write_text(json.dumps({"k": 2, "nodes_to_exclude": convs[10:12]}))
     data = root / "data"
-    assert load_script("scripts/cv-models/make_demo_dataset.py").main(
-        ["--out-root", str(data), "--splits", "val", "--num-val", "3", "--workers", "1"]
-    ) == 0
+    assert (
+        load_script("scripts/cv-models/make_demo_dataset.py").main(
+            ["--out-root", str(data), "--splits", "val", "--num-val", "3", "--workers", "1"]
+        )
+        == 0
+    )
     return {"root": root, "calib": calib, "onnx": tiny_yolov10_onnx, "data": data, "convs": convs, "size": size}
 
 
@@ -51,9 +56,27 @@ def _raises(load_script, argv: list[str]) -> UserError:
 
 def test_materializes_each_k_with_its_exclusions_and_evaluates(setup, load_script):
     run = setup["root"] / "run"
-    argv = _argv(setup, run, "--ks", "0", "2", "--quant-mode", "int8", "--include-random", "--eval",
-                 "--data-root", str(setup["data"]), "--max-images", "3", "--imgsz", str(setup["size"]),
-                 "--warmup-runs", "0", "--skip-latency", "0")  # fmt: skip
+    argv = _argv(
+        setup,
+        run,
+        "--ks",
+        "0",
+        "2",
+        "--quant-mode",
+        "int8",
+        "--include-random",
+        "--eval",
+        "--data-root",
+        str(setup["data"]),
+        "--max-images",
+        "3",
+        "--imgsz",
+        str(setup["size"]),
+        "--warmup-runs",
+        "0",
+        "--skip-latency",
+        "0",
+    )
     assert load_script(SCRIPT).main(argv) == 0
     summary = json.loads((run / "candidates-int8" / "summary.json").read_text())
     rows = {r["candidate"]: r for r in summary["candidates"]}
@@ -144,7 +167,9 @@ def test_bad_input_fails_before_anything_is_quantized(case, flag, setup, tmp_pat
     if case == "malformed_scheme":
         (run / "schemes" / "scheme_k2.json").write_text('{"k": 2, "nodes_to_exclude": "oops"}')
     if case == "foreign_scheme":
-        (run / "schemes" / "scheme_k2.json").write_text(json.dumps({"k": 2, "nodes_to_exclude": ["/x/Conv", "/y/Conv"]}))
+        (run / "schemes" / "scheme_k2.json").write_text(
+            json.dumps({"k": 2, "nodes_to_exclude": ["/x/Conv", "/y/Conv"]})
+        )
     assert _raises(load_script, _argv(setup, run, *extra)).flag == flag
     assert load_script(SCRIPT).main(_argv(setup, run, *extra)) == 2
     assert not (run / "onnx").exists() and not (run / "candidates-int8").exists()
@@ -161,7 +186,12 @@ def test_wrapper_requires_its_env_vars(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RUN_ROOT", "CALIB_PATH")}
     result = subprocess.run(
         ["bash", str(REPO / "scripts/cv-models/materialize_yolov10m_lowbit_candidates.sh")],
-        cwd=REPO, env={**env, "PYTHON": "false"}, capture_output=True, text=True, timeout=60, check=False,
+        cwd=REPO,
+        env={**env, "PYTHON": "false"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert result.returncode != 0 and result.stdout == ""
 
@@ -171,14 +201,26 @@ def full_int8(setup):
     from lowbit.quantize import QuantizeSettings, quantize_onnx
 
     out = setup["root"] / "full" / "full-int8.onnx"
-    quantize_onnx(QuantizeSettings(onnx_path=setup["onnx"], calib_path=setup["calib"], output_path=out,
-                                   quantize_mode="int8"))  # fmt: skip
+    quantize_onnx(
+        QuantizeSettings(onnx_path=setup["onnx"], calib_path=setup["calib"], output_path=out, quantize_mode="int8")
+    )
     return out
 
 
 def _eval_flags(setup) -> list[str]:
-    return ["--eval", "--data-root", str(setup["data"]), "--max-images", "3", "--imgsz", str(setup["size"]),
-            "--warmup-runs", "0", "--skip-latency", "0"]  # fmt: skip
+    return [
+        "--eval",
+        "--data-root",
+        str(setup["data"]),
+        "--max-images",
+        "3",
+        "--imgsz",
+        str(setup["size"]),
+        "--warmup-runs",
+        "0",
+        "--skip-latency",
+        "0",
+    ]
 
 
 def test_from_full_model_removes_qdq_pairs_without_recalibrating(setup, full_int8, load_script, tmp_path):
@@ -186,8 +228,9 @@ def test_from_full_model_removes_qdq_pairs_without_recalibrating(setup, full_int
 
     run = tmp_path / "run"
     shutil.copytree(setup["root"] / "run" / "schemes", run / "schemes")
-    argv = _argv(setup, run, "--ks", "0", "2", "--quant-mode", "int8", "--from-full-model", str(full_int8),
-                 *_eval_flags(setup))  # fmt: skip
+    argv = _argv(
+        setup, run, "--ks", "0", "2", "--quant-mode", "int8", "--from-full-model", str(full_int8), *_eval_flags(setup)
+    )
     assert load_script(SCRIPT).main(argv) == 0
     stem = setup["onnx"].stem
     k2 = onnx.load(str(run / "onnx" / f"{stem}-int8-k2.onnx"))
@@ -203,13 +246,25 @@ def test_from_full_model_removes_qdq_pairs_without_recalibrating(setup, full_int
 def test_compare_requantize_prints_the_table_of_both_builds(setup, full_int8, load_script, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(setup["root"] / "run" / "schemes", run / "schemes")
-    argv = _argv(setup, run, "--ks", "2", "--quant-mode", "int8", "--from-full-model", str(full_int8),
-                 "--compare-requantize", *_eval_flags(setup))  # fmt: skip
+    argv = _argv(
+        setup,
+        run,
+        "--ks",
+        "2",
+        "--quant-mode",
+        "int8",
+        "--from-full-model",
+        str(full_int8),
+        "--compare-requantize",
+        *_eval_flags(setup),
+    )
     assert load_script(SCRIPT).main(argv) == 0
     out = capsys.readouterr().out
     assert "| K | AP full-model edit | AP ModelOpt re-quantization |" in out and "\n| 2 |" in out
     compare = tmp_path / "run-compare-int8"
-    assert (compare / "int8-k2-coco" / "metrics.json").is_file() and (compare / "int8-k2-requant-coco" / "metrics.json").is_file()
+    assert (compare / "int8-k2-coco" / "metrics.json").is_file() and (
+        compare / "int8-k2-requant-coco" / "metrics.json"
+    ).is_file()
     assert not list(run.glob("*-coco"))  # nothing lands where the run's report would read it
     # a rerun reuses both evaluated candidates (their records match)
     before = {p: p.stat().st_mtime_ns for p in compare.rglob("metrics.json")}
@@ -225,6 +280,37 @@ def test_compare_requantize_prints_the_table_of_both_builds(setup, full_int8, lo
 def test_a_second_writer_of_the_run_folder_is_refused(setup, tmp_path, load_script, folder_held_elsewhere):
     run = tmp_path / "busy"
     with folder_held_elsewhere(run) as holder:
-        error = _raises(load_script, _argv(setup, run, "--schemes-dir", str(setup["root"] / "run" / "schemes"), "--ks", "0"))
+        error = _raises(
+            load_script, _argv(setup, run, "--schemes-dir", str(setup["root"] / "run" / "schemes"), "--ks", "0")
+        )
     assert error.flag == "--run-root" and f"pid {holder.pid}" in str(error)
     assert not (run / "candidates-fp8").exists() and not list(run.rglob("*.onnx"))
+
+
+def test_candidate_names_have_one_home(tmp_path):
+    from lowbit import schemes
+    from lowbit.candidates import candidate_files, candidate_name
+
+    assert schemes.candidate_tag(12, 0) == "k12_random0" and schemes.candidate_tag(5) == "k5"
+    assert candidate_name("int8", 12, 0) == "int8-k12_random0" and candidate_name("fp8", 0) == "fp8-k0"
+    assert schemes.scheme_path(tmp_path, 12, 0).name == "scheme_k12_random0.json"
+    model, metrics = candidate_files(tmp_path, "m", "int8-k12_random0")
+    assert model == tmp_path / "onnx" / "m-int8-k12_random0.onnx"
+    assert metrics == tmp_path / "int8-k12_random0-coco" / "metrics.json"
+
+
+def test_the_materializer_library_takes_settings_not_namespaces():
+    import dataclasses
+
+    from lowbit import candidates_materialize
+
+    for module in (
+        "candidates",
+        "candidates_build",
+        "candidates_compare",
+        "candidates_materialize",
+        "candidates_ranking",
+    ):
+        assert "import argparse" not in (REPO / "lowbit" / f"{module}.py").read_text(), module
+    assert dataclasses.fields(candidates_materialize.MaterializeSettings)
+    assert candidates_materialize.MaterializeSettings.__dataclass_params__.frozen

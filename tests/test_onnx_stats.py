@@ -139,8 +139,10 @@ CARD_BLOCK = [
     r"- \*\*Compute \(FLOPs\)\*\*: \d+\.\d{3} GFLOPs @ 2 FLOPs per MAC",
     r"- \*\*Assumed batch\*\*: 1 \(for symbolic batch dims\)",
     r"",
-    r"- \*\*Notes\*\*: Parameter count/bytes are computed from ONNX initializer tensors; compute is MACs from "
-    r"Conv/MatMul/Gemm nodes only \(elementwise ops excluded\)\.",
+    (
+        r"- \*\*Notes\*\*: Parameter count/bytes are computed from ONNX initializer tensors; compute is MACs from "
+        r"Conv/MatMul/Gemm nodes only \(elementwise ops excluded\)\."
+    ),
     r"",
     r"## ONNX I/O",
     r"",

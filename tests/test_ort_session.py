@@ -1,4 +1,5 @@
-"""ONNX Runtime session construction: provider options, provider checks, library probes, node placement."""
+"""ONNX Runtime session construction (lowbit.ort_session): provider options, the provider checks and library probes
+as build_session reports them, node placement, model inputs."""
 
 from __future__ import annotations
 
@@ -9,34 +10,14 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from test_ort_providers import fails, loads, probe_or_skip
 
-from lowbit import model_input, ort_session
+from lowbit import model_input, ort_providers, ort_session
 from lowbit.errors import UserError
 
 TRT, CUDA, CPU = ort_session.TRT, ort_session.CUDA, ort_session.CPU
 HAS_NVIDIA_DRIVER = Path("/dev/nvidiactl").exists()
 LIBRARY = re.compile(r"lib[\w.+-]+\.so\.\d+")
-
-
-def loads(provider: str) -> ort_session.ProviderProbe:
-    """A probe that says every provider library loads (for tests of what happens after the probe)."""
-    return ort_session.ProviderProbe(provider, None)
-
-
-def fails(**missing: str):
-    """A probe where the named providers (TRT=..., CUDA=...) miss that library and the others load."""
-    names = {"TRT": TRT, "CUDA": CUDA}
-    table = {names[key]: lib for key, lib in missing.items()}
-
-    def probe(provider: str) -> ort_session.ProviderProbe:
-        if provider not in table:
-            return ort_session.ProviderProbe(provider, None)
-        error = f"{table[provider]}: cannot open shared object file: No such file or directory"
-        return ort_session.ProviderProbe(
-            provider, f"/x/{ort_session.PROVIDER_LIBRARIES[provider]}", error, (table[provider],)
-        )
-
-    return probe
 
 
 def _conv_model(input_shape=(1, 3, 8, 8), elem_type=TensorProto.FLOAT) -> onnx.ModelProto:
@@ -127,7 +108,7 @@ def test_unknown_provider_is_a_user_error(float_model):
 
 
 def test_unavailable_provider_is_a_user_error(float_model, monkeypatch):
-    monkeypatch.setattr(ort_session, "available_providers", lambda: [CPU])
+    monkeypatch.setattr(ort_providers, "available_providers", lambda: [CPU])
     with pytest.raises(UserError) as exc:
         ort_session.build_session(float_model, [TRT, CUDA], flag="--x")
     assert exc.value.flag == "--x" and TRT in str(exc.value)
@@ -165,19 +146,12 @@ def test_disable_cpu_fallback_sets_the_session_config(float_model, monkeypatch):
 # provider libraries
 
 
-def _probe_or_skip(provider: str) -> ort_session.ProviderProbe:
-    probe = ort_session.probe_provider_library(provider)
-    if probe.ok:
-        pytest.skip(f"{provider}'s library loads on this machine")
-    return probe
-
-
 @pytest.mark.parametrize("disable_cpu_fallback", [True, False])
 @pytest.mark.parametrize("providers", [[TRT, CUDA], [CUDA], [TRT]])
 def test_a_gpu_provider_whose_library_is_missing_is_named(float_model, providers, disable_cpu_fallback):
     """On a machine without the CUDA/TensorRT libraries: one error naming the provider and the missing library."""
     requested = providers if disable_cpu_fallback else providers + [CPU]
-    failing = [_probe_or_skip(p) for p in providers]
+    failing = [probe_or_skip(p) for p in providers]
     with pytest.raises(UserError) as exc:
         ort_session.build_session(float_model, requested, disable_cpu_fallback=disable_cpu_fallback)
     assert exc.value.flag == "--providers"
@@ -186,73 +160,12 @@ def test_a_gpu_provider_whose_library_is_missing_is_named(float_model, providers
         assert probe.provider in str(exc.value) and probe.missing[0] in str(exc.value)
 
 
-def test_probe_names_the_library_the_loader_reports():
-    probe = _probe_or_skip(CUDA)
-    assert probe.missing[0] in probe.error and probe.library.endswith(ort_session.PROVIDER_LIBRARIES[CUDA])
-    assert ort_session.probe_provider_library(CPU).ok
-
-
 def test_missing_tensorrt_message_names_library_and_the_providers_that_would_work(float_model):
     with pytest.raises(UserError) as exc:
         ort_session.build_session(float_model, [TRT, CUDA], True, probe=fails(TRT="libnvinfer.so.10"))
     assert exc.value.flag == "--providers"
     assert "libnvinfer.so.10" in str(exc.value)
     assert f"--providers {CUDA} --disable-cpu-fallback" in str(exc.value)
-
-
-def test_one_error_for_every_failing_provider(float_model):
-    probe = fails(TRT="libnvinfer.so.10", CUDA="libcublasLt.so.12")
-    with pytest.raises(UserError) as exc:
-        ort_session.check_providers([TRT, CUDA], True, "PROVIDERS", probe=probe)
-    assert exc.value.flag == "PROVIDERS"
-    assert "libnvinfer.so.10" in str(exc.value) and "libcublasLt.so.12" in str(exc.value)
-    assert f'PROVIDERS="{CPU}"' in str(exc.value)
-
-
-@pytest.mark.parametrize(
-    "providers, failing, disable, expected",
-    [
-        ([TRT, CUDA], [TRT], True, f"--providers {CUDA} --disable-cpu-fallback"),
-        ([TRT, CUDA, CPU], [TRT], False, f"--providers {CUDA} {CPU}"),
-        ([CUDA], [CUDA], True, f"--providers {CPU} and without --disable-cpu-fallback"),
-        ([CUDA, CPU], [CUDA], False, f"--providers {CPU}"),
-    ],
-)
-def test_suggested_providers(providers, failing, disable, expected):
-    assert ort_session.suggested_providers(providers, failing, disable, "--providers").startswith(expected)
-
-
-def test_install_hint_follows_the_cuda_build():
-    cuda12 = {"onnxruntime": "1.24.4", "cuda": "12.8"}
-    assert "CUDA=13" in ort_session.install_hint(("libcublasLt.so.12",), cuda12)
-    assert "rtx5090" in ort_session.install_hint(("libnvinfer.so.10",), cuda12)
-    assert "CUDA=13" not in ort_session.install_hint(("libcublasLt.so.13",), {"onnxruntime": "1.31.1", "cuda": "13.0"})
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# calibration EPs
-
-
-@pytest.mark.parametrize("eps", [[], ["gpu"], ["cuda:x"], ["cpu:0"], ["cpu", "cpu"], ["trt:1"]])
-def test_calibration_eps_spelling(eps):
-    with pytest.raises(UserError) as exc:
-        ort_session.check_calibration_eps(eps, probe=loads)
-    assert exc.value.flag == "CALIBRATION_EPS"
-
-
-def test_calibration_eps_accepts_modelopt_spellings():
-    ort_session.check_calibration_eps(["cpu"])
-    ort_session.check_calibration_eps(["cuda:1", "trt", "cpu"], flag="--calibration-eps", probe=loads)
-
-
-def test_calibration_ep_whose_library_is_missing():
-    probe = _probe_or_skip(CUDA)
-    with pytest.raises(UserError) as exc:
-        ort_session.check_calibration_eps(["cuda:0", "cpu"])
-    assert exc.value.flag == "CALIBRATION_EPS" and probe.missing[0] in str(exc.value)
-    with pytest.raises(UserError) as exc:
-        ort_session.check_calibration_eps(["trt", "cpu"], flag="--calibration-eps", probe=fails(TRT="libnvinfer.so.10"))
-    assert exc.value.flag == "--calibration-eps" and "libnvinfer.so.10" in str(exc.value)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

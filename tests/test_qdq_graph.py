@@ -95,3 +95,32 @@ def test_dtype_names_bits_and_ranges(code, name, quant, bits, magnitude):
     assert qdq_graph.element_bits(code) == bits
     assert qdq_graph.quant_max_magnitude(code) == magnitude
     assert qdq_graph.dtype_name(None) is None and qdq_graph.dtype_name(999) == "TYPE_999"
+
+
+def test_constants_and_element_types_have_one_reading():
+    model = _conv_with_quantized_weight(True)
+    model.graph.node.insert(0, helper.make_node("Constant", [], ["k"], value=numpy_helper.from_array(np.int8(7), "t")))
+    model.graph.node.append(helper.make_node("Cast", ["y2"], ["y2_half"], to=TensorProto.FLOAT16))
+    values = qdq_graph.constant_values(model.graph)
+    assert list(values)[-1] == "k" and values["k"].name == "k"  # initializers first, then Constant outputs, renamed
+    assert qdq_graph.constant_arrays(model.graph)["bias_q"].tolist() == [3, 4]
+    types = qdq_graph.constant_elem_types(model.graph)
+    assert types["k"] == TensorProto.INT8 and types["bias_q"] == TensorProto.INT32
+    declared = qdq_graph.declared_elem_types(model.graph)
+    assert declared["images"] == TensorProto.FLOAT and declared["w_q"] == TensorProto.INT8
+    inferred = qdq_graph.inferred_elem_types(model)
+    assert inferred["act_q"] == TensorProto.INT8 and inferred["y2_half"] == TensorProto.FLOAT16
+
+
+def test_drop_unused_initializers_keeps_what_any_graph_reads():
+    from lowbit.qdq_edit import drop_unused_initializers
+
+    model = _conv_with_quantized_weight(False)  # conv1 reads w_float: without w_dq nothing reads w_q, w_scale
+    graph = model.graph
+    graph.node.remove(next(n for n in graph.node if n.name == "w_dq"))
+    graph.input.append(helper.make_tensor_value_info("w_scale", TensorProto.FLOAT, [2]))  # an old-style input entry
+    drop_unused_initializers(graph, {"w_q", "images"})  # only candidates go; a graph input that is no initializer stays
+    names = [i.name for i in graph.initializer]
+    assert "w_q" not in names and "w_scale" in names and [i.name for i in graph.input] == ["images", "w_scale"]
+    drop_unused_initializers(graph)  # no candidates: every initializer nothing reads, and its graph-input entry
+    assert "w_scale" not in [i.name for i in graph.initializer] and [i.name for i in graph.input] == ["images"]

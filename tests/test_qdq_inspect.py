@@ -1,4 +1,5 @@
-"""Q/DQ float16 inspection: scales, initializers, the onnxruntime rounding probe, the fp32-quantize rewrite."""
+"""Q/DQ float16 inspection (lowbit.qdq_inspect, qdq_inspect_text): scales, initializers; the onnxruntime rounding
+probe and the fp32-quantize rewrite (lowbit.qdq_fp16); the tensor-by-tensor comparison (lowbit.onnx_compare)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from lowbit import onnx_compare, qdq_fp16
 from lowbit import qdq_inspect as qi
+from lowbit import qdq_inspect_text as qi_text
 from lowbit.errors import UserError
 
 SCRIPT = "scripts/cv-models/inspect_qdq_model.py"
@@ -42,8 +45,11 @@ def _conv_qdq_model(dtype: int, act_scale: float, weight_scales: list[float], we
         helper.make_node("Conv", ["act_dq_out", "w_dq_out", "b"], ["out"], name="conv"),
     ]
     graph = helper.make_graph(
-        nodes, "qdq", [helper.make_tensor_value_info("images", dtype, [1, 1, 2, 2])],
-        [helper.make_tensor_value_info("out", dtype, [1, 2, 2, 2])], inits,
+        nodes,
+        "qdq",
+        [helper.make_tensor_value_info("images", dtype, [1, 1, 2, 2])],
+        [helper.make_tensor_value_info("out", dtype, [1, 2, 2, 2])],
+        inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)], ir_version=9)
     onnx.checker.check_model(model)
@@ -84,13 +90,20 @@ def test_fp16_scales_normal_subnormal_zero_and_clamped():
     assert counts["fp16_quantize_inputs"] == 2
     assert report["affected_nodes"] == ["conv"]
     assert report["zero_scale_pairs"] == ["act_q"] and report["low_scale_pairs"] == ["w_q"]
-    line = qi.verdict(report)[0]
+    line = qi_text.verdict(report)[0]
     assert line.startswith("1 of 2 Q/DQ scales below fp16 min normal") and "1 quantize to zero in fp16" in line
     assert line.endswith("affected nodes: conv")
     assert qi.findings_present(report)  # a zero scale always changes results
 
-    clamped = qi.inspect_qdq(_conv_qdq_model(TensorProto.FLOAT16, 0.02, [0.01, qi.FP16_MIN_SUBNORMAL]))
+    clamped = qi.inspect_qdq(_conv_qdq_model(TensorProto.FLOAT16, 0.02, [0.01, qdq_fp16.FP16_MIN_SUBNORMAL]))
     assert clamped["counts"]["scales_clamped_in_fp16"] == 1 and clamped["counts"]["scales_zero_in_fp16"] == 0
+
+
+def test_fp16_quantize_nodes_are_the_reports_fp16_quantize_inputs():
+    model = _conv_qdq_model(TensorProto.FLOAT16, 0.1, [0.01, 0.01])
+    report = qi.inspect_qdq(model)
+    assert qdq_fp16.fp16_quantize_nodes(model) == report["fp16_quantize_nodes"] == ["act_q", "w_q"]
+    assert qdq_fp16.fp16_quantize_nodes(_conv_qdq_model(TensorProto.FLOAT, 0.1, [0.01, 0.01])) == []
 
 
 def test_fp32_scales_report_what_fp16_would_do():
@@ -110,9 +123,11 @@ def test_source_comparison_flags_underflow_overflow_and_readers():
     source = _conv_qdq_model(TensorProto.FLOAT, 0.02, [0.01, 0.01], weight=source_weight, bias=source_bias)
     # what ModelOpt's conversion stores: below-subnormal values replaced by 5.96e-8, overflow clamped
     fp16 = _conv_qdq_model(
-        TensorProto.FLOAT16, 0.02, [0.01, 0.01],
-        weight=np.array([[[[qi.FP16_MIN_SUBNORMAL]]], [[[-0.25]]]]),
-        bias=np.array([qi.FP16_MIN_SUBNORMAL, qi.FP16_MAX]),
+        TensorProto.FLOAT16,
+        0.02,
+        [0.01, 0.01],
+        weight=np.array([[[[qdq_fp16.FP16_MIN_SUBNORMAL]]], [[[-0.25]]]]),
+        bias=np.array([qdq_fp16.FP16_MIN_SUBNORMAL, qdq_fp16.FP16_MAX]),
     )
     report = qi.inspect_qdq(fp16, source)
     comparison = report["source_comparison"]
@@ -123,24 +138,26 @@ def test_source_comparison_flags_underflow_overflow_and_readers():
     assert findings["b"]["overflow"] == 1 and findings["b"]["readers"] == ["Conv"]
     assert findings["b"]["quantized"] is False
     assert report["initializers"]["fp16_min_subnormal_values"] == 2
-    text = "\n".join(qi.verdict(report))
+    text = "\n".join(qi_text.verdict(report))
     assert "2 with values below fp16's smallest subnormal" in text and "1 overflowing" in text
     assert "read by non-quantizing nodes: b" in text
     assert qi.findings_present(report)
 
 
 def test_probe_reports_a_known_rounding():
-    probe = qi.probe_fp16_quantize_rounding()
+    probe = qdq_fp16.probe_fp16_quantize_rounding()
     assert probe["onnxruntime"] == ort.__version__ and probe["provider"] == "CPUExecutionProvider"
-    assert probe["rounding"] in (qi.ROUNDING_NEAREST_EVEN, qi.ROUNDING_TOWARD_ZERO)
-    expected = [1, 2, 2, 3, -1, -2, -3] if probe["rounding"] == qi.ROUNDING_NEAREST_EVEN else [0, 1, 2, 2, 0, -1, -2]
+    assert probe["rounding"] in (qdq_fp16.ROUNDING_NEAREST_EVEN, qdq_fp16.ROUNDING_TOWARD_ZERO)
+    expected = (
+        [1, 2, 2, 3, -1, -2, -3] if probe["rounding"] == qdq_fp16.ROUNDING_NEAREST_EVEN else [0, 1, 2, 2, 0, -1, -2]
+    )
     assert probe["outputs"] == expected
 
 
 def test_fp32_quantize_rewrite_rounds_to_nearest_even():
     scale = 0.1
     model = _conv_qdq_model(TensorProto.FLOAT16, scale, [0.01, 0.01])
-    fixed, changed = qi.with_fp32_quantize(model)
+    fixed, changed = qdq_fp16.with_fp32_quantize(model)
     assert changed == 2
     onnx.checker.check_model(fixed)
     names = {init.name for init in fixed.graph.initializer}
@@ -162,12 +179,12 @@ def test_fp32_quantize_rewrite_rounds_to_nearest_even():
 def test_compare_runs_finds_the_first_diverging_tensor():
     model = _conv_qdq_model(TensorProto.FLOAT, 0.02, [0.01, 0.01])
     images = np.random.default_rng(0).random((2, 1, 2, 2), dtype=np.float32)
-    same = qi.compare_runs(model, model, images)
+    same = onnx_compare.compare_runs(model, model, images)
     assert same["images"] == 2 and same["compared"] >= 5 and same["first_diverging"] == []
     assert same["outputs"]["out"]["rel_error"] == 0.0
 
     changed = _conv_qdq_model(TensorProto.FLOAT, 0.02, [0.01, 0.01], weight=np.array([[[[0.5]]], [[[0.25]]]]))
-    result = qi.compare_runs(model, changed, images, threshold=0.05)
+    result = onnx_compare.compare_runs(model, changed, images, threshold=0.05)
     first = result["first_diverging"][0]
     assert first["tensor"] == "w_q_out" and first["op"] == "QuantizeLinear" and first["node"] == "w_q"
     assert [r["tensor"] for r in result["first_diverging"]] == ["w_q_out", "w_dq_out", "out"]
@@ -190,7 +207,7 @@ def test_script_writes_json_csv_manifest_and_fails_on_findings(load_script, zero
     assert "1 of 2 Q/DQ scales below fp16 min normal" in printed and "affected nodes: conv" in printed
     report = json.loads(json_out.read_text())
     assert report["findings"] is True and report["counts"]["scales_zero_in_fp16"] == 1
-    assert report["runtime"]["rounding"] in (qi.ROUNDING_NEAREST_EVEN, qi.ROUNDING_TOWARD_ZERO)
+    assert report["runtime"]["rounding"] in (qdq_fp16.ROUNDING_NEAREST_EVEN, qdq_fp16.ROUNDING_TOWARD_ZERO)
     rows = list(csv.DictReader(csv_out.open()))
     assert [r["q_node"] for r in rows] == ["act_q", "w_q"] and rows[0]["zero_in_fp16"] == "1"
     manifest = json.loads((tmp_path / "r.inspect.manifest.json").read_text())
@@ -216,8 +233,12 @@ def test_script_writes_json_csv_manifest_and_fails_on_findings(load_script, zero
 def test_script_rejects_bad_input(load_script, zero_scale_model, tmp_path, capsys, extra, flag):
     calib = tmp_path / "calib.npy"
     np.save(calib, np.zeros((1, 1, 2, 2), np.float32))
-    subst = {"CALIB": str(calib), "MODEL": str(zero_scale_model), "MISSING": str(tmp_path / "none.onnx"),
-             "OUT.txt": str(tmp_path / "out.txt")}
+    subst = {
+        "CALIB": str(calib),
+        "MODEL": str(zero_scale_model),
+        "MISSING": str(tmp_path / "none.onnx"),
+        "OUT.txt": str(tmp_path / "out.txt"),
+    }
     argv = ["--onnx-path", str(zero_scale_model), *[subst.get(a, a) for a in extra]]
     assert load_script(SCRIPT).main(argv) == 2
     assert capsys.readouterr().err.count("error:") == 1
@@ -261,15 +282,37 @@ def test_tiny_yolov10_fp16_high_precision(load_script, tiny_yolov10_onnx, tiny_y
     np.save(calib, np.random.default_rng(0).random((2, 3, size, size), dtype=np.float32))
     qdq = tmp_path / "tiny-int8-fp16.onnx"
     rc = load_script("scripts/cv-models/quantize_yolov10m_onnx.py").main(
-        ["--onnx-path", str(tiny_yolov10_onnx), "--calib-path", str(calib), "--output-path", str(qdq),
-         "--high-precision-dtype", "fp16", "--calibration-method", "max"]
+        [
+            "--onnx-path",
+            str(tiny_yolov10_onnx),
+            "--calib-path",
+            str(calib),
+            "--output-path",
+            str(qdq),
+            "--high-precision-dtype",
+            "fp16",
+            "--calibration-method",
+            "max",
+        ]
     )
     assert rc == 0
     capsys.readouterr()
     json_out, fixed = tmp_path / "tiny.inspect.json", tmp_path / "tiny-fp32q.onnx"
     rc = load_script(SCRIPT).main(
-        ["--onnx-path", str(qdq), "--source-onnx", str(tiny_yolov10_onnx), "--calib-path", str(calib),
-         "--num-images", "1", "--json-out", str(json_out), "--write-fp32-quantize", str(fixed)]
+        [
+            "--onnx-path",
+            str(qdq),
+            "--source-onnx",
+            str(tiny_yolov10_onnx),
+            "--calib-path",
+            str(calib),
+            "--num-images",
+            "1",
+            "--json-out",
+            str(json_out),
+            "--write-fp32-quantize",
+            str(fixed),
+        ]
     )
     assert rc == 0
     report = json.loads(json_out.read_text())
@@ -284,7 +327,7 @@ def test_tiny_yolov10_fp16_high_precision(load_script, tiny_yolov10_onnx, tiny_y
     assert np.isfinite(dynamic["outputs"][output_name]["rel_error"])
     check = report["fp32_quantize_check"]
     assert check["nodes"] == counts["fp16_quantize_inputs"] and output_name in check["outputs"]
-    if report["runtime"]["rounding"] == qi.ROUNDING_TOWARD_ZERO:
+    if report["runtime"]["rounding"] == qdq_fp16.ROUNDING_TOWARD_ZERO:
         assert report["findings"] is True and any("rounds them toward zero" in v for v in report["verdict"])
         assert check["outputs"][output_name] > 0  # truncated vs correctly rounded integers differ
     rewritten = onnx.load(str(fixed))
@@ -298,11 +341,11 @@ def test_calibration_for_a_model_with_dynamic_height_and_width(tmp_path):
 
     calib = tmp_path / "calib.npy"
     np.save(calib, np.zeros((2, 3, 16, 24), np.float32))
-    assert qi.load_images(calib, 1, [1, 3, "height", "width"]).shape == (1, 3, 16, 24)
-    assert qi.load_images(calib, 5, ["batch", 3, None, None]).shape == (2, 3, 16, 24)
+    assert onnx_compare.load_images(calib, 1, [1, 3, "height", "width"]).shape == (1, 3, 16, 24)
+    assert onnx_compare.load_images(calib, 5, ["batch", 3, None, None]).shape == (2, 3, 16, 24)
     np.save(calib, np.zeros((2, 1, 16, 24), np.float32))
     with pytest.raises(UserError) as exc:
-        qi.load_images(calib, 1, [1, 3, "height", "width"])
+        onnx_compare.load_images(calib, 1, [1, 3, "height", "width"])
     assert exc.value.flag == "--calib-path" and "None" not in str(exc.value)
     empty = tmp_path / "empty.npy"
     empty.write_bytes(b"")
@@ -310,5 +353,5 @@ def test_calibration_for_a_model_with_dynamic_height_and_width(tmp_path):
     np.savez(archive, x=np.zeros((1, 3, 4, 4), np.float32))
     for bad in (empty, archive):
         with pytest.raises(UserError) as exc:
-            qi.load_images(bad, 1, [1, 3, 4, 4], flag="--calib")
+            onnx_compare.load_images(bad, 1, [1, 3, 4, 4], flag="--calib")
         assert exc.value.flag == "--calib"

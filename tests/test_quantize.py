@@ -34,8 +34,17 @@ def calib_npy(tmp_path_factory, tiny_yolov10_spec) -> Path:
 def int8_run(tmp_path_factory, load_script, tiny_yolov10_onnx, calib_npy):
     out = tmp_path_factory.mktemp("q") / "onnx" / "tiny-int8-qdq.onnx"
     rc = load_script(SCRIPT).main(
-        ["--onnx-path", str(tiny_yolov10_onnx), "--calib-path", str(calib_npy), "--output-path", str(out),
-         "--calibration-eps", "cpu", "--use-zero-point"]
+        [
+            "--onnx-path",
+            str(tiny_yolov10_onnx),
+            "--calib-path",
+            str(calib_npy),
+            "--output-path",
+            str(out),
+            "--calibration-eps",
+            "cpu",
+            "--use-zero-point",
+        ]
     )
     assert rc == 0
     return out
@@ -83,8 +92,10 @@ def test_refuses_to_overwrite(load_script, int8_run, tiny_yolov10_onnx, calib_np
     assert int8_run.stat().st_mtime_ns == before
 
 
-def test_exact_patterns_are_anchored(load_script):
-    patterns = load_script(SCRIPT).exact_patterns(["/model.2/cv1/conv/Conv"])
+def test_exact_patterns_are_anchored():
+    from lowbit.quantize import exact_patterns
+
+    patterns = exact_patterns(["/model.2/cv1/conv/Conv"])
     assert re.match(patterns[0], "/model.2/cv1/conv/Conv")
     assert not re.match(patterns[0], "/model.2/cv1/conv/Conv_1")
     assert not re.match(patterns[0], "/model.22/cv1/conv/Conv")
@@ -99,8 +110,20 @@ def test_fp8_with_exclusions(tmp_path, load_script, tiny_yolov10_onnx, calib_npy
     scheme.write_text(json.dumps({"k": 1, "nodes_to_exclude": [excluded[1]]}))
     out = tmp_path / "tiny-fp8.onnx"
     rc = load_script(SCRIPT).main(
-        ["--onnx-path", str(tiny_yolov10_onnx), "--calib-path", str(calib_npy), "--output-path", str(out),
-         "--quantize-mode", "fp8", "--nodes-to-exclude", excluded[0], "--exclude-json", str(scheme)]
+        [
+            "--onnx-path",
+            str(tiny_yolov10_onnx),
+            "--calib-path",
+            str(calib_npy),
+            "--output-path",
+            str(out),
+            "--quantize-mode",
+            "fp8",
+            "--nodes-to-exclude",
+            excluded[0],
+            "--exclude-json",
+            str(scheme),
+        ]
     )
     assert rc == 0
     extra = json.loads(out.with_suffix(".manifest.json").read_text())["extra"]
@@ -117,8 +140,12 @@ def test_fp8_with_exclusions(tmp_path, load_script, tiny_yolov10_onnx, calib_npy
 
 def test_wrapper_maps_op_types_to_quantize(tmp_path, tiny_yolov10_onnx, calib_npy):
     result = _wrapper(
-        {"RUN_ROOT": str(tmp_path), "CALIB_PATH": str(calib_npy), "ONNX_PATH": str(tiny_yolov10_onnx),
-         "OP_TYPES_TO_QUANTIZE": "Conv"},
+        {
+            "RUN_ROOT": str(tmp_path),
+            "CALIB_PATH": str(calib_npy),
+            "ONNX_PATH": str(tiny_yolov10_onnx),
+            "OP_TYPES_TO_QUANTIZE": "Conv",
+        },
         tmp_path,
     )
     assert result.returncode == 0, result.stderr[-2000:]
@@ -137,7 +164,9 @@ def _wrapper(env_extra: dict[str, str], tmp_path: Path) -> subprocess.CompletedP
     env = {k: v for k, v in os.environ.items() if k not in ("RUN_ROOT", "CALIB_PATH", "USE_ZERO_POINT")}
     env.update({"PYTHON": sys.executable})
     env.update(env_extra)
-    return subprocess.run(["bash", str(WRAPPER)], check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        ["bash", str(WRAPPER)], check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_wrapper_requires_run_root_and_calib_path(tmp_path):
@@ -152,11 +181,21 @@ def test_wrapper_rejects_a_non_boolean(var, tmp_path, calib_npy):
     assert not (tmp_path / "onnx").exists()
 
 
-@pytest.mark.parametrize("value, passed", [("true", True), ("YES", True), ("1", True), ("false", False), ("0", False), ("", False)])
+@pytest.mark.parametrize(
+    "value, passed", [("true", True), ("YES", True), ("1", True), ("false", False), ("0", False), ("", False)]
+)
 def test_wrapper_maps_boolean_spellings(value, passed, tmp_path):
     # PYTHON=echo: the wrapper prints the command it would run, so the mapping is checked without quantizing
-    result = _wrapper({"RUN_ROOT": str(tmp_path), "CALIB_PATH": "c.npy", "OVERWRITE": value, "USE_ZERO_POINT": value,
-                       "PYTHON": "echo"}, tmp_path)  # fmt: skip
+    result = _wrapper(
+        {
+            "RUN_ROOT": str(tmp_path),
+            "CALIB_PATH": "c.npy",
+            "OVERWRITE": value,
+            "USE_ZERO_POINT": value,
+            "PYTHON": "echo",
+        },
+        tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     argv = result.stdout.split()
     assert ("--overwrite" in argv) is passed
@@ -176,9 +215,9 @@ def test_wrapper_maps_card_env_vars(tmp_path, tiny_yolov10_onnx, calib_npy):
         tmp_path,
     )
     out = tmp_path / "onnx" / "yolov10m-int8-qdq.onnx"
-    from lowbit import ort_session
+    from lowbit import ort_providers
 
-    if not ort_session.probe_provider_library(ort_session.CUDA).ok:
+    if not ort_providers.probe_provider_library(ort_providers.CUDA).ok:
         # no loadable CUDA EP: the mapped --calibration-eps is refused before anything is written
         assert result.returncode == 2 and "--calibration-eps" in result.stderr and not out.exists()
         return
@@ -192,12 +231,20 @@ def test_wrapper_maps_card_env_vars(tmp_path, tiny_yolov10_onnx, calib_npy):
 def test_fp16_high_precision_records_the_cpu_rounding_hazard(tmp_path, load_script, tiny_yolov10_onnx, calib_npy):
     out = tmp_path / "tiny-int8-fp16.onnx"
     rc = load_script(SCRIPT).main(
-        ["--onnx-path", str(tiny_yolov10_onnx), "--calib-path", str(calib_npy), "--output-path", str(out),
-         "--high-precision-dtype", "fp16"]
+        [
+            "--onnx-path",
+            str(tiny_yolov10_onnx),
+            "--calib-path",
+            str(calib_npy),
+            "--output-path",
+            str(out),
+            "--high-precision-dtype",
+            "fp16",
+        ]
     )
     assert rc == 0
     hazard = json.loads(out.with_suffix(".manifest.json").read_text())["extra"]["fp16_quantize_hazard"]
-    from lowbit.qdq_inspect import probe_fp16_quantize_rounding
+    from lowbit.qdq_fp16 import probe_fp16_quantize_rounding
 
     if probe_fp16_quantize_rounding()["rounding"] == "nearest_even":
         assert hazard is None  # a fixed onnxruntime: nothing to warn about
@@ -238,10 +285,15 @@ def _int32_bias_qdq_model(zero_point: bool = False, output_qdq: bool = False) ->
         helper.make_node("DequantizeLinear", ["x_q", "x_scale", "x_zp"], ["x_dq"], name="x_dq"),
         helper.make_node("DequantizeLinear", ["w_q", "w_scale"], ["w"], name="w_dq", axis=0),
         helper.make_node("DequantizeLinear", bias_inputs, ["b"], name="/conv/Conv_bias_dq", axis=0),
-        helper.make_node("Conv", ["x_dq", "w", "b"], ["y_f" if output_qdq else "y"], name="/conv/Conv", pads=[1, 1, 1, 1]),
+        helper.make_node(
+            "Conv", ["x_dq", "w", "b"], ["y_f" if output_qdq else "y"], name="/conv/Conv", pads=[1, 1, 1, 1]
+        ),
     ]
     if output_qdq:
-        inits += [numpy_helper.from_array(np.array(0.05, np.float32), "y_scale"), numpy_helper.from_array(np.array(0, np.int8), "y_zp")]
+        inits += [
+            numpy_helper.from_array(np.array(0.05, np.float32), "y_scale"),
+            numpy_helper.from_array(np.array(0, np.int8), "y_zp"),
+        ]
         nodes += [
             helper.make_node("QuantizeLinear", ["y_f", "y_scale", "y_zp"], ["y_q"], name="y_q"),
             helper.make_node("DequantizeLinear", ["y_q", "y_scale", "y_zp"], ["y"], name="y_dq"),
@@ -271,7 +323,7 @@ def _run(model: onnx.ModelProto, x: np.ndarray, optimize: bool) -> np.ndarray:
 
 @pytest.mark.parametrize("zero_point, output_qdq", [(False, False), (True, False), (False, True)])
 def test_fold_int32_bias_dequantize_keeps_the_outputs(zero_point, output_qdq):
-    from lowbit.quantize import fold_int32_bias_dequantize
+    from lowbit.qdq_edit import fold_int32_bias_dequantize
 
     model = _int32_bias_qdq_model(zero_point, output_qdq)
     x = np.random.default_rng(1).uniform(-1, 1, (1, 3, 8, 8)).astype(np.float32)
@@ -290,9 +342,46 @@ def test_fold_int32_bias_dequantize_keeps_the_outputs(zero_point, output_qdq):
     assert fold_int32_bias_dequantize(model) == []  # idempotent
 
 
+@pytest.mark.parametrize("scale_type", [np.float32, np.float16])
+@pytest.mark.parametrize("per_axis", [True, False])
+@pytest.mark.parametrize("zero_point", [False, True])
+def test_fold_int32_bias_dequantize_is_ort_arithmetic_bit_for_bit(scale_type, per_axis, zero_point):
+    """The folded bias is ``float32(q - zero_point) * float32(scale)``, rounded to float32 and then to the scale's type,
+    as ORT's DequantizeLinear kernel computes it: bit for bit, int32 values beyond 2**24 included. A zero point here is
+    zeros, as ORT's quantizer writes it (per axis: one per channel; per tensor: a scalar beside a [1] scale)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from lowbit.qdq_edit import fold_int32_bias_dequantize
+
+    rng = np.random.default_rng(3)
+    n = 4096
+    q = rng.integers(-(2**31), 2**31 - 1, n, dtype=np.int64).astype(np.int32)
+    q[: n // 2] = rng.integers(-(2**20), 2**20, n // 2)  # typical bias magnitudes too
+    high = 2e-5 if scale_type == np.float16 else 1e-2  # float16 products stay below 65504
+    scale = rng.uniform(high / 100, high, n if per_axis else 1).astype(scale_type)
+    inits = [numpy_helper.from_array(q, "b_q"), numpy_helper.from_array(scale, "b_scale")]
+    if zero_point:
+        inits.append(numpy_helper.from_array(np.zeros(n if per_axis else (), np.int32), "b_zp"))
+    dq_inputs = ["b_q", "b_scale"] + (["b_zp"] if zero_point else [])
+    elem = TensorProto.FLOAT16 if scale_type == np.float16 else TensorProto.FLOAT
+    nodes = [
+        helper.make_node("DequantizeLinear", dq_inputs, ["b"], name="b_dq", axis=0),
+        helper.make_node("Add", ["x", "b"], ["y"], name="add"),
+    ]
+    io = [helper.make_tensor_value_info("x", elem, [n])], [helper.make_tensor_value_info("y", elem, [n])]
+    graph = helper.make_graph(nodes, "bias", *io, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
+    assert fold_int32_bias_dequantize(model) == ["b_dq"]
+    (folded,) = [numpy_helper.to_array(i) for i in model.graph.initializer if i.name == "b"]
+    expected = (q.astype(np.int64).astype(np.float32) * scale.astype(np.float32)).astype(scale_type)
+    assert folded.dtype == scale_type
+    np.testing.assert_array_equal(folded.view(f"u{folded.itemsize}"), expected.view(f"u{expected.itemsize}"))
+    assert [i.name for i in model.graph.initializer] == ["b"]  # the int32 source, scale and zero point are gone
+
+
 def test_quantize_onnx_records_folded_nodes(tmp_path, monkeypatch):
     """The pipeline around ModelOpt: fold, verify, publish, manifest (ModelOpt replaced by a fixed Q/DQ model)."""
-    from lowbit import quantize
+    from lowbit import quantize, quantize_modelopt
 
     fp32 = _int32_bias_qdq_model()
     source = tmp_path / "fp32.onnx"
@@ -300,13 +389,13 @@ def test_quantize_onnx_records_folded_nodes(tmp_path, monkeypatch):
     calib = tmp_path / "calib.npy"
     np.save(calib, np.random.default_rng(0).random((2, 3, 8, 8), dtype=np.float32))
 
-    def fake_modelopt(settings, inputs, work_input, work_output, log_file):
+    def fake_modelopt(settings, calib, method, nodes_to_exclude, work_input, work_output, log_file):
         log_file.write_text("modelopt log\n")
         onnx.save(_int32_bias_qdq_model(), str(work_output))
         return 0.1
 
-    monkeypatch.setattr(quantize, "_run_modelopt", fake_modelopt)
-    monkeypatch.setattr(quantize, "calibration_eps_used", lambda path, eps: ["CPUExecutionProvider"])
+    monkeypatch.setattr(quantize_modelopt, "run_modelopt", fake_modelopt)
+    monkeypatch.setattr(quantize_modelopt, "calibration_eps_used", lambda path, eps: ["CPUExecutionProvider"])
     out = tmp_path / "out" / "model-int8.onnx"
     result = quantize.quantize_onnx(quantize.QuantizeSettings(onnx_path=source, calib_path=calib, output_path=out))
     assert isinstance(result, quantize.QuantizeResult)
@@ -318,13 +407,15 @@ def test_quantize_onnx_records_folded_nodes(tmp_path, monkeypatch):
     assert not Path(f"{out.with_suffix('')}.work").exists()
 
 
-def test_failure_inside_the_pipeline_leaves_no_model_and_no_work_folder(tmp_path, monkeypatch, tiny_yolov10_onnx, calib_npy):
-    from lowbit import quantize
+def test_failure_inside_the_pipeline_leaves_no_model_and_no_work_folder(
+    tmp_path, monkeypatch, tiny_yolov10_onnx, calib_npy
+):
+    from lowbit import quantize, quantize_modelopt
 
-    def broken_modelopt(settings, inputs, work_input, work_output, log_file):
+    def broken_modelopt(*args):
         raise RuntimeError("ModelOpt failed")
 
-    monkeypatch.setattr(quantize, "_run_modelopt", broken_modelopt)
+    monkeypatch.setattr(quantize_modelopt, "run_modelopt", broken_modelopt)
     out = tmp_path / "m.onnx"
     with pytest.raises(RuntimeError):
         quantize.quantize_onnx(quantize.QuantizeSettings(tiny_yolov10_onnx, calib_npy, out))
@@ -396,11 +487,15 @@ BAD_INPUTS = {
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input_names_its_flag_before_any_work(case, tmp_path, monkeypatch, tiny_yolov10_onnx, calib_npy, tiny_yolov10_spec):
-    from lowbit import quantize
+def test_bad_input_names_its_flag_before_any_work(
+    case, tmp_path, monkeypatch, tiny_yolov10_onnx, calib_npy, tiny_yolov10_spec
+):
+    from lowbit import quantize, quantize_modelopt
     from lowbit.errors import UserError
 
-    monkeypatch.setattr(quantize, "_run_modelopt", lambda *a: pytest.fail("validation must come before ModelOpt"))
+    monkeypatch.setattr(
+        quantize_modelopt, "run_modelopt", lambda *a: pytest.fail("validation must come before ModelOpt")
+    )
     out = tmp_path / "run" / "out.onnx"
     fields: dict = {}
     if case == "missing_model":
@@ -457,19 +552,31 @@ def test_bad_input_names_its_flag_before_any_work(case, tmp_path, monkeypatch, t
 
 
 @pytest.mark.parametrize("method", ["max", "entropy"])
-def test_nan_calibration_fails_in_the_cli_without_artifacts(method, tmp_path, load_script, tiny_yolov10_onnx, tiny_yolov10_spec, capsys):
+def test_nan_calibration_fails_in_the_cli_without_artifacts(
+    method, tmp_path, load_script, tiny_yolov10_onnx, tiny_yolov10_spec, capsys
+):
     calib = _bad_calib("calib_nan", tmp_path / "nan.npy", tiny_yolov10_spec["imgsz"])
     out = tmp_path / "q" / "out.onnx"
     rc = load_script(SCRIPT).main(
-        ["--onnx-path", str(tiny_yolov10_onnx), "--calib-path", str(calib), "--output-path", str(out),
-         "--calibration-method", method]
-    )  # fmt: skip
+        [
+            "--onnx-path",
+            str(tiny_yolov10_onnx),
+            "--calib-path",
+            str(calib),
+            "--output-path",
+            str(out),
+            "--calibration-method",
+            method,
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "--calib-path" in err and err.count("\n") == 1
     assert not (tmp_path / "q").exists()  # no model, no .work/, no manifest
 
 
-@pytest.mark.parametrize("argv", [["--max-calib-images", "0"], ["--quantize-mode", "int2"], ["--exclude-json", "/nonexistent.json"]])
+@pytest.mark.parametrize(
+    "argv", [["--max-calib-images", "0"], ["--quantize-mode", "int2"], ["--exclude-json", "/nonexistent.json"]]
+)
 def test_cli_value_errors_name_the_flag(argv, tmp_path, load_script, tiny_yolov10_onnx, calib_npy, capsys):
     out = tmp_path / "out.onnx"
     rc = load_script(SCRIPT).main(
@@ -482,27 +589,41 @@ def test_cli_value_errors_name_the_flag(argv, tmp_path, load_script, tiny_yolov1
 def test_cli_output_under_a_file_is_one_line(tmp_path, tiny_yolov10_onnx, calib_npy):
     (tmp_path / "file").write_text("x")
     result = subprocess.run(
-        [sys.executable, str(REPO / SCRIPT), "--onnx-path", str(tiny_yolov10_onnx), "--calib-path", str(calib_npy),
-         "--output-path", str(tmp_path / "file" / "out.onnx")],
-        check=False, capture_output=True, text=True, cwd=REPO, timeout=120,
+        [
+            sys.executable,
+            str(REPO / SCRIPT),
+            "--onnx-path",
+            str(tiny_yolov10_onnx),
+            "--calib-path",
+            str(calib_npy),
+            "--output-path",
+            str(tmp_path / "file" / "out.onnx"),
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
         env={**os.environ, "PYTHONPATH": str(REPO)},
-    )  # fmt: skip
+    )
     assert result.returncode == 2 and "--output-path" in result.stderr
     assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
 
 
-@pytest.mark.parametrize("rounding, expected", [("nearest_even", "fp16"), ("toward_zero", "fp32"), ("unavailable", "fp32")])
+@pytest.mark.parametrize(
+    "rounding, expected", [("nearest_even", "fp16"), ("toward_zero", "fp32"), ("unavailable", "fp32")]
+)
 def test_auto_high_precision_follows_the_runtime_rounding(monkeypatch, rounding, expected):
-    from lowbit import qdq_inspect, quantize
+    from lowbit import qdq_fp16, quantize
 
-    monkeypatch.setattr(qdq_inspect, "probe_fp16_quantize_rounding", lambda: {"onnxruntime": "x", "rounding": rounding})
+    monkeypatch.setattr(qdq_fp16, "probe_fp16_quantize_rounding", lambda: {"onnxruntime": "x", "rounding": rounding})
     assert quantize.resolve_high_precision_dtype("auto")[0] == expected
     assert quantize.resolve_high_precision_dtype("bf16") == ("bf16", "requested")
 
 
 def test_auto_high_precision_is_fp32_on_a_truncating_onnxruntime():
     """This environment's verdict, from the real probe: fp16 only where float16 QuantizeLinear rounds correctly."""
-    from lowbit.qdq_inspect import probe_fp16_quantize_rounding
+    from lowbit.qdq_fp16 import probe_fp16_quantize_rounding
     from lowbit.quantize import resolve_high_precision_dtype
 
     rounding = probe_fp16_quantize_rounding()["rounding"]
@@ -514,17 +635,17 @@ def test_threaded_histograms_give_the_serial_model(tmp_path, monkeypatch, tiny_y
     """Entropy calibration with histograms built in threads writes the same bytes as the serial collector."""
     from onnxruntime.quantization.calibrate import HistogramCollector
 
-    from lowbit import quantize
+    from lowbit import quantize, quantize_modelopt
 
     serial_collect = HistogramCollector.collect
     calls = []
-    real = quantize._tensor_parallel_histograms
+    real = quantize_modelopt.tensor_parallel_histograms
 
     def counting(threads):
         calls.append(threads)
         return real(threads)
 
-    monkeypatch.setattr(quantize, "_tensor_parallel_histograms", counting)
+    monkeypatch.setattr(quantize_modelopt, "tensor_parallel_histograms", counting)
     histogram_threads = set()
     np_histogram = np.histogram
 
@@ -535,10 +656,11 @@ def test_threaded_histograms_give_the_serial_model(tmp_path, monkeypatch, tiny_y
     monkeypatch.setattr(np, "histogram", histogram)
     digests = {}
     for threads in (1, 3):
-        monkeypatch.setattr(quantize, "HISTOGRAM_THREADS", threads)
+        monkeypatch.setattr(quantize_modelopt, "HISTOGRAM_THREADS", threads)
         out = tmp_path / f"t{threads}" / "tiny-int8.onnx"
-        settings = quantize.QuantizeSettings(onnx_path=tiny_yolov10_onnx, calib_path=calib_npy, output_path=out,
-                                             calibration_method="entropy")  # fmt: skip
+        settings = quantize.QuantizeSettings(
+            onnx_path=tiny_yolov10_onnx, calib_path=calib_npy, output_path=out, calibration_method="entropy"
+        )
         quantize.quantize_onnx(settings)
         digests[threads] = hashlib.sha256(out.read_bytes()).hexdigest()
         assert HistogramCollector.collect is serial_collect  # restored

@@ -47,8 +47,13 @@ def _torch_layers(model: onnx.ModelProto, seed: int = 0) -> list[dict]:
     for i, (node, score) in enumerate(zip(_conv_nodes(model), scores)):
         module = node.input[1][: -len(".weight")]
         layers.append(
-            {"name": module, "op_type": "Conv2d", "weight": node.input[1] if i % 2 else None, "onnx_node": None,
-             "score": float(score)}  # fmt: skip
+            {
+                "name": module,
+                "op_type": "Conv2d",
+                "weight": node.input[1] if i % 2 else None,
+                "onnx_node": None,
+                "score": float(score),
+            }
         )
     return layers
 
@@ -69,13 +74,23 @@ def _run(load_script, *args) -> int:
 
 def test_torch_report_maps_through_weight_names(load_script, fp32_model, torch_report, tiny_yolov10_onnx, tmp_path):
     out = tmp_path / "schemes"
-    rc = _run(load_script, "--report-json", torch_report, "--out-dir", out, "--onnx-path", tiny_yolov10_onnx,
-              "--random-control", 7)  # fmt: skip
+    rc = _run(
+        load_script,
+        "--report-json",
+        torch_report,
+        "--out-dir",
+        out,
+        "--onnx-path",
+        tiny_yolov10_onnx,
+        "--random-control",
+        7,
+    )
     assert rc == 0
     by_weight = {n.input[1]: n.name for n in _conv_nodes(fp32_model)}
     ranked = json.loads(torch_report.read_text())["layers"]
     node_names = {n.name for n in fp32_model.graph.node}
     from lowbit import quantize
+
     for k in (0, 5, 10, 20):
         scheme = json.loads((out / f"scheme_k{k}.json").read_text())
         assert scheme["k"] == k and scheme["precision"] == "fp8"
@@ -114,8 +129,23 @@ def test_random_control_is_deterministic(load_script, torch_report, tiny_yolov10
     picks = []
     for name in ("a", "b"):
         out = tmp_path / name
-        assert _run(load_script, "--report-json", torch_report, "--out-dir", out, "--onnx-path", tiny_yolov10_onnx,
-                    "--k", 0, 10, "--random-control", 3) == 0  # fmt: skip
+        assert (
+            _run(
+                load_script,
+                "--report-json",
+                torch_report,
+                "--out-dir",
+                out,
+                "--onnx-path",
+                tiny_yolov10_onnx,
+                "--k",
+                0,
+                10,
+                "--random-control",
+                3,
+            )
+            == 0
+        )
         names = sorted(p.name for p in out.glob("scheme_k*.json"))
         assert names == ["scheme_k0.json", "scheme_k10.json", "scheme_k10_random3.json"]
         picks.append(json.loads((out / "scheme_k10_random3.json").read_text())["nodes_to_exclude"])
@@ -133,8 +163,12 @@ def test_maps_through_qdq_weights_and_by_name_convention(load_script, fp32_model
     for node in _conv_nodes(qdq):
         weight = node.input[1]
         scale, zero = f"{weight}_scale", f"{weight}_zero_point"
-        qdq.graph.initializer.extend([helper.make_tensor(scale, onnx.TensorProto.FLOAT, [], [0.01]),
-                                      helper.make_tensor(zero, onnx.TensorProto.INT8, [], [0])])  # fmt: skip
+        qdq.graph.initializer.extend(
+            [
+                helper.make_tensor(scale, onnx.TensorProto.FLOAT, [], [0.01]),
+                helper.make_tensor(zero, onnx.TensorProto.INT8, [], [0]),
+            ]
+        )
         extra += [
             helper.make_node("QuantizeLinear", [weight, scale, zero], [f"{weight}_q"], name=f"{weight}_QuantizeLinear"),
             helper.make_node("DequantizeLinear", [f"{weight}_q", scale, zero], [f"{weight}_dq"], name=f"{weight}_DQ"),
@@ -178,8 +212,10 @@ def test_onnx_report_uses_its_node_names(load_script, fp32_model, tiny_yolov10_o
     layers = [
         {"name": a, "op_type": "Add", "weight": None, "onnx_node": a, "score": 10.0 - i} for i, a in enumerate(adds)
     ]
-    layers += [{"name": c.name, "op_type": "Conv", "weight": c.input[1], "onnx_node": c.name, "score": 1.0 - 0.1 * i}
-               for i, c in enumerate(convs)]  # fmt: skip
+    layers += [
+        {"name": c.name, "op_type": "Conv", "weight": c.input[1], "onnx_node": c.name, "score": 1.0 - 0.1 * i}
+        for i, c in enumerate(convs)
+    ]
     report = _write_report(tmp_path / "onnx-report.json", layers, source="onnx", precision="int8")
     out = tmp_path / "out"
     rc = _run(load_script, "--report-json", report, "--out-dir", out, "--onnx-path", tiny_yolov10_onnx, "--k", 0, 5)
@@ -229,17 +265,45 @@ def test_bad_settings_name_their_flag(ks, frac, flag, torch_report, tiny_yolov10
 
 def test_bad_k_and_overwrite(load_script, torch_report, tiny_yolov10_onnx, tmp_path):
     out = tmp_path / "out"
-    assert _run(load_script, "--report-json", torch_report, "--out-dir", out, "--onnx-path", tiny_yolov10_onnx,
-                "--k", -1) == 2  # fmt: skip
+    assert (
+        _run(load_script, "--report-json", torch_report, "--out-dir", out, "--onnx-path", tiny_yolov10_onnx, "--k", -1)
+        == 2
+    )
     assert not out.exists()
-    assert _run(load_script, "--report-json", torch_report, "--out-dir", out, "--onnx-path", tiny_yolov10_onnx,
-                "--random-control", 1) == 0  # fmt: skip
+    assert (
+        _run(
+            load_script,
+            "--report-json",
+            torch_report,
+            "--out-dir",
+            out,
+            "--onnx-path",
+            tiny_yolov10_onnx,
+            "--random-control",
+            1,
+        )
+        == 0
+    )
     with pytest.raises(UserError) as exc:
         schemes.build_schemes(torch_report, tiny_yolov10_onnx, out, [0, 5])
     assert exc.value.flag == "--overwrite"
     # --overwrite replaces the whole set: the random controls of the first run do not linger
-    assert _run(load_script, "--report-json", torch_report, "--out-dir", out, "--onnx-path", tiny_yolov10_onnx,
-                "--k", 0, 5, "--overwrite") == 0  # fmt: skip
+    assert (
+        _run(
+            load_script,
+            "--report-json",
+            torch_report,
+            "--out-dir",
+            out,
+            "--onnx-path",
+            tiny_yolov10_onnx,
+            "--k",
+            0,
+            5,
+            "--overwrite",
+        )
+        == 0
+    )
     assert sorted(p.name for p in out.glob("scheme_k*.json")) == ["scheme_k0.json", "scheme_k5.json"]
 
     missing = tmp_path / "missing.json"

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
-from lowbit import candidates, search_run
+from lowbit import candidates, candidates_ranking, search_checks, search_run
 from lowbit import report as rep
 from lowbit.errors import UserError
 
@@ -19,7 +20,7 @@ BASELINE_AP = 50.0
 class FakeStore:
     """Stands in for CandidateStore: the AP of a candidate is a function of its float nodes."""
 
-    calls: list[tuple[int, int | None]] = []
+    calls: ClassVar[list[tuple[int, int | None]]] = []
 
     def __init__(self, run_root, mode, stem, full_model, evaluation, build="full", requantize=None, suffix="", **kw):
         self.run_root, self.mode = Path(run_root), mode
@@ -28,8 +29,16 @@ class FakeStore:
         FakeStore.calls.append((len(nodes), random_seed))
         ap = FakeStore.curve(nodes, random_seed)
         name = candidates.candidate_name(self.mode, len(nodes), random_seed)
-        return candidates.Evaluated(name, len(nodes), list(nodes), random_seed, ap / 100.0,
-                                    self.run_root / f"{name}.onnx", self.run_root / f"{name}-coco/metrics.json", False)  # fmt: skip
+        return candidates.Evaluated(
+            name,
+            len(nodes),
+            list(nodes),
+            random_seed,
+            ap / 100.0,
+            self.run_root / f"{name}.onnx",
+            self.run_root / f"{name}-coco/metrics.json",
+            False,
+        )
 
 
 def _metrics(path: Path, map50_95: float) -> Path:
@@ -37,8 +46,8 @@ def _metrics(path: Path, map50_95: float) -> Path:
     return path
 
 
-def _checked_inputs(cfg: search_run.SearchConfig) -> search_run.SearchInputs:
-    """Stands in for search_run.check_inputs (its checks have their own tests in test_search_trust.py)."""
+def _checked_inputs(cfg: search_run.SearchConfig) -> search_checks.SearchInputs:
+    """Stands in for search_checks.check_inputs (its checks have their own tests in test_search_trust.py)."""
 
     def ap(path: Path) -> float:
         return json.loads(path.read_text())["metrics"]["map50_95"] * 100.0
@@ -47,7 +56,7 @@ def _checked_inputs(cfg: search_run.SearchConfig) -> search_run.SearchInputs:
     digests = {role: "b" * 64 for role in ("full_model", "onnx", "ranking", "baseline_metrics")}
     report = {"source": "onnx", "method": {"name": "loo"}}
     k0_ap = ap(cfg.k0_metrics) if cfg.k0_metrics else None
-    return search_run.SearchInputs(list(NODES), [], report, ap(cfg.baseline_metrics), k0_ap, dataset, digests)
+    return search_checks.SearchInputs(list(NODES), [], report, ap(cfg.baseline_metrics), k0_ap, dataset, digests)
 
 
 @pytest.fixture()
@@ -59,16 +68,23 @@ def setup(tmp_path, monkeypatch):
     def config(curve, **kw):
         FakeStore.curve = staticmethod(curve)
         evaluation = candidates.EvalConfig(tmp_path / "data", 4)
-        return search_run.SearchConfig(mode="int8", ranking=tmp_path / "r.json", onnx_path=tmp_path / "m.onnx",
-                                       full_model=tmp_path / "full.onnx",
-                                       baseline_metrics=_metrics(tmp_path / "base.json", BASELINE_AP / 100.0),
-                                       run_root=tmp_path, evaluation=evaluation, **kw)  # fmt: skip
+        return search_run.SearchConfig(
+            mode="int8",
+            ranking=tmp_path / "r.json",
+            onnx_path=tmp_path / "m.onnx",
+            full_model=tmp_path / "full.onnx",
+            baseline_metrics=_metrics(tmp_path / "base.json", BASELINE_AP / 100.0),
+            run_root=tmp_path,
+            evaluation=evaluation,
+            **kw,
+        )
 
     return config
 
 
 def _ranked(loss_at):
     """AP along the ranking: ``loss_at(k)`` AP points lost with the top-k in float; random picks lose 1 AP more."""
+
     def curve(nodes, seed):
         return BASELINE_AP - loss_at(len(nodes)) - (1.0 if seed is not None else 0.0)
 
@@ -101,8 +117,9 @@ def test_random_band_covers_every_probed_k(setup):
 def test_non_monotone_curve_is_scanned_below(setup):
     # meets at K=3, K=10 and K>=30 only: the seeds show K=10 meeting and K=20 failing, so the Ks that
     # bisection skipped below 10 are evaluated and the real smallest, 3, is found
-    data = search_run.run_search(setup(_ranked(lambda k: 0.2 if k in (3, 10) or k >= 30 else 1.0), seed_ks=[5, 10, 20],
-                                       max_probes=40))  # fmt: skip
+    data = search_run.run_search(
+        setup(_ranked(lambda k: 0.2 if k in (3, 10) or k >= 30 else 1.0), seed_ks=[5, 10, 20], max_probes=40)
+    )
     s = data["search"]
     assert s["k"] == 3 and s["scanned"] and s["exhaustive_below"] and [10, 20] in s["monotone_violations"]
 
@@ -125,27 +142,51 @@ def test_known_k0_is_not_evaluated_again(setup, tmp_path):
     assert data["search"]["k"] == 1 and (0, None) not in FakeStore.calls
 
 
-@pytest.mark.parametrize(("field", "value", "flag"), [("budget_ap", 0.0, "--budget-ap"),
-                                                      ("random_seeds", -1, "--random-seeds"),
-                                                      ("max_probes", 0, "--max-probes"),
-                                                      ("parallel", 0, "--parallel-probes")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("field", "value", "flag"),
+    [
+        ("budget_ap", 0.0, "--budget-ap"),
+        ("random_seeds", -1, "--random-seeds"),
+        ("max_probes", 0, "--max-probes"),
+        ("parallel", 0, "--parallel-probes"),
+    ],
+)
 def test_bad_settings_name_their_flag(setup, field, value, flag):
     with pytest.raises(UserError) as exc:
         search_run.run_search(setup(_ranked(lambda k: 0.0), **{field: value}))
     assert exc.value.flag == flag
 
 
-@pytest.mark.parametrize(("extra", "flag"), [(["--parallel-probes", "0"], "--parallel-probes"),
-                                             (["--max-probes", "0"], "--max-probes"),
-                                             (["--budget-ap", "-1"], "--budget-ap")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("extra", "flag"),
+    [
+        (["--parallel-probes", "0"], "--parallel-probes"),
+        (["--max-probes", "0"], "--max-probes"),
+        (["--budget-ap", "-1"], "--budget-ap"),
+    ],
+)
 def test_cli_bad_numbers_fail_before_the_search_folder_exists(tmp_path, load_script, capsys, extra, flag):
     files = {name: tmp_path / f"{name}.json" for name in ("ranking", "onnx", "full", "baseline")}
     for path in files.values():
         path.write_text("{}")
     run_root = tmp_path / "run"
-    argv = ["--mode", "int8", "--run-root", str(run_root), "--ranking", str(files["ranking"]),
-            "--onnx-path", str(files["onnx"]), "--full-model", str(files["full"]),
-            "--baseline-metrics", str(files["baseline"]), "--data-root", str(tmp_path), *extra]  # fmt: skip
+    argv = [
+        "--mode",
+        "int8",
+        "--run-root",
+        str(run_root),
+        "--ranking",
+        str(files["ranking"]),
+        "--onnx-path",
+        str(files["onnx"]),
+        "--full-model",
+        str(files["full"]),
+        "--baseline-metrics",
+        str(files["baseline"]),
+        "--data-root",
+        str(tmp_path),
+        *extra,
+    ]
     assert load_script("scripts/cv-models/search_yolov10m_lowbit_budget.py").main(argv) == 2
     assert f"error: {flag}" in capsys.readouterr().err
     assert not run_root.exists()
@@ -164,6 +205,6 @@ def test_report_records_the_search_and_plots_the_curve(setup):
 
 
 def test_random_nodes_are_seeded_and_ignore_the_ranking_order():
-    a = candidates.random_nodes(NODES, 5, seed=1)
-    assert a == candidates.random_nodes(list(reversed(NODES)), 5, seed=1) and len(set(a)) == 5
-    assert a != candidates.random_nodes(NODES, 5, seed=2)
+    a = candidates_ranking.random_nodes(NODES, 5, seed=1)
+    assert a == candidates_ranking.random_nodes(list(reversed(NODES)), 5, seed=1) and len(set(a)) == 5
+    assert a != candidates_ranking.random_nodes(NODES, 5, seed=2)

@@ -1,5 +1,5 @@
 """The budget search refuses inputs that do not belong together, before it writes or builds anything,
-and its candidate cache is keyed by content (search_yolov10m_lowbit_budget.py, lowbit.search_run.check_inputs,
+and its candidate cache is keyed by content (search_yolov10m_lowbit_budget.py, lowbit.search_checks.check_inputs,
 lowbit.candidates.CandidateStore).
 
 The world: a tiny float detector (three Conv nodes feeding an output that is the ground truth, see
@@ -20,7 +20,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from test_evaluate import IMGSZ, make_dataset, oracle_raw_output
 
-from lowbit import records, search_run, sensitivity_report
+from lowbit import records, search_checks, sensitivity_report
 from lowbit.errors import UserError
 from lowbit.evaluate import EvalSettings, evaluate
 from lowbit.runs import sha256_file
@@ -205,7 +205,7 @@ def expect_refusal(load_script, capsys, args: list[str], run_root: Path, flag: s
     ``flag`` and ``named``; nothing exists under ``run_root`` (no search-<mode>/, no candidate model)."""
     script = load_script(SCRIPT)
     with pytest.raises(UserError) as info:
-        search_run.check_inputs(script.config(script.build_parser().parse_args(args)))
+        search_checks.check_inputs(script.config(script.build_parser().parse_args(args)))
     assert info.value.flag == flag, info.value
     capsys.readouterr()
     assert script.main(args) == 2
@@ -430,7 +430,7 @@ def test_ranking_that_matches_no_quantized_node(world, tmp_path, load_script, ca
 def test_ranked_layers_without_a_quantized_node_are_listed(world, tmp_path, load_script):
     report = ranking(tmp_path / "rank-some", world["fp32"], nodes=("conv2", "ghost", "conv1", "relu1", "conv3"))
     script = load_script(SCRIPT)
-    inputs = search_run.check_inputs(
+    inputs = search_checks.check_inputs(
         script.config(script.build_parser().parse_args(argv(world, tmp_path, ranking=report)))
     )
     assert inputs.nodes == ["conv2", "conv1", "conv3"]
@@ -566,7 +566,9 @@ def test_a_second_writer_of_the_run_folder_is_refused(world, tmp_path, load_scri
 def test_baseline_of_the_wrong_shape_names_its_file(world, tmp_path, load_script, capsys, key, value):
     baseline = metrics_copy(world["baseline"], tmp_path / "b" / "metrics.json", lambda d: d.__setitem__(key, value))
     run = tmp_path / "run"
-    expect_refusal(load_script, capsys, argv(world, run, baseline_metrics=baseline), run, "--baseline-metrics", baseline)
+    expect_refusal(
+        load_script, capsys, argv(world, run, baseline_metrics=baseline), run, "--baseline-metrics", baseline
+    )
 
 
 def test_ranking_of_the_wrong_shape_names_its_file(world, tmp_path, load_script, capsys):

@@ -1,4 +1,5 @@
-"""Q/DQ removal for chosen nodes (lowbit.qdq_edit) and leave-one-out sensitivity (lowbit.sensitivity_loo).
+"""Q/DQ removal for chosen nodes (lowbit.qdq_edit) and the output-drift rankings on the gated graph
+(lowbit.sensitivity_gated): leave-one-out (lowbit.sensitivity_loo) and one node alone (lowbit.sensitivity_single).
 
 The graphs are hand-built and quantized here the way ModelOpt writes them (float weight -> Q -> DQ
 per output channel, one per-tensor Q/DQ pair per activation tensor, scales from the float model's
@@ -20,7 +21,10 @@ from lowbit.errors import UserError
 from lowbit.ort_session import CFG_DISABLE_QUANT_QDQ
 from lowbit.qdq_edit import remove_all_qdq, remove_qdq_for_nodes
 from lowbit.qdq_graph import qdq_summary
-from lowbit.sensitivity_loo import build_gated_model, gate_feeds, loo_sensitivity, method_description
+from lowbit.sensitivity_gated import build_gated_model, gate_feeds
+from lowbit.sensitivity_loo import loo_sensitivity, method_description
+from lowbit.sensitivity_run import drift_ranking_of
+from lowbit.sensitivity_single import single_sensitivity
 
 REG_MAX = 2
 NC = 3
@@ -51,9 +55,18 @@ def chain_model(hard: bool = True) -> onnx.ModelProto:
         wa[0] *= OUTLIER
         ba[0] *= OUTLIER
         wb[:, 0] /= OUTLIER
-    inits = [numpy_helper.from_array(v, n) for n, v in
-             [("wa", wa), ("ba", ba), ("wb", wb), ("bb", np.zeros(8, np.float32)), ("wc", wc),
-              ("bc", np.zeros(CHANNELS, np.float32)), ("shape", np.array([0, CHANNELS, -1], np.int64))]]  # fmt: skip
+    inits = [
+        numpy_helper.from_array(v, n)
+        for n, v in [
+            ("wa", wa),
+            ("ba", ba),
+            ("wb", wb),
+            ("bb", np.zeros(8, np.float32)),
+            ("wc", wc),
+            ("bc", np.zeros(CHANNELS, np.float32)),
+            ("shape", np.array([0, CHANNELS, -1], np.int64)),
+        ]
+    ]
     nodes = [
         _conv("conv_a", "x", "wa", "ba", "a"),
         helper.make_node("Relu", ["a"], ["a_r"], name="relu_a"),
@@ -63,9 +76,12 @@ def chain_model(hard: bool = True) -> onnx.ModelProto:
         helper.make_node("Reshape", ["c", "shape"], ["raw"], name="reshape"),
     ]
     graph = helper.make_graph(
-        nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, SIZE, SIZE])],
-        [helper.make_tensor_value_info("raw", TensorProto.FLOAT, ["N", CHANNELS, SIZE * SIZE])], initializer=inits,
-    )  # fmt: skip
+        nodes,
+        "chain",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, SIZE, SIZE])],
+        [helper.make_tensor_value_info("raw", TensorProto.FLOAT, ["N", CHANNELS, SIZE * SIZE])],
+        initializer=inits,
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)])
 
 
@@ -100,8 +116,12 @@ def quantize(model, images, skip=(), stored_weights=False, calib_model=None) -> 
 
     def pair(tensor, scale, axis=None):
         zero = np.zeros(np.shape(scale), np.int8)
-        graph.initializer.extend([numpy_helper.from_array(np.asarray(scale, np.float32), f"{tensor}_scale"),
-                                  numpy_helper.from_array(zero, f"{tensor}_zp")])  # fmt: skip
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(np.asarray(scale, np.float32), f"{tensor}_scale"),
+                numpy_helper.from_array(zero, f"{tensor}_zp"),
+            ]
+        )
         kw = {} if axis is None else {"axis": axis}
         source = tensor
         if stored_weights and tensor in inits:
@@ -111,10 +131,24 @@ def quantize(model, images, skip=(), stored_weights=False, calib_model=None) -> 
             graph.initializer.append(numpy_helper.from_array(q, source))
         else:
             source = f"{tensor}_q"
-            new_nodes.append(helper.make_node("QuantizeLinear", [tensor, f"{tensor}_scale", f"{tensor}_zp"], [source],
-                                              name=f"{tensor}_QuantizeLinear", **kw))  # fmt: skip
-        new_nodes.append(helper.make_node("DequantizeLinear", [source, f"{tensor}_scale", f"{tensor}_zp"],
-                                          [f"{tensor}_dq"], name=f"{tensor}_DequantizeLinear", **kw))  # fmt: skip
+            new_nodes.append(
+                helper.make_node(
+                    "QuantizeLinear",
+                    [tensor, f"{tensor}_scale", f"{tensor}_zp"],
+                    [source],
+                    name=f"{tensor}_QuantizeLinear",
+                    **kw,
+                )
+            )
+        new_nodes.append(
+            helper.make_node(
+                "DequantizeLinear",
+                [source, f"{tensor}_scale", f"{tensor}_zp"],
+                [f"{tensor}_dq"],
+                name=f"{tensor}_DequantizeLinear",
+                **kw,
+            )
+        )
         return f"{tensor}_dq"
 
     for node in graph.node:
@@ -238,8 +272,16 @@ def test_gated_variants_equal_the_edited_models(float_model, qdq_model, images):
 
 def test_hard_node_ranks_first(qdq_model, images, tmp_path):
     done = []
-    result = loo_sensitivity(qdq_model, images, CPU, reg_max=REG_MAX, batch_size=4, intra_op_threads=1,
-                             work_dir=tmp_path, progress=lambda i, n: done.append(n))  # fmt: skip
+    result = loo_sensitivity(
+        qdq_model,
+        images,
+        CPU,
+        reg_max=REG_MAX,
+        batch_size=4,
+        intra_op_threads=1,
+        work_dir=tmp_path,
+        progress=lambda i, n: done.append(n),
+    )
     assert done == [4, 2]  # symbolic batch: 6 images in batches of 4
     layers = result.layers
     assert next(layer["name"] for layer in layers) == HARD
@@ -252,30 +294,40 @@ def test_hard_node_ranks_first(qdq_model, images, tmp_path):
     assert result.method["description"] == method_description("det_kl") and result.providers == CPU
     assert list(tmp_path.iterdir()) == []  # the gated model was temporary
     # the rows make a report that the shared reader accepts
-    report = report_io.make_report(source="onnx", model="m.onnx", model_sha256="0" * 64, precision="int8",
-                                   method=result.method, data={"images": result.images, "source": "x", "imgsz": SIZE},
-                                   device="cpu", wall_s=result.wall_s, layers=layers,
-                                   extra={"reference": result.reference})  # fmt: skip
+    report = report_io.make_report(
+        source="onnx",
+        model="m.onnx",
+        model_sha256="0" * 64,
+        precision="int8",
+        method=result.method,
+        data={"images": result.images, "source": "x", "imgsz": SIZE},
+        device="cpu",
+        wall_s=result.wall_s,
+        layers=layers,
+        extra={"reference": result.reference},
+    )
     paths = report_io.write_report(tmp_path / "report", report)
     assert report_io.load_report(paths["json"], "--report")["layers"][0]["name"] == HARD
 
 
 def test_single_node_variant_scores_each_node_quantized_alone(float_model, qdq_model, images):
-    """variant="single": score = drift of the model with only that node quantized, which ranks the hard node first."""
-    import torch
+    """single: score = drift of the model with only that node quantized, which ranks the hard node first."""
+    from lowbit.drift import METRICS, drift_sums, finish_scores
 
-    from lowbit.sensitivity_torch import METRICS, drift_sums, finish_scores
-
-    result = loo_sensitivity(qdq_model, images, CPU, reg_max=REG_MAX, variant="single")
+    result = single_sensitivity(qdq_model, images, CPU, reg_max=REG_MAX)
     assert result.layers[0]["name"] == HARD and result.method["score"] == METRICS["det_kl"]
-    reference = torch.from_numpy(_run(float_model, {"x": images})[0])
+    reference = _run(float_model, {"x": images})[0]
     others = [n for n in ("conv_a", "conv_b", "conv_c") if n != HARD]
-    alone = torch.from_numpy(_run(remove_qdq_for_nodes(qdq_model, others), {"x": images})[0])
+    alone = _run(remove_qdq_for_nodes(qdq_model, others), {"x": images})[0]
     expected = finish_scores(drift_sums(reference, alone, REG_MAX))[METRICS["det_kl"]]
     hard_row = next(layer for layer in result.layers if layer["name"] == HARD)
     assert hard_row["score"] == pytest.approx(expected, rel=1e-3)
+    # the dispatcher of the script's --method refuses a method that is no output-drift ranking
+    again = drift_ranking_of("single", qdq_model, images, CPU, reg_max=REG_MAX).layers
+    assert [layer["name"] for layer in again] == [layer["name"] for layer in result.layers]
+    assert [layer["score"] for layer in again] == pytest.approx([layer["score"] for layer in result.layers], rel=1e-9)
     with pytest.raises(UserError) as exc:
-        loo_sensitivity(qdq_model, images, CPU, reg_max=REG_MAX, variant="both")
+        drift_ranking_of("both", qdq_model, images, CPU, reg_max=REG_MAX)
     assert exc.value.flag == "--method"
 
 

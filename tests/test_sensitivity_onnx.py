@@ -1,10 +1,13 @@
-"""ONNX-native layer sensitivity (lowbit.sensitivity_onnx + onnx_layer_sensitivity.py) on the tiny YOLOv10 fixture,
-the shared report helpers (lowbit.sensitivity_report) and compare_sensitivity_reports.py."""
+"""ONNX-native layer sensitivity (onnx_layer_sensitivity.py over lowbit.sensitivity_run: the local, single and loo
+rankings, also with torch unimportable) on the tiny YOLOv10 fixture, report layers mapped onto a graph
+(lowbit.sensitivity_onnx), the shared report helpers (lowbit.sensitivity_report) and compare_sensitivity_reports.py."""
 
 from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,11 +15,36 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
+from lowbit import sensitivity_local as local
 from lowbit import sensitivity_onnx as sens
 from lowbit import sensitivity_report as report_io
 from lowbit.errors import UserError
 
 SCRIPT = "scripts/cv-models/onnx_layer_sensitivity.py"
+REPO = Path(__file__).resolve().parent.parent
+# Runs a script with torch unimportable: a meta-path finder refuses torch and every torch.* module, and the
+# names asked for are printed last, so the test sees any attempt, caught by the code or not.
+NO_TORCH = """
+import runpy, sys
+
+attempts = []
+
+
+class NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            attempts.append(name)
+            raise ImportError(f"torch is blocked in this test ({name})")
+        return None
+
+
+sys.meta_path.insert(0, NoTorch())
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+finally:
+    print("TORCH_IMPORT_ATTEMPTS=" + ",".join(attempts), file=sys.stderr)
+"""
 COMPARE = "scripts/cv-models/compare_sensitivity_reports.py"
 # A Conv -> SiLU -> Conv chain inside the backbone (the SiLU output feeds only the second Conv).
 PRODUCER = "/model.6/m.0/cv1/conv/Conv"
@@ -75,8 +103,18 @@ def runs(load_script, hard_onnx, calib_npy, tmp_path_factory) -> dict[str, Path]
     out = {}
     for precision in ("int8", "fp8"):
         out_dir = root / precision
-        argv = ["--onnx-path", str(hard_onnx), "--calib-path", str(calib_npy), "--num-images", str(NUM_IMAGES),
-                "--precision", precision, "--out-dir", str(out_dir)]  # fmt: skip
+        argv = [
+            "--onnx-path",
+            str(hard_onnx),
+            "--calib-path",
+            str(calib_npy),
+            "--num-images",
+            str(NUM_IMAGES),
+            "--precision",
+            precision,
+            "--out-dir",
+            str(out_dir),
+        ]
         if precision == "fp8":
             argv += ["--compare-with", str(out["int8"] / "layer-sensitivity-report.json")]
         assert load_script(SCRIPT).main(argv) == 0
@@ -164,7 +202,7 @@ def test_local_error_matches_a_hand_computation(runs, hard_onnx, calib_npy):
     session = ort.InferenceSession(fp32.SerializeToString(), providers=["CPUExecutionProvider"])
     bias = torch.from_numpy(inits[node.input[2]])
     sse = ref = 0.0
-    for image in sens.iter_batches(np.load(calib_npy), NUM_IMAGES):
+    for image in local.iter_batches(np.load(calib_npy), NUM_IMAGES):
         x = session.run([q_x.input[0]], {"images": image})[0]
         y = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(w), bias).double()
         y_q = torch.nn.functional.conv2d(
@@ -182,8 +220,20 @@ def test_local_error_matches_a_hand_computation(runs, hard_onnx, calib_npy):
 def test_qdq_path_reuses_a_quantized_model(load_script, runs, hard_onnx, calib_npy, tmp_path, capsys):
     qdq_path = next((runs["int8"] / "qdq").glob("*.onnx"))
     out_dir = tmp_path / "reuse"
-    argv = ["--onnx-path", str(hard_onnx), "--calib-path", str(calib_npy), "--num-images", str(NUM_IMAGES),
-            "--precision", "int8", "--qdq-path", str(qdq_path), "--out-dir", str(out_dir)]  # fmt: skip
+    argv = [
+        "--onnx-path",
+        str(hard_onnx),
+        "--calib-path",
+        str(calib_npy),
+        "--num-images",
+        str(NUM_IMAGES),
+        "--precision",
+        "int8",
+        "--qdq-path",
+        str(qdq_path),
+        "--out-dir",
+        str(out_dir),
+    ]
     assert load_script(SCRIPT).main(argv) == 0
     again = json.loads((out_dir / "layer-sensitivity-report.json").read_text())["layers"]
     first = json.loads((runs["int8"] / "layer-sensitivity-report.json").read_text())["layers"]
@@ -210,11 +260,63 @@ def test_ranking_agreement_written(runs):
     assert agreement["top_k"]["5"]["overlap"] >= 1
 
 
+@pytest.mark.parametrize(
+    "method, method_name",
+    [("single", "onnx_one_at_a_time_drift"), ("loo", "onnx_leave_one_out_drift"), ("local", "onnx_local_qdq_error")],
+)
+def test_onnx_rankings_run_without_torch(runs, hard_onnx, calib_npy, tmp_path, method, method_name):
+    """Every ONNX ranking of the script, on the CPU, runs in a process where ``import torch`` fails, and never asks."""
+    qdq_path = next((runs["int8"] / "qdq").glob("*.onnx"))
+    out_dir = tmp_path / method
+    argv = [
+        SCRIPT,
+        "--onnx-path",
+        str(hard_onnx),
+        "--calib-path",
+        str(calib_npy),
+        "--num-images",
+        "1",
+        "--precision",
+        "int8",
+        "--method",
+        method,
+        "--batch-size",
+        "1",
+        "--intra-op-threads",
+        "1",
+        "--qdq-path",
+        str(qdq_path),
+        "--out-dir",
+        str(out_dir),
+    ]
+    result = subprocess.run(
+        [sys.executable, "-c", NO_TORCH, *argv], check=False, cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.splitlines()[-1] == "TORCH_IMPORT_ATTEMPTS=", result.stderr[-3000:]
+    report = json.loads((out_dir / "layer-sensitivity-report.json").read_text())
+    assert report["method"]["name"] == method_name and report["data"]["images"] == 1
+    layers = report["layers"]
+    expected = json.loads((runs["int8"] / "layer-sensitivity-report.json").read_text())["layers"]
+    assert sorted(layer["name"] for layer in layers) == sorted(layer["name"] for layer in expected)
+    assert all(np.isfinite(layer["score"]) for layer in layers) and layers[0]["name"] == HARD_NODE
+    if method != "local":
+        assert report["method"]["settings"]["drift_device"] == "cpu"
+
+
 def test_refuses_to_overwrite_and_bad_calibration(load_script, runs, hard_onnx, calib_npy, tmp_path, capsys):
     out_dir = runs["int8"]
     before = (out_dir / "layer-sensitivity-report.json").stat().st_mtime_ns
-    argv = ["--onnx-path", str(hard_onnx), "--calib-path", str(calib_npy), "--precision", "int8",
-            "--out-dir", str(out_dir)]  # fmt: skip
+    argv = [
+        "--onnx-path",
+        str(hard_onnx),
+        "--calib-path",
+        str(calib_npy),
+        "--precision",
+        "int8",
+        "--out-dir",
+        str(out_dir),
+    ]
     assert load_script(SCRIPT).main(argv) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert (out_dir / "layer-sensitivity-report.json").stat().st_mtime_ns == before
@@ -250,13 +352,23 @@ def test_spearman_and_compare_reports(tiny_yolov10_onnx):
     model = onnx.load(str(tiny_yolov10_onnx))
     convs = [n for n in model.graph.node if n.op_type == "Conv"][:12]
     onnx_layers = report_io.rank_layers(
-        [{"name": n.name, "op_type": "Conv", "weight": n.input[1], "onnx_node": n.name, "score": float(12 - i)}
-         for i, n in enumerate(convs)]  # fmt: skip
+        [
+            {"name": n.name, "op_type": "Conv", "weight": n.input[1], "onnx_node": n.name, "score": float(12 - i)}
+            for i, n in enumerate(convs)
+        ]
     )
     # a torch-style report of the same ranking, reversed, plus a layer that exists nowhere
     torch_layers = report_io.rank_layers(
-        [{"name": n.input[1][: -len(".weight")], "op_type": "Conv2d", "weight": n.input[1], "onnx_node": None,
-          "score": float(i)} for i, n in enumerate(convs)]  # fmt: skip
+        [
+            {
+                "name": n.input[1][: -len(".weight")],
+                "op_type": "Conv2d",
+                "weight": n.input[1],
+                "onnx_node": None,
+                "score": float(i),
+            }
+            for i, n in enumerate(convs)
+        ]
         + [{"name": "model.99.bogus", "op_type": "Conv2d", "weight": None, "onnx_node": None, "score": -1.0}]
     )
     a = {"layers": onnx_layers, "source": "onnx"}
@@ -296,19 +408,30 @@ def _hand_report(path: Path, source: str, entries: list[dict]) -> Path:
     """A small report of the shared schema, written as the tools write it; ``entries`` best first."""
     layers = report_io.rank_layers([{**entry, "score": float(len(entries) - i)} for i, entry in enumerate(entries)])
     report = report_io.make_report(
-        source=source, model=Path("model.onnx"), model_sha256="0" * 64, precision="fp8",
+        source=source,
+        model=Path("model.onnx"),
+        model_sha256="0" * 64,
+        precision="fp8",
         method={"name": "hand", "description": "hand-written", "score": "s", "higher_is_more_sensitive": True},
-        data={"images": 1, "source": "none", "imgsz": 64}, device="cpu", wall_s=0.0, layers=layers,
-    )  # fmt: skip
+        data={"images": 1, "source": "none", "imgsz": 64},
+        device="cpu",
+        wall_s=0.0,
+        layers=layers,
+    )
     return report_io.write_report(path, report)["json"]
 
 
 def test_compare_script_pairs_two_existing_reports(load_script, tmp_path, capsys):
     """An ONNX report and a torch report of the same six convs, in opposite orders, plus one layer each side only."""
     onnx_entries = [
-        {"name": f"/model.{i}/conv/Conv", "op_type": "Conv", "weight": f"model.{i}.conv.weight",
-         "onnx_node": f"/model.{i}/conv/Conv"} for i in range(6)
-    ] + [{"name": "/model.10/Add", "op_type": "Add", "weight": None, "onnx_node": "/model.10/Add"}]  # fmt: skip
+        {
+            "name": f"/model.{i}/conv/Conv",
+            "op_type": "Conv",
+            "weight": f"model.{i}.conv.weight",
+            "onnx_node": f"/model.{i}/conv/Conv",
+        }
+        for i in range(6)
+    ] + [{"name": "/model.10/Add", "op_type": "Add", "weight": None, "onnx_node": "/model.10/Add"}]
     torch_entries = [
         {"name": f"model.{i}.conv", "op_type": "Conv", "weight": f"model.{i}.conv.weight", "onnx_node": None}
         for i in reversed(range(6))
@@ -346,14 +469,18 @@ def test_compare_script_maps_onto_a_graph(load_script, tiny_yolov10_onnx, tmp_pa
     """ONNX rows without weights and torch rows share no report column; --onnx-path pairs them through the graph."""
     convs = [n for n in onnx.load(str(tiny_yolov10_onnx)).graph.node if n.op_type == "Conv"][:4]
     report_a = _hand_report(
-        tmp_path / "a", "onnx",
+        tmp_path / "a",
+        "onnx",
         [{"name": n.name, "op_type": "Conv", "weight": None, "onnx_node": n.name} for n in convs],
-    )  # fmt: skip
+    )
     report_b = _hand_report(
-        tmp_path / "b", "torch",
-        [{"name": n.input[1][: -len(".weight")], "op_type": "Conv", "weight": n.input[1], "onnx_node": None}
-         for n in convs],
-    )  # fmt: skip
+        tmp_path / "b",
+        "torch",
+        [
+            {"name": n.input[1][: -len(".weight")], "op_type": "Conv", "weight": n.input[1], "onnx_node": None}
+            for n in convs
+        ],
+    )
     common = ["--report-a", str(report_a), "--report-b", str(report_b), "--k", "2"]
     assert load_script(COMPARE).main([*common, "--out", str(tmp_path / "columns.json")]) == 0
     assert json.loads((tmp_path / "columns.json").read_text())["matched"] == 0

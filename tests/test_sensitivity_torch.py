@@ -1,4 +1,5 @@
-"""Torch per-layer sensitivity sweep: report layout and contents, the score, the wrapper, input errors."""
+"""Torch per-layer sensitivity sweep: report layout and contents, the score (numpy and torch alike), the wrapper,
+input errors."""
 
 from __future__ import annotations
 
@@ -15,7 +16,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lowbit import drift
 from lowbit import sensitivity_torch as sens
+from lowbit import sensitivity_torch_inputs as sweep_inputs
+from lowbit.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = "scripts/cv-models/yolov10m_layer_sensitivity.py"
@@ -23,9 +27,19 @@ WRAPPER = REPO / "scripts/cv-models/run_yolov10m_layer_sensitivity_sweep.sh"
 REPORT = "layer-sensitivity-report"
 IMGSZ = 64  # anchors 8^2 + 4^2 + 2^2 = 84: ~85 forward passes of yolov10n stay within seconds
 SCHEMA_KEYS = {
-    "schema_version", "kind", "source", "model", "model_sha256", "precision", "quant_format",
-    "method", "data", "device", "wall_s", "layers",
-}  # fmt: skip
+    "schema_version",
+    "kind",
+    "source",
+    "model",
+    "model_sha256",
+    "precision",
+    "quant_format",
+    "method",
+    "data",
+    "device",
+    "wall_s",
+    "layers",
+}
 ROW_KEYS = {"rank", "name", "op_type", "weight", "onnx_node", "score"}
 
 
@@ -68,11 +82,24 @@ def fp8_run(load_script, tiny_yolov10_pt, image_list, tmp_path_factory) -> dict:
     with contextlib.redirect_stdout(stdout):
         rc = load_script(SCRIPT).main(
             [
-                "--weights", str(tiny_yolov10_pt), "--images", str(image_list), "--num-images", "3",
-                "--imgsz", str(IMGSZ), "--batch-size", "2", "--device", "cpu",
-                "--output-root", str(root), "--run-id", "fp8",
+                "--weights",
+                str(tiny_yolov10_pt),
+                "--images",
+                str(image_list),
+                "--num-images",
+                "3",
+                "--imgsz",
+                str(IMGSZ),
+                "--batch-size",
+                "2",
+                "--device",
+                "cpu",
+                "--output-root",
+                str(root),
+                "--run-id",
+                "fp8",
             ]
-        )  # fmt: skip
+        )
     run_dir = root / "fp8"
     per_layer = run_dir / "outputs" / tiny_yolov10_pt.stem / "fp8-fp8" / "per_layer"
     report = json.loads((per_layer / f"{REPORT}.json").read_text()) if rc == 0 else None
@@ -136,7 +163,7 @@ def test_layers_are_the_quantized_modules_of_the_fused_model(fp8_run, tiny_yolov
     """Every Conv of the fused raw-head model is scored once under its own name, plus SPPF's MaxPool."""
     import torch
 
-    fused, _ = sens.prepare_model(tiny_yolov10_pt, IMGSZ)
+    fused, _ = sweep_inputs.prepare_model(tiny_yolov10_pt, IMGSZ)
     params = dict(fused.named_parameters())
     rows = fp8_run["report"]["layers"]
     for row in rows:
@@ -162,8 +189,9 @@ def test_weight_names_are_the_exported_conv_initializers(fp8_run, tiny_yolov10_o
     assert sorted(scored) == sorted(conv_weights)
 
 
-def test_det_kl_weighs_what_detection_uses():
-    """A logit shift of the same size costs far more on a confident class than on background."""
+@pytest.mark.parametrize("backend", ["numpy", "torch"])
+def test_det_kl_weighs_what_detection_uses(backend):
+    """A logit shift of the same size costs far more on a confident class than on background (both drift twins)."""
     import torch
 
     reg_max, nc, anchors = 16, 2, 3
@@ -172,7 +200,9 @@ def test_det_kl_weighs_what_detection_uses():
     ref[0, 4 * reg_max, 0] = 3.0  # anchor 0 detects class 0 with p = 0.95; anchors 1, 2 are background
 
     def scores(changed):
-        return sens.finish_scores(sens.drift_sums(ref, changed, reg_max))
+        if backend == "numpy":
+            return drift.finish_scores(drift.drift_sums(ref.numpy(), changed.numpy(), reg_max))
+        return drift.finish_scores(drift.drift_sums_torch(ref, changed, reg_max))
 
     assert scores(ref.clone()) == {"output_drift_det_kl": 0.0, "output_drift_rel_mse": 0.0}
     background, confident = ref.clone(), ref.clone()
@@ -186,6 +216,23 @@ def test_det_kl_weighs_what_detection_uses():
     assert scores(box_confident)["output_drift_det_kl"] > 100 * scores(box_background)["output_drift_det_kl"] > 0
 
 
+def test_numpy_drift_equals_the_torch_twin():
+    """The ONNX rankings' numpy drift and the torch sweep's agree to float64 rounding on realistic raw outputs."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    reg_max, nc, anchors = 16, 80, 525
+    reference = rng.normal(0, 3, (2, 4 * reg_max + nc, anchors)).astype(np.float32)
+    reference[:, 4 * reg_max :] -= 8  # mostly background, as a detector's class logits are
+    quantized = (reference + rng.normal(0, 0.05, reference.shape)).astype(np.float32)
+    sums = drift.drift_sums(reference, quantized, reg_max)
+    twin = drift.drift_sums_torch(torch.from_numpy(reference), torch.from_numpy(quantized), reg_max)
+    assert sums.keys() == twin.keys() and sums["images"] == twin["images"] == 2
+    assert all(sums[key] == pytest.approx(twin[key], rel=1e-12, abs=0) for key in sums), (sums, twin)
+    assert drift.finish_scores(sums) == pytest.approx(drift.finish_scores(twin), rel=1e-12, abs=0)
+    assert drift.finish_scores(drift.add_sums(sums, sums)) == pytest.approx(drift.finish_scores(sums), rel=1e-15)
+
+
 def test_wrapper_maps_env_vars(tiny_yolov10_pt, image_list, tmp_path):
     """INT8 with the relative-MSE score, from a calibration .npy, through the bash wrapper."""
     from lowbit.preprocess import preprocess
@@ -195,11 +242,22 @@ def test_wrapper_maps_env_vars(tiny_yolov10_pt, image_list, tmp_path):
     np.save(npy, np.stack([preprocess(p, IMGSZ)[0] for p in lines]))
     env = {k: v for k, v in os.environ.items() if k not in ("WEIGHTS", "IMAGES", "RUN_ID", "OUTPUT_ROOT")}
     env.update(
-        PYTHON=sys.executable, OMP_NUM_THREADS="1", WEIGHTS=str(tiny_yolov10_pt), CALIB_NPY=str(npy),
-        NUM_IMAGES="2", IMGSZ=str(IMGSZ), BATCH_SIZE="2", DEVICE="cpu", FORMATS="int8-int8", METRIC="rel_mse",
-        OUTPUT_ROOT=str(tmp_path / "runs"), RUN_ID="wrapped",
-    )  # fmt: skip
-    result = subprocess.run(["bash", str(WRAPPER)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        PYTHON=sys.executable,
+        OMP_NUM_THREADS="1",
+        WEIGHTS=str(tiny_yolov10_pt),
+        CALIB_NPY=str(npy),
+        NUM_IMAGES="2",
+        IMGSZ=str(IMGSZ),
+        BATCH_SIZE="2",
+        DEVICE="cpu",
+        FORMATS="int8-int8",
+        METRIC="rel_mse",
+        OUTPUT_ROOT=str(tmp_path / "runs"),
+        RUN_ID="wrapped",
+    )
+    result = subprocess.run(
+        ["bash", str(WRAPPER)], check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     echoed = result.stderr.splitlines()[0]
     assert echoed.startswith("+ ") and "--formats int8-int8" in echoed and "--batch-size 2" in echoed
@@ -232,7 +290,7 @@ def test_bad_inputs_exit_2_with_one_line(
     root = tmp_path / "runs"
     argv = ["--weights", str(tiny_yolov10_pt), "--images", str(image_list), "--imgsz", str(IMGSZ), "--num-images", "3"]
     if case == "no_default_weights":
-        monkeypatch.setattr(sens, "REPO_ROOT", tmp_path)  # the default paths resolve to nothing
+        monkeypatch.setattr(sweep_inputs, "REPO_ROOT", tmp_path)  # the default paths resolve to nothing
         argv = argv[2:]
     elif case == "missing_weights":
         argv[1] = str(tmp_path / "absent.pt")
@@ -255,18 +313,22 @@ def test_bad_inputs_exit_2_with_one_line(
     assert rc == 2
     assert err.startswith(("error: ", "usage: ")) and "Traceback" not in err and flag in err.splitlines()[-1], err
     if case != "zero_images":  # argparse's usage errors exit before main's body
-        with pytest.raises(sens.UserError) as raised:
+        with pytest.raises(UserError) as raised:
             script.main.__wrapped__(argv)
         assert raised.value.flag == flag
     if case == "no_default_weights":
-        assert str(sens.DEMO_WEIGHTS) in err and str(sens.YOLOV10M_WEIGHTS) in err
+        assert str(sweep_inputs.DEMO_WEIGHTS) in err and str(sweep_inputs.YOLOV10M_WEIGHTS) in err
     if root.exists():  # nothing was created: no run dir for bad input
         assert [p.name for p in root.iterdir()] == (["taken"] if case == "existing_run" else [])
 
 
 def test_help_is_fast_and_imports_no_torch():
     result = subprocess.run(
-        [sys.executable, "-X", "importtime", str(REPO / SCRIPT), "--help"], capture_output=True, text=True, timeout=60
+        [sys.executable, "-X", "importtime", str(REPO / SCRIPT), "--help"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 0 and "--weights" in result.stdout and "--calib-npy" in result.stdout
     imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines() if "|" in line}
@@ -278,7 +340,7 @@ def test_starting_at_the_layers_block_changes_no_score(tiny_yolov10_pt):
     """Skipping the blocks before a quantized layer (cached FP32 outputs) gives the full pass's scores."""
     import torch
 
-    model, _ = sens.prepare_model(tiny_yolov10_pt, IMGSZ)
+    model, _ = sweep_inputs.prepare_model(tiny_yolov10_pt, IMGSZ)
     images = torch.rand(2, 3, IMGSZ, IMGSZ, generator=torch.Generator().manual_seed(0))
     cache = sens.fp32_cache(model, images, batch_size=2)
     with torch.inference_mode():

@@ -1,8 +1,10 @@
-"""The workflow: settings checked up front, the same argv as the card's bash wrappers, and the whole job end to
-end on the tiny fixture (every step, the report, and a second run that skips everything)."""
+"""The workflow: settings checked up front, each step's argv from its typed settings (the same as the card's bash
+wrapper run with the settings' env, and accepted by the script's own parser), and the whole job end to end on the
+tiny fixture (every step, the report, and a second run that skips everything)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import stat
@@ -13,7 +15,10 @@ from pathlib import Path
 import pytest
 
 from lowbit.errors import UserError
-from lowbit.steps import dependencies
+from lowbit.pipeline import plan
+from lowbit.pipeline_settings import PRESETS, check_settings, resolve_args
+from lowbit.pipeline_steps import MaterializeSettings, QuantizeSettings, ScriptSettings
+from lowbit.steps import Step, dependencies, run_steps
 
 REPO = Path(__file__).resolve().parent.parent
 WORKFLOW = REPO / "scripts/cv-models/run_yolov10m_lowbit_workflow.py"
@@ -24,21 +29,42 @@ WRAPPERS = REPO / "scripts/cv-models"
 def tiny_run(tmp_path_factory, tiny_yolov10_onnx, tiny_yolov10_spec, load_script):
     root = tmp_path_factory.mktemp("wf")
     data = root / "data"
-    assert load_script("scripts/cv-models/make_demo_dataset.py").main(
-        ["--out-root", str(data), "--splits", "val", "--num-val", "6", "--workers", "1"]
-    ) == 0
+    assert (
+        load_script("scripts/cv-models/make_demo_dataset.py").main(
+            ["--out-root", str(data), "--splits", "val", "--num-val", "6", "--workers", "1"]
+        )
+        == 0
+    )
     calib_list = root / "calib.txt"
     calib_list.write_text("".join(f"{p}\n" for p in sorted((data / "val2017").glob("*.jpg"))[4:6]))
     argv = [
-        "--onnx-path", str(tiny_yolov10_onnx), "--data-root", str(data), "--calib-list", str(calib_list),
-        "--max-images", "4", "--imgsz", str(tiny_yolov10_spec["imgsz"]), "--ks", "0", "2",
-        "--sensitivity-images", "2", "--output-root", str(root / "runs"), "--run-id", "tiny",
+        "--onnx-path",
+        str(tiny_yolov10_onnx),
+        "--data-root",
+        str(data),
+        "--calib-list",
+        str(calib_list),
+        "--max-images",
+        "4",
+        "--imgsz",
+        str(tiny_yolov10_spec["imgsz"]),
+        "--ks",
+        "0",
+        "2",
+        "--sensitivity-images",
+        "2",
+        "--output-root",
+        str(root / "runs"),
+        "--run-id",
+        "tiny",
     ]
     return root, argv
 
 
 def _run(argv: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(WORKFLOW), *argv], cwd=REPO, capture_output=True, text=True, timeout=900, check=False)
+    return subprocess.run(
+        [sys.executable, str(WORKFLOW), *argv], cwd=REPO, capture_output=True, text=True, timeout=900, check=False
+    )
 
 
 def test_workflow_end_to_end_then_resume(tiny_run):
@@ -47,11 +73,23 @@ def test_workflow_end_to_end_then_resume(tiny_run):
     assert first.returncode == 0, first.stderr[-3000:]
     run = root / "runs" / "tiny"
     stem = "yolov10n-tiny"  # output names follow the model, not the card's yolov10m
-    for path in ("baseline-coco/metrics.json", f"calib/calib_{stem}_160.npy", f"onnx/{stem}-int8-qdq.onnx",
-                 "int8-coco/metrics.json", "schemes/scheme_k0.json", "schemes/scheme_k2.json",
-                 f"onnx/{stem}-fp8-k0.onnx", f"onnx/{stem}-fp8-k2.onnx", "fp8-k2-coco/metrics.json",
-                 "schemes-int8/scheme_k2.json", f"onnx/{stem}-int8-k2.onnx", "int8-k2-coco/metrics.json",
-                 "report.md", "report.json", "pareto.png"):
+    for path in (
+        "baseline-coco/metrics.json",
+        f"calib/calib_{stem}_160.npy",
+        f"onnx/{stem}-int8-qdq.onnx",
+        "int8-coco/metrics.json",
+        "schemes/scheme_k0.json",
+        "schemes/scheme_k2.json",
+        f"onnx/{stem}-fp8-k0.onnx",
+        f"onnx/{stem}-fp8-k2.onnx",
+        "fp8-k2-coco/metrics.json",
+        "schemes-int8/scheme_k2.json",
+        f"onnx/{stem}-int8-k2.onnx",
+        "int8-k2-coco/metrics.json",
+        "report.md",
+        "report.json",
+        "pareto.png",
+    ):
         assert (run / path).exists(), path
     assert not list(run.rglob("yolov10m*")) and not list(run.rglob("*/yolov10m/*"))
     # INT8 with no exclusions is the int8 step; it is not quantized a second time as a K=0 candidate
@@ -71,7 +109,9 @@ def test_workflow_end_to_end_then_resume(tiny_run):
     before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and not _bookkeeping(p)}
     second = _run(argv)
     assert second.returncode == 0, second.stderr[-3000:]
-    step_lines = [line for line in second.stderr.splitlines() if "] " in line and ("skipped" in line or "running" in line)]
+    step_lines = [
+        line for line in second.stderr.splitlines() if "] " in line and ("skipped" in line or "running" in line)
+    ]
     assert step_lines and all("skipped" in line for line in step_lines), "\n".join(step_lines)
     after = {p: p.stat().st_mtime_ns for p in before}
     assert before == after
@@ -100,7 +140,9 @@ def test_workflow_end_to_end_then_resume(tiny_run):
 
 def _bookkeeping(path: Path) -> bool:
     """Files every run rewrites: step records, logs, the run's settings, the run-dir lock."""
-    return ".steps" in path.parts or path.name == "workflow.json" or path.suffix == ".log" or path.name.startswith(".lock")
+    return (
+        ".steps" in path.parts or path.name == "workflow.json" or path.suffix == ".log" or path.name.startswith(".lock")
+    )
 
 
 def _sha256(path: Path) -> str:
@@ -161,7 +203,7 @@ def wf(load_script):
 
 
 def _args(wf, argv: list[str]):
-    return wf.resolve_args(wf.build_parser().parse_args(argv))
+    return resolve_args(wf.build_parser().parse_args(argv))
 
 
 @pytest.mark.parametrize(
@@ -187,7 +229,7 @@ def _args(wf, argv: list[str]):
 )
 def test_bad_settings_fail_before_any_step_with_the_workflow_flag(wf, extra, flag, tmp_path):
     with pytest.raises(UserError) as exc:
-        wf.check_settings(_args(wf, extra))
+        check_settings(_args(wf, extra))
     assert exc.value.flag == flag
     # and the command itself: exit 2, nothing written
     assert wf.main([*extra, "--output-root", str(tmp_path / "runs")]) == 2
@@ -196,22 +238,26 @@ def test_bad_settings_fail_before_any_step_with_the_workflow_flag(wf, extra, fla
 
 def test_explicit_values_win_over_the_preset(wf):
     assert _args(wf, ["--max-images", "7"]).max_images == 7
-    assert _args(wf, []).max_images == wf.PRESETS["demo"]["max_images"]
-    assert _args(wf, ["--preset", "yolov10m"]).max_images == wf.PRESETS["yolov10m"]["max_images"]
+    assert _args(wf, []).max_images == PRESETS["demo"].max_images
+    assert _args(wf, ["--preset", "yolov10m"]).max_images == PRESETS["yolov10m"].max_images
 
 
 def test_output_names_follow_the_model(wf, tmp_path):
     demo = _args(wf, [])
-    steps = wf.plan(demo, tmp_path / "demo")
+    steps = plan(demo, tmp_path / "demo")
     outputs = [str(p) for s in steps for p in s.outputs if tmp_path in p.parents]
     assert not [p for p in outputs if "yolov10m" in Path(p).relative_to(tmp_path).as_posix()]
     assert str(tmp_path / "demo" / "onnx" / "yolov10n-demo-shapes-int8-qdq.onnx") in outputs
     # the card's preset keeps the card's paths
     card = _args(wf, ["--preset", "yolov10m"])
-    outputs = [p for s in wf.plan(card, tmp_path / "card") for p in s.outputs]
-    for expected in ("onnx/yolov10m-int8-qdq.onnx", "calib/calib_yolov10m_640.npy",
-                     "sensitivity-single-fp8/outputs/yolov10m/onnx-fp8/per_layer/layer-sensitivity-report.json",
-                     "onnx/yolov10m-fp8-k0.onnx", "search-int8/search.json"):
+    outputs = [p for s in plan(card, tmp_path / "card") for p in s.outputs]
+    for expected in (
+        "onnx/yolov10m-int8-qdq.onnx",
+        "calib/calib_yolov10m_640.npy",
+        "sensitivity-single-fp8/outputs/yolov10m/onnx-fp8/per_layer/layer-sensitivity-report.json",
+        "onnx/yolov10m-fp8-k0.onnx",
+        "search-int8/search.json",
+    ):
         assert tmp_path / "card" / expected in outputs, expected
 
 
@@ -219,9 +265,12 @@ def test_default_is_the_search_with_the_single_node_ranking_on_the_full_models(w
     args = _args(wf, [])
     assert args.search and args.sensitivity == "single" and args.budget_ap == 0.5 and args.random_seeds == 3
     run = tmp_path / "demo"
-    steps = {s.name: s for s in wf.plan(args, run)}
+    steps = {s.name: s for s in plan(args, run)}
     assert "schemes-int8" not in steps and "candidates-fp8" not in steps
-    int8_full, fp8_full = run / "onnx" / "yolov10n-demo-shapes-int8-qdq.onnx", run / "onnx" / "yolov10n-demo-shapes-fp8-k0.onnx"
+    int8_full, fp8_full = (
+        run / "onnx" / "yolov10n-demo-shapes-int8-qdq.onnx",
+        run / "onnx" / "yolov10n-demo-shapes-fp8-k0.onnx",
+    )
     assert steps["fp8"].outputs == [fp8_full]
     for mode, full in (("int8", int8_full), ("fp8", fp8_full)):
         sens = steps[f"sensitivity-{mode}"].argv
@@ -236,13 +285,15 @@ def test_default_is_the_search_with_the_single_node_ranking_on_the_full_models(w
     assert "--k0-metrics" not in steps["search-fp8"].argv
     assert run / "search-curves.png" in steps["report"].outputs
     # --ks gives the fixed-K steps exactly as before
-    fixed = {s.name for s in wf.plan(_args(wf, ["--ks", "0", "5"]), run)}
-    assert {"schemes-fp8", "candidates-fp8", "candidates-int8"} <= fixed and not any(n.startswith("search") for n in fixed)
+    fixed = {s.name for s in plan(_args(wf, ["--ks", "0", "5"]), run)}
+    assert {"schemes-fp8", "candidates-fp8", "candidates-int8"} <= fixed and not any(
+        n.startswith("search") for n in fixed
+    )
 
 
 def test_steps_wait_only_for_the_steps_they_read_from(wf, tmp_path):
     run = tmp_path / "demo"
-    steps = wf.plan(_args(wf, []), run)
+    steps = plan(_args(wf, []), run)
     names = [s.name for s in steps]
     deps = {names[i]: {names[j] for j in d} for i, d in enumerate(dependencies(steps))}
     assert deps["baseline"] == {"dataset"} and deps["int8"] == {"calib"} and deps["int8-eval"] == {"dataset", "int8"}
@@ -257,12 +308,18 @@ def test_steps_wait_only_for_the_steps_they_read_from(wf, tmp_path):
     assert (cuda.jobs, cuda.parallel_probes, cuda.max_probes) == (3, 3, 36)
 
 
-def _timed_step(wf, tmp_path: Path, name: str, reads: list[str], fail: bool = False):
+def _timed_step(tmp_path: Path, name: str, reads: list[str], fail: bool = False):
     """A step that records when it started and ended in tmp_path/<name>.txt, after reading its inputs."""
-    code = (f"import sys, time; t0 = time.time(); time.sleep(1.5); sys.exit(1) if {fail} else None; "
-            f"open({str(tmp_path / (name + '.txt'))!r}, 'w').write(f'{{t0}} {{time.time()}}')")
-    return wf.Step(name, [sys.executable, "-c", code], outputs=[tmp_path / f"{name}.txt"],
-                   inputs=[tmp_path / f"{r}.txt" for r in reads])
+    code = (
+        f"import sys, time; t0 = time.time(); time.sleep(1.5); sys.exit(1) if {fail} else None; "
+        f"open({str(tmp_path / (name + '.txt'))!r}, 'w').write(f'{{t0}} {{time.time()}}')"
+    )
+    return Step(
+        name,
+        [sys.executable, "-c", code],
+        outputs=[tmp_path / f"{name}.txt"],
+        inputs=[tmp_path / f"{r}.txt" for r in reads],
+    )
 
 
 def _span(tmp_path: Path, name: str) -> tuple[float, float]:
@@ -270,28 +327,43 @@ def _span(tmp_path: Path, name: str) -> tuple[float, float]:
     return start, end
 
 
-def test_jobs_run_independent_steps_at_once_and_dependants_after(wf, tmp_path):
+def test_jobs_run_independent_steps_at_once_and_dependants_after(tmp_path):
     import logging
 
-    steps = [_timed_step(wf, tmp_path, "a", []), _timed_step(wf, tmp_path, "b", []),
-             _timed_step(wf, tmp_path, "c", ["a"]), _timed_step(wf, tmp_path, "d", ["b", "c"])]  # fmt: skip
-    assert wf.run_steps(tmp_path / "run", steps, set(), False, logging.getLogger("t"), jobs=2) == 0
+    steps = [
+        _timed_step(tmp_path, "a", []),
+        _timed_step(tmp_path, "b", []),
+        _timed_step(tmp_path, "c", ["a"]),
+        _timed_step(tmp_path, "d", ["b", "c"]),
+    ]
+    assert run_steps(tmp_path / "run", steps, set(), False, logging.getLogger("t"), jobs=2) == 0
     (a0, a1), (b0, b1), (c0, c1), (d0, _) = (_span(tmp_path, n) for n in "abcd")
     assert a0 < b1 and b0 < a1  # a and b overlapped
     assert c0 >= a1 and d0 >= max(b1, c1)
     # a failed step: what reads from it never runs, nothing failed is recorded, the run ends with 1
-    bad = [_timed_step(wf, tmp_path, "e", [], fail=True), _timed_step(wf, tmp_path, "f", ["e"])]
-    assert wf.run_steps(tmp_path / "run2", bad, set(), False, logging.getLogger("t"), jobs=2) == 1
+    bad = [_timed_step(tmp_path, "e", [], fail=True), _timed_step(tmp_path, "f", ["e"])]
+    assert run_steps(tmp_path / "run2", bad, set(), False, logging.getLogger("t"), jobs=2) == 1
     assert not (tmp_path / "f.txt").exists() and not list((tmp_path / "run2" / ".steps").glob("*.json"))
 
 
 def test_search_end_to_end_on_the_tiny_model(tiny_run):
     root, argv = tiny_run
     i = argv.index("--ks")
-    search_argv = [*argv[:i], *argv[i + 3:]]
+    search_argv = [*argv[:i], *argv[i + 3 :]]
     search_argv[search_argv.index("--run-id") + 1] = "tiny-search"
     search_argv[search_argv.index("--sensitivity-images") + 1] = "1"  # leave-one-out: (3 + nodes) runs per image
-    search_argv += ["--random-seeds", "2", "--max-probes", "4", "--budget-ap", "0.5", "--jobs", "2", "--parallel-probes", "2"]
+    search_argv += [
+        "--random-seeds",
+        "2",
+        "--max-probes",
+        "4",
+        "--budget-ap",
+        "0.5",
+        "--jobs",
+        "2",
+        "--parallel-probes",
+        "2",
+    ]
     result = _run(search_argv)
     assert result.returncode == 0, result.stderr[-3000:]
     run = root / "runs" / "tiny-search"
@@ -322,60 +394,80 @@ def _argv_dumper(tmp_path: Path) -> Path:
     return path
 
 
-def _wrapper_argv(wrapper: str, env: dict[str, str], dumper: Path) -> list[str]:
+def _wrapper_argv(wrapper: Path, env: dict[str, str], dumper: Path) -> list[str]:
     base = {k: v for k, v in os.environ.items() if not k.isupper() or k in ("PATH", "HOME", "LANG")}
-    result = subprocess.run(["bash", str(WRAPPERS / wrapper)], env={**base, **env, "PYTHON": str(dumper)},
-                            capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+    env = {**base, **env, "PYTHON": str(dumper)}
+    result = subprocess.run(["bash", str(wrapper)], env=env, capture_output=True, text=True, timeout=60, check=True)
     return result.stdout.splitlines()
 
 
-def _same_command(step_argv: list[str], wrapper_argv: list[str]) -> None:
-    assert Path(wrapper_argv[0]).resolve() == Path(step_argv[1]).resolve()
-    assert wrapper_argv[1:] == step_argv[2:]
-
-
-@pytest.mark.parametrize("sensitivity", ["local", "torch"])
-def test_workflow_runs_the_wrappers_commands(wf, sensitivity, tmp_path):
-    onnx_path, data, calib_list = tmp_path / "det.onnx", tmp_path / "data", tmp_path / "list.txt"
+def _plans(wf, tmp_path: Path) -> dict[str, list[Step]]:
+    """The plans of fixed K (local and torch rankings) and of the search (full and requantized candidates), with
+    every setting off its default where the workflow has a flag for it."""
+    onnx_path, data, calib_list, weights = (
+        tmp_path / "det.onnx",
+        tmp_path / "data",
+        tmp_path / "list.txt",
+        tmp_path / "det.pt",
+    )
     calib_list.write_text("x.jpg\n")
     (tmp_path / "x.jpg").write_bytes(b"")  # the list's images must exist before the plan is made
-    args = _args(wf, ["--onnx-path", str(onnx_path), "--data-root", str(data), "--calib-list", str(calib_list),
-                      "--weights", str(tmp_path / "det.pt"), "--max-images", "9", "--imgsz", "320",
-                      "--providers", "CUDAExecutionProvider", "CPUExecutionProvider", "--calibration-eps", "cuda:0", "cpu",
-                      "--calibration-method", "max", "--high-precision-dtype", "fp16", "--ks", "0", "3",
-                      "--sensitivity", sensitivity, "--sensitivity-images", "4", "--random-control", "5"])  # fmt: skip
-    run = tmp_path / "run"
-    steps = {s.name: s for s in wf.plan(args, run)}
-    calib = run / "calib" / "calib_det_320.npy"
+    common = ["--onnx-path", str(onnx_path), "--data-root", str(data), "--calib-list", str(calib_list)]
+    common += ["--max-images", "9", "--imgsz", "320", "--calibration-eps", "cuda:0", "cpu"]
+    common += ["--providers", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    common += ["--calibration-method", "max", "--high-precision-dtype", "fp16", "--sensitivity-images", "4"]
+    fixed = [*common, "--ks", "0", "3", "--random-control", "5"]
+    torch = ["--sensitivity", "torch", "--weights", str(weights)]
+    variants = {
+        "fixed-local": [*fixed, "--sensitivity", "local"],
+        "fixed-torch": [*fixed, *torch],
+        "search": common,
+        "search-torch-requantize": [*common, *torch, "--candidate-build", "requantize", "--random-band"],
+    }
+    return {name: plan(_args(wf, argv), tmp_path / "run") for name, argv in variants.items()}
+
+
+def test_each_wrapper_run_with_the_settings_env_runs_the_settings_argv(wf, tmp_path):
+    steps = [step for steps in _plans(wf, tmp_path).values() for step in steps]
+    assert all(step.settings is not None and step.argv == step.settings.command() for step in steps)
+    assert not any("bash" in step.argv[0] for step in steps)  # the workflow calls the scripts themselves
+    settings: list[ScriptSettings] = list(dict.fromkeys(s.settings for s in steps if s.settings.wrapper is not None))
+    # and the settings the plans leave at one value: each bool the other way, optional flags unset
+    for s in list(settings):
+        if isinstance(s, QuantizeSettings):
+            settings.append(
+                dataclasses.replace(s, use_zero_point=True, passes=(), calibration_method=None, overwrite=False)
+            )
+        if isinstance(s, MaterializeSettings):
+            settings.append(dataclasses.replace(s, evaluate=False, include_random=False, overwrite=False))
+    assert {type(s).__name__ for s in settings} == {"QuantizeSettings", "TorchSweepSettings", "MaterializeSettings"}
     dumper = _argv_dumper(tmp_path)
-
-    int8_env = {"RUN_ROOT": str(run), "CALIB_PATH": str(calib), "ONNX_PATH": str(onnx_path), "QUANTIZE_MODE": "int8",
-                "OUTPUT_NAME": "det-int8-qdq.onnx", "CALIBRATION_METHOD": "max", "CALIBRATION_EPS": "cuda:0 cpu",
-                "HIGH_PRECISION_DTYPE": "fp16", "USE_ZERO_POINT": "False", "OVERWRITE": "1"}  # fmt: skip
-    _same_command(steps["int8"].argv, _wrapper_argv("quantize_yolov10m_int8_onnx.sh", int8_env, dumper))
-
-    for mode, ks in (("fp8", "0 3"), ("int8", "3")):
-        env = {"RUN_ROOT": str(run), "CALIB_PATH": str(calib), "ONNX_PATH": str(onnx_path), "KS": ks,
-               "SCHEMES_DIR": str(run / ("schemes" if mode == "fp8" else "schemes-int8")), "QUANT_MODE": mode,
-               "HIGH_PRECISION_DTYPE": "fp16", "DATA_ROOT": str(data), "MAX_IMAGES": "9", "IMGSZ": "320",
-               "PROVIDERS": "CUDAExecutionProvider CPUExecutionProvider", "CALIBRATION_EPS": "cuda:0 cpu",
-               "EVAL": "1", "INCLUDE_RANDOM": "yes", "OVERWRITE": "true"}  # fmt: skip
-        if mode == "int8":
-            env["CALIBRATION_METHOD"] = "max"
-        wrapper = _wrapper_argv("materialize_yolov10m_lowbit_candidates.sh", env, dumper)
-        _same_command(steps[f"candidates-{mode}"].argv, wrapper)
-        if sensitivity == "torch":
-            env = {"WEIGHTS": str(tmp_path / "det.pt"), "CALIB_NPY": str(calib), "NUM_IMAGES": "4",
-                   "FORMATS": f"{mode}-{mode}", "OUTPUT_ROOT": str(run), "RUN_ID": f"sensitivity-torch-{mode}",
-                   "OVERWRITE": "1"}  # fmt: skip
-            wrapper = _wrapper_argv("run_yolov10m_layer_sensitivity_sweep.sh", env, dumper)
-            _same_command(steps[f"sensitivity-{mode}"].argv, wrapper)
-    assert not any("bash" in s.argv[0] for s in steps.values())
+    for s in settings:
+        wrapper_argv = _wrapper_argv(s.wrapper, s.env(), dumper)
+        assert Path(wrapper_argv[0]).resolve() == s.script.resolve()
+        assert wrapper_argv[1:] == s.argv(), s
 
 
-@pytest.mark.parametrize("wrapper", ["materialize_yolov10m_lowbit_candidates.sh", "run_yolov10m_layer_sensitivity_sweep.sh"])
+def test_each_steps_argv_parses_with_its_scripts_own_parser(wf, tmp_path, load_script):
+    for name, steps in _plans(wf, tmp_path).items():
+        for step in steps:
+            for path in step.inputs:  # a parser may check that an input file exists
+                if path.suffix and not path.exists():
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.touch()
+            script = load_script(str(step.settings.script.relative_to(REPO)))
+            try:
+                script.build_parser().parse_args(step.settings.argv())
+            except SystemExit:
+                pytest.fail(f"{name}: step {step.name}: {step.settings.script.name} refuses {step.settings.argv()}")
+
+
+@pytest.mark.parametrize(
+    "wrapper", ["materialize_yolov10m_lowbit_candidates.sh", "run_yolov10m_layer_sensitivity_sweep.sh"]
+)
 def test_wrappers_refuse_an_unknown_boolean(wrapper, tmp_path):
-    env = {"RUN_ROOT": str(tmp_path), "CALIB_PATH": str(tmp_path / "c.npy"), "OVERWRITE": "maybe",
-           "PATH": os.environ["PATH"], "PYTHON": str(_argv_dumper(tmp_path))}  # fmt: skip
-    result = subprocess.run(["bash", str(WRAPPERS / wrapper)], env=env, capture_output=True, text=True, timeout=60, check=False)
+    env = {"RUN_ROOT": str(tmp_path), "CALIB_PATH": str(tmp_path / "c.npy"), "OVERWRITE": "maybe"}
+    env |= {"PATH": os.environ["PATH"], "PYTHON": str(_argv_dumper(tmp_path))}
+    command = ["bash", str(WRAPPERS / wrapper)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 2 and result.stdout == ""

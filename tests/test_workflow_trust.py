@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from lowbit.run_lock import HELD_ENV
-from lowbit.steps import path_digest
+from lowbit.steps import Step, path_digest, run_steps
 
 REPO = Path(__file__).resolve().parent.parent
 WORKFLOW = REPO / "scripts/cv-models/run_yolov10m_lowbit_workflow.py"
@@ -32,22 +32,28 @@ MAKE_DATASET = REPO / "scripts/cv-models/make_demo_dataset.py"
 # Runs the workflow with the demo preset's generated data moved to a test folder and the dataset step's
 # command replaced (a slow or stoppable stand-in, or the real generator with tiny settings).
 DRIVER = """
-import importlib.util, json, sys
+import dataclasses, importlib.util, json, sys
+from pathlib import Path
+
+import lowbit.pipeline
+from lowbit.pipeline_settings import PRESETS
+from lowbit.pipeline_steps import dataset_files
+from lowbit.steps import Step
 
 cfg = json.loads(sys.argv[1])
 spec = importlib.util.spec_from_file_location("workflow_under_test", cfg["workflow"])
 wf = importlib.util.module_from_spec(spec)
 sys.modules[spec.name] = wf
 spec.loader.exec_module(wf)
-wf.PRESETS["demo"]["data_root"] = cfg["data_root"]
+PRESETS["demo"] = dataclasses.replace(PRESETS["demo"], data_root=Path(cfg["data_root"]))
 
 
 def dataset_step(args):
-    ann, images = wf.dataset_files(args)
-    return wf.Step("dataset", cfg["dataset_argv"], outputs=[images, ann], reuse_existing=cfg["reuse_existing"])
+    ann, images = dataset_files(args.data_root)
+    return Step("dataset", cfg["dataset_argv"], outputs=[images, ann], reuse_existing=cfg["reuse_existing"])
 
 
-wf.dataset_step = dataset_step
+lowbit.pipeline.dataset_step = dataset_step
 sys.exit(wf.main(cfg["argv"]))
 """
 
@@ -187,12 +193,12 @@ def test_a_calib_image_no_step_makes_fails_before_any_step(wf, tiny_inputs, tmp_
 # step logs, the run-dir lock
 
 
-def _step(wf, tmp_path: Path, name: str, code: str, reads=(), writes=None):
+def _step(tmp_path: Path, name: str, code: str, reads=(), writes=None):
     """A step running ``code``; it appends its name to ran.txt first. ``reads``/``writes``: paths under tmp_path."""
     ran = tmp_path / "ran.txt"
     prefix = f"open({str(ran)!r}, 'a').write({name!r} + '\\n')\n"
     outputs = [tmp_path / p for p in (writes or [f"{name}.txt"])]
-    return wf.Step(name, [sys.executable, "-c", prefix + code], outputs=outputs, inputs=[tmp_path / r for r in reads])
+    return Step(name, [sys.executable, "-c", prefix + code], outputs=outputs, inputs=[tmp_path / r for r in reads])
 
 
 def _ran(tmp_path: Path) -> list[str]:
@@ -202,12 +208,12 @@ def _ran(tmp_path: Path) -> list[str]:
     return names
 
 
-def test_a_failed_steps_log_holds_its_error_line(wf, tmp_path, capfd):
+def test_a_failed_steps_log_holds_its_error_line(tmp_path, capfd):
     code = (
         "import sys\nprint('summary on stdout')\nprint('error: --thing: this went wrong', file=sys.stderr)\nsys.exit(2)"
     )
-    step = _step(wf, tmp_path, "broken", code)
-    assert wf.run_steps(tmp_path / "run", [step], set(), False, logging.getLogger("t")) == 1
+    step = _step(tmp_path, "broken", code)
+    assert run_steps(tmp_path / "run", [step], set(), False, logging.getLogger("t")) == 1
     log = (tmp_path / "run" / "logs" / "broken.log").read_text()
     assert "error: --thing: this went wrong" in log and "summary on stdout" in log
     assert "error: --thing: this went wrong" in capfd.readouterr().err  # and on the console
@@ -230,12 +236,11 @@ def test_a_second_workflow_on_the_same_run_id_is_refused(wf, tiny_inputs, tmp_pa
 # complete = outputs re-verified
 
 
-def test_a_truncated_or_deleted_output_reruns_its_step_and_dependants(wf, tmp_path):
+def test_a_truncated_or_deleted_output_reruns_its_step_and_dependants(tmp_path):
     stamp = "import time\n"
     steps = [
-        _step(wf, tmp_path, "a", stamp + f"open({str(tmp_path / 'a.txt')!r}, 'w').write(str(time.time()))"),
+        _step(tmp_path, "a", stamp + f"open({str(tmp_path / 'a.txt')!r}, 'w').write(str(time.time()))"),
         _step(
-            wf,
             tmp_path,
             "b",
             stamp + f"import os\nos.makedirs({str(tmp_path / 'b')!r}, exist_ok=True)\n"
@@ -243,14 +248,12 @@ def test_a_truncated_or_deleted_output_reruns_its_step_and_dependants(wf, tmp_pa
             writes=["b"],
         ),
         _step(
-            wf,
             tmp_path,
             "c",
             stamp + f"open({str(tmp_path / 'c.txt')!r}, 'w').write(str(time.time()))",
             reads=["a.txt", "b"],
         ),
         _step(
-            wf,
             tmp_path,
             "d",
             stamp + f"open({str(tmp_path / 'd.txt')!r}, 'w').write(str(time.time()))",
@@ -258,20 +261,20 @@ def test_a_truncated_or_deleted_output_reruns_its_step_and_dependants(wf, tmp_pa
         ),
     ]
     run, log = tmp_path / "run", logging.getLogger("t")
-    assert wf.run_steps(run, steps, set(), False, log) == 0 and _ran(tmp_path) == ["a", "b", "c", "d"]
+    assert run_steps(run, steps, set(), False, log) == 0 and _ran(tmp_path) == ["a", "b", "c", "d"]
     record = json.loads((run / ".steps" / "b.json").read_text())
     assert record["outputs"] == {str(tmp_path / "b"): path_digest(tmp_path / "b")}  # a folder by its content
-    assert wf.run_steps(run, steps, set(), False, log) == 0 and _ran(tmp_path) == []
+    assert run_steps(run, steps, set(), False, log) == 0 and _ran(tmp_path) == []
 
     (tmp_path / "a.txt").write_text("")  # truncated: a reruns, and c (reads a) and d (reads c)
-    assert wf.run_steps(run, steps, set(), False, log) == 0 and _ran(tmp_path) == ["a", "c", "d"]
+    assert run_steps(run, steps, set(), False, log) == 0 and _ran(tmp_path) == ["a", "c", "d"]
     (tmp_path / "b" / "x.txt").write_text("changed")  # a folder output changed in place
-    assert wf.run_steps(run, steps, set(), False, log) == 0 and _ran(tmp_path) == ["b", "c", "d"]
+    assert run_steps(run, steps, set(), False, log) == 0 and _ran(tmp_path) == ["b", "c", "d"]
     (tmp_path / "d.txt").unlink()  # deleted: only d reruns
-    assert wf.run_steps(run, steps, set(), False, log) == 0 and _ran(tmp_path) == ["d"]
+    assert run_steps(run, steps, set(), False, log) == 0 and _ran(tmp_path) == ["d"]
 
 
-def test_a_search_is_complete_only_while_the_candidates_it_names_are_intact(wf, tmp_path):
+def test_a_search_is_complete_only_while_the_candidates_it_names_are_intact(tmp_path):
     run = tmp_path / "run"
     metrics, model = run / "int8-k2-coco" / "metrics.json", run / "onnx" / "m-int8-k2.onnx"
     search_json = run / "search-int8" / "search.json"
@@ -282,20 +285,20 @@ def test_a_search_is_complete_only_while_the_candidates_it_names_are_intact(wf, 
         f"open({str(metrics)!r}, 'w').write('{{}}')\nopen({str(model)!r}, 'w').write(str(time.time()))\n"
         f"open({str(search_json)!r}, 'w').write({json.dumps(rows)!r})\n"
     )
-    search = _step(wf, tmp_path, "search-int8", code, writes=[search_json])
+    search = _step(tmp_path, "search-int8", code, writes=[search_json])
     search.cites = [search_json]
     report_code = f"open({str(tmp_path / 'report.txt')!r}, 'w').write('r')"
-    report = _step(wf, tmp_path, "report", report_code, reads=[search_json], writes=["report.txt"])
+    report = _step(tmp_path, "report", report_code, reads=[search_json], writes=["report.txt"])
     report.cites = [search_json]
     assert report.reads() == [search_json]  # nothing cited before the search ran
     steps, log = [search, report], logging.getLogger("t")
-    assert wf.run_steps(run, steps, set(), False, log) == 0 and _ran(tmp_path) == ["search-int8", "report"]
+    assert run_steps(run, steps, set(), False, log) == 0 and _ran(tmp_path) == ["search-int8", "report"]
     assert report.reads() == [search_json, metrics, model] and search.writes() == [search_json, metrics, model]
     model.write_text("")  # a candidate the search names is truncated: the search rebuilds it, the report reads it
-    assert wf.run_steps(run, steps, set(), False, log) == 0 and _ran(tmp_path) == ["search-int8", "report"]
+    assert run_steps(run, steps, set(), False, log) == 0 and _ran(tmp_path) == ["search-int8", "report"]
     metrics.unlink()  # deleted: the same
-    assert wf.run_steps(run, steps, set(), False, log) == 0 and _ran(tmp_path) == ["search-int8", "report"]
-    assert wf.run_steps(run, steps, set(), False, log) == 0 and _ran(tmp_path) == []
+    assert run_steps(run, steps, set(), False, log) == 0 and _ran(tmp_path) == ["search-int8", "report"]
+    assert run_steps(run, steps, set(), False, log) == 0 and _ran(tmp_path) == []
 
 
 # ----------------------------------------------------------------------------------------------------------------------

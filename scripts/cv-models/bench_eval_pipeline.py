@@ -22,38 +22,24 @@ Writes ``bench.json`` (``--out``) and each evaluator run under ``eval-w<N>/`` be
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import time
 from pathlib import Path
 
-import numpy as np
-
-from lowbit.cli import add_coco_paths, cli_entry, imgsz, non_negative_int, positive_int
-from lowbit.evaluate import DEFAULT_WORKERS, EvalSettings, evaluate, resolve_data_paths
-from lowbit.logs import get_logger, setup_logging
+from lowbit.cli import add_coco_paths, cli_entry, imgsz, make_parser, non_negative_int, positive_int
+from lowbit.evaluate import DEFAULT_WORKERS, EvalSettings, resolve_data_paths
+from lowbit.evaluate_bench import END_TO_END_GOAL, METRIC_SPEEDUP_GOAL, run_bench
+from lowbit.logs import setup_logging
 from lowbit.runs import (
     REPO_ROOT,
     atomic_write_json,
     check_input_file,
     check_output_path,
     new_run_dir,
-    package_versions,
     resolve_repo_path,
 )
 
-log = get_logger("bench_eval")
-METRIC_SPEEDUP_GOAL = 5.0
-END_TO_END_GOAL = 0.9
-STAT_TOLERANCE = 1e-4
-
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="Evaluator benchmark: metric step vs pycocotools, end to end vs bare session.run.",
-        allow_abbrev=False,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = make_parser(__doc__)
     parser.add_argument("--onnx-path", type=Path, required=True, help="ONNX model, input [1,3,H,W]")
     add_coco_paths(parser)
     parser.add_argument("--max-images", type=positive_int, default=50, help="first N image ids (ascending)")
@@ -106,111 +92,6 @@ def eval_settings(args: argparse.Namespace, workers: int, out: Path) -> EvalSett
     )
 
 
-def metric_step(coco, records: list[dict], image_ids: list[int]) -> dict:
-    """(a): time faster-coco-eval and pycocotools on the same detections and compare their stats."""
-    from lowbit import coco_eval
-
-    t0 = time.perf_counter()
-    metrics, _ = coco_eval.evaluate_bbox(coco, records, image_ids)
-    faster_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    reference = coco_eval.pycocotools_stats(coco, records, image_ids)
-    pycocotools_s = time.perf_counter() - t0
-    ours = np.array([metrics[k] for k in coco_eval.STAT_KEYS])
-    diff = float(np.abs(ours - reference).max())
-    return {
-        "images": len(image_ids),
-        "detections": len(records),
-        "faster_coco_eval_s": round(faster_s, 4),
-        "pycocotools_s": round(pycocotools_s, 4),
-        "speedup": round(pycocotools_s / faster_s, 2) if faster_s > 0 else None,
-        "max_abs_stat_diff": diff,
-        "identical": diff <= STAT_TOLERANCE,
-        "goal_speedup": METRIC_SPEEDUP_GOAL,
-    }
-
-
-def bare_session_run(args: argparse.Namespace, onnx_path: Path, items: list[tuple[int, Path]], cache: Path) -> dict:
-    """images/s of ``session.run`` alone over preprocessed inputs (measured twice, averaged)."""
-    from lowbit import model_input, ort_session
-    from lowbit.preprocess import prepare_image
-
-    session, info = ort_session.build_session(
-        onnx_path, list(args.providers), args.disable_cpu_fallback, cache_dir=cache, flag="--providers"
-    )
-    input_name, _, input_dtype = model_input.check_image_input(session, args.imgsz, onnx_path)
-    dtype = np.float16 if input_dtype == "tensor(float16)" else np.float32
-    tensors = [prepare_image(key, path, args.imgsz).chw[None].astype(dtype) for key, path in items]
-    output_name = session.get_outputs()[0].name
-    for _ in range(args.warmup_runs):
-        session.run([output_name], {input_name: tensors[0]})
-    times = []
-    for _ in range(2):
-        t0 = time.perf_counter()
-        for x in tensors:
-            session.run([output_name], {input_name: x})
-        times.append(time.perf_counter() - t0)
-    seconds = sum(times) / len(times)
-    return {
-        "images": len(tensors),
-        "seconds": round(seconds, 4),
-        "runs_s": [round(t, 4) for t in times],
-        "images_per_s": round(len(tensors) / seconds, 3),
-        "providers_used": info["providers_used"],
-    }
-
-
-def sweep_workers(args: argparse.Namespace, out: Path) -> tuple[list[dict], object]:
-    """(b): one evaluator run per worker count; returns the rows (ratios still empty) and the first result."""
-    rows, first = [], None
-    for workers in args.workers:
-        result = evaluate(eval_settings(args, workers, out.parent / f"eval-w{workers}" / "metrics.json"))
-        first = first or result
-        rate = result.record["throughput"]["images_per_s"]
-        rows.append(
-            {
-                "workers": workers,
-                "eval_images_per_s": rate,
-                "ratio_to_session_run": None,
-                "latency_provider": result.record["latency_ms"]["provider"],
-                "stage_means_ms": {k: v["mean"] for k, v in result.record["stages_ms"].items()},
-                "metrics_path": str(result.path),
-            }
-        )
-        log.info("workers %d: %.1f images/s end to end", workers, rate or 0.0)
-    return rows, first
-
-
-def run_bench(args: argparse.Namespace, out: Path) -> dict:
-    from lowbit import coco_eval
-
-    onnx_path = resolve_repo_path(args.onnx_path)
-    _, ann_file, ann_flag = resolve_data_paths(eval_settings(args, args.workers[0], out))
-    coco = coco_eval.load_coco(ann_file, ann_flag)
-    rows, first = sweep_workers(args, out)
-    image_ids = first.record["dataset"]["image_ids"]
-    images_dir = Path(first.record["dataset"]["images_dir"])
-    items = [(i, images_dir / coco.imgs[i]["file_name"]) for i in image_ids]
-    bare = bare_session_run(args, onnx_path, items, out.parent / "ort_cache")
-    for row in rows:  # the ratio needs the bare rate, measured after the sweep on a warm page cache
-        rate = row["eval_images_per_s"]
-        row["ratio_to_session_run"] = round(rate / bare["images_per_s"], 3) if rate else None
-    records = json.loads(first.detections_path.read_text())
-    best = max(rows, key=lambda r: r["eval_images_per_s"] or 0.0)
-    return {
-        "model": str(onnx_path),
-        "imgsz": args.imgsz,
-        "providers_requested": list(args.providers),
-        "metric_step": metric_step(coco, records, image_ids),
-        "session_run": bare,
-        "end_to_end": rows,
-        "best_workers": best["workers"],
-        "goal_end_to_end_ratio": END_TO_END_GOAL,
-        "host_cpus": os.cpu_count(),
-        "versions": package_versions(),
-    }
-
-
 def format_summary(bench: dict, out: Path) -> str:
     metric, bare = bench["metric_step"], bench["session_run"]
     providers = ", ".join(bare["providers_used"])
@@ -237,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging()
     out = validate(args)
-    bench = run_bench(args, out)
+    bench = run_bench(eval_settings(args, args.workers[0], None), args.workers, out)
     atomic_write_json(out, bench)
     print(format_summary(bench, out))
     return 0

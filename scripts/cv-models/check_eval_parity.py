@@ -18,23 +18,19 @@ Example::
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-from lowbit.cli import cli_entry, imgsz, positive_int
-from lowbit.coco_eval import category_mapping, evaluate_bbox, load_coco, select_image_ids
+from lowbit.cli import cli_entry, imgsz, make_parser, positive_int
+from lowbit.coco_eval import load_coco, select_image_ids
 from lowbit.errors import UserError
-from lowbit.evaluate import EvalSettings, evaluate
+from lowbit.evaluate import EvalSettings
 from lowbit.logs import setup_logging
 from lowbit.runs import atomic_write_json, check_input_file, check_output_path, manifest_run
+from lowbit.ultralytics_peer import parity_record
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        allow_abbrev=False,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = make_parser(__doc__)
     parser.add_argument("--weights", type=Path, required=True, help="ultralytics .pt the ONNX was exported from")
     parser.add_argument("--onnx-path", type=Path, required=True, help="raw-head ONNX export of --weights")
     parser.add_argument("--data-root", type=Path, default=Path("datasets/demo-shapes"))
@@ -70,10 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(work / "parity.log")
 
     coco = load_coco(ann_file)
-    category_ids, names = category_mapping(coco)
     image_ids = select_image_ids(coco, args.max_images)
-    files = {img["id"]: img["file_name"] for img in coco.dataset["images"]}
-
     with manifest_run(work / "parity.manifest.json", "check_eval_parity.py", vars(args), kind="parity") as manifest:
         manifest.add_input(weights)
         manifest.add_input(onnx_path)
@@ -87,35 +80,13 @@ def main(argv: list[str] | None = None) -> int:
             out=work / "ours" / "metrics.json",
             overwrite=True,
         )
-        ours = evaluate(settings).record["metrics"]
-
-        from lowbit import ultralytics_peer
-
-        data_yaml = ultralytics_peer.write_val_subset(
-            work / "ultralytics", [yolo_images / files[i] for i in image_ids], names
-        )
-        own, records = ultralytics_peer.ultralytics_val(
-            weights, data_yaml, (work / "ultralytics").absolute(), imgsz=args.imgsz, one2one=True, device=args.device
-        )
-        theirs_coco, _ = evaluate_bbox(coco, ultralytics_peer.remap_categories(records, category_ids), image_ids)
-
-        result = {
-            "images": len(image_ids),
-            "image_ids_first_last": [image_ids[0], image_ids[-1]],
-            "head": "one-to-one (ultralytics nms=False)",
-            "letterbox": f"square {args.imgsz}, batch 1 (ultralytics rect=False)",
-            "ours": {k: ours[k] for k in ("map50_95", "map50")},
-            "ultralytics_detections_same_metric": {k: theirs_coco[k] for k in ("map50_95", "map50")},
-            "ultralytics_own_metric": own,
-        }
-        result["diff_ap_points"] = {
-            "vs_ultralytics_detections": {k: round(100 * (ours[k] - theirs_coco[k]), 3) for k in ("map50_95", "map50")},
-            "vs_ultralytics_own_metric": {k: round(100 * (ours[k] - own[k]), 3) for k in ("map50_95", "map50")},
-        }
+        result = parity_record(settings, weights, coco, image_ids, yolo_images, work, args.device)
         atomic_write_json(args.out, result)
         manifest.add_output("parity", args.out)
         manifest.update(**result["diff_ap_points"])
 
+    ours, theirs_coco = result["ours"], result["ultralytics_detections_same_metric"]
+    own = result["ultralytics_own_metric"]
     d = result["diff_ap_points"]
     print(
         f"mAP50-95: ours {ours['map50_95']:.4f} | ultralytics dets, our metric {theirs_coco['map50_95']:.4f} "
@@ -129,4 +100,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -23,7 +23,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from lowbit.cli import cli_entry, positive_int
+from lowbit.cli import cli_entry, make_parser, positive_int
 from lowbit.logs import get_logger, setup_logging
 from lowbit.runs import (
     atomic_write_json,
@@ -39,11 +39,7 @@ log = get_logger("compare_sensitivity_reports")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        allow_abbrev=False,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = make_parser(__doc__)
     parser.add_argument("--report-a", type=Path, required=True, help="first layer-sensitivity-report.json")
     parser.add_argument("--report-b", type=Path, required=True, help="second layer-sensitivity-report.json")
     parser.add_argument("--out", type=Path, required=True, help="agreement JSON to write")
@@ -54,7 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="map both reports onto this ONNX graph's nodes (as onnx_layer_sensitivity.py --compare-with does); "
         "unset: pair layers through the report columns",
     )
-    parser.add_argument("--k", type=positive_int, nargs="+", default=[5, 10, 20], help="top-K sizes whose overlap is reported")
+    parser.add_argument(
+        "--k", type=positive_int, nargs="+", default=[5, 10, 20], help="top-K sizes whose overlap is reported"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     return parser
 

@@ -19,22 +19,21 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lowbit.cli import add_coco_paths, cli_entry, imgsz, non_negative_int, positive_int
+from lowbit.cli import add_coco_paths, cli_entry, imgsz, make_parser, non_negative_int, positive_int
 from lowbit.evaluate import DEFAULT_WORKERS, EvalResult, EvalSettings, evaluate
 from lowbit.logs import setup_logging
 from lowbit.ort_session import CUDNN_CONV_ALGO_SEARCH
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="COCO bbox evaluation + latency of a YOLOv10 ONNX model on ONNX Runtime.",
-        allow_abbrev=False,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = make_parser(__doc__)
     parser.add_argument("--onnx-path", type=Path, required=True, help="ONNX model (float or Q/DQ), input [1,3,H,W]")
     add_coco_paths(parser)
     parser.add_argument(
-        "--max-images", type=positive_int, default=None, help="evaluate the first N image ids (ascending); None means all"
+        "--max-images",
+        type=positive_int,
+        default=None,
+        help="evaluate the first N image ids (ascending); None means all",
     )
     parser.add_argument(
         "--providers",
@@ -54,8 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="CUDA EP convolution search: EXHAUSTIVE benchmarks cuDNN's algorithms in the first run (seconds), "
         "HEURISTIC takes cuDNN's pick at once",
     )
-    parser.add_argument("--warmup-runs", type=non_negative_int, default=10, help="untimed session.run calls before timing")
-    parser.add_argument("--skip-latency", type=non_negative_int, default=10, help="first timed samples dropped from latency stats")
+    parser.add_argument(
+        "--warmup-runs", type=non_negative_int, default=10, help="untimed session.run calls before timing"
+    )
+    parser.add_argument(
+        "--skip-latency", type=non_negative_int, default=10, help="first timed samples dropped from latency stats"
+    )
     parser.add_argument("--imgsz", type=imgsz, default=640, help="square letterbox side, pixels (multiple of 32)")
     parser.add_argument(
         "--out",
@@ -72,7 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="skip (and record) missing or unreadable images instead of failing",
     )
-    parser.add_argument("--workers", type=non_negative_int, default=DEFAULT_WORKERS, help="prefetch threads for decode+preprocess (0: inline; default one per core, at most 8)")
+    parser.add_argument(
+        "--workers",
+        type=non_negative_int,
+        default=DEFAULT_WORKERS,
+        help="prefetch threads for decode+preprocess (0: inline; default one per core, at most 8)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing metrics.json at --out")
     return parser
 

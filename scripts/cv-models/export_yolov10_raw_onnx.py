@@ -18,11 +18,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from lowbit.cli import cli_entry, imgsz, int_range, non_negative_int, positive_float, positive_int
+from lowbit.cli import cli_entry, imgsz, int_range, make_parser, non_negative_int, positive_float, positive_int
 from lowbit.export import (
     DEFAULT_OPSET,
     DEFAULT_RTOL,
-    check_imgsz,
+    check_export_imgsz,
     export_raw_head_onnx,
     exported_parameter_count,
     load_yolov10,
@@ -46,11 +46,7 @@ class ExportMismatch(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        allow_abbrev=False,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = make_parser(__doc__)
     parser.add_argument(
         "--weights",
         type=Path,
@@ -64,7 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--imgsz", type=imgsz, default=640, help="square input size in pixels (multiple of 32)")
     parser.add_argument("--out", type=Path, required=True, help="destination .onnx file")
     parser.add_argument("--opset", type=int_range(13, 20), default=DEFAULT_OPSET, help="ONNX opset version (13-20)")
-    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed for .yaml random weights and the check image")
+    parser.add_argument(
+        "--seed", type=non_negative_int, default=0, help="seed for .yaml random weights and the check image"
+    )
     parser.add_argument(
         "--rtol",
         type=positive_float,
@@ -86,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(verbose=args.verbose)
     loaded = load_yolov10(weights, nc=args.nc, seed=args.seed)
     head = loaded.model.model[-1]
-    check_imgsz(args.imgsz, int(max(head.stride.tolist())))
+    check_export_imgsz(args.imgsz, int(max(head.stride.tolist())))
     # Inputs are valid: from here on the log also goes to a file beside the export.
     setup_logging(out.with_suffix(".export.log"), verbose=args.verbose)
 

@@ -29,11 +29,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
-import io
 from pathlib import Path
 
-from lowbit.cli import cli_entry, positive_float, positive_int
+from lowbit.cli import cli_entry, make_parser, positive_float, positive_int
 from lowbit.errors import UserError
 from lowbit.logs import get_logger, setup_logging
 from lowbit.runs import (
@@ -55,35 +53,41 @@ OUTPUT_SUFFIXES = {"--json-out": ".json", "--csv-out": ".csv", "--write-fp32-qua
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        allow_abbrev=False,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = make_parser(__doc__)
     parser.add_argument("--onnx-path", type=Path, required=True, help="the Q/DQ model to inspect (.onnx)")
     parser.add_argument(
-        "--source-onnx", type=Path, default=None,
+        "--source-onnx",
+        type=Path,
+        default=None,
         help="the FP32 model it was quantized from: its initializers are compared by name with the fp16 ones",
     )
     parser.add_argument(
-        "--calib-path", type=Path, default=None,
+        "--calib-path",
+        type=Path,
+        default=None,
         help="calibration .npy float32 [N,3,H,W]: run the models on its first images (dynamic checks)",
     )
     parser.add_argument(
-        "--reference-onnx", type=Path, default=None,
+        "--reference-onnx",
+        type=Path,
+        default=None,
         help="model to compare tensors against with --calib-path (e.g. the fp32-high-precision Q/DQ model of the "
         "same calibration); None means --source-onnx",
     )
     parser.add_argument("--num-images", type=positive_int, default=4, help="images run with --calib-path")
     parser.add_argument(
-        "--threshold", type=positive_float, default=0.05,
+        "--threshold",
+        type=positive_float,
+        default=0.05,
         help="relative error ||model - reference|| / ||reference|| from which a tensor counts as diverged",
     )
     parser.add_argument("--top", type=positive_int, default=10, help="diverging / worst tensors listed")
     parser.add_argument("--json-out", type=Path, default=None, help="write the full report here (.json)")
     parser.add_argument("--csv-out", type=Path, default=None, help="write the per-pair table here (.csv)")
     parser.add_argument(
-        "--write-fp32-quantize", type=Path, default=None,
+        "--write-fp32-quantize",
+        type=Path,
+        default=None,
         help="write a copy of the model whose float16 QuantizeLinear nodes compute in float32 (same integers by the "
         "ONNX spec; correctly rounded on an onnxruntime that truncates fp16) for evaluation on ORT CPU",
     )
@@ -95,74 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(path: Path, flag: str):
-    import onnx
-
-    try:
-        return onnx.load(str(path))
-    except Exception as exc:  # protobuf raises several types for a file that is not a model
-        raise UserError(
-            f"{flag}: {path} is not a readable ONNX model ({type(exc).__name__}: {exc})", flag=flag
-        ) from exc
-
-
-def _csv_text(rows: list[dict]) -> str:
-    buffer = io.StringIO()
-    if rows:
-        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return buffer.getvalue()
-
-
-def _input_shape(model) -> list:
-    """The first input's dims: ints where static, the symbol name (or None) where dynamic."""
-    dims = model.graph.input[0].type.tensor_type.shape.dim
-    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in dims]
-
-
-def format_report(report: dict, model_path: Path) -> str:
-    """The printed summary: counts, verdict lines and the dynamic results."""
-    from lowbit.qdq_inspect import verdict
-
-    counts = report["counts"]
-    lines = [
-        f"model      {model_path}",
-        f"Q/DQ pairs {counts['pairs']} (scales: {counts['scales_fp16']} fp16, {counts['scales_fp32']} fp32); "
-        f"Cast nodes {len(report['casts'])}; initializers {report['initializers']['by_dtype']}",
-    ]
-    runtime = report.get("runtime")
-    if runtime:
-        lines.append(
-            f"runtime    onnxruntime {runtime['onnxruntime']} float16 QuantizeLinear rounding: {runtime['rounding']}"
-        )
-    lines += [f"verdict    {line}" for line in verdict(report)]
-    dynamic = report.get("dynamic")
-    if dynamic:
-        lines.append(
-            f"dynamic    {dynamic['images']} images vs {dynamic['reference']}: {dynamic['compared']} tensors compared"
-        )
-        for name, out in dynamic["outputs"].items():
-            lines.append(f"  output {name}: rel error {out['rel_error']:.4f} (max |diff| {out['max_abs_diff']:.3g})")
-        if dynamic["first_diverging"]:
-            lines.append(f"  first tensors with rel error > {dynamic['threshold']}:")
-            lines += [
-                f"    {row['rel_error']:8.4f}  {row['op']:<18} {row['tensor']}" for row in dynamic["first_diverging"]
-            ]
-        else:
-            lines.append(f"  no tensor with rel error > {dynamic['threshold']}")
-    check = report.get("fp32_quantize_check")
-    if check:
-        worst = max(check["outputs"].values()) if check["outputs"] else 0.0
-        lines.append(
-            f"rounding   outputs move by rel {worst:.4f} when the {check['nodes']} fp16 QuantizeLinear nodes "
-            f"compute in fp32 ({check['images']} images)"
-        )
-    return "\n".join(lines) + "\n"
-
-
 def _validated_paths(args) -> dict[str, Path | None]:
     """Input paths checked and resolved, and the flag combinations checked, before anything is read."""
+
     def optional(path: Path | None, flag: str) -> Path | None:
         return check_input_file(resolve_repo_path(path), flag) if path else None
 
@@ -183,17 +122,18 @@ def _validated_paths(args) -> dict[str, Path | None]:
     return paths
 
 
-def _manifest_path(outputs: list[tuple[Path, str]]) -> Path | None:
-    """``<stem>.inspect.manifest.json`` beside the first output: never the quantizer's ``<stem>.manifest.json``."""
+def _manifest(args, argv, outputs: list[tuple[Path, str]]):
+    """The run's manifest, ``<stem>.inspect.manifest.json`` beside the first output (never the quantizer's
+    ``<stem>.manifest.json``); none without outputs."""
     if not outputs:
-        return None
+        return contextlib.nullcontext()
     stem = outputs[0][0].with_suffix("")
     name = f"{stem.name}.manifest.json" if stem.name.endswith(".inspect") else f"{stem.name}.inspect.manifest.json"
-    return stem.with_name(name)
+    return manifest_run(stem.with_name(name), SCRIPT, vars(args), argv, kind="inspect")
 
 
 def _write_outputs(args, report: dict, fixed, outputs: list[tuple[Path, str]], manifest=None) -> None:
-    from lowbit.qdq_inspect import pairs_table
+    from lowbit.qdq_inspect_text import pairs_csv
 
     if args.write_fp32_quantize is not None:
         atomic_write_bytes(args.write_fp32_quantize, fixed.SerializeToString())
@@ -202,7 +142,7 @@ def _write_outputs(args, report: dict, fixed, outputs: list[tuple[Path, str]], m
         atomic_write_json(args.json_out, report)
         log.info("wrote %s", args.json_out)
     if args.csv_out is not None:
-        atomic_write_text(args.csv_out, _csv_text(pairs_table(report)))
+        atomic_write_text(args.csv_out, pairs_csv(report))
         log.info("wrote %s", args.csv_out)
     if manifest is not None:
         for path, flag in outputs:
@@ -215,19 +155,21 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(verbose=args.verbose)
     paths = _validated_paths(args)
-    outputs = [(p, f) for p, f in ((args.json_out, "--json-out"), (args.csv_out, "--csv-out"),
-                                   (args.write_fp32_quantize, "--write-fp32-quantize")) if p is not None]
+    wanted = {"--json-out": args.json_out, "--csv-out": args.csv_out, "--write-fp32-quantize": args.write_fp32_quantize}
+    outputs = [(path, flag) for flag, path in wanted.items() if path is not None]
     for path, flag in outputs:
         check_output_path(path, flag, args.overwrite, suffix=OUTPUT_SUFFIXES[flag])
 
     from lowbit import qdq_inspect
+    from lowbit.onnx_compare import load_images, model_input_dims
+    from lowbit.qdq_inspect_text import format_report
 
-    model = _load(paths["model"], "--onnx-path")
-    source = _load(paths["source"], "--source-onnx") if paths["source"] else None
-    reference = _load(paths["reference"], "--reference-onnx") if paths["reference"] else source
+    model = qdq_inspect.load_model(paths["model"], "--onnx-path")
+    source = qdq_inspect.load_model(paths["source"], "--source-onnx") if paths["source"] else None
+    reference = qdq_inspect.load_model(paths["reference"], "--reference-onnx") if paths["reference"] else source
     images = None
     if paths["calib"] is not None:
-        images = qdq_inspect.load_images(paths["calib"], args.num_images, _input_shape(model))
+        images = load_images(paths["calib"], args.num_images, model_input_dims(model))
     # the static part is quick: run it before anything is written, so a useless rewrite request fails early
     report = qdq_inspect.inspect_qdq(model, source)
     if args.write_fp32_quantize is not None and not report["counts"]["fp16_quantize_inputs"]:
@@ -238,17 +180,13 @@ def main(argv: list[str] | None = None) -> int:
     report["model"] = str(paths["model"])
     report["source"] = str(paths["source"]) if paths["source"] else None
     reference_label = str(paths["reference"] or paths["source"])
-    manifest_path = _manifest_path(outputs)
-    context = (
-        manifest_run(manifest_path, SCRIPT, vars(args), argv, kind="inspect") if manifest_path else contextlib.nullcontext()
-    )
-    with context as manifest:
+    rewrite = args.write_fp32_quantize is not None
+    with _manifest(args, argv, outputs) as manifest:
         for path in paths.values() if manifest is not None else ():
             if path is not None:
                 manifest.add_input(path)
         fixed = qdq_inspect.complete_report(
-            report, model, reference, images, reference_label,
-            rewrite=args.write_fp32_quantize is not None, threshold=args.threshold, top=args.top,
+            report, model, reference, images, reference_label, rewrite=rewrite, threshold=args.threshold, top=args.top
         )
         _write_outputs(args, report, fixed, outputs, manifest)
     print(format_report(report, paths["model"]), end="")

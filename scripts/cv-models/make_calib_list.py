@@ -15,22 +15,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from lowbit.cli import add_coco_paths, cli_entry, non_negative_int, positive_int
+from lowbit.cli import add_coco_paths, cli_entry, make_parser, non_negative_int, positive_int
 from lowbit.errors import UserError
 from lowbit.runs import REPO_ROOT, atomic_write_text, check_input_file, check_output_path
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        allow_abbrev=False,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = make_parser(__doc__)
     add_coco_paths(parser)
     parser.add_argument(
         "--eval-max-images",
@@ -88,7 +83,9 @@ def read_image_names(ann_file: Path) -> dict[int, str]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     images_dir = args.images_dir or args.data_root / "val2017"
-    ann_file = check_input_file(args.ann_file or args.data_root / "annotations" / "instances_val2017.json", "--ann-file")
+    ann_file = check_input_file(
+        args.ann_file or args.data_root / "annotations" / "instances_val2017.json", "--ann-file"
+    )
     check_output_path(args.out, "--out", args.overwrite)
     images = read_image_names(ann_file)
     ids = select_calibration_ids(list(images), args.eval_max_images, args.num, args.seed)
@@ -108,4 +105,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -22,7 +22,7 @@ import os
 import time
 from pathlib import Path
 
-from lowbit.cli import cli_entry, int_range, non_negative_int, positive_int
+from lowbit.cli import cli_entry, int_range, make_parser, non_negative_int, positive_int
 from lowbit.errors import UserError
 from lowbit.logs import get_logger, setup_logging
 
@@ -31,24 +31,24 @@ SPLIT_SIZE = int_range(1, 999_999)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        allow_abbrev=False,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = make_parser(__doc__)
+    parser.add_argument("--out-root", type=Path, default=Path("datasets/demo-shapes"), help="dataset root directory")
+    parser.add_argument("--splits", nargs="+", choices=("val", "train"), default=["val"], help="splits to generate")
     parser.add_argument(
-        "--out-root", type=Path, default=Path("datasets/demo-shapes"), help="dataset root directory"
-    )
-    parser.add_argument(
-        "--splits", nargs="+", choices=("val", "train"), default=["val"], help="splits to generate"
-    )
-    parser.add_argument(
-        "--num-val", type=SPLIT_SIZE, default=600, help="images in val2017 (ids 1..N; 1..500 evaluation, 501..600 calibration)"
+        "--num-val",
+        type=SPLIT_SIZE,
+        default=600,
+        help="images in val2017 (ids 1..N; 1..500 evaluation, 501..600 calibration)",
     )
     parser.add_argument("--num-train", type=SPLIT_SIZE, default=4000, help="images in train2017 (ids from 1000001)")
-    parser.add_argument("--seed", type=non_negative_int, default=0, help="dataset seed; each image's seed is (seed, split, index)")
     parser.add_argument(
-        "--workers", type=positive_int, default=os.cpu_count() or 1, help="worker processes (output does not depend on it)"
+        "--seed", type=non_negative_int, default=0, help="dataset seed; each image's seed is (seed, split, index)"
+    )
+    parser.add_argument(
+        "--workers",
+        type=positive_int,
+        default=os.cpu_count() or 1,
+        help="worker processes (output does not depend on it)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace splits that already exist")
     parser.add_argument("--verbose", action="store_true", help="debug logging")
@@ -86,9 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             root, split, counts[split], seed=args.seed, workers=args.workers, overwrite=args.overwrite, log=log
         )
         seconds = time.perf_counter() - t0
-        log.info(
-            "%s: %d images, %d boxes in %.1f s", split, entry["num_images"], entry["num_annotations"], seconds
-        )
+        log.info("%s: %d images, %d boxes in %.1f s", split, entry["num_images"], entry["num_annotations"], seconds)
         summary.append((split, entry, seconds))
 
     for split, entry, seconds in summary:

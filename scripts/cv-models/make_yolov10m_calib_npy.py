@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 
 from lowbit.calib import read_image_list
-from lowbit.cli import cli_entry, existing_file, imgsz, positive_int
+from lowbit.cli import cli_entry, existing_file, imgsz, make_parser, positive_int
 from lowbit.errors import UserError
 from lowbit.logs import setup_logging
 from lowbit.preprocess import iter_prepared
@@ -31,11 +30,7 @@ from lowbit.runs import atomic_write_json, check_output_path, manifest_run, sha2
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        allow_abbrev=False,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = make_parser(__doc__)
     parser.add_argument(
         "--list",
         type=existing_file,
@@ -46,7 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, required=True, help="output .npy, float32 [N,3,imgsz,imgsz]")
     parser.add_argument("--imgsz", type=imgsz, default=640, help="square model input side in pixels (multiple of 32)")
     parser.add_argument("--max-images", type=positive_int, default=None, help="use only the first N listed images")
-    parser.add_argument("--workers", type=positive_int, default=min(4, os.cpu_count() or 1), help="image decode threads")
+    parser.add_argument(
+        "--workers", type=positive_int, default=min(4, os.cpu_count() or 1), help="image decode threads"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     return parser
 
@@ -70,7 +67,9 @@ def write_tensor(entries: list[tuple[str, Path]], out: Path, imgsz: int, workers
     try:
         data = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
         items = [(i, path) for i, (_, path) in enumerate(entries)]
-        for prepared in tqdm(iter_prepared(items, imgsz, workers=workers), total=len(entries), desc="calib", unit="img"):
+        for prepared in tqdm(
+            iter_prepared(items, imgsz, workers=workers), total=len(entries), desc="calib", unit="img"
+        ):
             if prepared.error is not None:
                 unreadable.append(f"{prepared.path} ({prepared.error.reason})")
                 continue
@@ -78,7 +77,9 @@ def write_tensor(entries: list[tuple[str, Path]], out: Path, imgsz: int, workers
             channel_sum += prepared.chw.sum(axis=(1, 2), dtype=np.float64)
             channel_sq += np.square(prepared.chw, dtype=np.float64).sum(axis=(1, 2))
         if unreadable:
-            raise UserError(f"--list: {len(unreadable)} image(s) could not be read: {'; '.join(unreadable)}", flag="--list")
+            raise UserError(
+                f"--list: {len(unreadable)} image(s) could not be read: {'; '.join(unreadable)}", flag="--list"
+            )
         data.flush()
         del data
         os.replace(tmp, out)
@@ -131,4 +132,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

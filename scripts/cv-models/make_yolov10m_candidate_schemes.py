@@ -31,16 +31,12 @@ import sys
 from pathlib import Path
 
 from lowbit import schemes
-from lowbit.cli import cli_entry
+from lowbit.cli import cli_entry, make_parser
 from lowbit.runs import CARD_ONNX_PATH, check_input_file, resolve_repo_path
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        allow_abbrev=False,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = make_parser(__doc__)
     parser.add_argument(
         "--report-json", type=Path, required=True, help="layer-sensitivity-report.json (torch sweep or ONNX-native)"
     )

@@ -19,6 +19,8 @@
 #   OVERWRITE=1   rebuild existing candidates (also needed when ONNX_PATH or CALIB_PATH changed)
 #   EVAL, INCLUDE_RANDOM, OVERWRITE take 1|true|yes (on) or 0|false|no (off, the default).
 #   PYTHON        interpreter (default python)
+# The workflow's lowbit.pipeline_steps.MaterializeSettings declares these flags in this order; tests/test_workflow.py checks
+# that this wrapper run with its env() runs its argv().
 set -euo pipefail
 
 : "${RUN_ROOT:?RUN_ROOT is required (e.g. tmp/yolov10m_lowbit/<run-id>)}"

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lowbit.cli import cli_entry, positive_int
+from lowbit.cli import cli_entry, make_parser, positive_int
 from lowbit.logs import get_logger, setup_logging
 from lowbit.onnx_stats import format_markdown, format_text, model_stats, parse_input_shapes
 from lowbit.runs import (
@@ -29,11 +29,7 @@ log = get_logger("onnx_model_stats")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        allow_abbrev=False,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = make_parser(__doc__)
     parser.add_argument("--model", type=Path, required=True, help="the .onnx file")
     parser.add_argument("--batch", type=positive_int, default=1, help="size used for symbolic batch (first) dims")
     parser.add_argument(

@@ -18,6 +18,8 @@
 #   OUTPUT_NAME           override the output file name
 #   OVERWRITE             boolean (default false): replace an existing output
 # Booleans accept 1/true/yes and 0/false/no (any case); anything else is an error naming the variable.
+# The workflow's lowbit.pipeline_steps.QuantizeSettings declares these flags in this order; tests/test_workflow.py checks
+# that this wrapper run with its env() runs its argv().
 set -euo pipefail
 
 source "$(dirname "$0")/env_bool.sh"

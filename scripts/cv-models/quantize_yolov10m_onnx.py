@@ -21,9 +21,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from lowbit.cli import cli_entry, existing_file, positive_int
+from lowbit.cli import cli_entry, existing_file, make_parser, positive_int
 from lowbit.logs import setup_logging
-from lowbit.quantize import (  # noqa: F401  (exact_patterns, parse_exclusions: re-exported for callers of this script)
+from lowbit.quantize import (
     CALIBRATION_EPS,
     CALIBRATION_METHODS,
     DEFAULT_HIGH_PRECISION_DTYPE,
@@ -31,18 +31,12 @@ from lowbit.quantize import (  # noqa: F401  (exact_patterns, parse_exclusions: 
     PASSES,
     QUANTIZE_MODES,
     QuantizeSettings,
-    exact_patterns,
-    parse_exclusions,
     quantize_onnx,
 )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        allow_abbrev=False,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = make_parser(__doc__)
     parser.add_argument("--onnx-path", type=Path, required=True, help="FP32 ONNX model to quantize")
     parser.add_argument("--calib-path", type=Path, required=True, help="calibration tensor .npy, float32 [N,3,H,W]")
     parser.add_argument("--output-path", type=Path, required=True, help="quantized model to write (.onnx)")

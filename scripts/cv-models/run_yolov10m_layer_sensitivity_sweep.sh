@@ -19,6 +19,8 @@
 #   PYTHON       interpreter (default python)
 # Writes $OUTPUT_ROOT/<run-id>/outputs/<model>/<format>/per_layer/layer-sensitivity-report.json (+ .csv, .md),
 # <model> being the weights' file stem (yolov10m for models/yolo10/yolov10m.pt).
+# The workflow's lowbit.pipeline_steps.TorchSweepSettings declares these flags in this order; tests/test_workflow.py checks
+# that this wrapper run with its env() runs its argv().
 set -euo pipefail
 
 PYTHON="${PYTHON:-python}"

@@ -8,7 +8,7 @@ reuses them. Then ``--random-seeds`` random controls at the K found. With ``--pa
 each round of the search probes N Ks and the random controls run N at a time, every evaluation in
 a worker process (worth it with the CUDA EP; on the CPU EP one evaluation already uses every core).
 
-Before anything is written, the inputs are checked to belong together (``lowbit.search_run.check_inputs``):
+Before anything is written, the inputs are checked to belong together (``lowbit.search_checks.check_inputs``):
 ``--full-model`` is a Q/DQ model of ``--mode`` quantized from ``--onnx-path``, ``--ranking`` ranks that model in
 that mode, ``--baseline-metrics`` / ``--k0-metrics`` scored ``--onnx-path`` / ``--full-model`` on the images that
 ``--data-root`` and ``--max-images`` select (by sha256); a mismatch is one ``error:`` line naming the flag, exit 2.
@@ -33,37 +33,56 @@ from pathlib import Path
 
 from lowbit import search_run
 from lowbit.budget_search import default_max_probes
-from lowbit.candidates import BUILDS, EvalConfig, RequantizeConfig
-from lowbit.cli import cli_entry
+from lowbit.candidates import EvalConfig
+from lowbit.candidates_build import BUILDS, RequantizeConfig
+from lowbit.cli import cli_entry, make_parser
 from lowbit.errors import UserError
-from lowbit.logs import setup_logging
-from lowbit.ort_session import CUDNN_CONV_ALGO_SEARCH, MODELOPT_CALIBRATION_EPS
-from lowbit.run_lock import hold_run_folder
-from lowbit.runs import atomic_write_json, atomic_write_text, check_input_file, manifest_run
+from lowbit.ort_providers import MODELOPT_CALIBRATION_EPS
+from lowbit.ort_session import CUDNN_CONV_ALGO_SEARCH
+from lowbit.runs import check_input_file
+from lowbit.search_checks import check_config
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)  # fmt: skip
+    p = make_parser(__doc__)
     p.add_argument("--mode", choices=("int8", "fp8"), required=True, help="low-bit mode searched")
     p.add_argument("--run-root", type=Path, required=True, help="run directory: candidates and search-<mode>/ go here")
     p.add_argument("--ranking", type=Path, required=True, help="layer-sensitivity-report.json giving the node order")
     p.add_argument("--onnx-path", type=Path, required=True, help="FP32 ONNX model; its stem names the candidates")
-    p.add_argument("--full-model", type=Path, required=True, help="the mode's calibrated Q/DQ model, every node quantized")
+    p.add_argument(
+        "--full-model", type=Path, required=True, help="the mode's calibrated Q/DQ model, every node quantized"
+    )
     p.add_argument("--baseline-metrics", type=Path, required=True, help="FP32 metrics.json (the budget's reference)")
     p.add_argument("--k0-metrics", type=Path, default=None, help="metrics.json of --full-model already evaluated (K=0)")
     p.add_argument("--budget-ap", type=float, default=search_run.DEFAULT_BUDGET_AP, help="AP points allowed to lose")
-    p.add_argument("--random-seeds", type=int, default=search_run.DEFAULT_RANDOM_SEEDS, help="random controls at the K found")
-    p.add_argument("--random-band", action="store_true",
-                   help="random controls at every probed K too (the band of the ΔAP-vs-K plot; seeds x probes evaluations)")
-    p.add_argument("--parallel-probes", type=int, default=1,
-                   help="candidates evaluated at once, each in a worker process (a round of the search, the random "
-                        "controls); more than 1 pays off on a GPU")
-    p.add_argument("--max-probes", type=int, default=None,
-                   help=f"most candidates evaluated by the search (default {default_max_probes()} x --parallel-probes)")
+    p.add_argument(
+        "--random-seeds", type=int, default=search_run.DEFAULT_RANDOM_SEEDS, help="random controls at the K found"
+    )
+    p.add_argument(
+        "--random-band",
+        action="store_true",
+        help="random controls at every probed K too (the band of the ΔAP-vs-K plot; seeds x probes evaluations)",
+    )
+    p.add_argument(
+        "--parallel-probes",
+        type=int,
+        default=1,
+        help="candidates evaluated at once, each in a worker process (a round of the search, the random "
+        "controls); more than 1 pays off on a GPU",
+    )
+    p.add_argument(
+        "--max-probes",
+        type=int,
+        default=None,
+        help=f"most candidates evaluated by the search (default {default_max_probes()} x --parallel-probes)",
+    )
     p.add_argument("--seed-ks", type=int, nargs="*", default=[], help="Ks probed right after K=0 (e.g. 5 10 20)")
-    p.add_argument("--build", choices=BUILDS, default="full",
-                   help="full: remove Q/DQ pairs from --full-model; requantize: ModelOpt nodes_to_exclude")
+    p.add_argument(
+        "--build",
+        choices=BUILDS,
+        default="full",
+        help="full: remove Q/DQ pairs from --full-model; requantize: ModelOpt nodes_to_exclude",
+    )
     p.add_argument("--calib-path", type=Path, default=None, help="calibration .npy (needed by --build requantize)")
     p.add_argument("--calibration-method", choices=("entropy", "max"), default=None, help="for --build requantize")
     p.add_argument("--calibration-eps", nargs="+", choices=MODELOPT_CALIBRATION_EPS, default=["cpu"])
@@ -74,8 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--imgsz", type=int, default=640)
     p.add_argument("--warmup-runs", type=int, default=10)
     p.add_argument("--skip-latency", type=int, default=10)
-    p.add_argument("--cudnn-conv-algo-search", choices=CUDNN_CONV_ALGO_SEARCH, default="HEURISTIC",
-                   help="CUDA EP convolution search of the evaluations (HEURISTIC: no seconds of benchmarking each)")
+    p.add_argument(
+        "--cudnn-conv-algo-search",
+        choices=CUDNN_CONV_ALGO_SEARCH,
+        default="HEURISTIC",
+        help="CUDA EP convolution search of the evaluations (HEURISTIC: no seconds of benchmarking each)",
+    )
     return p
 
 
@@ -84,61 +107,53 @@ def config(args: argparse.Namespace) -> search_run.SearchConfig:
     if args.max_images < 1:
         raise UserError(f"--max-images must be >= 1, got {args.max_images}", flag="--max-images")
     max_probes = default_max_probes(args.parallel_probes) if args.max_probes is None else args.max_probes
-    paths = {flag: check_input_file(getattr(args, flag[2:].replace("-", "_")), flag)
-             for flag in ("--ranking", "--onnx-path", "--full-model", "--baseline-metrics")}  # fmt: skip
+    paths = {
+        flag: check_input_file(getattr(args, flag[2:].replace("-", "_")), flag)
+        for flag in ("--ranking", "--onnx-path", "--full-model", "--baseline-metrics")
+    }
     k0 = check_input_file(args.k0_metrics, "--k0-metrics") if args.k0_metrics else None
     requantize = None
     if args.build == "requantize":
         if args.calib_path is None:
             raise UserError("--build requantize needs --calib-path", flag="--calib-path")
-        requantize = RequantizeConfig(paths["--onnx-path"], check_input_file(args.calib_path, "--calib-path"),
-                                      args.calibration_method, list(args.calibration_eps), args.high_precision_dtype)  # fmt: skip
-    evaluation = EvalConfig(args.data_root, args.max_images, list(args.providers), args.imgsz, args.warmup_runs,
-                            args.skip_latency, args.cudnn_conv_algo_search)  # fmt: skip
+        calib = check_input_file(args.calib_path, "--calib-path")
+        eps, dtype = list(args.calibration_eps), args.high_precision_dtype
+        requantize = RequantizeConfig(paths["--onnx-path"], calib, args.calibration_method, eps, dtype)
+    evaluation = EvalConfig(
+        args.data_root,
+        args.max_images,
+        list(args.providers),
+        args.imgsz,
+        args.warmup_runs,
+        args.skip_latency,
+        args.cudnn_conv_algo_search,
+    )
     cfg = search_run.SearchConfig(
-        mode=args.mode, ranking=paths["--ranking"], onnx_path=paths["--onnx-path"], full_model=paths["--full-model"],
-        baseline_metrics=paths["--baseline-metrics"], run_root=args.run_root, evaluation=evaluation,
-        budget_ap=args.budget_ap, random_seeds=args.random_seeds, max_probes=max_probes, random_band=args.random_band,
+        mode=args.mode,
+        ranking=paths["--ranking"],
+        onnx_path=paths["--onnx-path"],
+        full_model=paths["--full-model"],
+        baseline_metrics=paths["--baseline-metrics"],
+        run_root=args.run_root,
+        evaluation=evaluation,
+        budget_ap=args.budget_ap,
+        random_seeds=args.random_seeds,
+        max_probes=max_probes,
+        random_band=args.random_band,
         parallel=args.parallel_probes,
-        seed_ks=list(args.seed_ks), k0_metrics=k0, build=args.build, requantize=requantize,
-    )  # fmt: skip
-    search_run.check_config(cfg)
+        seed_ks=list(args.seed_ks),
+        k0_metrics=k0,
+        build=args.build,
+        requantize=requantize,
+    )
+    check_config(cfg)
     return cfg
 
 
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    cfg = config(args)
-    inputs = search_run.check_inputs(cfg)  # every mismatch ends here, before search-<mode>/ exists
-    with hold_run_folder(args.run_root, "--run-root"):  # one writer per run folder (a no-op inside the workflow)
-        return _search(args, cfg, inputs, argv)
-
-
-def _search(args: argparse.Namespace, cfg: search_run.SearchConfig, inputs, argv: list[str] | None) -> int:
-    out_dir = args.run_root / f"search-{args.mode}"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("search.json", "search.md"):  # an earlier result must not outlive a failed rerun
-        (out_dir / name).unlink(missing_ok=True)
-    setup_logging(out_dir / "search.log")
-    with manifest_run(
-        out_dir / "manifest.json", "search_yolov10m_lowbit_budget.py", vars(args), argv, kind="search"
-    ) as manifest:
-        files = {
-            "ranking": cfg.ranking,
-            "onnx": cfg.onnx_path,
-            "full_model": cfg.full_model,
-            "baseline_metrics": cfg.baseline_metrics,
-            "k0_metrics": cfg.k0_metrics,
-        }
-        for role, path in files.items():
-            if path is not None:
-                manifest.add_input(path, inputs.digests[role])
-        manifest.add_input(inputs.dataset.ann_file, inputs.dataset.ann_sha256)
-        data = search_run.run_search(cfg, inputs)
-        atomic_write_json(out_dir / "search.json", data)
-        atomic_write_text(out_dir / "search.md", search_run.search_markdown(data))
-        manifest.add_output("search", out_dir / "search.json")
+    data = search_run.search_and_write(config(args), vars(args), argv)
     print(search_run.search_markdown(data))
     return 0
 

@@ -22,95 +22,71 @@ after that many hours, so the epoch count (and the result) then depends on the m
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from pathlib import Path
 
-from lowbit.cli import cli_entry, imgsz, non_negative_int, positive_float, positive_int
-from lowbit.errors import UserError
+from lowbit.cli import cli_entry, imgsz, make_parser, non_negative_int, positive_float, positive_int
 from lowbit.logs import get_logger, setup_logging
 from lowbit.runs import atomic_write_json, manifest_run, new_run_dir, timestamp
+from lowbit.ultralytics_peer import check_data_yaml, offline_environment
+
+GENERATE_HINT = "python scripts/cv-models/make_demo_dataset.py --splits train val"  # how to make missing data
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        allow_abbrev=False,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = make_parser(__doc__)
     parser.add_argument(
         "--data", type=Path, default=Path("datasets/demo-shapes/yolo/data.yaml"), help="ultralytics data.yaml"
     )
     parser.add_argument(
         "--model-yaml", default="yolov10n.yaml", help="ultralytics model config (built from scratch, no weights)"
     )
-    parser.add_argument("--epochs", type=positive_int, default=150, help="training epochs (--time, when set, replaces it)")
-    parser.add_argument("--time", type=positive_float, default=None, help="training budget in hours; overrides --epochs")
+    parser.add_argument(
+        "--epochs", type=positive_int, default=150, help="training epochs (--time, when set, replaces it)"
+    )
+    parser.add_argument(
+        "--time", type=positive_float, default=None, help="training budget in hours; overrides --epochs"
+    )
     parser.add_argument("--batch", type=positive_int, default=64, help="images per batch")
-    parser.add_argument("--workers", type=non_negative_int, default=8, help="dataloader worker processes (CPU training uses 0)")
+    parser.add_argument(
+        "--workers", type=non_negative_int, default=8, help="dataloader worker processes (CPU training uses 0)"
+    )
     parser.add_argument("--imgsz", type=imgsz, default=640, help="square training/validation image size, pixels")
     parser.add_argument("--device", default=None, help="'0', '0,1' or 'cpu'; default: first CUDA GPU, else CPU")
     parser.add_argument("--amp", choices=("fp16", "bf16", "fp32"), default="fp16", help="mixed precision on CUDA")
     parser.add_argument(
-        "--cache", choices=("none", "ram", "disk"), default="ram",
+        "--cache",
+        choices=("none", "ram", "disk"),
+        default="ram",
         help="ultralytics image cache; ram holds ~4 GB for 4000 images and is fastest, but ultralytics warns it may "
         "make training non-deterministic (disk: .npy files beside the images, deterministic)",
     )
     parser.add_argument(
-        "--optimizer", choices=("SGD", "AdamW", "auto"), default="SGD",
+        "--optimizer",
+        choices=("SGD", "AdamW", "auto"),
+        default="SGD",
         help="SGD with --lr0 0.01 is the YOLOv10 from-scratch recipe; ultralytics' 'auto' picks a fine-tuning "
         "learning rate (about 1e-4) for runs under 10000 iterations",
-    )  # fmt: skip
-    parser.add_argument("--lr0", type=positive_float, default=0.01, help="initial learning rate (ignored with --optimizer auto)")
+    )
     parser.add_argument(
-        "--deterministic", action=argparse.BooleanOptionalAction, default=True,
+        "--lr0", type=positive_float, default=0.01, help="initial learning rate (ignored with --optimizer auto)"
+    )
+    parser.add_argument(
+        "--deterministic",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="torch deterministic algorithms (reproducible on the same machine and software, slightly slower)",
-    )  # fmt: skip
+    )
     parser.add_argument(
         "--patience", type=non_negative_int, default=0, help="early-stop after N epochs without improvement; 0 = never"
     )
-    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed for weights init, sampling and augmentation")
+    parser.add_argument(
+        "--seed", type=non_negative_int, default=0, help="seed for weights init, sampling and augmentation"
+    )
     parser.add_argument("--project", type=Path, default=Path("tmp/train-demo"), help="parent of the run directory")
     parser.add_argument("--name", default=None, help="run directory name (default: a timestamp)")
     parser.add_argument("--verbose", action="store_true", help="debug logging")
     return parser
-
-
-def _validate(args: argparse.Namespace) -> None:
-    if not args.data.is_file():
-        raise UserError(
-            f"--data: {args.data} does not exist; generate it with "
-            "python scripts/cv-models/make_demo_dataset.py --splits train val",
-            flag="--data",
-        )
-    # ultralytics resolves the splits relative to the yaml's directory; check them here for a clear message
-    import yaml
-
-    try:
-        spec = yaml.safe_load(args.data.read_text(encoding="utf-8")) or {}
-    except (UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise UserError(f"--data: {args.data} is not a readable YAML file ({exc})", flag="--data") from exc
-    if not isinstance(spec, dict):
-        raise UserError(f"--data: {args.data} is not an ultralytics data.yaml (a mapping)", flag="--data")
-    base = Path(spec["path"]) if spec.get("path") else args.data.parent
-    for key in ("train", "val"):
-        if not spec.get(key):
-            raise UserError(f"--data: {args.data} has no '{key}' entry", flag="--data")
-        split_dir = base / spec[key]
-        if not split_dir.is_dir() or not any(split_dir.iterdir()):
-            raise UserError(
-                f"--data: {key} images {split_dir} are missing or empty; generate them with "
-                "python scripts/cv-models/make_demo_dataset.py --splits train val",
-                flag="--data",
-            )
-
-
-def _offline_environment(settings_dir: Path) -> None:
-    """Environment that keeps ultralytics off the network; must be set before ultralytics is imported."""
-    os.environ["YOLO_OFFLINE"] = "1"  # ultralytics.utils.is_online() -> False: no downloads, sync, update checks
-    os.environ["YOLO_AUTOINSTALL"] = "false"  # never pip-install at run time
-    os.environ["YOLO_CONFIG_DIR"] = str(settings_dir)  # fresh default settings, none of the user's integrations
-    os.environ.setdefault("MPLBACKEND", "Agg")
 
 
 def _use_amp_without_download(model) -> bool:
@@ -125,15 +101,67 @@ def _use_amp_without_download(model) -> bool:
     return enabled
 
 
+def _train_args(args: argparse.Namespace, run_dir: Path) -> dict:
+    """ultralytics' ``train`` arguments for the flags, writing into ``run_dir/ultralytics``."""
+    return {
+        "data": str(args.data.resolve()),
+        "epochs": args.epochs,
+        "time": args.time,
+        "batch": args.batch,
+        "imgsz": args.imgsz,
+        "workers": args.workers,
+        "device": args.device,
+        "seed": args.seed,
+        "deterministic": args.deterministic,
+        "optimizer": args.optimizer,
+        "lr0": args.lr0,
+        "pretrained": False,
+        "amp": {"fp16": True, "bf16": "bf16", "fp32": False}[args.amp],
+        "cache": {"none": False, "ram": "ram", "disk": "disk"}[args.cache],
+        "patience": args.patience if args.patience > 0 else 10**9,
+        # Hue is what tells the eight colour classes apart; ultralytics' default hue jitter blurs them.
+        "hsv_h": 0.0,
+        "plots": False,  # plots download Arial.ttf
+        "val": True,
+        "project": str(run_dir),
+        "name": "ultralytics",
+        "exist_ok": True,
+        "verbose": True,
+    }
+
+
+def _train_metrics(model, results, train_seconds: float, args: argparse.Namespace) -> tuple[Path, dict]:
+    """The checkpoint kept (best, else last) and the metrics.json dict of a finished training."""
+    trainer = model.trainer
+    best = Path(trainer.best) if Path(trainer.best).is_file() else Path(trainer.last)
+    if not best.is_file():
+        raise RuntimeError(f"training finished without a checkpoint in {trainer.wdir}")
+    raw = {k: float(v) for k, v in (results.results_dict if results is not None else {}).items()}
+    metrics = {
+        "best_pt": str(best),
+        "last_pt": str(trainer.last),
+        "epochs_completed": int(trainer.epoch) + 1,
+        "train_seconds": round(train_seconds, 1),
+        "map50_95": raw.get("metrics/mAP50-95(B)"),
+        "map50": raw.get("metrics/mAP50(B)"),
+        "precision": raw.get("metrics/precision(B)"),
+        "recall": raw.get("metrics/recall(B)"),
+        "validation": "ultralytics final validation of best.pt on the val split "
+        f"(imgsz {args.imgsz}, rect batches of {args.batch * 2}, conf 0.001)",
+        "ultralytics": raw,
+    }
+    return best, metrics
+
+
 @cli_entry
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _validate(args)
+    check_data_yaml(args.data, "--data", GENERATE_HINT)
     project = args.project if args.project.is_absolute() else (Path.cwd() / args.project)
     run_dir = new_run_dir(project, args.name or timestamp(), flag="--project")
     setup_logging(run_dir / "train.log", verbose=args.verbose)
     log = get_logger("train_demo_detector")
-    _offline_environment(run_dir / "ultralytics-settings")
+    offline_environment(run_dir / "ultralytics-settings")
 
     script = "scripts/cv-models/train_demo_detector.py"
     with manifest_run(run_dir / "manifest.json", script, vars(args), argv, kind="train") as manifest:
@@ -144,60 +172,19 @@ def main(argv: list[str] | None = None) -> int:
         from ultralytics.engine import trainer as trainer_module
         from ultralytics.utils import SETTINGS
 
-        SETTINGS.update({"sync": False, "tensorboard": False, "wandb": False, "mlflow": False, "comet": False,
-                         "clearml": False, "dvc": False, "raytune": False})  # fmt: skip
+        integrations = ("sync", "tensorboard", "wandb", "mlflow", "comet", "clearml", "dvc", "raytune")
+        SETTINGS.update(dict.fromkeys(integrations, False))
         trainer_module.check_amp = _use_amp_without_download
         log.info("ultralytics %s, run dir %s", ultralytics.__version__, run_dir)
 
         model = YOLO(args.model_yaml, task="detect")
-        train_args = {
-            "data": str(args.data.resolve()),
-            "epochs": args.epochs,
-            "time": args.time,
-            "batch": args.batch,
-            "imgsz": args.imgsz,
-            "workers": args.workers,
-            "device": args.device,
-            "seed": args.seed,
-            "deterministic": args.deterministic,
-            "optimizer": args.optimizer,
-            "lr0": args.lr0,
-            "pretrained": False,
-            "amp": {"fp16": True, "bf16": "bf16", "fp32": False}[args.amp],
-            "cache": {"none": False, "ram": "ram", "disk": "disk"}[args.cache],
-            "patience": args.patience if args.patience > 0 else 10**9,
-            # Hue is what tells the eight colour classes apart; ultralytics' default hue jitter blurs them.
-            "hsv_h": 0.0,
-            "plots": False,  # plots download Arial.ttf
-            "val": True,
-            "project": str(run_dir),
-            "name": "ultralytics",
-            "exist_ok": True,
-            "verbose": True,
-        }
+        train_args = _train_args(args, run_dir)
         manifest.update(ultralytics_train_args=train_args)
         start = time.perf_counter()
         results = model.train(**train_args)
         train_seconds = time.perf_counter() - start
 
-        trainer = model.trainer
-        best = Path(trainer.best) if Path(trainer.best).is_file() else Path(trainer.last)
-        if not best.is_file():
-            raise RuntimeError(f"training finished without a checkpoint in {trainer.wdir}")
-        raw = {k: float(v) for k, v in (results.results_dict if results is not None else {}).items()}
-        metrics = {
-            "best_pt": str(best),
-            "last_pt": str(trainer.last),
-            "epochs_completed": int(trainer.epoch) + 1,
-            "train_seconds": round(train_seconds, 1),
-            "map50_95": raw.get("metrics/mAP50-95(B)"),
-            "map50": raw.get("metrics/mAP50(B)"),
-            "precision": raw.get("metrics/precision(B)"),
-            "recall": raw.get("metrics/recall(B)"),
-            "validation": "ultralytics final validation of best.pt on the val split "
-            f"(imgsz {args.imgsz}, rect batches of {args.batch * 2}, conf 0.001)",
-            "ultralytics": raw,
-        }
+        best, metrics = _train_metrics(model, results, train_seconds, args)
         atomic_write_json(run_dir / "metrics.json", metrics)
         manifest.add_output("best_pt", best)
         manifest.add_output("metrics", run_dir / "metrics.json")

@@ -29,12 +29,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lowbit.cli import cli_entry, non_negative_int, positive_int
-from lowbit.errors import UserError
+from lowbit.cli import cli_entry, make_parser, non_negative_int, positive_int
 from lowbit.latency import latency_stats
 from lowbit.logs import get_logger, setup_logging
 from lowbit.onnx_stats import graph_inputs, load_model_proto, parse_input_shapes, resolve_input_shapes
-from lowbit.ort_session import CPU, build_session, check_providers
+from lowbit.ort_providers import check_providers
+from lowbit.ort_session import CPU, build_session
+from lowbit.random_smoke import non_finite_outputs, output_stats, random_inputs
 from lowbit.runs import (
     atomic_write_json,
     check_input_file,
@@ -54,11 +55,7 @@ class NonFiniteOutputs(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        allow_abbrev=False,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    parser = make_parser(__doc__)
     parser.add_argument("--model", type=Path, required=True, help="the .onnx file (a symlink is followed)")
     parser.add_argument(
         "--output-root", type=Path, required=True, help="a new run directory is created under this directory"
@@ -68,8 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=[CPU],
         metavar="PROVIDER",
-        help="ONNX Runtime execution providers in priority order, e.g. "
-        "TensorrtExecutionProvider CUDAExecutionProvider",
+        help="ONNX Runtime execution providers in priority order, e.g. TensorrtExecutionProvider CUDAExecutionProvider",
     )
     parser.add_argument(
         "--disable-cpu-fallback",
@@ -78,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the random inputs")
     parser.add_argument("--runs", type=positive_int, default=10, help="timed inference runs (>= 1)")
-    parser.add_argument("--warmup-runs", type=non_negative_int, default=2, help="untimed runs before the timed ones (>= 0)")
+    parser.add_argument(
+        "--warmup-runs", type=non_negative_int, default=2, help="untimed runs before the timed ones (>= 0)"
+    )
     parser.add_argument("--batch", type=positive_int, default=1, help="size used for symbolic batch (first) input dims")
     parser.add_argument(
         "--input-shape",
@@ -90,68 +88,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--verbose", action="store_true", help="debug logging on the console")
     return parser
-
-
-def random_inputs(session, shapes: dict[str, list[int]], seed: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Seeded random feeds for every session input, and a description of each.
-
-    Floats are uniform in [0, 1); integers uniform in [0, 10); bools fair coin flips.
-    """
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    feeds: dict[str, Any] = {}
-    described = []
-    for spec in session.get_inputs():
-        shape = shapes[spec.name]
-        ort_type = spec.type  # e.g. "tensor(float)"
-        if ort_type in ("tensor(float)", "tensor(double)", "tensor(float16)", "tensor(bfloat16)"):
-            dtype = {"tensor(double)": np.float64, "tensor(float16)": np.float16}.get(ort_type, np.float32)
-            value = rng.random(shape, dtype=np.float32).astype(dtype)
-            distribution = "uniform[0,1)"
-        elif ort_type == "tensor(bool)":
-            value = rng.random(shape) < 0.5
-            distribution = "bernoulli(0.5)"
-        elif ort_type.startswith(("tensor(int", "tensor(uint")):
-            dtype = np.dtype(ort_type[len("tensor(") : -1])
-            value = rng.integers(0, 10, size=shape).astype(dtype)
-            distribution = "integers[0,10)"
-        else:
-            raise UserError(
-                f"--model: input {spec.name!r} has type {ort_type}, which this smoke test cannot fill", flag="--model"
-            )
-        feeds[spec.name] = value
-        described.append({"name": spec.name, "type": ort_type, "shape": list(shape), "distribution": distribution})
-    return feeds, described
-
-
-def output_stats(name: str, value) -> dict[str, Any]:
-    """Shape, dtype, NaN/Inf counts and min/max/mean/std over the finite elements of one output."""
-    import numpy as np
-
-    array = np.asarray(value)
-    result: dict[str, Any] = {"name": name, "shape": list(array.shape), "dtype": str(array.dtype)}
-    if array.dtype.kind in "fc":
-        nan_count = int(np.isnan(array).sum())
-        inf_count = int(np.isinf(array).sum())
-        finite = array[np.isfinite(array)].astype(np.float64)
-    elif array.dtype.kind in "iub":
-        nan_count = inf_count = 0
-        finite = array.astype(np.float64).ravel()
-    else:  # strings/objects: nothing numeric to summarize
-        return {**result, "min": None, "max": None, "mean": None, "std": None, "nan_count": 0, "inf_count": 0}
-    empty = finite.size == 0
-    result.update(
-        {
-            "min": None if empty else float(finite.min()),
-            "max": None if empty else float(finite.max()),
-            "mean": None if empty else float(finite.mean()),
-            "std": None if empty else float(finite.std()),
-            "nan_count": nan_count,
-            "inf_count": inf_count,
-        }
-    )
-    return result
 
 
 def _num(value: float | None) -> str:
@@ -211,7 +147,7 @@ def _smoke(args, argv, model: Path, shapes, batch_assumed_for, run_dir: Path) ->
             latencies_s.append(time.perf_counter() - start)
 
         stats = [output_stats(spec.name, value) for spec, value in zip(session.get_outputs(), outputs)]
-        non_finite = [s["name"] for s in stats if s["nan_count"] or s["inf_count"]]
+        non_finite, counts = non_finite_outputs(stats)
         smoke = {
             "status": "failed" if non_finite else "ok",
             "model": str(model),
@@ -240,9 +176,6 @@ def _smoke(args, argv, model: Path, shapes, batch_assumed_for, run_dir: Path) ->
         manifest.add_output("smoke", run_dir / "smoke.json")
         manifest.update(providers_used=info["providers_used"], non_finite_outputs=non_finite)
         if non_finite:
-            counts = ", ".join(
-                f"{s['name']} ({s['nan_count']} NaN, {s['inf_count']} Inf)" for s in stats if s["name"] in non_finite
-            )
             raise NonFiniteOutputs(f"non-finite values in model outputs: {counts}")
     return smoke
 

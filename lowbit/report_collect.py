@@ -1,0 +1,288 @@
+"""Collects what the report may use from the run dirs: every evaluation as a :class:`~lowbit.report_variant.Variant`
+and every budget search that belongs to the FP32 baseline; the rest is dropped with its reason.
+
+:func:`collect_variants` reads every ``metrics.json`` (:func:`lowbit.report_inputs.find_metrics`) into a row
+(:func:`lowbit.report_variant.variant_from_metrics`), picks the FP32 baseline (the evaluated model without Q/DQ;
+repeats become ``fp32_repeat``), checks every other row (:mod:`lowbit.report_inputs`) and every
+``search-<mode>/search.json`` (:mod:`lowbit.report_search_check`) against it, drops budget-search candidates that
+no used search cites, fills ``delta_ap``, and returns a :class:`Collected`. Nothing is written; an unusable
+baseline, no usable quantized variant, or an annotation file changed since the run was scored raise
+:class:`~lowbit.errors.UserError` naming the file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from lowbit import report_inputs as inputs
+from lowbit.errors import UserError
+from lowbit.report_inputs import rel_path
+from lowbit.report_search_check import find_searches, read_search
+from lowbit.report_variant import Variant, variant_from_metrics
+from lowbit.runs import REPO_ROOT
+
+__all__ = ["Collected", "UsedSearch", "collect_variants"]
+
+
+@dataclass(frozen=True)
+class UsedSearch:
+    """A ``search-<mode>/search.json`` that is a search of this run (:func:`lowbit.report_search_check.read_search`)."""
+
+    path: str  # as rel_path writes it
+    sha256: str
+    data: dict[str, Any]  # the search record, as lowbit.search_run wrote it
+
+
+@dataclass(frozen=True)
+class Collected:
+    """Everything the report is computed from: the rows, the searches, and what was left out."""
+
+    run_dirs: list[str]  # as rel_path writes them
+    dataset: dict[str, Any]  # report.json's "dataset" (the baseline's)
+    variants: tuple[Variant, ...]  # baseline first, then by mode, K and label
+    searches: tuple[UsedSearch, ...]
+    notes: tuple[str, ...]  # about the run as a whole (the rows carry their own)
+    dropped: tuple[dict[str, str], ...]  # [{path, reason}]: every record found and left out
+    provenance: dict[str, Any]  # report.json's "provenance"
+
+    @property
+    def baseline(self) -> Variant:
+        """The FP32 evaluation every other row is compared with."""
+        return next(v for v in self.variants if v.role == "baseline")
+
+
+def _dataset_summary(baseline: Variant) -> dict:
+    ds = baseline.source.dataset
+    images_dir = Path(str(ds.get("images_dir", "")))
+    parts = images_dir.parts
+    name = "/".join(parts[parts.index("datasets") + 1 :]) if "datasets" in parts else "/".join(parts[-2:])
+    ids = ds.get("image_ids") or []
+    return {
+        "name": name or str(images_dir),
+        "images_dir": ds.get("images_dir"),
+        "ann_file": ds.get("ann_file"),
+        "ann_sha256": ds.get("ann_sha256"),
+        "num_images": len(ids),
+        "image_id_range": [ids[0], ids[-1]] if ids else None,
+        "postprocess": baseline.source.postprocess,
+    }
+
+
+def _sort_key(v: Variant) -> tuple:
+    role_rank = {"baseline": 0, "fp32_repeat": 1}.get(v.role, 2)
+    cand = v.candidate
+    return (
+        role_rank,
+        v.quant_mode,
+        cand.k if cand else -1,
+        cand is not None and cand.random_seed is not None,
+        (cand.random_seed if cand else None) or 0,
+        v.label,
+        v.metrics_path,
+    )
+
+
+def _pick_baseline(variants: list[Variant]) -> list[Variant]:
+    """``variants`` with every FP32 evaluation but the first (the baseline) marked ``fp32_repeat``.
+
+    Raises:
+        UserError: the FP32 evaluations are of different models.
+    """
+    floats = [v for v in variants if v.role == "baseline"]
+    models: dict[str, list[str]] = {}
+    for v in floats:
+        models.setdefault(v.model_sha256, []).append(v.metrics_path)
+    if len(models) > 1:
+        listing = "; ".join(f"sha256 {sha[:12]}: {', '.join(paths)}" for sha, paths in models.items())
+        raise UserError(
+            f"--run-dir: the FP32 evaluations are of different models ({listing}); report one model at a time",
+            flag="--run-dir",
+        )
+    baseline = floats[0]  # discovery order: first run dir given, then path order
+    return [replace(v, role="fp32_repeat") if v.role == "baseline" and v is not baseline else v for v in variants]
+
+
+def _read_evaluations(run_dirs: list[Path], hasher: inputs.Hasher, dropped: list[dict]) -> list[Variant]:
+    """A row per readable evaluation; an unreadable one is dropped, unless it is the FP32 baseline's (an error)."""
+    variants = []
+    for found in inputs.find_metrics(run_dirs):
+        if found.error is None:
+            variants.append(variant_from_metrics(found.record, found.path, found.run_dir, hasher))
+        elif found.is_float:
+            raise UserError(f"--run-dir: the FP32 baseline's metrics cannot be used: {found.error}", flag="--run-dir")
+        else:
+            inputs.drop(dropped, found.path, found.error)
+    return variants
+
+
+def _listing(dropped: list[dict]) -> str:
+    return "; ".join(f"{d['path']}: {d['reason']}" for d in dropped)
+
+
+def _usable(variants: list[Variant], ref: inputs.Reference, dropped: list[dict]) -> list[Variant]:
+    """The baseline, then the evaluations comparable with it (:func:`lowbit.report_inputs.variant_problem`);
+    others dropped."""
+    baseline = next(v for v in variants if v.role == "baseline")
+    if baseline.source.model_problem:
+        baseline = baseline.with_note(f"{baseline.source.model_problem}: its size and TensorRT latency are unknown")
+    used = [baseline]
+    for v in variants:
+        if v.role == "baseline":
+            continue
+        problem = inputs.variant_problem(v, ref)
+        if problem:
+            inputs.drop(dropped, v.source.metrics_file, f"{v.metrics_path}: {problem}")
+        else:
+            used.append(v)
+    compared = [v for v in used if v.role in ("quantized", "random_control")]
+    if dropped and not compared:
+        raise UserError(
+            f"--run-dir: no quantized variant is left to compare with {baseline.metrics_path}: {_listing(dropped)}",
+            flag="--run-dir",
+        )
+    return used
+
+
+def _read_searches(
+    run_dirs: list[Path], ref: inputs.Reference, used: list[Variant], dropped: list[dict], hasher: inputs.Hasher
+) -> tuple[list[UsedSearch], set[Path]]:
+    """Every ``search-<mode>/search.json`` that is a search of this run
+    (:func:`lowbit.report_search_check.read_search`), and the resolved metrics paths of the evaluations they cite."""
+    dropped_at = {(REPO_ROOT / d["path"]).resolve(): d["reason"].removeprefix(f"{d['path']}: ") for d in dropped}
+    searches, cited = [], set()
+    for path in find_searches(run_dirs):
+        try:
+            data, cited_here = read_search(path, ref, used, dropped_at, hasher)
+        except UserError as e:
+            inputs.drop(dropped, path, str(e))
+            continue
+        cited |= cited_here
+        searches.append(UsedSearch(rel_path(path), hasher(path), data))
+    return searches, cited
+
+
+def _without_uncited_candidates(variants: list[Variant], dropped: list[dict], cited: set[Path]) -> list[Variant]:
+    """Budget-search candidates that a used ``search.json`` cites (``cited``: resolved metrics paths), and every
+    other variant.
+
+    A candidate left in the run dir by an earlier search (another ranking, budget or build) still matches the
+    baseline, but no current search stands behind it: it is dropped, never recommended beside the search shown.
+    """
+    kept = []
+    for v in variants:
+        if v.source.derived in ("full", "requantized") and Path(v.source.metrics_file).resolve() not in cited:
+            why = "a budget-search candidate that no search.json of this report cites (left by an earlier search)"
+            inputs.drop(dropped, v.source.metrics_file, why)
+            continue
+        kept.append(v)
+    return kept
+
+
+def _provenance(ref: inputs.Reference, used: list[Variant], searches: list[UsedSearch], hasher: inputs.Hasher) -> dict:
+    """report.json's ``provenance``: the baseline's keys and the sha256 of every record the report used."""
+    used_records = {}
+    for v in used:
+        used_records[v.metrics_path] = v.source.metrics_sha256
+        for path in v.source.manifest_files:  # the quantizer manifest or candidate record, and its full model's
+            used_records[rel_path(path)] = hasher(path)
+    for s in searches:
+        used_records[s.path] = s.sha256
+    return {
+        "model_sha256": ref.model_sha256,
+        "ann_sha256": ref.ann_sha256,
+        "image_ids_sha256": ref.image_ids_sha256,
+        "num_images": ref.num_images,
+        "records": used_records,
+    }
+
+
+def _with_delta_ap(variants: list[Variant], baseline: Variant) -> list[Variant]:
+    """``delta_ap`` / ``delta_ap50`` against the baseline, AP points; repeated labels get their folder appended."""
+    variants = [
+        replace(
+            v,
+            delta_ap=(v.map50_95 - baseline.map50_95) * 100.0,
+            delta_ap50=(v.map50 - baseline.map50) * 100.0,
+        )
+        for v in variants
+    ]
+    # Labels must identify a row: repeats get the folder of their metrics file appended.
+    counts: dict[str, int] = {}
+    for v in variants:
+        counts[v.label] = counts.get(v.label, 0) + 1
+    return [
+        replace(v, label=v.label + f" [{Path(v.metrics_path).parent.name}]")
+        if counts[v.label] > 1 and v.role != "baseline"
+        else v
+        for v in variants
+    ]
+
+
+def _baseline_of(variants: list[Variant], dropped: list[dict], where: str) -> Variant:
+    """The FP32 evaluation's row, or UserError when there is none (nothing can be compared)."""
+    if not variants and not dropped:
+        raise UserError(
+            f"--run-dir: no metrics record (a metrics.json of kind 'metrics') under {where}", flag="--run-dir"
+        )
+    floats = [v for v in variants if v.role == "baseline"]
+    if not floats:
+        raise UserError(
+            f"--run-dir: no FP32 evaluation (a metrics.json of a model without Q/DQ) under {where}; evaluate the "
+            "float model first (card step 1, baseline-coco/metrics.json)"
+            + (f"; left out: {_listing(dropped)}" if dropped else ""),
+            flag="--run-dir",
+        )
+    return floats[0]
+
+
+def collect_variants(run_dirs: Iterable[Path], data_root: Path | None = None) -> Collected:
+    """Read every evaluation and budget search under ``run_dirs`` and keep those that belong to the FP32 baseline.
+
+    ``delta_ap`` is filled against the baseline; ``tensorrt`` and ``mac_share`` are left None for
+    :func:`lowbit.report_json.build_report`. ``data_root``: the dataset whose annotation file must still be the one
+    the run was scored on (:func:`lowbit.report_inputs.check_annotations`).
+
+    Raises:
+        UserError: a run dir is missing or holds no evaluation; the FP32 evaluation is missing or unusable, or
+            the FP32 evaluations are of different models; no quantized variant is usable; the annotation file
+            changed since the run was scored. Each names the file.
+    """
+    run_dirs = [Path(d) for d in run_dirs]
+    for run_dir in run_dirs:
+        if not run_dir.is_dir():
+            raise UserError(f"--run-dir: {run_dir} is not a directory", flag="--run-dir")
+    hasher, dropped = inputs.Hasher(), []
+    variants = _read_evaluations(run_dirs, hasher, dropped)
+    _baseline_of(variants, dropped, ", ".join(str(d) for d in run_dirs))
+    variants = _pick_baseline(variants)
+    baseline = next(v for v in variants if v.role == "baseline")
+    ref = inputs.Reference.of(baseline)
+    notes = inputs.check_annotations(ref, baseline.source.dataset.get("ann_file"), run_dirs, data_root, hasher)
+    variants = _usable(variants, ref, dropped)
+    fp32_sha = frozenset(v.source.metrics_sha256 for v in variants if v.role in ("baseline", "fp32_repeat"))
+    ref = replace(ref, fp32_metrics_sha256=fp32_sha)
+    searches, cited = _read_searches(run_dirs, ref, variants, dropped, hasher)
+    variants = _without_uncited_candidates(variants, dropped, cited)
+    unknown_source = [
+        v.label for v in variants if v.role in ("quantized", "random_control") and not v.source_model_sha256
+    ]
+    if unknown_source:
+        notes.append(
+            "no quantizer manifest for "
+            + ", ".join(unknown_source)
+            + ": that they were quantized from the FP32 model could not be checked"
+        )
+    baseline = next(v for v in variants if v.role == "baseline")  # with its notes
+    variants = sorted(_with_delta_ap(variants, baseline), key=_sort_key)
+    return Collected(
+        run_dirs=[rel_path(d) for d in run_dirs],
+        dataset=_dataset_summary(baseline),
+        variants=tuple(variants),
+        searches=tuple(searches),
+        notes=tuple(notes),
+        dropped=tuple(dropped),
+        provenance=_provenance(ref, variants, searches, hasher),
+    )

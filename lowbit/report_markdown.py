@@ -1,0 +1,213 @@
+"""Writes the report as text: ``report.md`` (recommendation, one table row per variant, budget search, dropped
+records, sources, notes) and the console summary.
+
+Both are rendered from the report document (report.json's keys, :mod:`lowbit.report_json`), so a saved
+report.json can be rendered again without the run dir.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from lowbit.report_plots import PARETO_PLOT, SEARCH_PLOT
+from lowbit.report_recommend import latency_on_axis
+from lowbit.report_variant import short_provider
+
+__all__ = ["dropped_markdown", "report_markdown", "search_markdown", "settings_text", "summary_text"]
+
+_VARIANTS_HEADER = (
+    "| variant | mAP50-95 | mAP50 | ΔAP | low-precision MACs % | ORT p50 ms | ORT p90 ms | ORT provider | "
+    "TRT GPU ms median / p90 | size MB | Q/DQ pairs | excluded nodes | quantized nodes | quantization |"
+)
+_SEARCH_HEADER = (
+    "| mode | ranking | K found | ΔAP at K | probes (K: ΔAP) | random controls at K: ΔAP mean ± sd "
+    "[min, max] | ranking beats chance by | how the search ended |"
+)
+
+
+def _fmt(value: float | None, spec: str, missing: str = "-") -> str:
+    return missing if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def settings_text(v: dict) -> str:
+    """A report.json row's quantization settings in a few words (the table's "quantization" column)."""
+    s = v.get("quant_settings")
+    if v["role"] in ("baseline", "fp32_repeat"):
+        return "-"
+    if not s:
+        return "unknown (no quantizer manifest)"
+    text = f"{s.get('quantize_mode')} {s.get('calibration_method')}, hp {s.get('high_precision_dtype')}"
+    if s.get("calibration_images") is not None:
+        text += f", {s['calibration_images']} calib imgs"
+    cand = v.get("candidate")
+    if cand and cand.get("scheme"):
+        text += f", {Path(cand['scheme']).name}"
+    if v.get("derived_from_full_model") and v.get("excluded_nodes"):
+        text += f"; full model with {v['excluded_nodes']} nodes' Q/DQ removed"
+    return text
+
+
+def _share_text(v: dict) -> str:
+    share = v.get("mac_share")
+    return "unknown" if share is None else f"{share * 100:.1f}"
+
+
+def _trt_text(v: dict) -> str:
+    trt = v.get("tensorrt") or {}
+    if trt.get("status") != "measured":
+        return "failed" if str(trt.get("status", "")).startswith("failed") else "not measured"
+    gpu = trt.get("gpu_compute_ms") or {}
+    return f"{_fmt(gpu.get('median'), '.3f')} / {_fmt(gpu.get('p90'), '.3f')} ({trt.get('precision')})"
+
+
+def _header_lines(report: dict) -> list[str]:
+    """The list of what the report is about, before the recommendation."""
+    ds = report["dataset"]
+    pp = ds["postprocess"]
+    id_range = ds["image_id_range"]
+    dropped = report.get("dropped")
+    return [
+        "# Low-bit variants: comparison report",
+        "",
+        f"- Dataset: **{ds['name']}**, {ds['num_images']} images"
+        + (f" (ids {id_range[0]}..{id_range[1]})" if id_range else "")
+        + f", annotations `{ds['ann_file']}` (sha256 {str(ds['ann_sha256'])[:12]})",
+        (
+            f"- Post-processing: {pp.get('mode')}, conf {pp.get('conf')}, max_det {pp.get('max_det')}, "
+            f"imgsz {pp.get('imgsz')}"
+        ),
+        (
+            f"- Baseline: {report['baseline']['label']} mAP50-95 {report['baseline']['map50_95']:.4f}; "
+            f"ΔAP = (mAP50-95 − baseline) × 100, AP points; budget: ΔAP ≥ −{report['budget_ap']:g} AP"
+        ),
+        (
+            f"- Cost used for the recommendation and the Pareto plot: {report['cost_axis']['description']}; "
+            "ORT latencies are listed with their provider but never rank variants (noisy, and they do not predict "
+            "TensorRT)"
+        ),
+        f"- TensorRT: {report['tensorrt']['status']}",
+        f"- Run dirs: {', '.join('`' + d + '`' for d in report['run_dirs'])}",
+        f"- Records left out: {len(dropped or [])}" + (" (see Dropped)" if dropped else ""),
+    ]
+
+
+def _variant_row(v: dict, recommended: str) -> str:
+    name = f"**{v['label']}** (recommended)" if v["label"] == recommended else v["label"]
+    lat = v["latency_ms"]
+    size = _fmt(v["model_bytes"] / 1e6 if v["model_bytes"] else None, ".2f", "unknown")
+    return (
+        f"| {name} | {v['map50_95']:.4f} | {v['map50']:.4f} | {v['delta_ap']:+.2f} | {_share_text(v)} | "
+        f"{_fmt(lat.get('p50'), '.2f')} | "
+        f"{_fmt(lat.get('p90'), '.2f')} | {short_provider(v['provider'])} | {_trt_text(v)} | {size} | "
+        f"{_fmt(v['qdq_pairs'], 'd')} | {_fmt(v['excluded_nodes'], 'd', 'unknown')} | "
+        f"{_fmt(v['num_quantized_nodes'], 'd', 'unknown')} | {settings_text(v)} |"
+    )
+
+
+def _sources_lines(variants: list[dict]) -> list[str]:
+    """The ``## Sources`` section: the files each row was read from."""
+    lines = [
+        "",
+        "## Sources",
+        "",
+        "Every number above is copied from the file named here (report.json keeps them all).",
+        "",
+        "| variant | metrics | model | quantizer manifest or candidate record |",
+        "|---|---|---|---|",
+    ]
+    for v in variants:
+        manifest = f"`{v['model_manifest']}`" if v["model_manifest"] else "-"
+        lines.append(f"| {v['label']} | `{v['metrics_path']}` | `{v['model_path']}` | " + manifest + " |")
+    return lines
+
+
+def report_markdown(report: dict, plot_name: str | None = PARETO_PLOT) -> str:
+    """``report.md``: recommendation, one table row per variant, sources and notes."""
+    rec = report["recommended"]
+    lines = _header_lines(report)
+    lines += ["", "## Recommendation", "", f"**{rec['variant']}** — {rec['reason']}.", ""]
+    lines += [
+        "## Variants",
+        "",
+        _VARIANTS_HEADER,
+        "|---|---:|---:|---:|---:|---:|---:|---|---|---:|---:|---:|---:|---|",
+    ]
+    lines += [_variant_row(v, rec["variant"]) for v in report["variants"]]
+    lines += search_markdown(report.get("search") or [])
+    lines += dropped_markdown(report.get("dropped") or [])
+    lines += _sources_lines(report["variants"])
+    if report["notes"]:
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in report["notes"]]
+    if plot_name:
+        lines += ["", f"![ΔAP vs cost and model size]({plot_name})"]
+        if report.get("search"):
+            lines += ["", f"![ΔAP vs K per mode]({SEARCH_PLOT})"]
+    return "\n".join(lines) + "\n"
+
+
+def search_markdown(searches: list[dict]) -> list[str]:
+    """The ``## Budget search`` section of report.md (empty when there was no search)."""
+    if not searches:
+        return []
+    intro = (
+        "Per mode, the smallest K (most sensitive nodes left in float) whose evaluated candidate is within "
+        f"the budget; every probe is an evaluation on the slice above. Curves: `{SEARCH_PLOT}`."
+    )
+    lines = ["", "## Budget search", "", intro, "", _SEARCH_HEADER, "|---|---|---:|---:|---|---|---:|---|"]
+    for s in searches:
+        probes = ", ".join(f"{p['k']}: {p['delta_ap']:+.2f}" for p in s["probes"])
+        rc = s["random_control"]
+        control = margin = "-"
+        if rc:
+            control = (
+                f"{-rc['mean_delta']:+.2f} ± {rc['sd_delta']:.2f} [{-rc['max_delta']:+.2f}, "
+                f"{-rc['min_delta']:+.2f}] ({len(rc['seeds'])} seeds)"
+            )
+            margin = f"{rc['margin_ap']:+.2f} AP ({'yes' if rc['beats_chance'] else 'no'})"
+        k = f"{s['k']}" if s["found"] else f"none ({s['k']} best)"
+        lines.append(
+            f"| {s['mode'].upper()} | {s['ranking']['method']} | {k} | {s['delta_ap']:+.2f} | {probes} | "
+            f"{control} | {margin} | {s['reason']} |"
+        )
+    return lines
+
+
+def dropped_markdown(dropped: list[dict]) -> list[str]:
+    """The ``## Dropped`` section of report.md: every record found and left out, and why (empty when none)."""
+    if not dropped:
+        return []
+    intro = "Found under the run dirs but not used: nothing above comes from these files."
+    lines = ["", "## Dropped", "", intro, "", "| file | reason |", "|---|---|"]
+    for d in dropped:
+        lines.append(f"| `{d['path']}` | {' '.join(d['reason'].split()).replace('|', '/')} |")
+    return lines
+
+
+def summary_text(report: dict, out_dir: Path) -> str:
+    """The console summary: one line per variant (the recommended one starred), the pick and what was left out."""
+    axis = report["latency_axis"]
+    ds = report["dataset"]
+    rows = [
+        f"report: {out_dir / 'report.md'} (+ report.json, pareto.png)",
+        (
+            f"{ds['name']}: {ds['num_images']} images; latency: {axis['description']}; "
+            f"TensorRT: {report['tensorrt']['status']}"
+        ),
+        f"  {'variant':<44} {'mAP50-95':>8} {'ΔAP':>7} {'p50 ms':>9} {'size MB':>8}",
+    ]
+    for v in report["variants"]:
+        lat = latency_on_axis(axis["source"], v.get("tensorrt"), v.get("latency_ms"))
+        size = f"{v['model_bytes'] / 1e6:.2f}" if v["model_bytes"] else "unknown"
+        mark = " *" if v["label"] == report["recommended"]["variant"] else ""
+        rows.append(
+            f"  {(v['label'] + mark)[:44]:<44} {v['map50_95']:>8.4f} {v['delta_ap']:>+7.2f} "
+            f"{('-' if lat is None else f'{lat:.2f}'):>9} {size:>8}"
+        )
+    rows.append(f"recommended (*): {report['recommended']['variant']} — {report['recommended']['reason']}")
+    if report["dropped"]:
+        rows.append(
+            f"left out ({len(report['dropped'])}, see report.md 'Dropped'): "
+            + ", ".join(d["path"] for d in report["dropped"])
+        )
+    return "\n".join(rows)

@@ -1,0 +1,230 @@
+"""The recommendation policy: which variant to ship within an accuracy budget, the latency every variant is compared
+on, and the Pareto front; pure functions over :class:`~lowbit.report_variant.Variant` rows.
+
+The rule (:func:`recommend`): among quantized variants (random controls excluded) that lose at most ``budget_ap``
+AP points (mAP50-95 x 100) against FP32, the fastest TensorRT GPU compute time when TensorRT was measured (latencies
+within ``latency_tie_pct`` % are timing noise: ties go to the more accurate variant; FP32 when the pick is not
+faster than FP32); without TensorRT, the largest share of Conv/MatMul MACs in low precision, then the more accurate.
+ONNX Runtime latencies are listed with their provider but never rank variants. FP32 when none is within budget.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+from lowbit.report_variant import Variant, short_provider
+
+__all__ = [
+    "DEFAULT_BUDGET_AP",
+    "DEFAULT_LATENCY_TIE_PCT",
+    "LatencyAxis",
+    "Recommendation",
+    "cost_axis",
+    "latency_axis",
+    "latency_on_axis",
+    "pareto_front",
+    "recommend",
+    "variant_latency",
+]
+
+DEFAULT_BUDGET_AP = 0.5  # AP points (mAP50-95 x 100) a quantized variant may lose against FP32
+# TensorRT latencies this close (%) to the fastest count as a tie, broken by accuracy: trtexec medians of one
+# engine rebuilt and re-timed differ by about 1-3 %, so smaller differences are timing noise.
+DEFAULT_LATENCY_TIE_PCT = 3.0
+_EPS = 1e-9  # float slack for the budget comparison
+
+
+@dataclass(frozen=True)
+class LatencyAxis:
+    """The one latency every variant is compared on: TensorRT GPU compute time, or ONNX Runtime p50."""
+
+    source: str  # "tensorrt" | "onnxruntime"
+    description: str
+    providers: tuple[str, ...] = ()  # the ORT providers timed (onnxruntime only)
+
+    def to_dict(self) -> dict[str, str]:
+        """report.json's ``latency_axis``: ``{source, description}``."""
+        return {"source": self.source, "description": self.description}
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """The variant to ship and why; the field order is report.json's ``recommended`` key order."""
+
+    cost_source: str | None  # what ranked the variants within budget: "tensorrt" | "mac_share" | None
+    mac_share: float | None  # the pick's low-precision MAC share, 0..1
+    variant: str  # the pick's label
+    metrics_path: str
+    reason: str
+    latency_source: str | None = None  # "tensorrt" | "onnxruntime" | None: the latency the pick was ranked on
+    latency_provider: str | None = None
+    latency_ms: float | None = None
+    within_budget: tuple[str, ...] = ()  # labels of the quantized variants within budget
+
+    def to_dict(self) -> dict[str, Any]:
+        """report.json's ``recommended``."""
+        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in fields(self)}
+
+
+def latency_on_axis(source: str, tensorrt: dict | None, latency_ms: dict | None, key: str = "p50") -> float | None:
+    """A latency on the axis ``source``, ms: the TensorRT median/p90 (None unless measured) or ORT p50/p90.
+
+    Takes the row's ``tensorrt`` and ``latency_ms`` so that a report.json row is read the same way as a
+    :class:`~lowbit.report_variant.Variant`.
+    """
+    if source == "tensorrt":
+        trt = tensorrt or {}
+        if trt.get("status") != "measured":
+            return None
+        return (trt.get("gpu_compute_ms") or {}).get("median" if key == "p50" else key)
+    return (latency_ms or {}).get(key)
+
+
+def variant_latency(v: Variant, axis: LatencyAxis, key: str = "p50") -> float | None:
+    """Latency of ``v`` on ``axis``: TensorRT median/p90 or ORT p50/p90, ms."""
+    return latency_on_axis(axis.source, v.tensorrt, v.latency_ms, key)
+
+
+def latency_axis(variants: Sequence[Variant]) -> LatencyAxis:
+    """The one latency every variant is compared on: TensorRT GPU compute time when measured for all, else ORT p50."""
+    if variants and all(latency_on_axis("tensorrt", v.tensorrt, None) is not None for v in variants):
+        return LatencyAxis("tensorrt", "TensorRT GPU compute time (trtexec median)")
+    providers = sorted({v.provider for v in variants if v.provider})
+    described = ", ".join(short_provider(p) for p in providers) or "unknown provider"
+    return LatencyAxis("onnxruntime", f"ONNX Runtime session.run p50 ({described})", tuple(providers))
+
+
+def cost_axis(axis: LatencyAxis) -> dict[str, str]:
+    """What ranks the variants within budget and is the Pareto plot's x: TensorRT latency, else the MAC share."""
+    if axis.source == "tensorrt":
+        return {"source": "tensorrt", "description": axis.description}
+    return {
+        "source": "mac_share",
+        "description": "share of Conv/MatMul/Gemm MACs left in float, % (lower is faster "
+        "under TensorRT; from the graph, lowbit.mac_share)",
+    }
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Points not beaten in both x (lower is better) and y (higher is better), sorted by x."""
+    front, best_y = [], -float("inf")
+    for x, y in sorted(points, key=lambda p: (p[0], -p[1])):
+        if y > best_y:
+            front.append((x, y))
+            best_y = y
+    return front
+
+
+def _recommendation(
+    pick: Variant,
+    reason: str,
+    axis: LatencyAxis | None = None,
+    within: list[Variant] | None = None,
+    cost_source: str | None = None,
+) -> Recommendation:
+    """The recommendation of ``pick``."""
+    provider = None
+    if axis is not None:
+        provider = "TensorRT (trtexec GPU compute time)" if axis.source == "tensorrt" else pick.provider
+    return Recommendation(
+        cost_source=cost_source,
+        mac_share=pick.mac_share,
+        variant=pick.label,
+        metrics_path=pick.metrics_path,
+        reason=reason,
+        latency_source=axis.source if axis else None,
+        latency_provider=provider,
+        latency_ms=variant_latency(pick, axis) if axis else None,
+        within_budget=tuple(v.label for v in (within or [])),
+    )
+
+
+def _fastest_within(
+    within: list[Variant], timed: list[Variant], axis: LatencyAxis, budget_ap: float, latency_tie_pct: float
+) -> tuple[Variant, list[str]]:
+    """The fastest timed variant (ties within ``latency_tie_pct`` % go to the most accurate) and the reason text."""
+    fastest = min(variant_latency(v, axis) for v in timed)
+    tied = [v for v in timed if variant_latency(v, axis) <= fastest * (1.0 + latency_tie_pct / 100.0)]
+    pick = min(tied, key=lambda v: (-v.map50_95, variant_latency(v, axis), v.label))
+    where = "TensorRT GPU compute time" if axis.source == "tensorrt" else f"{short_provider(pick.provider)} p50"
+    parts = [
+        (
+            f"{pick.label} is the fastest of the {len(within)} quantized variant(s) within the {budget_ap:g} AP "
+            f"budget ({variant_latency(pick, axis):.2f} ms {where}, ΔAP {pick.delta_ap:+.2f})"
+        )
+    ]
+    others = [v.label for v in tied if v is not pick]
+    if others:
+        parts.append(
+            f"{', '.join(others)} ran within {latency_tie_pct:g}% of the fastest and {pick.label} is the most "
+            "accurate of them"
+        )
+    return pick, parts
+
+
+def _by_mac_share(within: list[Variant], budget_ap: float) -> tuple[Variant, str]:
+    """Most MACs in low precision first, then the most accurate; never ORT latency."""
+
+    def key(v: Variant) -> tuple:
+        share = v.mac_share
+        return (-(share if share is not None else -1.0), -v.map50_95, v.label)
+
+    ranked = sorted(within, key=key)
+    pick = ranked[0]
+    share = pick.mac_share
+    share_text = "unknown" if share is None else f"{share * 100:.1f}%"
+    reason = (
+        f"{pick.label} runs the largest share of its Conv/MatMul MACs in low precision ({share_text}) of the "
+        f"{len(within)} quantized variant(s) within the {budget_ap:g} AP budget (ΔAP {pick.delta_ap:+.2f}); "
+        "equal shares go to the more accurate. TensorRT was not measured, so variants are ranked by "
+        "low-precision MAC share, which predicts TensorRT speed, not by ONNX Runtime latency, which does not"
+    )
+    return pick, reason
+
+
+def recommend(
+    variants: Sequence[Variant],
+    budget_ap: float = DEFAULT_BUDGET_AP,
+    latency_tie_pct: float = DEFAULT_LATENCY_TIE_PCT,
+) -> Recommendation:
+    """Pick the variant to ship; ORT latencies never decide (they are noisy and do not predict TensorRT).
+
+    Rule: among quantized variants (random controls excluded) with ``delta_ap >= -budget_ap``:
+
+    * TensorRT measured for them and the baseline: the fastest TensorRT GPU compute time; latencies
+      within ``latency_tie_pct`` % of the fastest are ties (timing noise) and the most accurate of them
+      wins; FP32 when the pick is not faster than FP32;
+    * otherwise: the largest low-precision MAC share (``mac_share``), then the most accurate.
+
+    FP32 is recommended when no quantized variant is within budget.
+    """
+    baseline = next(v for v in variants if v.role == "baseline")
+    quantized = [v for v in variants if v.role == "quantized"]
+    if not quantized:
+        return _recommendation(baseline, f"{baseline.label}: no quantized variant was evaluated")
+    within = [v for v in quantized if v.delta_ap >= -budget_ap - _EPS]
+    if not within:
+        best = max(quantized, key=lambda v: v.delta_ap)
+        return _recommendation(
+            baseline,
+            f"no quantized variant stays within the {budget_ap:g} AP budget: the most accurate, {best.label}, "
+            f"loses {-best.delta_ap:.2f} AP (mAP50-95 {best.map50_95:.4f} vs {baseline.map50_95:.4f}); "
+            f"keep {baseline.label}",
+        )
+    axis = latency_axis(within + [baseline])
+    if axis.source != "tensorrt":
+        pick, reason = _by_mac_share(within, budget_ap)
+        return _recommendation(pick, reason, None, within, "mac_share")
+    pick, parts = _fastest_within(within, within, axis, budget_ap, latency_tie_pct)
+    pick_ms, base_ms = variant_latency(pick, axis), variant_latency(baseline, axis)
+    if base_ms is not None and pick_ms >= base_ms:
+        reason = (
+            f"{parts[0]}, but it is not faster than {baseline.label} ({pick_ms:.2f} vs {base_ms:.2f} ms "
+            f"TensorRT GPU compute time); keep {baseline.label}"
+        )
+        return _recommendation(baseline, reason, axis, within, "tensorrt")
+    if base_ms is not None:
+        parts.append(f"{base_ms / pick_ms:.2f}x faster than {baseline.label} ({base_ms:.2f} ms)")
+    return _recommendation(pick, "; ".join(parts), axis, within, "tensorrt")
