@@ -39,6 +39,7 @@ __all__ = [
     "ApInterval",
     "ImageMatches",
     "PairedDelta",
+    "PairedReference",
     "ap_ci",
     "bootstrap_weights",
     "match_images",
@@ -327,21 +328,43 @@ def paired_delta_ci_from_matches(
         UserError: the two matchings are on different images, or bad ``n_boot``/``confidence``.
     """
     _check(n_boot, confidence)
-    if reference.image_ids != variant.image_ids:
-        raise UserError("the two models were matched on different image ids; pass the same list", flag="image_ids")
-    weights = bootstrap_weights(len(reference.image_ids), n_boot, seed)
-    deltas = (weighted_map(variant, weights) - weighted_map(reference, weights)) * 100.0
-    low, high, std_error = _interval(deltas, confidence)
-    return PairedDelta(
-        delta_ap=(variant.map50_95 - reference.map50_95) * 100.0,
-        ci_low=low,
-        ci_high=high,
-        std_error=std_error,
-        n_images=len(reference.image_ids),
-        n_boot=n_boot,
-        confidence=confidence,
-        seed=seed,
-    )
+    return PairedReference(reference, n_boot, seed).delta(variant, confidence)
+
+
+class PairedReference:
+    """A reference model's bootstrap replicates, computed once and paired with any number of variants.
+
+    ``PairedReference(reference, n_boot, seed).delta(variant, confidence)`` equals
+    ``paired_delta_ci_from_matches(reference, variant, n_boot, confidence, seed)`` exactly (the same
+    weights, the same arithmetic); only the reference's replicates are not recomputed per variant.
+
+    Raises:
+        UserError: bad ``n_boot`` (here) or ``confidence`` (in :meth:`delta`), or a variant matched on other images.
+    """
+
+    def __init__(self, reference: ImageMatches, n_boot: int = 1000, seed: int = 0):
+        _check(n_boot, 0.95)
+        self.reference, self.n_boot, self.seed = reference, n_boot, seed
+        self.weights = bootstrap_weights(len(reference.image_ids), n_boot, seed)
+        self.reference_maps = weighted_map(reference, self.weights)
+
+    def delta(self, variant: ImageMatches, confidence: float = 0.95) -> PairedDelta:
+        """Paired ΔAP (variant − reference), AP points, with its ``confidence`` percentile interval."""
+        _check(self.n_boot, confidence)
+        if self.reference.image_ids != variant.image_ids:
+            raise UserError("the two models were matched on different image ids; pass the same list", flag="image_ids")
+        deltas = (weighted_map(variant, self.weights) - self.reference_maps) * 100.0
+        low, high, std_error = _interval(deltas, confidence)
+        return PairedDelta(
+            delta_ap=(variant.map50_95 - self.reference.map50_95) * 100.0,
+            ci_low=low,
+            ci_high=high,
+            std_error=std_error,
+            n_images=len(self.reference.image_ids),
+            n_boot=self.n_boot,
+            confidence=confidence,
+            seed=self.seed,
+        )
 
 
 def paired_delta_ci(

@@ -7,7 +7,9 @@ no K is evaluated twice (every result is cached).
 
 Units: ``baseline`` (FP32 accuracy), ``evaluate``'s return and ``budget`` share one unit. The
 project passes AP points, i.e. COCO mAP@0.5:0.95 x 100 (``--budget-ap 0.5`` = half an AP point).
-``delta = baseline - map``; a candidate meets the budget when ``delta <= budget``.
+``delta = baseline - map``; a candidate meets the budget when ``delta <= budget``, or, with ``std_error`` and
+``z`` given, when ``delta + z * std_error(K) <= budget``: the one-sided upper confidence bound of the loss
+(``z = Φ⁻¹(confidence)``, ``std_error`` a paired standard error of the loss over images) is within the budget.
 
 Search (lowest-bracket bisection)
 ---------------------------------
@@ -49,12 +51,15 @@ DEFAULT_MAX_PROBES = 12
 
 @dataclass
 class Probe:
-    """One evaluated candidate: ``k`` float layers, its ``map`` and ``delta = baseline - map`` (same units)."""
+    """One evaluated candidate: ``k`` float layers, its ``map`` and ``delta = baseline - map`` (same units);
+    ``std_error`` of ``delta`` (None when not measured) and ``margin = z * std_error`` (0 without)."""
 
     k: int
     map: float
     delta: float
     meets: bool
+    std_error: float | None = None
+    margin: float = 0.0
 
 
 @dataclass
@@ -131,16 +136,18 @@ def _validate(
 class _Cache:
     """Evaluations by K; refuses to evaluate a K twice or to exceed the probe budget."""
 
-    def __init__(self, evaluate, baseline, budget, max_probes, known, parallel=1):
+    def __init__(self, evaluate, baseline, budget, max_probes, known, parallel=1, std_error=None, z=0.0):
         self.evaluate, self.baseline, self.budget, self.max_probes = evaluate, baseline, budget, max_probes
-        self.parallel = int(parallel)
+        self.parallel, self.std_error, self.z = int(parallel), std_error, float(z)
         self.known = [self._point(k, m) for k, m in sorted(known.items())]
         self.points: dict[int, Probe] = {p.k: p for p in self.known}
         self.probes: list[Probe] = []
 
     def _point(self, k: int, value: float) -> Probe:
         delta = self.baseline - float(value)
-        return Probe(int(k), float(value), delta, delta <= self.budget)
+        se = None if self.std_error is None else float(self.std_error(int(k)))
+        margin = 0.0 if se is None else self.z * se
+        return Probe(int(k), float(value), delta, delta + margin <= self.budget, se, margin)
 
     @property
     def exhausted(self) -> bool:
@@ -243,6 +250,8 @@ def search_smallest_k(
     seed_ks: Iterable[int] = (),
     known: dict[int, float] | None = None,
     parallel: int = 1,
+    std_error: Callable[[int], float] | None = None,
+    z: float = 0.0,
 ) -> SearchResult:
     """Find the smallest K in ``0..ks_max`` whose evaluated loss ``baseline - evaluate(K)`` is within ``budget``.
 
@@ -258,6 +267,9 @@ def search_smallest_k(
         known: ``{K: accuracy}`` already evaluated elsewhere; used as cached points, never re-run.
         parallel: Ks probed per round, ``evaluate`` called from that many threads at once (it must
             be thread-safe then); 1 is plain bisection.
+        std_error: ``K -> standard error of delta(K)``, called once per point after ``evaluate(K)`` (and for
+            each ``known`` K) in the calling thread; None: points are judged by ``delta`` alone.
+        z: with ``std_error``, a point meets the budget when ``delta + z * std_error(K) <= budget``.
 
     Returns:
         A :class:`SearchResult` (see the module docstring for the algorithm).
@@ -269,7 +281,7 @@ def search_smallest_k(
     known = dict(known or {})
     seed_ks = list(seed_ks)
     _validate(ks_max, budget, max_probes, seed_ks, known, parallel)
-    cache = _Cache(evaluate, float(baseline), float(budget), int(max_probes), known, parallel)
+    cache = _Cache(evaluate, float(baseline), float(budget), int(max_probes), known, parallel, std_error, z)
     cache.probe(0)
     if cache.points[0].meets:
         return _result(cache, ks_max, "K=0 (every node quantized) already meets the budget", False)

@@ -73,6 +73,7 @@ class EvalConfig:
     # Probes only need accuracy: cuDNN's heuristic pick skips the seconds of algorithm benchmarking per
     # candidate session (6.6 s -> 3.0 s first run for the INT8 demo model on an H200, same p50).
     cudnn_conv_algo_search: str = "HEURISTIC"
+    skip_images: int = 0  # image ids left out before max_images counts (a confirmation slice)
 
     def record(self) -> dict[str, Any]:
         out = asdict(self)
@@ -87,6 +88,7 @@ class EvalConfig:
             onnx_path=onnx_path,
             data_root=self.data_root,
             max_images=self.max_images,
+            skip_images=self.skip_images,
             providers=list(self.providers),
             warmup_runs=self.warmup_runs,
             skip_latency=self.skip_latency,
@@ -139,7 +141,9 @@ def dataset_key(evaluation: EvalConfig, flag: str = "--data-root") -> DatasetKey
 
     _, ann_file, ann_flag = resolve_data_paths(evaluation.eval_settings(Path("model.onnx")))
     coco = load_coco(ann_file, ann_flag)
-    return DatasetKey(ann_file, sha256_file(ann_file), tuple(select_image_ids(coco, evaluation.max_images)))
+    return DatasetKey(
+        ann_file, sha256_file(ann_file), tuple(select_image_ids(coco, evaluation.max_images, evaluation.skip_images))
+    )
 
 
 @dataclass
@@ -238,6 +242,8 @@ class CandidateStore:
             candidate is built in the calling thread and evaluated in a worker process.
         dataset: the evaluation slice by content (None: read from ``evaluation`` on first use).
         full_sha256: sha256 of ``full_model`` when the caller has it (None: computed on first use).
+        slice_tag: evaluate on another image slice (e.g. ``confirm``): the models are the same files as
+            without it, the metrics go to ``<name>-<tag>-coco/`` with the record beside them.
     """
 
     def __init__(
@@ -253,6 +259,7 @@ class CandidateStore:
         executor=None,
         dataset: DatasetKey | None = None,
         full_sha256: str | None = None,
+        slice_tag: str = "",
     ):
         if build not in BUILDS:
             raise UserError(f"--build must be one of {', '.join(BUILDS)}, got {build!r}", flag="--build")
@@ -260,7 +267,7 @@ class CandidateStore:
             raise UserError("--build requantize needs the FP32 model and calibration tensor", flag="--calib-path")
         self.run_root, self.mode, self.stem = Path(run_root), mode, model_stem
         self.full_model, self.evaluation, self.build, self.requantize = Path(full_model), evaluation, build, requantize
-        self.suffix = suffix
+        self.suffix, self.slice_tag = suffix, slice_tag
         self.executor = executor  # a process pool: evaluations run there, so that several run at once
         self._full_sha: str | None = full_sha256
         self._dataset: DatasetKey | None = dataset
@@ -284,6 +291,8 @@ class CandidateStore:
         """``(name, model path, metrics path)`` of a candidate."""
         name = candidate_name(self.mode, k, random_seed) + self.suffix
         model, metrics = candidate_files(self.run_root, self.stem, name)
+        if self.slice_tag:
+            metrics = self.run_root / f"{name}-{self.slice_tag}-coco" / "metrics.json"
         if k == 0 and self.build == "full":
             model = self.full_model  # nothing to remove: the full model is the K=0 candidate
         elif model.resolve() == Path(self.full_model).resolve():  # a rebuild never overwrites the search's input
@@ -345,7 +354,9 @@ class CandidateStore:
         k = len(nodes)
         name, model, metrics = self.paths(k, random_seed)
         record_path = inputs_record_path(model)
-        if model == self.full_model:  # K=0 of a full build: the record must not pass for the full model's own
+        if self.slice_tag:  # the model's own record describes its search-slice evaluation
+            record_path = metrics.parent / "candidate.inputs.json"
+        elif model == self.full_model:  # K=0 of a full build: the record must not pass for the full model's own
             record_path = inputs_record_path(candidate_files(self.run_root, self.stem, name)[0])
         build, evaluation = self._build_record(nodes), self.evaluation.content(self.dataset)
         why = self.stale_reason(record_path, model, metrics, build, evaluation)
@@ -356,7 +367,8 @@ class CandidateStore:
             return Evaluated(name, k, list(nodes), random_seed, ap, model, metrics, True, *shas)
         log.info("%s: %s; building and evaluating it", name, why)
         record_path.unlink(missing_ok=True)  # a failed rebuild must not leave the old record looking current
-        if model != self.full_model:
+        # another slice's store evaluates the model the search slice's store has just built or checked
+        if model != self.full_model and not (self.slice_tag and model.is_file()):
             self._write_model(nodes, model)
         log.info("%s: evaluating %s (%d nodes in float)", name, model, k)
         scored, model_sha, metrics_sha = self._evaluate(name, model, metrics)

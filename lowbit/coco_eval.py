@@ -125,9 +125,10 @@ def category_mapping(coco) -> tuple[list[int], list[str]]:
     return [int(c["id"]) for c in cats], [str(c.get("name", c["id"])) for c in cats]
 
 
-def select_image_ids(coco, max_images: int | None) -> list[int]:
-    """The first ``max_images`` image ids in ascending order (all when None or larger than the set)."""
-    ids = sorted(int(i) for i in coco.getImgIds())
+def select_image_ids(coco, max_images: int | None, skip: int = 0) -> list[int]:
+    """The image ids in ascending order, the first ``skip`` left out, then the first ``max_images`` of the rest
+    (all when None or larger than what is left)."""
+    ids = sorted(int(i) for i in coco.getImgIds())[skip:]
     return ids if max_images is None else ids[:max_images]
 
 

@@ -15,7 +15,7 @@ The evaluator runs four stages, each timed (the shape of ultralytics' validator)
 4. **score**: COCO bbox metrics on the evaluated image ids (:func:`lowbit.coco_eval.evaluate_bbox`,
    faster-coco-eval).
 
-Images are the first ``max_images`` ids of the annotation file in ascending order.
+Images are the first ``max_images`` ids of the annotation file in ascending order, after the first ``skip_images``.
 
 Outputs, all in the folder of ``out`` (default ``tmp/yolov10m_onnx_coco/<time>/metrics.json``):
 
@@ -26,7 +26,7 @@ Outputs, all in the folder of ``out`` (default ``tmp/yolov10m_onnx_coco/<time>/m
     - ``model``: ``path``, ``sha256``, ``input`` {name, shape, dtype}, ``output`` {name, shape,
       layout, num_classes}, ``qdq`` {qdq_pairs, quant_dtypes, is_fp8, is_qdq}
     - ``dataset``: ``images_dir``, ``ann_file``, ``ann_sha256``, ``num_images_in_set``,
-      ``max_images``, ``num_images_selected``, ``num_images_evaluated``, ``image_ids`` (evaluated,
+      ``max_images``, ``skip_images``, ``num_images_selected``, ``num_images_evaluated``, ``image_ids`` (evaluated,
       ascending), ``num_images_skipped``, ``images_skipped`` [{id, file, reason}],
       ``num_categories``, ``category_ids``, ``notes``
     - ``postprocess``: ``mode`` ("topk" | "nms" | "end2end"), ``conf``, ``iou`` (NMS only),
@@ -52,6 +52,7 @@ Outputs, all in the folder of ``out`` (default ``tmp/yolov10m_onnx_coco/<time>/m
     - ``timing_s``: the stages ``prepare`` (``session_create`` of it), ``warmup``, ``infer``,
       ``postprocess`` (summed; it overlaps ``infer``), ``score``, and ``total``
     - ``args`` (the :class:`EvalSettings`), ``versions``
+    - ``detections_sha256``: sha256 of the ``detections.json`` written beside it (readers check it)
     - ``warnings``: conditions that make the numbers untrustworthy, e.g. float16 QuantizeLinear
       inputs on an onnxruntime CPU EP that rounds them toward zero (``lowbit.qdq_inspect``)
 * ``detections.json``: plain COCO result records [{image_id, category_id, bbox [x,y,w,h], score}].
@@ -83,7 +84,7 @@ from lowbit.evaluate_prepare import (
 )
 from lowbit.evaluate_record import SCRIPT, build_record, latency_provider, settings_dict
 from lowbit.logs import get_logger, log_to_file
-from lowbit.runs import REPO_ROOT, atomic_write_json, atomic_write_records, manifest_run, new_run_dir
+from lowbit.runs import REPO_ROOT, atomic_write_json, atomic_write_records, manifest_run, new_run_dir, sha256_file
 
 __all__ = [
     "DEFAULT_WORKERS",
@@ -311,6 +312,7 @@ def _score_and_write(plan: EvalPlan, loop: EvalLoop, manifest, timing_s: dict, t
         log.warning("no latency sample left: %d timed runs, --skip-latency %d", runs, skip)
     detections_path = plan.out.parent / "detections.json"
     atomic_write_records(detections_path, loop.records)
+    record["detections_sha256"] = sha256_file(detections_path)  # what the per-image intervals may read
     atomic_write_json(plan.out, record)  # last: its presence means the run completed
     manifest.add_output("metrics", plan.out)
     manifest.add_output("detections", detections_path)

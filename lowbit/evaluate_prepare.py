@@ -51,7 +51,8 @@ class EvalSettings:
     data_root: Path = Path("datasets/coco2017/source-data")  # holds val2017/ and annotations/
     images_dir: Path | None = None  # None: DATA_ROOT/val2017
     ann_file: Path | None = None  # None: DATA_ROOT/annotations/instances_val2017.json
-    max_images: int | None = None  # first N image ids, ascending; None: all
+    max_images: int | None = None  # first N image ids, ascending (after skip_images); None: all
+    skip_images: int = 0  # image ids (ascending) left out before max_images counts
     providers: list[str] = field(default_factory=lambda: ["CPUExecutionProvider"])  # ORT EPs, in priority order
     disable_cpu_fallback: bool = False  # fail if any node would run on the CPU EP
     cudnn_conv_algo_search: str = "EXHAUSTIVE"  # CUDA EP: EXHAUSTIVE | HEURISTIC (lowbit.ort_session.provider_options)
@@ -101,6 +102,7 @@ def validate_settings(s: EvalSettings) -> None:
 
     checks = [
         ("--max-images", s.max_images is None or s.max_images >= 1, f"must be >= 1, got {s.max_images}"),
+        ("--skip-images", s.skip_images >= 0, f"must be >= 0, got {s.skip_images}"),
         ("--warmup-runs", s.warmup_runs >= 0, f"must be >= 0, got {s.warmup_runs}"),
         ("--skip-latency", s.skip_latency >= 0, f"must be >= 0, got {s.skip_latency}"),
         ("--conf", 0.0 <= s.conf < 1.0, f"must be in [0, 1), got {s.conf}"),
@@ -209,16 +211,26 @@ def _load_dataset(s: EvalSettings) -> EvalPlan:
     coco = coco_eval.load_coco(ann_file, ann_flag)
     category_ids, _ = coco_eval.category_mapping(coco)
     all_ids = coco_eval.select_image_ids(coco, None)
-    selected = coco_eval.select_image_ids(coco, s.max_images)
+    selected = coco_eval.select_image_ids(coco, s.max_images, s.skip_images)
+    if not selected:
+        raise UserError(
+            f"--skip-images: {ann_file} has {len(all_ids)} images; skipping {s.skip_images} leaves none to evaluate",
+            flag="--skip-images",
+        )
     if not any(coco.imgToAnns.get(i) for i in selected):
         raise UserError(
-            f"--max-images: none of the first {len(selected)} images of {ann_file} has an annotation; "
+            f"--max-images: none of the {len(selected)} selected images of {ann_file} has an annotation; "
             "there is no ground truth to score against (raise --max-images)",
             flag="--max-images",
         )
     notes = []
-    if s.max_images is not None and s.max_images > len(all_ids):
-        notes.append(f"--max-images {s.max_images} is larger than the set; using all {len(all_ids)} images")
+    if s.max_images is not None and s.max_images > len(all_ids) - s.skip_images:
+        left = f"the {len(all_ids) - s.skip_images} images after --skip-images {s.skip_images}"
+        notes.append(
+            f"--max-images {s.max_images} is larger than the set; using all {len(all_ids)} images"
+            if not s.skip_images
+            else f"--max-images {s.max_images} is larger than {left}; using those {len(selected)}"
+        )
     images_flag = "--images-dir" if s.images_dir else "--data-root"
     plan = EvalPlan(
         s, onnx_path, images_dir, ann_file, images_flag, coco, category_ids, len(all_ids), selected, [], [], notes, out

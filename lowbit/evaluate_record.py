@@ -79,6 +79,7 @@ def _dataset_section(plan: EvalPlan, loop: EvalLoop, ann_sha: str) -> dict:
         "ann_sha256": ann_sha,
         "num_images_in_set": plan.num_images_in_set,
         "max_images": plan.settings.max_images,
+        "skip_images": plan.settings.skip_images,
         "num_images_selected": len(plan.selected),
         "num_images_evaluated": len(loop.evaluated_ids),
         "image_ids": sorted(loop.evaluated_ids),

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from lowbit.logs import setup_logging
-from lowbit.pipeline_settings import calib_list_images, is_generated_demo_data, k_choice
+from lowbit.pipeline_settings import calib_list_images, confirms, is_generated_demo_data, k_choice
 from lowbit.pipeline_steps import (
     CalibListSettings,
     CalibSettings,
@@ -37,6 +37,7 @@ __all__ = [
     "SENSITIVITY_PROVIDERS",
     "base_steps",
     "calib_path",
+    "confirm_baseline_path",
     "dataset_step",
     "full_model_path",
     "mode_steps",
@@ -54,17 +55,24 @@ def calib_path(args: argparse.Namespace, run: Path) -> Path:
     return run / "calib" / f"calib_{args.model_name}_{args.imgsz}.npy"
 
 
+def confirm_baseline_path(run: Path) -> Path:
+    """FP32 metrics on the confirmation slice."""
+    return run / "baseline-confirm-coco" / "metrics.json"
+
+
 def full_model_path(args: argparse.Namespace, run: Path, mode: str) -> Path:
     """The mode's calibrated Q/DQ model with every node quantized: the int8 step's, or the fp8 step's."""
     name = f"{args.model_name}-int8-qdq.onnx" if mode == "int8" else f"{args.model_name}-fp8-k0.onnx"
     return run / "onnx" / name
 
 
-def _eval(args: argparse.Namespace, model: Path, out: Path) -> EvalSettings:
+def _eval(args: argparse.Namespace, model: Path, out: Path, confirm: bool = False) -> EvalSettings:
+    """``model`` on the evaluation slice, or (``confirm``) on the confirmation slice."""
     return EvalSettings(
         onnx_path=model,
         data_root=args.data_root,
-        max_images=args.max_images,
+        max_images=args.confirm_images if confirm else args.max_images,
+        skip_images=args.confirm_skip if confirm else None,
         providers=args.providers,
         imgsz=args.imgsz,
         out=out,
@@ -96,9 +104,13 @@ def base_steps(args: argparse.Namespace, run: Path) -> list[Step]:
         steps.append(dataset_step(args))
     smoke = SmokeSettings(model=args.onnx_path, output_root=run / "baseline-onnx", providers=args.providers)
     steps += [smoke.step("smoke"), _eval(args, args.onnx_path, run / "baseline-coco" / "metrics.json").step("baseline")]
+    if confirms(args):  # FP32 on the images the searches confirm their picks on
+        steps.append(_eval(args, args.onnx_path, confirm_baseline_path(run), confirm=True).step("baseline-confirm"))
     if not args.calib_list.is_file():
+        # a list drawn here comes after the evaluation slice and the confirmation slice
+        skip = max(args.max_images, args.confirm_skip + args.confirm_images) if confirms(args) else args.max_images
         calib_list = CalibListSettings(
-            data_root=args.data_root, eval_max_images=args.max_images, num=CALIB_LIST_SIZE, out=args.calib_list
+            data_root=args.data_root, eval_max_images=skip, num=CALIB_LIST_SIZE, out=args.calib_list
         )
         steps.append(calib_list.step("calib-list"))
     images = calib_list_images(args, [out for step in steps for out in step.outputs])
@@ -160,6 +172,10 @@ def search_steps(args: argparse.Namespace, run: Path, mode: str) -> list[Step]:
         imgsz=args.imgsz,
         k0_metrics=run / "int8-coco" / "metrics.json" if mode == "int8" else None,  # INT8 K=0 is the int8-eval step
         random_band=args.random_band,
+        confidence=args.confidence,
+        confirm_baseline_metrics=confirm_baseline_path(run) if confirms(args) else None,
+        confirm_images=args.confirm_images if confirms(args) else None,
+        confirm_skip=args.confirm_skip if confirms(args) else None,
         calib_path=calib_path(args, run) if requantize else None,
         calibration_eps=args.calibration_eps if requantize else None,
         high_precision_dtype=args.search_high_precision_dtype if requantize else None,
@@ -215,7 +231,9 @@ def plan(args: argparse.Namespace, run: Path) -> list[Step]:
     # the report reads every evaluation: the metrics files, and the searches' and candidates' records with the
     # models and metrics they name
     evaluated = [
-        s.outputs[0] for s in steps if s.name in ("baseline", "int8-eval") or s.family in ("candidates", "search")
+        s.outputs[0]
+        for s in steps
+        if s.name in ("baseline", "baseline-confirm", "int8-eval") or s.family in ("candidates", "search")
     ]
     records = [s.outputs[0] for s in steps if s.family in ("candidates", "search")]
     report = ReportSettings(

@@ -19,6 +19,7 @@ from lowbit.budget_search import default_max_probes
 from lowbit.errors import UserError
 from lowbit.ort_providers import MODELOPT_CALIBRATION_EPS
 from lowbit.pipeline_steps import dataset_files
+from lowbit.search_confirm import DEFAULT_CONFIDENCE
 from lowbit.steps import inside
 
 __all__ = [
@@ -30,9 +31,11 @@ __all__ = [
     "Preset",
     "add_workflow_arguments",
     "calib_list_images",
+    "check_confirmation_slice",
     "check_inputs",
     "check_model_input",
     "check_settings",
+    "confirms",
     "is_generated_demo_data",
     "k_choice",
     "resolve_args",
@@ -50,6 +53,8 @@ class Preset:
     calib_list: Path
     max_images: int
     run_id: str
+    confirm_images: int  # images of the confirmation slice (0: none)
+    confirm_skip: int  # image ids before it: the evaluation slice and the calibration images
 
 
 # The demo preset is what a fresh clone runs offline; yolov10m is the model card's paths (a user-provided
@@ -62,6 +67,8 @@ PRESETS = {
         calib_list=Path("datasets/quantize-calib/demo_shapes_calib100.txt"),
         max_images=500,
         run_id="demo",
+        confirm_images=500,
+        confirm_skip=600,  # ids 1..500 evaluation, 501..600 calibration, 601..1100 confirmation
     ),
     "yolov10m": Preset(
         onnx_path=Path("models/cv-models/yolov10m/checkpoints/yolov10m.onnx"),
@@ -70,6 +77,8 @@ PRESETS = {
         calib_list=Path("datasets/quantize-calib/quant100.txt"),
         max_images=100,
         run_id="yolov10m",
+        confirm_images=500,
+        confirm_skip=100,  # val2017 ids after the evaluation slice (the calibration list is checked not to overlap)
     ),
 }
 # --force takes a step's name or its family's (sensitivity, search, schemes, candidates: one step per mode)
@@ -77,6 +86,7 @@ STEP_NAMES = (
     "dataset",
     "smoke",
     "baseline",
+    "baseline-confirm",
     "calib-list",
     "calib",
     "int8",
@@ -98,6 +108,9 @@ SCOPED_FLAGS = {
     "max_probes": ("--max-probes", "search"),
     "parallel_probes": ("--parallel-probes", "search"),
     "candidate_build": ("--candidate-build", "search"),
+    "confidence": ("--confidence", "search"),
+    "confirm_images": ("--confirm-images", "search"),
+    "confirm_skip": ("--confirm-skip", "search"),
     "ks": ("--ks", "modes"),
     "random_control": ("--random-control", "ks"),
     "sensitivity": ("--sensitivity", "modes"),
@@ -203,6 +216,24 @@ def _add_plan_arguments(parser: argparse.ArgumentParser) -> None:
         help="AP points a variant may lose against FP32: the search's target and the recommendation's budget",
     )
     add(
+        "--confidence",
+        type=float,
+        help="search: how sure 'within budget' must be; a K counts when its loss + z(confidence) x its paired "
+        "standard error (bootstrap over the images) is within --budget-ap (None: 0.8; 0.5 = the point estimate)",
+    )
+    add(
+        "--confirm-images",
+        type=int,
+        help="search: images of the confirmation slice, never seen by the search; the pick must hold there "
+        "(0: no confirmation; preset: 500)",
+    )
+    add(
+        "--confirm-skip",
+        type=int,
+        help="search: image ids (ascending) before the confirmation slice, at least --max-images (preset: demo 600 "
+        "= 500 evaluation + 100 calibration, yolov10m 100)",
+    )
+    add(
         "--jobs",
         type=int,
         help="steps run at once when they do not depend on each other, e.g. the FP8 branch beside INT8's "
@@ -226,6 +257,9 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
             setattr(args, key, getattr(preset, key))
     if args.max_images is None:
         args.max_images = preset.max_images
+    for key in ("confirm_images", "confirm_skip"):
+        if getattr(args, key) is None:
+            setattr(args, key, getattr(preset, key))
     if args.run_id is None:
         args.run_id = preset.run_id
     # Output files are named after the model: the card's checkpoint yolov10m.onnx gives the card's names.
@@ -240,7 +274,13 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         args.max_probes = default_max_probes(args.parallel_probes)
     if args.sensitivity_images is None:
         args.sensitivity_images = DEFAULT_SENSITIVITY_IMAGES["cuda" if cuda else "cpu"]
-    defaults = {"sensitivity": "single", "random_seeds": 3, "random_band": False, "candidate_build": "full"}
+    defaults = {
+        "sensitivity": "single",
+        "random_seeds": 3,
+        "random_band": False,
+        "candidate_build": "full",
+        "confidence": DEFAULT_CONFIDENCE,
+    }
     for dest, value in defaults.items():
         if getattr(args, dest) is None:
             setattr(args, dest, value)
@@ -281,6 +321,13 @@ def check_settings(args: argparse.Namespace) -> None:
         (args.parallel_probes >= 1, "--parallel-probes", f"must be >= 1, got {args.parallel_probes}"),
         (args.sensitivity_images >= 1, "--sensitivity-images", f"must be >= 1, got {args.sensitivity_images}"),
         (math.isfinite(args.budget_ap) and args.budget_ap > 0, "--budget-ap", f"{budget}, got {args.budget_ap}"),
+        (0.5 <= args.confidence < 1, "--confidence", f"must be in [0.5, 1), got {args.confidence}"),
+        (args.confirm_images >= 0, "--confirm-images", f"must be >= 0 (0: no confirmation), got {args.confirm_images}"),
+        (
+            args.confirm_images == 0 or args.confirm_skip >= args.max_images,
+            "--confirm-skip",
+            f"must be >= --max-images {args.max_images} (the confirmation slice follows it), got {args.confirm_skip}",
+        ),
         (
             args.random_control is None or args.random_control >= 0,
             "--random-control",
@@ -339,6 +386,44 @@ def check_inputs(args: argparse.Namespace) -> None:
         raise UserError(f"--calib-list: {args.calib_list} is not a file", flag="--calib-list")
     if args.sensitivity == "torch" and args.candidate_modes and not args.weights.is_file():
         raise UserError(f"--weights: {args.weights} not found (needed by --sensitivity torch)", flag="--weights")
+    if confirms(args) and ann.is_file():
+        check_confirmation_slice(args, ann)
+
+
+def confirms(args: argparse.Namespace) -> bool:
+    """The plan confirms each search's pick on a confirmation slice."""
+    return args.search and bool(args.candidate_modes) and args.confirm_images > 0
+
+
+def check_confirmation_slice(args: argparse.Namespace, ann: Path) -> None:
+    """The annotation file has images after ``--confirm-skip``, and none of them is a calibration image."""
+    import json
+
+    images = json.loads(ann.read_text(encoding="utf-8")).get("images") or []
+    by_id = {int(image["id"]): image.get("file_name", "") for image in images}
+    confirm = sorted(by_id)[args.confirm_skip : args.confirm_skip + args.confirm_images]
+    if not confirm:
+        fix = (
+            f"delete {args.data_root} and run again: the demo generator then writes {args.confirm_skip + 500} images"
+            if is_generated_demo_data(args)
+            else "lower --confirm-skip, or pass --confirm-images 0 to search without a confirmation"
+        )
+        raise UserError(
+            f"--confirm-skip: {ann} has {len(by_id)} images, none left after the first {args.confirm_skip} for the "
+            f"confirmation slice; {fix}",
+            flag="--confirm-skip",
+        )
+    if args.calib_list.is_file():
+        from lowbit.calib import parse_image_list
+
+        calib_names = {Path(entry.text).name for entry in parse_image_list(args.calib_list, "--calib-list")}
+        shared = sorted(name for name in (Path(by_id[i]).name for i in confirm) if name in calib_names)
+        if shared:
+            raise UserError(
+                f"--confirm-skip: {len(shared)} images of the confirmation slice are calibration images of "
+                f"--calib-list {args.calib_list} (first: {shared[0]}); raise --confirm-skip past them",
+                flag="--confirm-skip",
+            )
 
 
 def check_model_input(onnx_path: Path, imgsz: int) -> None:

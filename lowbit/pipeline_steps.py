@@ -186,6 +186,7 @@ class EvalSettings(ScriptSettings):
     onnx_path: Path = field(metadata=flag("--onnx-path"))
     data_root: Path = field(metadata=flag("--data-root"))
     max_images: int = field(metadata=flag("--max-images"))
+    skip_images: int | None = field(default=None, metadata=flag("--skip-images"))
     providers: tuple[str, ...] = field(metadata=flag("--providers"))
     imgsz: int = field(metadata=flag("--imgsz"))
     overwrite: bool = field(default=True, metadata=flag("--overwrite"))
@@ -350,6 +351,10 @@ class SearchSettings(ScriptSettings):
     imgsz: int = field(metadata=flag("--imgsz"))
     k0_metrics: Path | None = field(default=None, metadata=flag("--k0-metrics"))
     random_band: bool = field(default=False, metadata=flag("--random-band"))
+    confidence: float | None = field(default=None, metadata=flag("--confidence"))
+    confirm_baseline_metrics: Path | None = field(default=None, metadata=flag("--confirm-baseline-metrics"))
+    confirm_images: int | None = field(default=None, metadata=flag("--confirm-images"))
+    confirm_skip: int | None = field(default=None, metadata=flag("--confirm-skip"))
     # requantized candidates only (--build requantize)
     calib_path: Path | None = field(default=None, metadata=flag("--calib-path"))
     calibration_eps: tuple[str, ...] | None = field(default=None, metadata=flag("--calibration-eps"))
@@ -358,7 +363,8 @@ class SearchSettings(ScriptSettings):
 
     def inputs(self) -> list[Path]:
         inputs = [self.ranking, self.full_model, self.baseline_metrics, self.onnx_path, *dataset_files(self.data_root)]
-        return inputs + [p for p in (self.k0_metrics, self.calib_path) if p is not None]
+        optional = (self.k0_metrics, self.confirm_baseline_metrics, self.calib_path)
+        return inputs + [p for p in optional if p is not None]
 
     def outputs(self) -> list[Path]:
         return [self.run_root / f"search-{self.mode}" / "search.json"]

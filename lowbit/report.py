@@ -7,7 +7,8 @@ Nothing is re-measured except, optionally, TensorRT engines. The steps, one modu
    ``metrics.json``) and budget search under the run dirs, and keeps those that belong to the FP32 baseline;
    the checks of what it may use are in :mod:`lowbit.report_inputs` (the rest is listed under "Dropped");
 2. :mod:`lowbit.report_costs` times a TensorRT engine per variant (when ``trtexec`` exists) and reads the
-   low-precision share of each model's MACs;
+   low-precision share of each model's MACs; :mod:`lowbit.report_intervals` computes the paired bootstrap interval
+   of every ΔAP from the detections beside each evaluation (``n_boot`` replicates, timed);
 3. :mod:`lowbit.report_json` assembles report.json (its keys are documented there), applying the policy of
    :mod:`lowbit.report_recommend`;
 4. :mod:`lowbit.report_markdown` and :mod:`lowbit.report_plots` render report.md, the console summary and the
@@ -26,6 +27,7 @@ from lowbit.errors import UserError
 from lowbit.logs import get_logger, setup_logging
 from lowbit.report_collect import Collected, collect_variants
 from lowbit.report_costs import measure_tensorrt
+from lowbit.report_intervals import DEFAULT_N_BOOT, compute_intervals
 from lowbit.report_json import build_report, search_summary
 from lowbit.report_markdown import report_markdown, search_markdown, summary_text
 from lowbit.report_plots import PARETO_PLOT, SEARCH_PLOT, plot_pareto, plot_search_curves
@@ -65,6 +67,7 @@ class ReportSettings:
     trt_qdq_mode: str = "stronglyTyped"  # --trt-qdq-mode: one of lowbit.trt.QDQ_MODES
     trt_iterations: int = trt.DEFAULT_ITERATIONS  # --trt-iterations: timed trtexec inferences (minimum)
     trt_warmup_ms: int = trt.DEFAULT_WARMUP_MS  # --trt-warmup-ms: trtexec warm-up, milliseconds
+    ci_replicates: int = DEFAULT_N_BOOT  # --ci-replicates: bootstrap replicates per ΔAP interval (0: none)
     overwrite: bool = False  # --overwrite: replace an existing report in the report folder
     verbose: bool = False  # --verbose: debug logging on the console
 
@@ -76,6 +79,10 @@ class ReportSettings:
             raise UserError(f"--trt-iterations must be >= 1, got {self.trt_iterations}", flag="--trt-iterations")
         if self.trt_warmup_ms < 0:
             raise UserError(f"--trt-warmup-ms must be >= 0, got {self.trt_warmup_ms}", flag="--trt-warmup-ms")
+        if self.ci_replicates != 0 and self.ci_replicates < 2:
+            raise UserError(
+                f"--ci-replicates must be 0 (no intervals) or >= 2, got {self.ci_replicates}", flag="--ci-replicates"
+            )
         if self.trtexec is not None and trt.find_trtexec(self.trtexec) is None:
             raise UserError(f"--trtexec: {self.trtexec} is not an executable file", flag="--trtexec")
 
@@ -93,7 +100,12 @@ class ReportResult:
         return summary_text(self.report, self.out_dir)
 
 
-def write_report(collected: Collected, settings: ReportSettings, argv: list[str] | None, out_dir: Path) -> dict:
+def write_report(
+    collected: Collected,
+    settings: ReportSettings,
+    argv: list[str] | None,
+    out_dir: Path,
+) -> dict:
     """report.json, report.md and the plots in ``out_dir`` (held by this process); returns the report document.
 
     Raises:
@@ -123,7 +135,15 @@ def write_report(collected: Collected, settings: ReportSettings, argv: list[str]
             iterations=settings.trt_iterations,
             warmup_ms=settings.trt_warmup_ms,
         )
-        report = build_report(collected, settings.budget_ap, settings.latency_tie_pct, tensorrt)
+        confirm_slices = [
+            (s.confirmation.baseline, [a.evaluation for a in s.confirmation.attempts])
+            for s in collected.searches
+            if s.confirmation is not None
+        ]
+        intervals = compute_intervals(
+            collected.baseline, collected.variants, confirm_slices, collected.ann_file, settings.ci_replicates
+        )
+        report = build_report(collected, settings.budget_ap, settings.latency_tie_pct, tensorrt, intervals)
         atomic_write_bytes(out_dir / PARETO_PLOT, plot_pareto(report))
         if report["search"]:
             atomic_write_bytes(out_dir / SEARCH_PLOT, plot_search_curves(report))
@@ -137,6 +157,8 @@ def write_report(collected: Collected, settings: ReportSettings, argv: list[str]
             variants=len(report["variants"]),
             dropped=len(report["dropped"]),
             tensorrt_status=report["tensorrt"]["status"],
+            ci_replicates=settings.ci_replicates,
+            ci_seconds=report["intervals"]["seconds"],
         )
     return report
 

@@ -5,7 +5,9 @@ and every budget search that belongs to the FP32 baseline; the rest is dropped w
 (:func:`lowbit.report_variant.variant_from_metrics`), picks the FP32 baseline (the evaluated model without Q/DQ;
 repeats become ``fp32_repeat``), checks every other row (:mod:`lowbit.report_inputs`) and every
 ``search-<mode>/search.json`` (:mod:`lowbit.report_search_check`) against it, drops budget-search candidates that
-no used search cites, fills ``delta_ap``, and returns a :class:`Collected`. Nothing is written; an unusable
+no used search cites, fills ``delta_ap``, and returns a :class:`Collected`. Evaluations on a search's
+confirmation slice (``baseline-confirm-coco``, ``*-confirm-coco``) are set aside, not dropped as "other images",
+and used only by the confirmation that cites them once :func:`lowbit.report_confirm.check_confirmation` accepts it. Nothing is written; an unusable
 baseline, no usable quantized variant, or an annotation file changed since the run was scored raise
 :class:`~lowbit.errors.UserError` naming the file.
 """
@@ -13,12 +15,14 @@ baseline, no usable quantized variant, or an annotation file changed since the r
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from lowbit import records
 from lowbit import report_inputs as inputs
 from lowbit.errors import UserError
+from lowbit.report_confirm import Confirmation, check_confirmation, cited_paths
 from lowbit.report_inputs import rel_path
 from lowbit.report_search_check import find_searches, read_search
 from lowbit.report_variant import Variant, variant_from_metrics
@@ -34,6 +38,22 @@ class UsedSearch:
     path: str  # as rel_path writes it
     sha256: str
     data: dict[str, Any]  # the search record, as lowbit.search_run wrote it
+    cited: frozenset[Path] = frozenset()  # resolved metrics paths of the evaluations its rows cite
+    by_k: dict[int, str] = field(default_factory=dict)  # K -> metrics_path of the ranking's evaluation at K
+    confirmation: Confirmation | None = None  # its checked confirmation block (None: none, or dropped)
+    confirmation_problem: str | None = None  # why its confirmation block was dropped
+
+    @property
+    def ran_confirmation(self) -> bool:
+        """Whether the search ran a confirmation (checked or dropped)."""
+        return self.data.get("confirmation") is not None
+
+    @property
+    def pick_k(self) -> int | None:
+        """The search's pick: the confirmed K, else the K found (None when nothing met the budget)."""
+        if self.data.get("pick_k") is not None:
+            return int(self.data["pick_k"])
+        return int(self.data["search"]["k"]) if self.data["search"].get("found") else None
 
 
 @dataclass(frozen=True)
@@ -47,6 +67,7 @@ class Collected:
     notes: tuple[str, ...]  # about the run as a whole (the rows carry their own)
     dropped: tuple[dict[str, str], ...]  # [{path, reason}]: every record found and left out
     provenance: dict[str, Any]  # report.json's "provenance"
+    ann_file: Path | None = None  # the annotation file with the baseline's ann_sha256 (the intervals' ground truth)
 
     @property
     def baseline(self) -> Variant:
@@ -85,8 +106,9 @@ def _sort_key(v: Variant) -> tuple:
     )
 
 
-def _pick_baseline(variants: list[Variant]) -> list[Variant]:
-    """``variants`` with every FP32 evaluation but the first (the baseline) marked ``fp32_repeat``.
+def _pick_baseline(variants: list[Variant], confirm_cited: set[Path] = frozenset()) -> list[Variant]:
+    """``variants`` with every FP32 evaluation but the first (the baseline) marked ``fp32_repeat``; an FP32
+    evaluation a search's confirmation cites (another image slice) is the baseline only when there is no other.
 
     Raises:
         UserError: the FP32 evaluations are of different models.
@@ -101,7 +123,8 @@ def _pick_baseline(variants: list[Variant]) -> list[Variant]:
             f"--run-dir: the FP32 evaluations are of different models ({listing}); report one model at a time",
             flag="--run-dir",
         )
-    baseline = floats[0]  # discovery order: first run dir given, then path order
+    on_search_slice = [v for v in floats if Path(v.source.metrics_file).resolve() not in confirm_cited]
+    baseline = (on_search_slice or floats)[0]  # discovery order: first run dir given, then path order
     return [replace(v, role="fp32_repeat") if v.role == "baseline" and v is not baseline else v for v in variants]
 
 
@@ -122,9 +145,15 @@ def _listing(dropped: list[dict]) -> str:
     return "; ".join(f"{d['path']}: {d['reason']}" for d in dropped)
 
 
-def _usable(variants: list[Variant], ref: inputs.Reference, dropped: list[dict]) -> list[Variant]:
+def _usable(
+    variants: list[Variant],
+    ref: inputs.Reference,
+    dropped: list[dict],
+    confirm_cited: set[Path] = frozenset(),
+    aside: dict[Path, tuple[Variant, str]] | None = None,
+) -> list[Variant]:
     """The baseline, then the evaluations comparable with it (:func:`lowbit.report_inputs.variant_problem`);
-    others dropped."""
+    others dropped, except those a confirmation cites (``confirm_cited``), kept in ``aside`` with their problem."""
     baseline = next(v for v in variants if v.role == "baseline")
     if baseline.source.model_problem:
         baseline = baseline.with_note(f"{baseline.source.model_problem}: its size and TensorRT latency are unknown")
@@ -133,7 +162,10 @@ def _usable(variants: list[Variant], ref: inputs.Reference, dropped: list[dict])
         if v.role == "baseline":
             continue
         problem = inputs.variant_problem(v, ref)
-        if problem:
+        key = Path(v.source.metrics_file).resolve()
+        if problem and aside is not None and key in confirm_cited:
+            aside[key] = (v, problem)
+        elif problem:
             inputs.drop(dropped, v.source.metrics_file, f"{v.metrics_path}: {problem}")
         else:
             used.append(v)
@@ -146,22 +178,61 @@ def _usable(variants: list[Variant], ref: inputs.Reference, dropped: list[dict])
     return used
 
 
+def _confirm_cited(run_dirs: list[Path]) -> set[Path]:
+    """The resolved metrics paths the ``confirmation`` blocks of the run dirs' search.json files cite (read as plain
+    JSON: which evaluations to set aside; the searches are checked later)."""
+    cited: set[Path] = set()
+    for path in find_searches(run_dirs):
+        try:
+            cited |= cited_paths(path, records.read_json(path))
+        except UserError:
+            continue
+    return cited
+
+
 def _read_searches(
-    run_dirs: list[Path], ref: inputs.Reference, used: list[Variant], dropped: list[dict], hasher: inputs.Hasher
+    run_dirs: list[Path],
+    ref: inputs.Reference,
+    used: list[Variant],
+    dropped: list[dict],
+    hasher: inputs.Hasher,
+    aside: dict[Path, tuple[Variant, str]],
 ) -> tuple[list[UsedSearch], set[Path]]:
     """Every ``search-<mode>/search.json`` that is a search of this run
-    (:func:`lowbit.report_search_check.read_search`), and the resolved metrics paths of the evaluations they cite."""
+    (:func:`lowbit.report_search_check.read_search`), with its confirmation checked
+    (:func:`lowbit.report_confirm.check_confirmation`: one that fails is dropped, the search stays), and the resolved
+    metrics paths of the evaluations they cite."""
     dropped_at = {(REPO_ROOT / d["path"]).resolve(): d["reason"].removeprefix(f"{d['path']}: ") for d in dropped}
+    aside_rows = {key: v for key, (v, _) in aside.items()}
     searches, cited = [], set()
     for path in find_searches(run_dirs):
         try:
-            data, cited_here = read_search(path, ref, used, dropped_at, hasher)
+            data, cited_here, by_k = read_search(path, ref, used, dropped_at, hasher)
         except UserError as e:
             inputs.drop(dropped, path, str(e))
             continue
+        confirmation, problem = None, None
+        try:
+            confirmation = check_confirmation(path, data, ref, aside_rows, by_k)
+        except UserError as e:
+            problem = str(e)
+            inputs.drop(dropped, path, f"{problem} (the confirmation is left out; the search is used)")
         cited |= cited_here
-        searches.append(UsedSearch(rel_path(path), hasher(path), data))
+        by_k_paths = {k: v.metrics_path for k, v in by_k.items()}
+        searches.append(
+            UsedSearch(rel_path(path), hasher(path), data, frozenset(cited_here), by_k_paths, confirmation, problem)
+        )
     return searches, cited
+
+
+def _drop_unused_aside(aside: dict[Path, tuple[Variant, str]], searches: list[UsedSearch], dropped: list[dict]) -> None:
+    """Drop the set-aside evaluations no checked confirmation uses, with the reason they are not comparable."""
+    used = {
+        Path(v.source.metrics_file).resolve() for s in searches if s.confirmation for v in s.confirmation.evaluations
+    }
+    for key, (v, problem) in aside.items():
+        if key not in used:
+            inputs.drop(dropped, v.source.metrics_file, f"{v.metrics_path}: {problem}")
 
 
 def _without_uncited_candidates(variants: list[Variant], dropped: list[dict], cited: set[Path]) -> list[Variant]:
@@ -190,6 +261,8 @@ def _provenance(ref: inputs.Reference, used: list[Variant], searches: list[UsedS
             used_records[rel_path(path)] = hasher(path)
     for s in searches:
         used_records[s.path] = s.sha256
+        for v in s.confirmation.evaluations if s.confirmation else ():
+            used_records[v.metrics_path] = v.source.metrics_sha256
     return {
         "model_sha256": ref.model_sha256,
         "ann_sha256": ref.ann_sha256,
@@ -257,14 +330,19 @@ def collect_variants(run_dirs: Iterable[Path], data_root: Path | None = None) ->
     hasher, dropped = inputs.Hasher(), []
     variants = _read_evaluations(run_dirs, hasher, dropped)
     _baseline_of(variants, dropped, ", ".join(str(d) for d in run_dirs))
-    variants = _pick_baseline(variants)
+    confirm_cited = _confirm_cited(run_dirs)
+    variants = _pick_baseline(variants, confirm_cited)
     baseline = next(v for v in variants if v.role == "baseline")
     ref = inputs.Reference.of(baseline)
-    notes = inputs.check_annotations(ref, baseline.source.dataset.get("ann_file"), run_dirs, data_root, hasher)
-    variants = _usable(variants, ref, dropped)
+    recorded_ann = baseline.source.dataset.get("ann_file")
+    notes = inputs.check_annotations(ref, recorded_ann, run_dirs, data_root, hasher)
+    ann_file = inputs.verified_annotations(ref, recorded_ann, run_dirs, data_root, hasher)
+    aside: dict[Path, tuple[Variant, str]] = {}
+    variants = _usable(variants, ref, dropped, confirm_cited, aside)
     fp32_sha = frozenset(v.source.metrics_sha256 for v in variants if v.role in ("baseline", "fp32_repeat"))
     ref = replace(ref, fp32_metrics_sha256=fp32_sha)
-    searches, cited = _read_searches(run_dirs, ref, variants, dropped, hasher)
+    searches, cited = _read_searches(run_dirs, ref, variants, dropped, hasher, aside)
+    _drop_unused_aside(aside, searches, dropped)
     variants = _without_uncited_candidates(variants, dropped, cited)
     unknown_source = [
         v.label for v in variants if v.role in ("quantized", "random_control") and not v.source_model_sha256
@@ -285,4 +363,5 @@ def collect_variants(run_dirs: Iterable[Path], data_root: Path | None = None) ->
         notes=tuple(notes),
         dropped=tuple(dropped),
         provenance=_provenance(ref, variants, searches, hasher),
+        ann_file=ann_file,
     )

@@ -1,5 +1,6 @@
 """Measures what ranks the variants besides accuracy: a TensorRT engine's GPU compute time per variant
-(:func:`measure_tensorrt`, when ``trtexec`` exists) and the low-precision share of its MACs (:func:`add_mac_share`).
+(:func:`measure_tensorrt`, when ``trtexec`` exists), the low-precision share of its MACs (:func:`add_mac_share`)
+and the bytes of its weights at their deployed width (:func:`add_weight_bytes`).
 
 With ``--tensorrt auto`` and ``trtexec`` installed, one engine per variant is built under ``<out-dir>/tensorrt/``
 (FP16 for the float model, strongly typed for Q/DQ models) and timed the way ModelOpt's examples do
@@ -25,7 +26,9 @@ __all__ = [
     "TRT_NOT_INSTALLED",
     "TensorrtTimings",
     "add_mac_share",
+    "add_weight_bytes",
     "measure_tensorrt",
+    "weight_bytes",
     "with_tensorrt",
 ]
 
@@ -178,4 +181,47 @@ def add_mac_share(variants: list[Variant]) -> list[Variant]:
                 total_macs=share.total_macs if share else None,
             )
         )
+    return out
+
+
+_QUANTIZERS = ("QuantizeLinear", "DequantizeLinear")
+
+
+def weight_bytes(model_path: Path) -> int:
+    """Bytes of a model's initializers at the width they are deployed at: an initializer that a QuantizeLinear
+    quantizes (or a DequantizeLinear reads) counts 1 byte per element (INT8/FP8), every other one its own dtype's
+    width (scales and zero points included). The ONNX file of a Q/DQ model keeps float weights; TensorRT stores
+    the quantized ones in 1 byte.
+
+    Raises:
+        UserError: the file cannot be read as ONNX (the flag names it).
+    """
+    from onnx import helper  # loaded only when sizes are computed
+
+    from lowbit.onnx_stats import load_model_proto
+
+    graph = load_model_proto(Path(model_path), flag="model file").graph
+    quantized = {n.input[0] for n in graph.node if n.op_type in _QUANTIZERS and n.input}
+    total = 0
+    for init in graph.initializer:
+        count = 1
+        for d in init.dims:
+            count *= int(d)
+        width = 1 if init.name in quantized else helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
+        total += count * width
+    return total
+
+
+def add_weight_bytes(variants: list[Variant]) -> list[Variant]:
+    """Each row with ``weight_bytes`` (:func:`weight_bytes`) from its model file; None when the file is gone or
+    cannot be read (with a note)."""
+    out = []
+    for v in variants:
+        size = None
+        if v.model_file:
+            try:
+                size = weight_bytes(Path(v.model_file))
+            except (UserError, ValueError, KeyError, TypeError) as e:
+                v = v.with_note(f"weight size at deployed width unknown: {e}")
+        out.append(replace(v, weight_bytes=size))
     return out

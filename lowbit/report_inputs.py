@@ -45,6 +45,7 @@ __all__ = [
     "read_metrics",
     "rel_path",
     "variant_problem",
+    "verified_annotations",
 ]
 
 ANNOTATIONS = Path("annotations") / "instances_val2017.json"  # under a COCO-layout --data-root
@@ -272,6 +273,43 @@ def variant_problem(v: Variant, ref: Reference) -> str | None:
     return None
 
 
+def _annotation_places(
+    ref: Reference, recorded_ann: str | None, run_dirs: list[Path], data_root: Path | None
+) -> tuple[list[tuple[Path, str]], list[str]]:
+    """Where the run's annotation file may be, with the source that names it, and notes on what could not be read."""
+    if data_root is not None:
+        ann = resolve_repo_path(data_root) / ANNOTATIONS
+        if not ann.is_file():
+            raise UserError(f"--data-root: {ann} does not exist", flag="--data-root")
+        return [(ann, "--data-root")], []
+    places, notes = [], []
+    for run_dir in run_dirs:
+        workflow = run_dir / "workflow.json"
+        if workflow.is_file():
+            try:
+                root = (records.read_json(workflow).get("args") or {}).get("data_root")
+            except (UserError, AttributeError) as e:
+                notes.append(f"the annotation file it names could not be checked: {e}")
+                continue
+            if root:
+                places.append((resolve_repo_path(root) / ANNOTATIONS, f"{rel_path(workflow)} data_root"))
+    if recorded_ann:
+        places.append((resolve_repo_path(recorded_ann), f"{rel_path(ref.metrics_path)} dataset.ann_file"))
+    return places, notes
+
+
+def verified_annotations(
+    ref: Reference, recorded_ann: str | None, run_dirs: list[Path], data_root: Path | None, hasher: Hasher
+) -> Path | None:
+    """The first annotation file of :func:`check_annotations`' places that has the baseline's ``ann_sha256`` (the
+    ground truth the intervals are computed on), or None when none is found."""
+    places, _ = _annotation_places(ref, recorded_ann, run_dirs, data_root)
+    for ann, _source in places:
+        if ann.is_file() and hasher(ann) == ref.ann_sha256:
+            return ann
+    return None
+
+
 def check_annotations(
     ref: Reference, recorded_ann: str | None, run_dirs: list[Path], data_root: Path | None, hasher: Hasher
 ) -> list[str]:
@@ -281,25 +319,7 @@ def check_annotations(
     else that of each run dir's ``workflow.json`` ``args.data_root`` and the baseline's ``dataset.ann_file``,
     those that exist. Returns notes on what could not be checked.
     """
-    if data_root is not None:
-        ann = resolve_repo_path(data_root) / ANNOTATIONS
-        if not ann.is_file():
-            raise UserError(f"--data-root: {ann} does not exist", flag="--data-root")
-        places, notes = [(ann, "--data-root")], []
-    else:
-        places, notes = [], []
-        for run_dir in run_dirs:
-            workflow = run_dir / "workflow.json"
-            if workflow.is_file():
-                try:
-                    root = (records.read_json(workflow).get("args") or {}).get("data_root")
-                except (UserError, AttributeError) as e:
-                    notes.append(f"the annotation file it names could not be checked: {e}")
-                    continue
-                if root:
-                    places.append((resolve_repo_path(root) / ANNOTATIONS, f"{rel_path(workflow)} data_root"))
-        if recorded_ann:
-            places.append((resolve_repo_path(recorded_ann), f"{rel_path(ref.metrics_path)} dataset.ann_file"))
+    places, notes = _annotation_places(ref, recorded_ann, run_dirs, data_root)
     checked = set()
     for ann, source in places:
         if ann.resolve() in checked:

@@ -24,13 +24,22 @@
   0..1; null when unknown), ``low_precision_macs``, ``total_macs``
 * ``recommended``: ``cost_source`` ("tensorrt" | "mac_share" | null), ``mac_share``, ``variant`` (label),
   ``metrics_path``, ``reason``, ``latency_source`` ("tensorrt" | "onnxruntime" | null), ``latency_provider``,
-  ``latency_ms``, ``within_budget`` [labels] (:class:`lowbit.report_recommend.Recommendation`)
+  ``latency_ms``, ``within_budget`` [labels], ``not_eligible`` {label: reason} (:class:`lowbit.report_recommend.Recommendation`)
 * ``latency_axis``: the latency on the plot's x axis (``source``, ``description``); the recommendation names its own
   in ``recommended.latency_source``
 * ``cost_axis``: what ranks the variants within budget and is the Pareto plot's x (``source`` "tensorrt" |
   "mac_share", ``description``)
 * ``tensorrt``: ``status`` ("measured" | "not measured: TensorRT not installed" | "not measured: ..."),
   ``trtexec``, ``tensorrt_python``, ``qdq_mode``
+* ``intervals``: how every ``delta_ap_ci`` was computed (:func:`lowbit.report_intervals.compute_intervals`):
+  ``n_boot``, ``confidence``, ``seed``, ``seconds`` (the cost of the interval stage), ``computed``, ``method``,
+  ``status``; each variant's ``delta_ap_ci`` {ci_low, ci_high, std_error, n_boot, confidence, seed, n_images}
+  (AP points, variant − FP32) or null with a note why; ``weight_bytes`` its initializers at their deployed width
+* ``confirmation``: one entry per budget search that ran a confirmation on new images: ``mode``, ``search``,
+  ``status`` ("confirmed" | "not confirmed" | "dropped: <reason>"), ``k``, ``pick``, ``images``,
+  ``baseline_metrics``, ``baseline_ap``, ``rule``, ``attempts`` [{k, name, metrics_path, ap, delta_ap (variant −
+  FP32), ci_low, ci_high, std_error, n_images, within_budget, interval_source}]; the pick's row carries its
+  attempt as ``confirmation`` {delta_ap, ci_low, ci_high, std_error, n_images, within_budget, k, interval_source}
 * ``search``: one entry per budget search used (:func:`search_summary`)
 * ``dropped``: [{``path``, ``reason``}]: every record found and left out (a variant's metrics, a search.json)
 * ``provenance``: what the report was computed from, by content: ``model_sha256`` (the FP32 model),
@@ -43,11 +52,14 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from lowbit import records
-from lowbit.report_collect import Collected
-from lowbit.report_costs import TensorrtTimings, add_mac_share, with_tensorrt
+from lowbit.report_collect import Collected, UsedSearch
+from lowbit.report_costs import TensorrtTimings, add_mac_share, add_weight_bytes, with_tensorrt
+from lowbit.report_intervals import IntervalResult, ci_dict
 from lowbit.report_recommend import (
     DEFAULT_BUDGET_AP,
     DEFAULT_LATENCY_TIE_PCT,
@@ -83,6 +95,7 @@ def build_report(
     budget_ap: float = DEFAULT_BUDGET_AP,
     latency_tie_pct: float = DEFAULT_LATENCY_TIE_PCT,
     tensorrt: TensorrtTimings | None = None,
+    intervals: IntervalResult | None = None,
 ) -> dict[str, Any]:
     """The report document (keys in the module docstring) from :func:`lowbit.report_collect.collect_variants`' output.
 
@@ -95,15 +108,20 @@ def build_report(
         latency_tie_pct: see :func:`lowbit.report_recommend.recommend`.
         tensorrt: :func:`lowbit.report_costs.measure_tensorrt`'s result; None means TensorRT was not looked for
             (status "not measured: TensorRT not installed").
+        intervals: :func:`lowbit.report_intervals.compute_intervals`' result; None: no intervals were computed.
     """
     if not (math.isfinite(budget_ap) and budget_ap > 0):
         raise ValueError(f"budget_ap must be a finite number > 0, got {budget_ap}")
     variants, tensorrt_section = with_tensorrt(collected.variants, tensorrt)
-    variants = add_mac_share(variants)
+    variants = add_weight_bytes(add_mac_share(variants))
+    intervals = intervals or IntervalResult(block={"n_boot": 0, "status": "not computed", "seconds": 0.0})
+    variants, interval_notes = _with_intervals(variants, intervals)
+    confirmations, variants, not_eligible = _confirmations(collected.searches, variants, intervals)
     baseline = next(v for v in variants if v.role == "baseline")
-    recommended = recommend(variants, budget_ap, latency_tie_pct)
+    recommended = recommend(variants, budget_ap, latency_tie_pct, not_eligible)
     axis = latency_axis(variants)
-    notes = list(collected.notes) + _report_notes(variants, baseline, axis, tensorrt_section)
+    notes = list(collected.notes) + interval_notes + _report_notes(variants, baseline, axis, tensorrt_section)
+    ci_at = {v.metrics_path: v.delta_ap_ci for v in variants}
     return {
         **records.header(KIND),
         "created_at": _dt.datetime.now().isoformat(timespec="seconds"),
@@ -123,15 +141,119 @@ def build_report(
         "latency_axis": axis.to_dict(),
         "cost_axis": cost_axis(axis),
         "tensorrt": tensorrt_section,
-        "search": [search_summary({**s.data, "path": s.path}) for s in collected.searches],
+        "intervals": intervals.block,
+        "confirmation": confirmations,
+        "search": [
+            search_summary(
+                {**s.data, "path": s.path},
+                {k: ci_at.get(path) for k, path in s.by_k.items()},
+                next((c for c in confirmations if c["search"] == s.path), None),
+            )
+            for s in collected.searches
+        ],
         "dropped": list(collected.dropped),
         "provenance": collected.provenance,
         "notes": notes,
     }
 
 
-def search_summary(data: dict) -> dict:
-    """The report's record of one ``search.json``: K found, reason, every probe (ΔAP = AP − FP32 AP) and controls."""
+def _with_intervals(variants: list[Variant], intervals: IntervalResult) -> tuple[list[Variant], list[str]]:
+    """Each row with its ``delta_ap_ci`` (a note why where there is none), and the report's notes on intervals."""
+    uniform = intervals.block.get("status") != "computed"
+    notes = list(intervals.notes)
+    if uniform:
+        notes.append(f"no ΔAP intervals: {intervals.block.get('status')}")
+    out = []
+    for v in variants:
+        ci = intervals.ci(v)
+        if ci is None and v.role != "baseline" and not uniform:
+            v = v.with_note(f"no ΔAP interval: {intervals.reasons.get(v.metrics_path, 'not computed')}")
+        out.append(replace(v, delta_ap_ci=ci))
+    return out, notes
+
+
+def _attempt(a, intervals: IntervalResult) -> dict[str, Any]:
+    """One confirmation attempt as report.json writes it: the report's own interval, else the search's."""
+    paired = intervals.paired.get(a.evaluation.metrics_path)
+    if paired is not None:
+        ci, source = ci_dict(paired), "report"
+    else:
+        ci = dict(a.recorded or {})
+        why = intervals.reasons.get(a.evaluation.metrics_path, "not computed")
+        source = f"search.json (not recomputed: {why})" if a.recorded else None
+    return {
+        "k": a.k,
+        "name": a.name,
+        "metrics_path": a.evaluation.metrics_path,
+        "ap": a.ap,
+        "delta_ap": a.delta_ap,
+        "ci_low": ci.get("ci_low"),
+        "ci_high": ci.get("ci_high"),
+        "std_error": ci.get("std_error"),
+        "n_images": ci.get("n_images") or len(a.evaluation.source.dataset.get("image_ids") or []),
+        "within_budget": a.within_budget,
+        "interval_source": source,
+    }
+
+
+def _confirmations(
+    searches: tuple[UsedSearch, ...], variants: list[Variant], intervals: IntervalResult
+) -> tuple[list[dict], list[Variant], dict[str, str]]:
+    """report.json's ``confirmation`` entries, the rows with the pick's ``confirmation``, and the search candidates
+    that may not be recommended (label -> why): when a search ran a confirmation, all of its candidates but the
+    confirmed pick."""
+    by_path = {v.metrics_path: v for v in variants}
+    entries, pick_conf, not_eligible = [], {}, {}
+    for s in searches:
+        if not s.ran_confirmation:
+            continue
+        pick_path = s.by_k.get(s.pick_k) if s.pick_k is not None else None
+        pick = by_path.get(pick_path) if pick_path else None
+        c = s.confirmation
+        attempts = [_attempt(a, intervals) for a in c.attempts] if c else []
+        status = ("confirmed" if c.confirmed else "not confirmed") if c else f"dropped: {s.confirmation_problem}"
+        entries.append(
+            {
+                "mode": s.data["mode"],
+                "search": s.path,
+                "status": status,
+                "k": c.k if c else None,
+                "pick": pick.label if pick else None,
+                "images": c.images if c else None,
+                "baseline_metrics": c.baseline.metrics_path if c else None,
+                "baseline_ap": c.baseline_ap if c else None,
+                "rule": c.rule if c else None,
+                "attempts": attempts,
+            }
+        )
+        if pick is not None:
+            mine = next((a for a in attempts if a["k"] == s.pick_k), None)
+            if mine:
+                pick_conf[pick.metrics_path] = {
+                    key: mine[key]
+                    for key in ("delta_ap", "ci_low", "ci_high", "std_error", "n_images", "within_budget", "k")
+                } | {"interval_source": mine["interval_source"]}
+        confirmed_pick = pick.metrics_path if (pick is not None and c and c.confirmed) else None
+        why = (
+            "its budget search's confirmation was dropped"
+            if c is None
+            else "a budget-search candidate other than the pick confirmed on new images"
+            if c.confirmed
+            else "its budget search's pick was not confirmed on new images"
+        )
+        for v in variants:
+            cited = v.source is not None and Path(v.source.metrics_file).resolve() in s.cited
+            if cited and v.role == "quantized" and v.source.derived and v.metrics_path != confirmed_pick:
+                not_eligible[v.label] = why
+    out = [replace(v, confirmation=pick_conf.get(v.metrics_path)) for v in variants]
+    return entries, out, not_eligible
+
+
+def search_summary(data: dict, ci_by_k: dict[int, dict | None] | None = None, confirmation: dict | None = None) -> dict:
+    """The report's record of one ``search.json``: K found, reason, every probe (ΔAP = AP − FP32 AP, with its paired
+    standard error and margin when the search measured them, and the report's interval ``ci_low``/``ci_high`` when
+    ``ci_by_k`` has one), the pick, controls and (``confirmation``: report.json's entry) the confirmation attempts."""
+    ci_by_k = ci_by_k or {}
     s = data["search"]
     rc = data.get("random_control")
     control = None
@@ -151,11 +273,26 @@ def search_summary(data: dict) -> dict:
         "reason": s["reason"],
         "ks_max": s["ks_max"],
         "order": s["order"],
-        "probes": [
-            {"k": p["k"], "ap": p["map"], "delta_ap": 0.0 - p["delta"] + 0.0, "meets": p["meets"]} for p in s["curve"]
-        ],
+        "pick_k": data.get("pick_k", s["k"] if s["found"] else None),
+        "confidence": data.get("confidence"),
+        "probes": [_probe(p, ci_by_k.get(int(p["k"]))) for p in s["curve"]],
+        "confirmation": confirmation,
         "random_control": control,
         "random_band": [{key: b[key] for key in _BAND_KEYS} for b in data.get("random_band") or []],
+    }
+
+
+def _probe(p: dict, ci: dict | None) -> dict:
+    """One probe of a search summary: ΔAP = AP − FP32 AP, the search's SE and margin, the report's interval."""
+    return {
+        "k": p["k"],
+        "ap": p["map"],
+        "delta_ap": 0.0 - p["delta"] + 0.0,
+        "meets": p["meets"],
+        "std_error": p.get("std_error"),
+        "margin": p.get("margin"),
+        "ci_low": ci["ci_low"] if ci else None,
+        "ci_high": ci["ci_high"] if ci else None,
     }
 
 

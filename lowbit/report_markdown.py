@@ -14,12 +14,14 @@ from lowbit.report_plots import PARETO_PLOT, SEARCH_PLOT
 from lowbit.report_recommend import latency_on_axis
 from lowbit.report_variant import short_provider
 
-__all__ = ["dropped_markdown", "report_markdown", "search_markdown", "settings_text", "summary_text"]
+__all__ = ["delta_cell", "dropped_markdown", "report_markdown", "search_markdown", "settings_text", "summary_text"]
 
 _VARIANTS_HEADER = (
-    "| variant | mAP50-95 | mAP50 | ΔAP | low-precision MACs % | ORT p50 ms | ORT p90 ms | ORT provider | "
-    "TRT GPU ms median / p90 | size MB | Q/DQ pairs | excluded nodes | quantized nodes | quantization |"
+    "| variant | mAP50-95 | mAP50 | ΔAP [95 % CI] | ΔAP on the confirmation slice | low-precision MACs % | "
+    "ORT p50 ms | ORT p90 ms | ORT provider | TRT GPU ms median / p90 | size MB | weights MB at deployed width | "
+    "Q/DQ pairs | excluded nodes | quantized nodes | quantization |"
 )
+_VARIANTS_ALIGN = "|---|---:|---:|---:|---|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---|"
 _SEARCH_HEADER = (
     "| mode | ranking | K found | ΔAP at K | probes (K: ΔAP) | random controls at K: ΔAP mean ± sd "
     "[min, max] | ranking beats chance by | how the search ended |"
@@ -46,6 +48,38 @@ def settings_text(v: dict) -> str:
     if v.get("derived_from_full_model") and v.get("excluded_nodes"):
         text += f"; full model with {v['excluded_nodes']} nodes' Q/DQ removed"
     return text
+
+
+def _signed(x: float) -> str:
+    return f"{x + 0.0:+.2f}"  # + 0.0: no "-0.00"
+
+
+def delta_cell(delta: float, ci: dict | None) -> str:
+    """A ΔAP with its interval: ``-0.35 [-0.57, -0.12]``; the bare ΔAP without one."""
+    if not ci or ci.get("ci_low") is None:
+        return f"{delta:+.2f}"
+    return f"{_signed(delta)} [{_signed(ci['ci_low'])}, {_signed(ci['ci_high'])}]"
+
+
+def _confirmation_cell(v: dict) -> str:
+    conf = v.get("confirmation")
+    if not conf:
+        return "-"
+    verdict = "within budget" if conf["within_budget"] else "outside budget"
+    return f"{delta_cell(conf['delta_ap'], conf)} on {conf['n_images']} images ({verdict})"
+
+
+def _interval_line(report: dict) -> str:
+    """The line under the variants table: what the bracketed interval is."""
+    block = report.get("intervals") or {}
+    if block.get("status") != "computed":
+        return f"No ΔAP intervals: {block.get('status', 'not computed')}."
+    return (
+        f"ΔAP [interval]: {block['confidence'] * 100:g} % paired bootstrap over the evaluated images "
+        f"({block['n_boot']} replicates, seed {block['seed']}, {block['seconds']:.1f} s for the report); it covers "
+        "which images were drawn, not annotation noise, other datasets or run-to-run variation "
+        "(`docs/uncertainty.md` in the lowbit repository)."
+    )
 
 
 def _share_text(v: dict) -> str:
@@ -96,10 +130,11 @@ def _variant_row(v: dict, recommended: str) -> str:
     name = f"**{v['label']}** (recommended)" if v["label"] == recommended else v["label"]
     lat = v["latency_ms"]
     size = _fmt(v["model_bytes"] / 1e6 if v["model_bytes"] else None, ".2f", "unknown")
+    weights = _fmt(v["weight_bytes"] / 1e6 if v.get("weight_bytes") else None, ".2f", "unknown")
     return (
-        f"| {name} | {v['map50_95']:.4f} | {v['map50']:.4f} | {v['delta_ap']:+.2f} | {_share_text(v)} | "
-        f"{_fmt(lat.get('p50'), '.2f')} | "
-        f"{_fmt(lat.get('p90'), '.2f')} | {short_provider(v['provider'])} | {_trt_text(v)} | {size} | "
+        f"| {name} | {v['map50_95']:.4f} | {v['map50']:.4f} | {delta_cell(v['delta_ap'], v.get('delta_ap_ci'))} | "
+        f"{_confirmation_cell(v)} | {_share_text(v)} | {_fmt(lat.get('p50'), '.2f')} | "
+        f"{_fmt(lat.get('p90'), '.2f')} | {short_provider(v['provider'])} | {_trt_text(v)} | {size} | {weights} | "
         f"{_fmt(v['qdq_pairs'], 'd')} | {_fmt(v['excluded_nodes'], 'd', 'unknown')} | "
         f"{_fmt(v['num_quantized_nodes'], 'd', 'unknown')} | {settings_text(v)} |"
     )
@@ -131,9 +166,10 @@ def report_markdown(report: dict, plot_name: str | None = PARETO_PLOT) -> str:
         "## Variants",
         "",
         _VARIANTS_HEADER,
-        "|---|---:|---:|---:|---:|---:|---:|---|---|---:|---:|---:|---:|---|",
+        _VARIANTS_ALIGN,
     ]
     lines += [_variant_row(v, rec["variant"]) for v in report["variants"]]
+    lines += ["", _interval_line(report)]
     lines += search_markdown(report.get("search") or [])
     lines += dropped_markdown(report.get("dropped") or [])
     lines += _sources_lines(report["variants"])
@@ -152,7 +188,8 @@ def search_markdown(searches: list[dict]) -> list[str]:
         return []
     intro = (
         "Per mode, the smallest K (most sensitive nodes left in float) whose evaluated candidate is within "
-        f"the budget; every probe is an evaluation on the slice above. Curves: `{SEARCH_PLOT}`."
+        "the budget (with its confidence margin where the search measured one); every probe is an evaluation on "
+        f"the slice above. Curves: `{SEARCH_PLOT}`."
     )
     lines = ["", "## Budget search", "", intro, "", _SEARCH_HEADER, "|---|---|---:|---:|---|---|---:|---|"]
     for s in searches:
@@ -169,6 +206,30 @@ def search_markdown(searches: list[dict]) -> list[str]:
         lines.append(
             f"| {s['mode'].upper()} | {s['ranking']['method']} | {k} | {s['delta_ap']:+.2f} | {probes} | "
             f"{control} | {margin} | {s['reason']} |"
+        )
+    for s in searches:
+        lines += _confirmation_lines(s)
+    return lines
+
+
+def _confirmation_lines(s: dict) -> list[str]:
+    """The confirmation attempts of one search (empty when it ran none)."""
+    conf = s.get("confirmation")
+    if not conf:
+        return []
+    lines = ["", f"**{s['mode'].upper()} confirmation** ({s['ranking']['method']} ranking): {conf['status']}."]
+    if not conf["attempts"]:
+        return lines
+    images = conf.get("images") or {}
+    lines[-1] += (
+        f" {images.get('num_images', images.get('count'))} images after the first {images.get('skip')}, "
+        f"FP32 AP {conf['baseline_ap']:.2f} there; rule: {conf['rule']}."
+    )
+    lines += ["", "| K | ΔAP on the confirmation slice [95 % CI] | within budget | interval |", "|---:|---|:---:|---|"]
+    for a in conf["attempts"]:
+        lines.append(
+            f"| {a['k']} | {delta_cell(a['delta_ap'], a)} | {'yes' if a['within_budget'] else 'no'} | "
+            f"{a['interval_source'] or '-'} |"
         )
     return lines
 

@@ -1,5 +1,7 @@
-"""Draws the report's figures: ``pareto.png`` (ΔAP against the cost axis and against model size, budget line, Pareto
-front, the recommended variant starred) and ``search-curves.png`` (ΔAP against K per mode of the budget search).
+"""Draws the report's figures: ``pareto.png`` (ΔAP against the cost axis and against the weights' size at their
+deployed width, budget line, Pareto front, the recommended variant starred; only FP32, the pick and the front are
+labelled) and ``search-curves.png`` (ΔAP against K per mode of the budget search, each probe with its interval, the
+pick starred and the confirmation attempts in another colour).
 
 Both are drawn from the report document (report.json's keys, :mod:`lowbit.report_json`), so a saved report.json
 can be drawn again without the run dir. matplotlib is imported only when a figure is drawn.
@@ -47,6 +49,7 @@ def _place_labels(ax, items: list[tuple[float, float, str, bool]], renderer) -> 
 
     # the recommended point first, then left to right: it gets the best spot
     for x, y, text, is_rec in sorted(items, key=lambda it: (not it[3], it[0], -it[1])):
+
         def annotate(dx, dy, ha, text=text, x=x, y=y, is_rec=is_rec):
             weight = "bold" if is_rec else "normal"
             return ax.annotate(
@@ -87,7 +90,8 @@ def _point_style(v: dict, providers: list[str], per_provider: bool) -> tuple[str
 
 
 def _scatter_variants(ax, report: dict, xs: list[float | None], providers: list[str], per_provider: bool) -> list:
-    """One point per variant with a known x, the pick starred; returns the label items to place."""
+    """One point per variant with a known x, the pick starred; returns ``(x, y, label, is_pick, is_fp32, is_control)``
+    items."""
     rec = report["recommended"]["variant"]
     items, seen_kinds = [], set()
     for v, x in zip(report["variants"], xs):
@@ -95,7 +99,14 @@ def _scatter_variants(ax, report: dict, xs: list[float | None], providers: list[
             continue
         color, marker, kind = _point_style(v, providers, per_provider)
         ax.scatter(
-            [x], [v["delta_ap"]], s=60, c=color, marker=marker, zorder=3, label=None if kind in seen_kinds else kind
+            [x],
+            [v["delta_ap"]],
+            s=60,
+            c=color,
+            marker=marker,
+            zorder=3,
+            clip_on=False,
+            label=None if kind in seen_kinds else kind,
         )
         seen_kinds.add(kind)
         if v["label"] == rec:
@@ -108,11 +119,11 @@ def _scatter_variants(ax, report: dict, xs: list[float | None], providers: list[
                 edgecolors="darkred",
                 linewidths=1.2,
                 zorder=4,
+                clip_on=False,
                 label="recommended",
             )
-        items.append(
-            (x, v["delta_ap"], v["label"] + (" (recommended)" if v["label"] == rec else ""), v["label"] == rec)
-        )
+        is_control = v["role"] == "random_control"
+        items.append((x, v["delta_ap"], v["label"], v["label"] == rec, v["role"] == "baseline", is_control))
     return items
 
 
@@ -124,12 +135,15 @@ def _draw_panel(
     providers: list[str],
     per_provider: bool,
     y_range: tuple[float, float],
+    x_range: tuple[float, float] | None = None,
 ) -> list:
-    """One ΔAP-vs-x panel: points, Pareto front, FP32 and budget lines; returns the label items to place."""
+    """One ΔAP-vs-x panel: points, Pareto front (of FP32 and the quantized variants; random controls are never
+    recommended), FP32 and budget lines; returns the label items to place: FP32, the recommended variant and the
+    points of the Pareto front (the rest are told apart by the legend)."""
     budget = report["budget_ap"]
     items = _scatter_variants(ax, report, xs, providers, per_provider)
-    pts = [(x, y) for x, y, _, _ in items]
-    front = pareto_front(pts)
+    pts = [(x, y) for x, y, *_ in items]
+    front = pareto_front([(x, y) for x, y, _, _, _, is_control in items if not is_control])  # never recommended
     if len(front) > 1:
         ax.step(
             [p[0] for p in front],
@@ -161,16 +175,23 @@ def _draw_panel(
     ax.set_xlabel(xlabel)
     ax.set_ylabel("ΔAP vs FP32 (mAP50-95 points)")
     ax.grid(alpha=0.3)
-    if pts:
+    if x_range is not None:
+        ax.set_xlim(*x_range)
+    elif pts:
         xs_ok = [p[0] for p in pts]
         span = (max(xs_ok) - min(xs_ok)) or max(abs(xs_ok[0]), 1.0)
-        ax.set_xlim(min(xs_ok) - 0.08 * span, max(xs_ok) + 0.45 * span)  # room for labels on the right
-    ax.legend(loc="upper right", fontsize=8, framealpha=0.85)
-    return items
+        ax.set_xlim(min(xs_ok) - 0.08 * span, max(xs_ok) + 0.3 * span)  # room for labels on the right
+    ax.legend(loc="lower right", fontsize=7.5, framealpha=0.85)
+    on_front = set(front)
+    return [
+        (x, y, text, is_rec)
+        for x, y, text, is_rec, is_fp32, is_control in items
+        if is_rec or is_fp32 or ((x, y) in on_front and not is_control)
+    ]
 
 
 def plot_pareto(report: dict) -> bytes:
-    """PNG bytes: ΔAP vs latency (left) and vs model size (right), labelled, with budget line and the pick."""
+    """PNG bytes: ΔAP vs the cost axis (left) and vs the weights at deployed width (right), budget line and pick."""
     # Only the plot needs matplotlib. A Figure on an Agg canvas avoids pyplot's global state and any display.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -185,23 +206,26 @@ def plot_pareto(report: dict) -> bytes:
     ys = [v["delta_ap"] for v in variants]
     y_range = (min(ys + [-report["budget_ap"]]) - 0.6, max(ys + [0.0]) + 0.6)
     cost = report["cost_axis"]
+    x_range = None
     if cost["source"] == "tensorrt":
         lat_xs = [latency_on_axis(axis["source"], v.get("tensorrt"), v.get("latency_ms")) for v in variants]
-        xlabel, title = "latency, ms — " + axis["description"], "ΔAP vs TensorRT latency (up and left is better)"
+        xlabel, title = "TensorRT GPU compute time, ms (trtexec median)", "ΔAP vs TensorRT latency"
     else:
         lat_xs = [None if v.get("mac_share") is None else 100.0 * (1.0 - v["mac_share"]) for v in variants]
-        xlabel, title = "MACs left in float, % (TensorRT absent)", "ΔAP vs MACs left in float (up and left is better)"
-    lat_items = _draw_panel(ax_lat, report, lat_xs, xlabel, providers, False, y_range)
-    ax_lat.set_title(title, fontsize=10)
-    size_xs = [v["model_bytes"] / 1e6 if v["model_bytes"] else None for v in variants]
-    size_items = _draw_panel(ax_size, report, size_xs, "ONNX model file size, MB", providers, False, y_range)
-    ax_size.set_title("ΔAP vs model size", fontsize=10)
+        xlabel, title = "Conv/MatMul/Gemm MACs left in float, %", "ΔAP vs MACs left in float (TensorRT absent)"
+        x_range = (0.0, 100.0)
+    lat_items = _draw_panel(ax_lat, report, lat_xs, xlabel, providers, False, y_range, x_range)
+    ax_lat.set_title(title + " — up and left is better", fontsize=10)
+    size_xs = [v["weight_bytes"] / 1e6 if v.get("weight_bytes") else None for v in variants]
+    size_label = "weights at deployed width, MB (Q/DQ weights 1 byte, others their dtype)"
+    size_items = _draw_panel(ax_size, report, size_xs, size_label, providers, False, y_range)
+    ax_size.set_title("ΔAP vs weight size", fontsize=10)
     fig.suptitle(
-        f"{ds['name']}: {ds['num_images']} images — FP32 mAP50-95 {report['baseline']['map50_95']:.4f} — "
-        f"cost: {cost['description']}\nrecommended: {report['recommended']['variant']}",
+        f"{ds['name']}, {ds['num_images']} images — FP32 mAP50-95 {report['baseline']['map50_95']:.4f} — "
+        f"recommended: {report['recommended']['variant']}",
         fontsize=11,
     )
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
     renderer = canvas.get_renderer()
     for ax, items in ((ax_lat, lat_items), (ax_size, size_items)):
         _place_labels(ax, items, renderer)
@@ -210,23 +234,74 @@ def plot_pareto(report: dict) -> bytes:
     return buf.getvalue()
 
 
+def _yerr(points: list[dict]) -> list[list[float]] | None:
+    """Asymmetric error bars of probes or attempts: their interval, else ±1.96 SE; 0 where neither is known."""
+    lows, highs, any_known = [], [], False
+    for p in points:
+        if p.get("ci_low") is not None:
+            lows.append(max(p["delta_ap"] - p["ci_low"], 0.0))
+            highs.append(max(p["ci_high"] - p["delta_ap"], 0.0))
+        elif p.get("std_error") is not None:
+            lows.append(1.96 * p["std_error"])
+            highs.append(1.96 * p["std_error"])
+        else:
+            lows.append(0.0)
+            highs.append(0.0)
+            continue
+        any_known = True
+    return [lows, highs] if any_known else None
+
+
 def _search_panel(ax, searches: list[dict], budget: float) -> None:
     """ΔAP against K for every ranking of one mode, the random controls and the budget line."""
     colors = ["tab:blue", "tab:orange", "tab:green", "tab:purple"]
     for i, s in enumerate(searches):
         color = colors[i % len(colors)]
         ks, ys = [p["k"] for p in s["probes"]], [p["delta_ap"] for p in s["probes"]]
-        ax.plot(ks, ys, "o-", c=color, label=f"{s['ranking']['method'] or 'ranking'} (probes)")
-        ax.scatter(
-            [s["k"]],
-            [s["delta_ap"]],
-            s=260,
-            marker="*",
-            c="gold",
-            edgecolors="darkred",
-            zorder=4,
-            label=f"K={s['k']} {'found' if s['found'] else '(budget not met)'}",
+        ax.plot(ks, ys, "-", c=color, lw=1, alpha=0.6)
+        yerr = _yerr(s["probes"])
+        ax.errorbar(
+            ks,
+            ys,
+            yerr=yerr,
+            fmt="o",
+            c=color,
+            capsize=3,
+            ms=5,
+            zorder=3,
+            label=f"{s['ranking']['method'] or 'ranking'} probes" + (" (95 % interval)" if yerr else ""),
         )
+        pick = s.get("pick_k", s["k"] if s["found"] else None)
+        pick_y = next((p["delta_ap"] for p in s["probes"] if p["k"] == pick), None)
+        if pick is not None and pick_y is not None:
+            ax.scatter(
+                [pick],
+                [pick_y],
+                s=260,
+                marker="*",
+                c="gold",
+                edgecolors="darkred",
+                zorder=5,
+                label=f"pick K={pick}",
+            )
+        elif not s["found"]:
+            ax.scatter([s["k"]], [s["delta_ap"]], s=120, marker="x", c="darkred", zorder=5, label="budget not met")
+        conf = s.get("confirmation") or {}
+        attempts = conf.get("attempts") or []
+        if attempts:
+            offset = 0.012 * max(max(ks, default=1), 1)  # beside the probe at the same K
+            ax.errorbar(
+                [a["k"] + offset for a in attempts],
+                [a["delta_ap"] for a in attempts],
+                yerr=_yerr(attempts),
+                fmt="D",
+                c="tab:red",
+                mfc="white",
+                capsize=3,
+                ms=6,
+                zorder=4,
+                label=f"confirmation slice ({conf['status']})",
+            )
         band = s.get("random_band") or []
         if len(band) > 1:
             ax.fill_between(

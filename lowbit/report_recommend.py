@@ -6,12 +6,17 @@ AP points (mAP50-95 x 100) against FP32, the fastest TensorRT GPU compute time w
 within ``latency_tie_pct`` % are timing noise: ties go to the more accurate variant; FP32 when the pick is not
 faster than FP32); without TensorRT, the largest share of Conv/MatMul MACs in low precision, then the more accurate.
 ONNX Runtime latencies are listed with their provider but never rank variants. FP32 when none is within budget.
+
+Eligibility (``not_eligible``): when a mode's budget search ran a confirmation on new images, only its confirmed pick
+is eligible among that search's candidates (probes at other K were never confirmed); an unconfirmed pick is not.
+FP32, the full quantized models (K=0) and fixed-K candidates keep the rule above. The reason names the pick's ΔAP
+with its paired bootstrap interval, and its loss on the confirmation slice when it was confirmed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from lowbit.report_variant import Variant, short_provider
@@ -22,6 +27,7 @@ __all__ = [
     "LatencyAxis",
     "Recommendation",
     "cost_axis",
+    "delta_text",
     "latency_axis",
     "latency_on_axis",
     "pareto_front",
@@ -61,7 +67,8 @@ class Recommendation:
     latency_source: str | None = None  # "tensorrt" | "onnxruntime" | None: the latency the pick was ranked on
     latency_provider: str | None = None
     latency_ms: float | None = None
-    within_budget: tuple[str, ...] = ()  # labels of the quantized variants within budget
+    within_budget: tuple[str, ...] = ()  # labels of the eligible quantized variants within budget
+    not_eligible: dict[str, str] = field(default_factory=dict)  # label -> why it may not be recommended
 
     def to_dict(self) -> dict[str, Any]:
         """report.json's ``recommended``."""
@@ -117,12 +124,35 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
     return front
 
 
+def _signed(x: float) -> str:
+    return f"{x + 0.0:+.2f}"  # + 0.0: no "-0.00"
+
+
+def delta_text(v: Variant) -> str:
+    """``v``'s ΔAP in words: "ΔAP -0.31 [-0.50, -0.12]", with "on the search slice, ... on N confirmation images"
+    when it was confirmed on new images; the bare ΔAP when it has no interval."""
+    ci = v.delta_ap_ci
+    text = f"ΔAP {_signed(v.delta_ap)}"
+    if ci:
+        text += f" [{_signed(ci['ci_low'])}, {_signed(ci['ci_high'])}]"
+    conf = v.confirmation
+    if conf:
+        bounds = ""
+        if conf.get("ci_low") is not None:
+            bounds = f" [{_signed(conf['ci_low'])}, {_signed(conf['ci_high'])}]"
+        text += f" on the search slice, {_signed(conf['delta_ap'])}{bounds} on {conf['n_images']} confirmation images"
+    elif ci:
+        text += f" ({ci['confidence'] * 100:g} % paired bootstrap over {ci['n_images']} images)"
+    return text
+
+
 def _recommendation(
     pick: Variant,
     reason: str,
     axis: LatencyAxis | None = None,
     within: list[Variant] | None = None,
     cost_source: str | None = None,
+    not_eligible: Mapping[str, str] | None = None,
 ) -> Recommendation:
     """The recommendation of ``pick``."""
     provider = None
@@ -138,6 +168,7 @@ def _recommendation(
         latency_provider=provider,
         latency_ms=variant_latency(pick, axis) if axis else None,
         within_budget=tuple(v.label for v in (within or [])),
+        not_eligible=dict(not_eligible or {}),
     )
 
 
@@ -152,7 +183,7 @@ def _fastest_within(
     parts = [
         (
             f"{pick.label} is the fastest of the {len(within)} quantized variant(s) within the {budget_ap:g} AP "
-            f"budget ({variant_latency(pick, axis):.2f} ms {where}, ΔAP {pick.delta_ap:+.2f})"
+            f"budget ({variant_latency(pick, axis):.2f} ms {where}, {delta_text(pick)})"
         )
     ]
     others = [v.label for v in tied if v is not pick]
@@ -177,17 +208,31 @@ def _by_mac_share(within: list[Variant], budget_ap: float) -> tuple[Variant, str
     share_text = "unknown" if share is None else f"{share * 100:.1f}%"
     reason = (
         f"{pick.label} runs the largest share of its Conv/MatMul MACs in low precision ({share_text}) of the "
-        f"{len(within)} quantized variant(s) within the {budget_ap:g} AP budget (ΔAP {pick.delta_ap:+.2f}); "
+        f"{len(within)} quantized variant(s) within the {budget_ap:g} AP budget ({delta_text(pick)}); "
         "equal shares go to the more accurate. TensorRT was not measured, so variants are ranked by "
         "low-precision MAC share, which predicts TensorRT speed, not by ONNX Runtime latency, which does not"
     )
     return pick, reason
 
 
+def _eligibility_text(not_eligible: Mapping[str, str], within_labels: set[str]) -> str:
+    """Why the budget-meeting variants left out were left out (empty when none was)."""
+    left = {label: why for label, why in not_eligible.items() if label in within_labels}
+    if not left:
+        return ""
+    by_reason: dict[str, list[str]] = {}
+    for label, why in left.items():
+        by_reason.setdefault(why, []).append(label)
+    return "; not eligible although within the budget: " + "; ".join(
+        f"{', '.join(labels)} ({why})" for why, labels in by_reason.items()
+    )
+
+
 def recommend(
     variants: Sequence[Variant],
     budget_ap: float = DEFAULT_BUDGET_AP,
     latency_tie_pct: float = DEFAULT_LATENCY_TIE_PCT,
+    not_eligible: Mapping[str, str] | None = None,
 ) -> Recommendation:
     """Pick the variant to ship; ORT latencies never decide (they are noisy and do not predict TensorRT).
 
@@ -198,25 +243,33 @@ def recommend(
       wins; FP32 when the pick is not faster than FP32;
     * otherwise: the largest low-precision MAC share (``mac_share``), then the most accurate.
 
-    FP32 is recommended when no quantized variant is within budget.
+    FP32 is recommended when no quantized variant is within budget. ``not_eligible`` (label -> reason): variants
+    that may not be recommended whatever their ΔAP (a budget search's candidates its confirmation did not confirm).
     """
+    not_eligible = dict(not_eligible or {})
     baseline = next(v for v in variants if v.role == "baseline")
     quantized = [v for v in variants if v.role == "quantized"]
     if not quantized:
         return _recommendation(baseline, f"{baseline.label}: no quantized variant was evaluated")
-    within = [v for v in quantized if v.delta_ap >= -budget_ap - _EPS]
+    meets = [v for v in quantized if v.delta_ap >= -budget_ap - _EPS]
+    within = [v for v in meets if v.label not in not_eligible]
+    left_out = _eligibility_text(not_eligible, {v.label for v in meets})
     if not within:
         best = max(quantized, key=lambda v: v.delta_ap)
-        return _recommendation(
-            baseline,
+        reason = (
             f"no quantized variant stays within the {budget_ap:g} AP budget: the most accurate, {best.label}, "
             f"loses {-best.delta_ap:.2f} AP (mAP50-95 {best.map50_95:.4f} vs {baseline.map50_95:.4f}); "
-            f"keep {baseline.label}",
+            f"keep {baseline.label}"
         )
+        if meets:
+            reason = f"no eligible quantized variant stays within the {budget_ap:g} AP budget{left_out}; keep " + (
+                baseline.label
+            )
+        return _recommendation(baseline, reason, not_eligible=not_eligible)
     axis = latency_axis(within + [baseline])
     if axis.source != "tensorrt":
         pick, reason = _by_mac_share(within, budget_ap)
-        return _recommendation(pick, reason, None, within, "mac_share")
+        return _recommendation(pick, reason + left_out, None, within, "mac_share", not_eligible)
     pick, parts = _fastest_within(within, within, axis, budget_ap, latency_tie_pct)
     pick_ms, base_ms = variant_latency(pick, axis), variant_latency(baseline, axis)
     if base_ms is not None and pick_ms >= base_ms:
@@ -224,7 +277,7 @@ def recommend(
             f"{parts[0]}, but it is not faster than {baseline.label} ({pick_ms:.2f} vs {base_ms:.2f} ms "
             f"TensorRT GPU compute time); keep {baseline.label}"
         )
-        return _recommendation(baseline, reason, axis, within, "tensorrt")
+        return _recommendation(baseline, reason + left_out, axis, within, "tensorrt", not_eligible)
     if base_ms is not None:
         parts.append(f"{base_ms / pick_ms:.2f}x faster than {baseline.label} ({base_ms:.2f} ms)")
-    return _recommendation(pick, "; ".join(parts), axis, within, "tensorrt")
+    return _recommendation(pick, "; ".join(parts) + left_out, axis, within, "tensorrt", not_eligible)

@@ -3,7 +3,9 @@
 A search is used only when it names the FP32 baseline's AP and, in its ``provenance``, the baseline's model,
 annotations and image ids; its full model and ranking files are unchanged since; every candidate row cites an
 evaluation the report uses (:mod:`lowbit.report_inputs`), with that evaluation's AP, ΔAP, model and file sha256;
-and the K found, every probe and the random controls are those rows' numbers. Anything else is a
+and the K found, every probe (its ``meets`` being loss + ``margin`` within the budget), the pick and the random
+controls are those rows' numbers. The ``confirmation`` block is checked apart (:mod:`lowbit.report_confirm`): a
+confirmation that fails its checks is dropped, the search stands. Anything else is a
 :class:`~lowbit.errors.UserError` whose message is the reason the search is dropped.
 """
 
@@ -51,6 +53,7 @@ class SearchCheck:
         self.path, self.data, self.ref, self.hasher = path, data, ref, hasher
         self.used = {Path(v.source.metrics_file).resolve(): v for v in used}
         self.cited: list[Variant] = []  # the evaluations its rows cite
+        self.by_k: dict[int, Variant] = {}  # the ranking's evaluation at each K (rows, and K=0 when given)
         self.dropped = dropped
         self.baseline_ap = float(data["baseline_ap"])
         self.prov = data.get("provenance")
@@ -69,9 +72,10 @@ class SearchCheck:
             self.check_provenance()
         rows = {}
         for row in self.data["candidates"]:
-            self.check_row(row)
+            v = self.check_row(row)
             if row.get("random_seed") is None:
                 rows[int(row["k"])] = float(row["ap"])
+                self.by_k[int(row["k"])] = v
         s = self.data["search"]
         known = {int(p["k"]): float(p["map"]) for p in s.get("known") or []}
         ap_at = self.ap_at(rows, known)
@@ -79,14 +83,20 @@ class SearchCheck:
         if k not in rows and k not in known:
             self.fail(f"its K found ({k}) is none of its candidate rows (K {sorted(rows)})")
         self.check_point(f"K found ({k})", s["map"], s["delta"], ap_at(k))
-        for point in list(s["curve"]) + list(s["probes"]):
+        extra_points = list((self.data.get("confirmation") or {}).get("search_points") or [])
+        for point in list(s["curve"]) + list(s["probes"]) + extra_points:
             pk = int(point["k"])
             self.check_point(f"probe K={pk}", point["map"], point["delta"], ap_at(pk))
-            if bool(point["meets"]) != (float(point["delta"]) <= float(self.data["budget_ap"])):
+            # within budget: the loss plus its margin (z(confidence) x paired SE; 0 for searches without one)
+            margin = float(point.get("margin") or 0.0)
+            if bool(point["meets"]) != (float(point["delta"]) + margin <= float(self.data["budget_ap"])):
                 self.fail(
-                    f"probe K={pk} says meets={point['meets']} for a loss of {point['delta']} AP against a "
-                    f"budget of {self.data['budget_ap']} AP"
+                    f"probe K={pk} says meets={point['meets']} for a loss of {point['delta']} AP (margin "
+                    f"{margin:g}) against a budget of {self.data['budget_ap']} AP"
                 )
+        pick_k = self.data.get("pick_k")
+        if pick_k is not None and int(pick_k) not in rows and int(pick_k) not in known:
+            self.fail(f"its pick ({pick_k}) is none of its candidate rows (K {sorted(rows)})")
         if bool(s["found"]) != any(p["meets"] for p in s["curve"]):
             self.fail(f"found={s['found']} disagrees with its probes")
         controls = [self.data.get("random_control")] + list(self.data.get("random_band") or [])
@@ -122,6 +132,7 @@ class SearchCheck:
             else:
                 same = full_file is not None and v.model_file and Path(v.model_file).resolve() == full_file
             if same and _close(ap, v.map50_95 * 100.0):
+                self.by_k.setdefault(k, v)
                 return
         self.fail(f"K={k} (AP {ap:.4f}) comes from no evaluation of its full model {full} that this report uses")
 
@@ -151,7 +162,7 @@ class SearchCheck:
             self.fail(f"cites {metrics_path}, which does not exist")
         self.fail(f"cites {metrics_path}, which is none of the evaluations under the run dirs")
 
-    def check_row(self, row: dict) -> None:
+    def check_row(self, row: dict) -> Variant:
         v = self.evaluation(row["metrics_path"])
         name = row.get("name") or f"K={row['k']}"
         ap = v.map50_95 * 100.0
@@ -172,6 +183,7 @@ class SearchCheck:
                 f"candidate {name}: model sha256 {str(row['model_sha256'])[:12]}, but {v.metrics_path} "
                 f"evaluated sha256 {v.model_sha256[:12]}"
             )
+        return v
 
     def check_control(self, rc: dict, ap_at) -> None:
         """Random controls at one K: their APs are their rows', their statistics recomputed from those."""
@@ -231,11 +243,12 @@ class SearchCheck:
 
 def read_search(
     path: Path, ref: Reference, used: list[Variant], dropped: dict[Path, str], hasher: Hasher
-) -> tuple[dict, frozenset[Path]]:
+) -> tuple[dict, frozenset[Path], dict[int, Variant]]:
     """The ``search.json`` at ``path`` when it is a search of this run, else UserError whose message is the reason.
 
-    Returns ``(search record, cited)``: ``cited`` holds the resolved ``metrics.json`` paths of the evaluations in
-    ``used`` that its rows cite (the budget-search candidates this search stands behind).
+    Returns ``(search record, cited, by_k)``: ``cited`` holds the resolved ``metrics.json`` paths of the evaluations
+    in ``used`` that its rows cite (the budget-search candidates this search stands behind); ``by_k`` the ranking's
+    evaluation at each K (its rows without a random seed, and K=0 when given to the search).
 
     Checks: a search record (``kind`` "search" and its ``schema_version``; none of them means an older writer or
     another file), all numbers finite; ``baseline_ap`` is the baseline's AP; its ``provenance`` (when present)
@@ -259,4 +272,4 @@ def read_search(
         check.run()
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
         raise UserError(f"{path} is not a complete search record ({type(e).__name__}: {e})", flag=str(path)) from e
-    return data, frozenset(Path(v.source.metrics_file).resolve() for v in check.cited)
+    return data, frozenset(Path(v.source.metrics_file).resolve() for v in check.cited), dict(check.by_k)

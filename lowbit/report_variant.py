@@ -78,6 +78,8 @@ class VariantSource:
     manifest_files: tuple[Path, ...] = ()  # the quantizer manifest or candidate record, and its full model's manifest
     model_problem: str | None = None  # why the model file is not the evaluated one; None when it is
     derived: str | None = None  # "full" | "requantized": a budget-search candidate; None otherwise
+    detections_sha256: str | None = None  # metrics.json's sha256 of the detections.json beside it (newer evaluators)
+    num_detections: int | None = None  # metrics.json's metrics.num_detections
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -96,6 +98,11 @@ class Variant:
     map50: float
     delta_ap: float | None = None  # (map50_95 - baseline's) x 100, AP points; None until the baseline is known
     delta_ap50: float | None = None
+    # the paired bootstrap interval of delta_ap (lowbit.report_intervals): {ci_low, ci_high, std_error, n_boot,
+    # confidence, seed, n_images}, AP points, variant − FP32; None with a note when it could not be computed
+    delta_ap_ci: dict[str, Any] | None = None
+    # a budget search's pick: its loss on the confirmation slice (lowbit.report_confirm), variant − FP32; else None
+    confirmation: dict[str, Any] | None = None
     latency_ms: dict[str, Any] = field(default_factory=dict)  # ORT session.run {p50, p90, mean, n}, copied
     provider: str | None = None  # first of providers_used
     providers_used: tuple[str, ...] = ()
@@ -105,6 +112,7 @@ class Variant:
     model_sha256: str = ""
     source_model_sha256: str | None = None  # the float model it was quantized from, per its manifest
     model_bytes: int | None = None
+    weight_bytes: int | None = None  # initializers at their deployed width: Q/DQ weights 1 byte (report_costs)
     qdq_pairs: int | None = None
     quant_dtypes: tuple[str, ...] = ()
     excluded_nodes: int | None = None  # count; None when unknown
@@ -399,5 +407,7 @@ def variant_from_metrics(metrics: dict, metrics_path: Path, run_dir: Path, hashe
             manifest_files=tuple(p for p in manifest_files if p is not None),
             model_problem=model_problem,
             derived=described.derived if described else None,
+            detections_sha256=metrics.get("detections_sha256"),
+            num_detections=(metrics.get("metrics") or {}).get("num_detections"),
         ),
     )

@@ -4,14 +4,15 @@
 Q/DQ model of the mode (its quantizer manifest, else its Q/DQ graph) quantized from ``--onnx-path`` (the
 manifest's sha256, and its quantized nodes are nodes of that graph); the ranking ranks that model in that mode;
 the FP32 (and K=0) metrics scored ``--onnx-path`` (``--full-model``) on the very images the candidates will be
-scored on (annotation sha256, image ids), with the candidates' letterbox size and postprocessing; the evaluation
-settings, data root and providers are usable. Every mismatch is one :class:`~lowbit.errors.UserError` naming the
+scored on (annotation sha256, image ids), with the candidates' letterbox size and postprocessing; the FP32
+metrics of the confirmation slice scored the same model on the images ``--confirm-skip``/``--confirm-images``
+select, none of which is in the search slice; the evaluation settings, data root and providers are usable. Every mismatch is one :class:`~lowbit.errors.UserError` naming the
 flag to fix; what could not be verified becomes a note (:attr:`SearchInputs.notes`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +42,7 @@ class SearchInputs:
             ``calib`` (None where there is no such file).
         quantizer_manifest: the manifest that the full model's mode and source were checked against, or None.
         notes: warnings (a provenance that could not be verified, ranked layers left out).
+        confirm_dataset: the confirmation slice by content (None without a confirmation).
     """
 
     nodes: list[str]
@@ -52,6 +54,7 @@ class SearchInputs:
     digests: dict[str, str | None]
     quantizer_manifest: str | None = None
     notes: list[str] = field(default_factory=list)
+    confirm_dataset: DatasetKey | None = None
 
 
 def check_config(cfg: SearchConfig) -> None:
@@ -64,6 +67,13 @@ def check_config(cfg: SearchConfig) -> None:
         raise UserError(f"--max-probes must be >= 1, got {cfg.max_probes}", flag="--max-probes")
     if cfg.parallel < 1:
         raise UserError(f"--parallel-probes must be >= 1, got {cfg.parallel}", flag="--parallel-probes")
+    from lowbit.search_confirm import z_score
+
+    z_score(cfg.confidence)
+    if cfg.confirm is not None and cfg.confirm.count < 1:
+        raise UserError(f"--confirm-images must be >= 1, got {cfg.confirm.count}", flag="--confirm-images")
+    if cfg.confirm is not None and cfg.confirm.max_attempts < 1:
+        raise UserError(f"--max-confirm must be >= 1, got {cfg.confirm.max_attempts}", flag="--max-confirm")
     negative = [k for k in cfg.seed_ks if k < 0]
     if negative:
         raise UserError(f"--seed-ks values must be >= 0, got {negative}", flag="--seed-ks")
@@ -118,7 +128,41 @@ def check_inputs(cfg: SearchConfig) -> SearchInputs:
             k0_ap = _check_metrics(
                 cfg.k0_metrics, "--k0-metrics", digests["full_model"], f"--full-model {cfg.full_model}", cfg, dataset
             )
-    return SearchInputs(ranked.nodes, ranked.unmatched, report, baseline_ap, k0_ap, dataset, digests, manifest, notes)
+    inputs = SearchInputs(ranked.nodes, ranked.unmatched, report, baseline_ap, k0_ap, dataset, digests, manifest, notes)
+    if cfg.confirm is not None:
+        inputs.confirm_dataset = _check_confirmation(cfg, digests, dataset)
+    return inputs
+
+
+def _check_confirmation(cfg: SearchConfig, digests: dict, dataset: DatasetKey) -> DatasetKey:
+    """The confirmation slice: images outside the search slice, and FP32 metrics of ``--onnx-path`` on them."""
+    confirm = cfg.confirm
+    selected = dataset_key(replace(cfg.evaluation, max_images=confirm.count, skip_images=confirm.skip))
+    if not selected.image_ids:
+        raise UserError(
+            f"--confirm-skip: {dataset.ann_file} has no images after the first {confirm.skip}; a confirmation slice "
+            "needs images the search never sees (the demo generator makes them: make_demo_dataset.py --num-val 1100)",
+            flag="--confirm-skip",
+        )
+    shared = sorted(set(selected.image_ids) & set(dataset.image_ids))
+    if shared:
+        raise UserError(
+            f"--confirm-skip {confirm.skip}: the confirmation slice shares {len(shared)} images with the search "
+            f"slice (first id {shared[0]}); skip at least --max-images {cfg.evaluation.max_images}",
+            flag="--confirm-skip",
+        )
+    flag = "--confirm-baseline-metrics"
+    with records.shape_checked(confirm.baseline_metrics, flag):
+        _check_metrics(
+            confirm.baseline_metrics,
+            flag,
+            digests["onnx"],
+            f"--onnx-path {cfg.onnx_path}",
+            cfg,
+            selected,
+            "--confirm-*",
+        )
+    return selected
 
 
 def _check_evaluation(evaluation: EvalConfig) -> None:
@@ -143,6 +187,7 @@ def _digests(cfg: SearchConfig) -> dict[str, str | None]:
         "ranking": digest(cfg.ranking),
         "baseline_metrics": digest(cfg.baseline_metrics),
         "k0_metrics": digest(cfg.k0_metrics),
+        "confirm_baseline_metrics": digest(cfg.confirm.baseline_metrics) if cfg.confirm is not None else None,
         "calib": digest(calib),
     }
 
@@ -255,7 +300,13 @@ def _check_ranking(cfg: SearchConfig, digests: dict, notes: list[str]) -> dict[s
 
 
 def _check_metrics(
-    path: Path, flag: str, model_sha: str, model_label: str, cfg: SearchConfig, dataset: DatasetKey
+    path: Path,
+    flag: str,
+    model_sha: str,
+    model_label: str,
+    cfg: SearchConfig,
+    dataset: DatasetKey,
+    slice_flags: str | None = None,
 ) -> float:
     """A metrics record that scored the model with ``model_sha`` on the evaluation slice; its mAP in AP points."""
     label = f"{flag} {path}"
@@ -276,7 +327,7 @@ def _check_metrics(
     if scored["image_ids_sha256"] != dataset.image_ids_sha256:
         raise UserError(
             f"{label} was scored on {scored['num_images']} other images than the {len(dataset.image_ids)} "
-            f"that --max-images {cfg.evaluation.max_images} selects from {dataset.ann_file} (image ids "
+            f"that {slice_flags or f'--max-images {cfg.evaluation.max_images}'} selects from {dataset.ann_file} (image ids "
             "differ): the files do not belong together",
             flag=flag,
         )

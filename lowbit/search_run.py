@@ -9,7 +9,11 @@ For a mode (INT8 or FP8) and a ranking (a layer-sensitivity report), :func:`run_
 2. runs :func:`lowbit.budget_search.search_smallest_k` where probing K builds the candidate with the
    top-K nodes in float and evaluates it on the evaluation slice (:class:`lowbit.candidates.CandidateStore`:
    every probe is a real evaluation, cached on disk by content, so a rerun reuses the Ks it evaluated);
-3. at the K found, evaluates ``random_seeds`` random controls (K nodes drawn from the same ranked
+   A probe is within the budget when its loss plus ``z(confidence)`` times its paired standard error is
+   (:mod:`lowbit.search_confirm`), so a point that fits only by luck of the images does not count;
+3. confirms the pick on the confirmation slice, images the search never saw, and moves up by a fixed rule
+   when it fails there (:func:`lowbit.search_confirm.confirm_pick`);
+4. at the final K, evaluates ``random_seeds`` random controls (K nodes drawn from the same ranked
    nodes with seeds 0..N-1) and says whether the ranking beats chance there (its ΔAP minus the mean
    ΔAP of the controls, in AP points).
 
@@ -18,13 +22,17 @@ the convention of :mod:`lowbit.budget_search`; every record is described in docs
 ``schema_version`` (``lowbit.records.SCHEMA_VERSIONS["search"]``, 1), ``kind`` ("search"), ``mode``,
 ``ranking`` {report, source, method, nodes, unmatched_layers [{rank, name, reason}]}, ``budget_ap``,
 ``baseline_ap``, ``baseline_metrics``, ``full_model``, ``build``,
-``search`` (:meth:`SearchResult.to_dict`: ``k``, ``found``, ``reason``, ``probes``, ``curve`` ...),
+``search`` (:meth:`SearchResult.to_dict`: ``k``, ``found``, ``reason``, ``probes``, ``curve`` [{k, map, delta,
+meets, std_error, margin}] ...), ``confidence`` (one-sided level of the within-budget test), ``z``,
+``confirmation`` (:func:`lowbit.search_confirm.confirm_pick`'s block, with ``images.num_images``,
+``images.image_ids_sha256``, ``images.ann_sha256``) or null, ``pick_k`` (the confirmed K, else the search's),
 ``parallel``, ``candidates`` [{k, name, random_seed, ap, delta_ap, metrics_path, model_path, reused,
-model_sha256, metrics_sha256}], ``random_control`` {k, seeds, aps, deltas, mean_delta, sd_delta, min_delta,
+model_sha256, metrics_sha256, paired_delta (ΔAP = candidate − FP32 with its 95 % paired bootstrap interval,
+:class:`lowbit.ap_bootstrap.PairedDelta`; null for random controls)}], ``random_control`` {k, seeds, aps, deltas, mean_delta, sd_delta, min_delta,
 max_delta, ranking_delta, margin_ap, beats_chance, candidates} or null (K = 0 or no seeds), ``random_band``
 [the same at every probed K > 0 with ``random_band``, else only the K found], ``settings`` (:func:`search_settings`),
 ``provenance`` {``full_model_sha256``, ``onnx_sha256``, ``ranking_sha256``, ``baseline_metrics_sha256``,
-``k0_metrics_sha256`` (null without ``--k0-metrics``), ``calib_sha256`` (``requantize`` builds, else null),
+``k0_metrics_sha256`` (null without ``--k0-metrics``), ``confirm_baseline_metrics_sha256`` (null without), ``calib_sha256`` (``requantize`` builds, else null),
 ``ann_sha256``, ``image_ids_sha256``, ``num_images``, ``quantizer_manifest`` (the manifest the full model's mode
 and source were checked against, or null), ``settings_sha256`` (:func:`lowbit.records.settings_sha256` of
 ``settings``)}, ``notes`` (the warnings of the input checks), ``wall_s``.
@@ -37,17 +45,18 @@ import multiprocessing
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from lowbit import records
-from lowbit.budget_search import DEFAULT_MAX_PROBES, search_smallest_k
+from lowbit.budget_search import DEFAULT_MAX_PROBES, Probe, search_smallest_k
 from lowbit.candidates import CandidateStore, EvalConfig, Evaluated
 from lowbit.candidates_build import RequantizeConfig
 from lowbit.candidates_ranking import random_nodes
 from lowbit.logs import get_logger
 from lowbit.search_checks import SearchInputs, check_config, check_inputs
+from lowbit.search_confirm import DEFAULT_CONFIDENCE, ConfirmConfig, SliceIntervals, confirm_pick, z_score
 
 __all__ = [
     "DEFAULT_BUDGET_AP",
@@ -67,6 +76,7 @@ log = get_logger("search_run")
 SCRIPT = "search_yolov10m_lowbit_budget.py"  # the manifest's ``script``
 DEFAULT_BUDGET_AP = 0.5  # AP points (mAP50-95 x 100) a candidate may lose against FP32
 DEFAULT_RANDOM_SEEDS = 3  # random controls at the K found
+CI_CONFIDENCE = 0.95  # two-sided level of the intervals written beside every candidate
 
 
 @dataclass
@@ -89,6 +99,8 @@ class SearchConfig:
     build: str = "full"
     requantize: RequantizeConfig | None = None  # for build="requantize"
     parallel: int = 1  # candidates evaluated at once, each in a worker process (1: in this process)
+    confidence: float = DEFAULT_CONFIDENCE  # how sure "within budget" must be (0.5: the point estimate)
+    confirm: ConfirmConfig | None = None  # the confirmation slice (None: the pick is not confirmed)
 
 
 def search_settings(cfg: SearchConfig, inputs: SearchInputs) -> dict[str, Any]:
@@ -113,6 +125,15 @@ def search_settings(cfg: SearchConfig, inputs: SearchInputs) -> dict[str, Any]:
         "build": cfg.build,
         "requantize": requantize,
         "evaluation": cfg.evaluation.content(inputs.dataset),
+        "confidence": cfg.confidence,
+        "confirm": None
+        if cfg.confirm is None
+        else {
+            "count": cfg.confirm.count,
+            "skip": cfg.confirm.skip,
+            "max_attempts": cfg.confirm.max_attempts,
+            "image_ids_sha256": inputs.confirm_dataset.image_ids_sha256,
+        },
     }
 
 
@@ -125,6 +146,7 @@ def provenance(cfg: SearchConfig, inputs: SearchInputs) -> dict[str, Any]:
         "ranking_sha256": d["ranking"],
         "baseline_metrics_sha256": d["baseline_metrics"],
         "k0_metrics_sha256": d.get("k0_metrics"),
+        "confirm_baseline_metrics_sha256": d.get("confirm_baseline_metrics"),
         "calib_sha256": d.get("calib"),
         "ann_sha256": inputs.dataset.ann_sha256,
         "image_ids_sha256": inputs.dataset.image_ids_sha256,
@@ -138,9 +160,10 @@ def provenance(cfg: SearchConfig, inputs: SearchInputs) -> dict[str, Any]:
 # the search
 
 
-def _row(ev: Evaluated, baseline_ap: float) -> dict[str, Any]:
+def _row(ev: Evaluated, baseline_ap: float, paired=None) -> dict[str, Any]:
     """``search.json``'s row of one evaluated candidate (``delta_ap``: its loss against FP32, AP points)."""
     return {
+        "paired_delta": None if paired is None else asdict(paired),
         "k": ev.k,
         "name": ev.name,
         "random_seed": ev.random_seed,
@@ -223,31 +246,51 @@ def run_search(cfg: SearchConfig, inputs: SearchInputs | None = None) -> dict[st
         return _search(cfg, inputs, executor)
 
 
-def _search(cfg: SearchConfig, inputs: SearchInputs, executor) -> dict[str, Any]:
-    t0 = time.perf_counter()
-    for note in inputs.notes:
-        log.warning("%s", note)
-    baseline_ap, nodes = inputs.baseline_ap, inputs.nodes
-    store = CandidateStore(
+def _store(cfg: SearchConfig, inputs: SearchInputs, executor, confirm: bool = False) -> CandidateStore:
+    """The mode's candidates on the search slice, or (``confirm``) the same models on the confirmation slice."""
+    evaluation, dataset = cfg.evaluation, inputs.dataset
+    if confirm:
+        evaluation = replace(evaluation, max_images=cfg.confirm.count, skip_images=cfg.confirm.skip)
+        dataset = inputs.confirm_dataset
+    return CandidateStore(
         cfg.run_root,
         cfg.mode,
         cfg.onnx_path.stem,
         cfg.full_model,
-        cfg.evaluation,
+        evaluation,
         build=cfg.build,
         requantize=cfg.requantize,
         executor=executor,
-        dataset=inputs.dataset,
+        dataset=dataset,
         full_sha256=inputs.digests["full_model"],
+        slice_tag="confirm" if confirm else "",
     )
+
+
+def _search(cfg: SearchConfig, inputs: SearchInputs, executor) -> dict[str, Any]:
+    from lowbit.coco_eval import load_coco
+
+    t0 = time.perf_counter()
+    for note in inputs.notes:
+        log.warning("%s", note)
+    baseline_ap, nodes, z = inputs.baseline_ap, inputs.nodes, z_score(cfg.confidence)
+    store = _store(cfg, inputs, executor)
+    coco = load_coco(inputs.dataset.ann_file, "--data-root")
+    intervals = SliceIntervals(coco, cfg.baseline_metrics, "--baseline-metrics")
     known = {0: inputs.k0_ap} if inputs.k0_ap is not None else {}
     evaluated: dict[int, Evaluated] = {}
+    paired: dict[int, Any] = {}
 
     def evaluate(k: int) -> float:
         evaluated[k] = store.evaluate(nodes[:k])
         ap = evaluated[k].ap
         log.info("%s K=%d: AP %.2f (ΔAP %+.2f vs FP32 %.2f)", cfg.mode, k, ap, ap - baseline_ap, baseline_ap)
         return evaluated[k].ap
+
+    def std_error(k: int) -> float:
+        metrics = evaluated[k].metrics_path if k in evaluated else cfg.k0_metrics
+        paired[k] = intervals.paired(metrics, CI_CONFIDENCE, "--k0-metrics" if k not in evaluated else "candidate")
+        return paired[k].std_error
 
     result = search_smallest_k(
         evaluate,
@@ -258,14 +301,19 @@ def _search(cfg: SearchConfig, inputs: SearchInputs, executor) -> dict[str, Any]
         seed_ks=cfg.seed_ks,
         known=known,
         parallel=cfg.parallel,
+        std_error=std_error,
+        z=z,
     )
     log.info("%s: K=%d (%s)", cfg.mode, result.k, result.reason)
+    confirmation = _confirm(cfg, inputs, executor, coco, result, evaluate, std_error, z) if result.found else None
+    pick_k = confirmation["k"] if confirmation and confirmation["confirmed"] else result.k
+    pick_ap = evaluated[pick_k].ap if pick_k in evaluated else result.map
     seeds, parallel = cfg.random_seeds, cfg.parallel
-    control = random_control(store, nodes, result.k, seeds, baseline_ap, result.map, parallel)
+    control = random_control(store, nodes, pick_k, seeds, baseline_ap, pick_ap, parallel)
     band = [control] if control else []
     if cfg.random_band:
         for point in result.curve():
-            if point.k not in (0, result.k):
+            if point.k not in (0, pick_k):
                 band.append(random_control(store, nodes, point.k, seeds, baseline_ap, point.map, parallel))
     return {
         **records.header("search"),
@@ -277,8 +325,12 @@ def _search(cfg: SearchConfig, inputs: SearchInputs, executor) -> dict[str, Any]
         "full_model": str(cfg.full_model),
         "build": cfg.build,
         "parallel": cfg.parallel,
+        "confidence": cfg.confidence,
+        "z": z,
         "search": result.to_dict(),
-        "candidates": [_row(evaluated[k], baseline_ap) for k in sorted(evaluated)],
+        "confirmation": confirmation,
+        "pick_k": pick_k,
+        "candidates": [_row(evaluated[k], baseline_ap, paired.get(k)) for k in sorted(evaluated)],
         "random_control": control,
         "random_band": sorted((b for b in band if b), key=lambda b: b["k"]),
         "settings": search_settings(cfg, inputs),
@@ -286,6 +338,40 @@ def _search(cfg: SearchConfig, inputs: SearchInputs, executor) -> dict[str, Any]
         "notes": list(inputs.notes),
         "wall_s": round(time.perf_counter() - t0, 2),
     }
+
+
+def _confirm(cfg: SearchConfig, inputs: SearchInputs, executor, coco, result, evaluate, std_error, z):
+    """The confirmation block (:func:`lowbit.search_confirm.confirm_pick`), or None without a confirmation slice."""
+    if cfg.confirm is None:
+        return None
+    confirm_store = _store(cfg, inputs, executor, confirm=True)
+    intervals = SliceIntervals(coco, cfg.confirm.baseline_metrics, "--confirm-baseline-metrics")
+    points = {p.k: p for p in result.curve()}
+
+    def search_point(k: int) -> Probe:
+        if k not in points:
+            ap = evaluate(k)
+            delta, se = result.baseline - ap, std_error(k)
+            points[k] = Probe(k, ap, delta, delta + z * se <= cfg.budget_ap, se, z * se)
+        return points[k]
+
+    block = confirm_pick(
+        result.k,
+        result.ks_max,
+        cfg.budget_ap,
+        cfg.confirm,
+        search_point,
+        lambda k: confirm_store.evaluate(inputs.nodes[:k]),
+        intervals,
+        CI_CONFIDENCE,
+    )
+    block["images"].update(
+        num_images=len(inputs.confirm_dataset.image_ids),
+        image_ids_sha256=inputs.confirm_dataset.image_ids_sha256,
+        ann_sha256=inputs.confirm_dataset.ann_sha256,
+    )
+    block["search_points"] = [asdict(points[k]) for k in sorted(points) if k not in {p.k for p in result.curve()}]
+    return block
 
 
 def search_markdown(data: dict[str, Any]) -> str:
@@ -297,9 +383,23 @@ def search_markdown(data: dict[str, Any]) -> str:
         f"(ΔAP {0.0 - s['delta'] + 0.0:+.2f}); {s['reason']}."
     )
     title = f"# {data['mode'].upper()} budget search ({data['ranking']['method']} ranking)"
-    lines = [title, "", headline, "", "| K | AP | ΔAP | meets |", "|---:|---:|---:|:---:|"]
+    test = f"within budget: loss + {data['z']:.2f} SE <= {data['budget_ap']:g} (confidence {data['confidence']:g})"
+    lines = [title, "", headline, "", test, "", "| K | AP | ΔAP | SE | meets |", "|---:|---:|---:|---:|:---:|"]
     for p in s["curve"]:
-        lines.append(f"| {p['k']} | {p['map']:.2f} | {0.0 - p['delta'] + 0.0:+.2f} | {'yes' if p['meets'] else 'no'} |")
+        se = "" if p.get("std_error") is None else f"{p['std_error']:.2f}"
+        meets = "yes" if p["meets"] else "no"
+        lines.append(f"| {p['k']} | {p['map']:.2f} | {0.0 - p['delta'] + 0.0:+.2f} | {se} | {meets} |")
+    conf = data.get("confirmation")
+    if conf:
+        lines += ["", f"Confirmation on {conf['images']['num_images']} images the search never saw ({conf['rule']}):"]
+        for a in conf["attempts"]:
+            pd = a["paired_delta"]
+            verdict = "within" if a["within_budget"] else "outside"
+            lines.append(
+                f"- K={a['k']}: ΔAP {pd['delta_ap']:+.2f} [{pd['ci_low']:+.2f}, {pd['ci_high']:+.2f}] "
+                f"(search slice {-a['search_delta_ap']:+.2f}): {verdict} the budget"
+            )
+        lines.append(f"- {'confirmed: K=' + str(conf['k']) if conf['confirmed'] else 'not confirmed'}")
     rc = data.get("random_control")
     if rc:
         control = (
@@ -348,6 +448,7 @@ def _search_into_run(
             "full_model": cfg.full_model,
             "baseline_metrics": cfg.baseline_metrics,
             "k0_metrics": cfg.k0_metrics,
+            "confirm_baseline_metrics": cfg.confirm.baseline_metrics if cfg.confirm is not None else None,
         }
         for role, path in files.items():
             if path is not None:

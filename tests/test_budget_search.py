@@ -182,3 +182,22 @@ def test_parallel_probes_stop_at_the_probe_budget():
     assert len(curve.calls) == 6 and "probe budget" in result.reason
     with pytest.raises(ValueError):
         search_smallest_k(monotone(), ks_max=80, budget=0.5, baseline=BASELINE, parallel=0)
+
+
+def test_std_error_margin_moves_the_answer_to_a_point_sure_to_be_within_budget():
+    """With z * SE added, a point whose loss is within the budget only by less than its margin does not meet it."""
+    deltas = [2.0, 1.0, 0.45, 0.3, 0.1, 0.0]
+    plain = search_smallest_k(Curve(deltas), 5, 0.5, BASELINE)
+    asked: list[int] = []
+
+    def std_error(k: int) -> float:
+        asked.append(k)
+        return 0.1
+
+    sure = search_smallest_k(Curve(deltas), 5, 0.5, BASELINE, std_error=std_error, z=1.0)
+    assert (plain.k, sure.k) == (2, 3) and sure.found
+    point = {p.k: p for p in sure.curve()}
+    assert point[2].delta == pytest.approx(0.45) and point[2].margin == pytest.approx(0.1) and not point[2].meets
+    assert point[3].std_error == pytest.approx(0.1) and point[3].meets
+    assert sorted(asked) == sorted(point)  # one SE per evaluated point, none twice
+    assert json.loads(json.dumps(sure.to_dict()))["curve"][3]["margin"] == pytest.approx(0.1)

@@ -118,6 +118,19 @@ def test_end2end_layout_and_max_images_larger_than_set(dataset, tmp_path, capsys
     assert metrics["dataset"]["notes"] == ["--max-images 100 is larger than the set; using all 3 images"]
 
 
+def test_skip_images_selects_the_later_slice_and_refuses_an_empty_one(dataset, tmp_path, capsys):
+    model = constant_output_model(tmp_path / "e2e.onnx", oracle_end2end_output())
+    out = tmp_path / "later" / "metrics.json"
+    rc = eval_script.main(_args(model, dataset, out, "--skip-images", "1", "--max-images", "1", "--workers", "0"))
+    assert rc == 0, capsys.readouterr().err
+    metrics = json.loads(out.read_text())
+    assert metrics["dataset"]["image_ids"] == [19] and metrics["dataset"]["skip_images"] == 1
+    assert {d["image_id"] for d in json.loads((out.parent / "detections.json").read_text())} <= {19}
+    empty = tmp_path / "empty" / "metrics.json"
+    assert eval_script.main(_args(model, dataset, empty, "--skip-images", "3", "--workers", "0")) == 2
+    assert "--skip-images" in capsys.readouterr().err and not empty.parent.exists()
+
+
 def test_nms_mode_and_overwrite(dataset, raw_model, tmp_path):
     out = tmp_path / "run" / "metrics.json"
     assert eval_script.main(_args(raw_model, dataset, out)) == 0

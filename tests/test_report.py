@@ -327,18 +327,19 @@ def workflow_run(tmp_path) -> RunDir:
 # compact tables (fmt: skip), since one key per line would spread each order over a screen.
 REPORT_KEYS = [
     "schema_version", "kind", "created_at", "run_dirs", "dataset", "budget_ap", "latency_tie_pct", "baseline",
-    "variants", "recommended", "latency_axis", "cost_axis", "tensorrt", "search", "dropped", "provenance", "notes",
+    "variants", "recommended", "latency_axis", "cost_axis", "tensorrt", "intervals", "confirmation", "search",
+    "dropped", "provenance", "notes",
 ]  # fmt: skip
 VARIANT_KEYS = [
-    "label", "role", "quant_mode", "map50_95", "map50", "delta_ap", "delta_ap50", "latency_ms", "provider",
-    "providers_used", "tensorrt", "model_path", "model_file", "model_sha256", "source_model_sha256", "model_bytes",
-    "qdq_pairs", "quant_dtypes", "excluded_nodes", "excluded_node_names", "num_quantized_nodes", "quant_settings",
+    "label", "role", "quant_mode", "map50_95", "map50", "delta_ap", "delta_ap50", "delta_ap_ci", "confirmation",
+    "latency_ms", "provider", "providers_used", "tensorrt", "model_path", "model_file", "model_sha256",
+    "source_model_sha256", "model_bytes", "weight_bytes", "qdq_pairs", "quant_dtypes", "excluded_nodes", "excluded_node_names", "num_quantized_nodes", "quant_settings",
     "candidate", "metrics_path", "model_manifest", "derived_from_full_model", "run_dir", "notes", "mac_share",
     "low_precision_macs", "total_macs",
 ]  # fmt: skip
 RECOMMENDED_KEYS = [
     "cost_source", "mac_share", "variant", "metrics_path", "reason", "latency_source", "latency_provider",
-    "latency_ms", "within_budget",
+    "latency_ms", "within_budget", "not_eligible",
 ]  # fmt: skip
 
 
@@ -584,7 +585,7 @@ def test_report_command_numbers_equal_metrics_files(load_script, workflow_run, n
     assert "not measured: TensorRT not installed" in md
     assert md.count("\n| ") >= 2 * 6  # a row per variant in both tables
     for v in report["variants"]:
-        assert f"| {v['map50_95']:.4f} | {v['map50']:.4f} | {v['delta_ap']:+.2f} | unknown |" in md
+        assert f"| {v['map50_95']:.4f} | {v['map50']:.4f} | {v['delta_ap']:+.2f} | - | unknown |" in md
     png = (root / "pareto.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
     manifest = json.loads((root / "report.manifest.json").read_text())

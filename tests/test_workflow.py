@@ -31,7 +31,7 @@ def tiny_run(tmp_path_factory, tiny_yolov10_onnx, tiny_yolov10_spec, load_script
     data = root / "data"
     assert (
         load_script("scripts/cv-models/make_demo_dataset.py").main(
-            ["--out-root", str(data), "--splits", "val", "--num-val", "6", "--workers", "1"]
+            ["--out-root", str(data), "--splits", "val", "--num-val", "8", "--workers", "1"]
         )
         == 0
     )
@@ -300,9 +300,9 @@ def test_steps_wait_only_for_the_steps_they_read_from(wf, tmp_path):
     assert deps["smoke"] == set() and deps["calib"] == {"dataset"}  # calibration reads the generated images
     # the FP8 branch never waits for INT8's calibration: with --jobs 2 it runs beside it
     assert deps["fp8"] == {"calib"} and deps["sensitivity-fp8"] == {"calib", "fp8"}
-    assert deps["search-fp8"] == {"dataset", "baseline", "fp8", "sensitivity-fp8"}
-    assert deps["search-int8"] == {"dataset", "baseline", "int8", "int8-eval", "sensitivity-int8"}
-    assert deps["report"] == {"baseline", "int8-eval", "search-fp8", "search-int8"}
+    assert deps["search-fp8"] == {"dataset", "baseline", "baseline-confirm", "fp8", "sensitivity-fp8"}
+    assert deps["search-int8"] == {"dataset", "baseline", "baseline-confirm", "int8", "int8-eval", "sensitivity-int8"}
+    assert deps["report"] == {"baseline", "baseline-confirm", "int8-eval", "search-fp8", "search-int8"}
     cpu, cuda = _args(wf, []), _args(wf, ["--providers", "CUDAExecutionProvider"])
     assert (cpu.jobs, cpu.parallel_probes, cpu.max_probes) == (1, 1, 12)
     assert (cuda.jobs, cuda.parallel_probes, cuda.max_probes) == (3, 3, 36)
@@ -363,6 +363,10 @@ def test_search_end_to_end_on_the_tiny_model(tiny_run):
         "2",
         "--parallel-probes",
         "2",
+        "--confirm-skip",  # ids 1-4 searched, 5-6 calibration, 7-8 the confirmation slice
+        "6",
+        "--confirm-images",
+        "2",
     ]
     result = _run(search_argv)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -380,6 +384,17 @@ def test_search_end_to_end_on_the_tiny_model(tiny_run):
         if data["search"]["k"] > 0:
             assert data["random_control"]["seeds"] == [0, 1]
         assert data["parallel"] == 2  # candidates evaluated two at a time in worker processes
+        conf = data["confirmation"]
+        if data["search"]["found"]:  # the pick, evaluated on the two images the search never saw
+            assert conf["images"]["num_images"] == 2 and conf["attempts"]
+            first = conf["attempts"][0]
+            assert first["k"] == data["search"]["k"] and Path(first["metrics_path"]).parent.name.endswith(
+                "-confirm-coco"
+            )
+            assert data["pick_k"] == (conf["k"] if conf["confirmed"] else data["search"]["k"])
+        else:
+            assert conf is None
+    assert (run / "baseline-confirm-coco" / "metrics.json").is_file()
     assert all(v.get("mac_share") is not None for v in report["variants"])
     assert report["recommended"]["cost_source"] in ("mac_share", None)
     for name in ("report.md", "pareto.png", "search-curves.png"):

@@ -336,13 +336,15 @@ def test_requantize_search_end_to_end(tiny_inputs, tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_inputs(tiny_yolov10_onnx, tiny_yolov10_spec, demo_val_slice, tmp_path_factory):
-    """A valid tiny run's flags (4 evaluated images, 2 calibration images) that each case breaks once."""
-    data = demo_val_slice(6)
+    """A valid tiny run's flags (4 evaluated images, 2 calibration images, 2 confirmation images) that each case
+    breaks once."""
+    data = demo_val_slice(8)
     images = sorted((data / "val2017").glob("*.jpg"))
     calib_list = tmp_path_factory.mktemp("lists") / "calib.txt"
     calib_list.write_text("".join(f"{p}\n" for p in images[4:6]))
     argv = ["--onnx-path", str(tiny_yolov10_onnx), "--data-root", str(data), "--calib-list", str(calib_list)]
     argv += ["--max-images", "4", "--imgsz", str(tiny_yolov10_spec["imgsz"])]
+    argv += ["--confirm-skip", "6", "--confirm-images", "2"]  # search plans only (--ks refuses them): drop for --ks
     return {"argv": argv, "images": images}, data, tiny_yolov10_onnx
 
 
@@ -399,14 +401,40 @@ BAD_INPUTS = {
     "--imgsz against the model's static input": ("--imgsz", lambda t, d, m: ["--imgsz", "192"], "160"),
     "missing --data-root": ("--data-root", lambda t, d, m: ["--data-root", str(t / "nowhere")], "nowhere"),
     "--data-root without val2017/": ("--data-root", lambda t, d, m: _data_without_images(t, d), "val2017"),
+    "--confidence below 0.5": ("--confidence", lambda t, d, m: ["--confidence", "0.3"], "[0.5, 1)"),
+    "a confirmation slice inside the search slice": (
+        "--confirm-skip",
+        lambda t, d, m: ["--confirm-skip", "2"],
+        ">= --max-images 4",
+    ),
+    "a confirmation slice of calibration images": (
+        "--confirm-skip",
+        lambda t, d, m: ["--confirm-skip", "4"],
+        "calibration images",
+    ),
+    "a confirmation slice past the last image": ("--confirm-skip", lambda t, d, m: ["--confirm-skip", "8"], "8 images"),
+    "--confirm-images with --ks": (
+        "--confirm-images",
+        lambda t, d, m: ["--ks", "0", "2", "--confirm-images", "3"],
+        "--ks",
+    ),
 }
+
+
+def _without_confirmation(argv: list[str]) -> list[str]:
+    """``argv`` less the tiny run's confirmation flags (a fixed-K plan refuses them)."""
+    i = argv.index("--confirm-skip")
+    return argv[:i] + argv[i + 4 :]
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
 def test_bad_input_fails_before_any_step_naming_the_flag(wf, tiny_inputs, case, tmp_path, capsys):
     base, data, model = tiny_inputs
     flag, extra, named = BAD_INPUTS[case]
-    argv = [*base["argv"], *extra(tmp_path, data, model), "--output-root", str(tmp_path / "runs"), "--run-id", "bad"]
+    extra = extra(tmp_path, data, model)
+    no_search = "--ks" in extra or ("--candidate-modes" in extra and "int8" not in extra)  # no pick to confirm
+    common = _without_confirmation(base["argv"]) if no_search else base["argv"]
+    argv = [*common, *extra, "--output-root", str(tmp_path / "runs"), "--run-id", "bad"]
     rc = wf.main(argv)
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
@@ -417,6 +445,16 @@ def test_bad_input_fails_before_any_step_naming_the_flag(wf, tiny_inputs, case, 
 
 def test_budget_ap_is_the_reports_budget_with_fixed_k(wf, tiny_inputs, tmp_path):
     base, _, _ = tiny_inputs
-    argv = [*base["argv"], "--ks", "0", "2", "--budget-ap", "1.0", "--output-root", str(tmp_path / "runs"), "--dry-run"]
+    argv = [
+        *_without_confirmation(base["argv"]),
+        "--ks",
+        "0",
+        "2",
+        "--budget-ap",
+        "1.0",
+        "--output-root",
+        str(tmp_path / "runs"),
+        "--dry-run",
+    ]
     assert wf.main(argv) == 0
     assert not (tmp_path / "runs").exists()  # a dry run writes nothing

@@ -33,7 +33,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-images",
         type=positive_int,
         default=None,
-        help="evaluate the first N image ids (ascending); None means all",
+        help="evaluate the first N image ids (ascending, after --skip-images); None means all",
+    )
+    parser.add_argument(
+        "--skip-images",
+        type=non_negative_int,
+        default=0,
+        help="leave out the first N image ids (ascending) before --max-images counts: e.g. a confirmation slice",
     )
     parser.add_argument(
         "--providers",

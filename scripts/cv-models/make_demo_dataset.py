@@ -1,7 +1,8 @@
 """Generate the deterministic demo-shapes detection dataset in COCO 2017 layout (plus a YOLO view).
 
-Example (the val split of the demo model: ids 1..500 are the evaluation slice, 501..600 the calibration
-images of datasets/quantize-calib/demo_shapes_calib100.txt; about 45 CPU-seconds):
+Example (the val split of the demo model: ids 1..500 are the search slice, 501..600 the calibration images
+of datasets/quantize-calib/demo_shapes_calib100.txt, 601..1100 the confirmation slice the search never sees;
+about 85 CPU-seconds):
 
     python scripts/cv-models/make_demo_dataset.py --splits val
 
@@ -37,8 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--num-val",
         type=SPLIT_SIZE,
-        default=600,
-        help="images in val2017 (ids 1..N; 1..500 evaluation, 501..600 calibration)",
+        default=1100,
+        help="images in val2017 (ids 1..N; 1..500 search, 501..600 calibration, 601..1100 confirmation)",
     )
     parser.add_argument("--num-train", type=SPLIT_SIZE, default=4000, help="images in train2017 (ids from 1000001)")
     parser.add_argument(

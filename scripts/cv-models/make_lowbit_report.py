@@ -45,8 +45,9 @@ import argparse
 from pathlib import Path
 
 from lowbit import trt
-from lowbit.cli import cli_entry, make_parser, positive_float
+from lowbit.cli import cli_entry, make_parser, non_negative_int, positive_float
 from lowbit.report import ReportSettings, make_report
+from lowbit.report_intervals import DEFAULT_N_BOOT
 from lowbit.report_recommend import DEFAULT_BUDGET_AP, DEFAULT_LATENCY_TIE_PCT
 
 
@@ -105,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--trt-warmup-ms", type=int, default=trt.DEFAULT_WARMUP_MS, help="trtexec warm-up, milliseconds"
+    )
+    parser.add_argument(
+        "--ci-replicates",
+        type=non_negative_int,
+        default=DEFAULT_N_BOOT,
+        help="paired bootstrap replicates over images per ΔAP interval (95 %%, seed 0); 0: no intervals, else >= 2",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing report in --out-dir")
     parser.add_argument("--verbose", action="store_true", help="debug logging on the console")

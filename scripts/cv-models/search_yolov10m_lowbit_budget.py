@@ -7,6 +7,9 @@ evaluation slice. Evaluated candidates are cached beside the run (``lowbit.candi
 reuses them. Then ``--random-seeds`` random controls at the K found. With ``--parallel-probes N``
 each round of the search probes N Ks and the random controls run N at a time, every evaluation in
 a worker process (worth it with the CUDA EP; on the CPU EP one evaluation already uses every core).
+A probe is within the budget when its loss plus ``z(--confidence)`` paired standard errors is. With
+``--confirm-baseline-metrics`` the pick is then evaluated on images the search never saw and, when it misses the
+budget there, the search moves up by a fixed rule (``lowbit.search_confirm``).
 
 Before anything is written, the inputs are checked to belong together (``lowbit.search_checks.check_inputs``):
 ``--full-model`` is a Q/DQ model of ``--mode`` quantized from ``--onnx-path``, ``--ranking`` ranks that model in
@@ -41,6 +44,7 @@ from lowbit.ort_providers import MODELOPT_CALIBRATION_EPS
 from lowbit.ort_session import CUDNN_CONV_ALGO_SEARCH
 from lowbit.runs import check_input_file
 from lowbit.search_checks import check_config
+from lowbit.search_confirm import ConfirmConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,6 +94,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", type=Path, required=True, help="COCO-layout dataset of the evaluation slice")
     p.add_argument("--max-images", type=int, default=100, help="evaluation slice: first N image ids")
     p.add_argument("--providers", nargs="+", default=["CPUExecutionProvider"], help="ORT providers of the evaluations")
+    p.add_argument(
+        "--confidence",
+        type=float,
+        default=search_run.DEFAULT_CONFIDENCE,
+        help="how sure 'within budget' must be: a K counts when its loss + z(confidence) x its paired standard "
+        "error (bootstrap over images) is within --budget-ap; 0.5 = the point estimate",
+    )
+    p.add_argument(
+        "--confirm-baseline-metrics",
+        type=Path,
+        default=None,
+        help="FP32 metrics.json on the confirmation slice: with it, the pick is confirmed on images the search "
+        "never saw (--confirm-skip, --confirm-images)",
+    )
+    p.add_argument("--confirm-images", type=int, default=500, help="images in the confirmation slice")
+    p.add_argument(
+        "--confirm-skip",
+        type=int,
+        default=600,
+        help="image ids (ascending) before the confirmation slice: the search slice and the calibration images",
+    )
+    p.add_argument("--max-confirm", type=int, default=3, help="confirmations tried before the search gives up")
     p.add_argument("--imgsz", type=int, default=640)
     p.add_argument("--warmup-runs", type=int, default=10)
     p.add_argument("--skip-latency", type=int, default=10)
@@ -112,6 +138,12 @@ def config(args: argparse.Namespace) -> search_run.SearchConfig:
         for flag in ("--ranking", "--onnx-path", "--full-model", "--baseline-metrics")
     }
     k0 = check_input_file(args.k0_metrics, "--k0-metrics") if args.k0_metrics else None
+    confirm = None
+    if args.confirm_baseline_metrics is not None:
+        if args.confirm_skip < 0:
+            raise UserError(f"--confirm-skip must be >= 0, got {args.confirm_skip}", flag="--confirm-skip")
+        baseline = check_input_file(args.confirm_baseline_metrics, "--confirm-baseline-metrics")
+        confirm = ConfirmConfig(baseline, args.confirm_images, args.confirm_skip, args.max_confirm)
     requantize = None
     if args.build == "requantize":
         if args.calib_path is None:
@@ -145,6 +177,8 @@ def config(args: argparse.Namespace) -> search_run.SearchConfig:
         k0_metrics=k0,
         build=args.build,
         requantize=requantize,
+        confidence=args.confidence,
+        confirm=confirm,
     )
     check_config(cfg)
     return cfg

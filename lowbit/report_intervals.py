@@ -1,0 +1,219 @@
+"""Computes the paired bootstrap interval of every ΔAP the report shows (:func:`compute_intervals`), from the
+``detections.json`` beside each ``metrics.json``, with :mod:`lowbit.ap_bootstrap`.
+
+The FP32 baseline is matched to the ground truth once and its replicates are reused for every variant
+(:class:`lowbit.ap_bootstrap.PairedReference`); the same for the FP32 evaluation of each confirmation slice
+(:mod:`lowbit.report_confirm`). An interval is ΔAP = AP(variant) − AP(FP32), AP points, negative = loss: a
+two-sided percentile interval over replicates that redraw the evaluated images with replacement, the same draw
+for both models. What it does and does not cover: docs/uncertainty.md.
+
+Nothing is read blindly. A ``detections.json`` is used only when its sha256 equals the ``detections_sha256`` its
+``metrics.json`` records; an older evaluation that records none is used when its detections are all of the
+evaluated images, are as many as ``metrics.num_detections`` says, and (for every file) the mAP50-95 they give is
+the one ``metrics.json`` records (within 1e-9). Otherwise that row gets no interval and a reason.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lowbit.ap_bootstrap import ImageMatches, PairedDelta, PairedReference, match_images
+from lowbit.errors import UserError
+from lowbit.logs import get_logger
+from lowbit.report_inputs import Hasher, rel_path
+from lowbit.report_variant import Variant
+
+__all__ = [
+    "CONFIDENCE",
+    "DEFAULT_N_BOOT",
+    "METHOD",
+    "SEED",
+    "IntervalResult",
+    "ci_dict",
+    "compute_intervals",
+]
+
+DEFAULT_N_BOOT = 1000  # replicates per interval; 0 = no intervals
+CONFIDENCE = 0.95  # two-sided level of the percentile interval
+SEED = 0  # numpy default_rng seed of the image draws (the same draws for every variant)
+MAP_TOLERANCE = 1e-9  # |mAP50-95 from detections.json − metrics.json's|: the two describe one evaluation
+METHOD = (
+    "paired percentile bootstrap over the evaluated images (lowbit.ap_bootstrap): each replicate redraws the "
+    "images with replacement, the same draw for the variant and FP32, and recomputes COCO mAP50-95"
+)
+log = get_logger("make_report")
+
+
+class _NoInterval(Exception):
+    """Why one evaluation gets no interval."""
+
+
+@dataclass
+class IntervalResult:
+    """The intervals of one report: per evaluation (by ``metrics_path``) a :class:`PairedDelta` or the reason none."""
+
+    paired: dict[str, PairedDelta] = field(default_factory=dict)
+    reasons: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    block: dict[str, Any] = field(default_factory=dict)  # report.json's "intervals"
+
+    def ci(self, v: Variant) -> dict[str, Any] | None:
+        """``v``'s ``delta_ap_ci`` (:func:`ci_dict`), or None."""
+        paired = self.paired.get(v.metrics_path)
+        return ci_dict(paired) if paired is not None else None
+
+
+def ci_dict(p: PairedDelta) -> dict[str, Any]:
+    """report.json's ``delta_ap_ci``: ``{ci_low, ci_high, std_error, n_boot, confidence, seed, n_images}``."""
+    return {
+        "ci_low": p.ci_low,
+        "ci_high": p.ci_high,
+        "std_error": p.std_error,
+        "n_boot": p.n_boot,
+        "confidence": p.confidence,
+        "seed": p.seed,
+        "n_images": p.n_images,
+    }
+
+
+class _Matcher:
+    """Reads an evaluation's checked detections and matches them to the ground truth."""
+
+    def __init__(self, gt, hasher: Hasher):
+        self.gt, self.hasher = gt, hasher
+        self.unnamed: list[str] = []  # metrics files that record no detections_sha256
+
+    def _records(self, v: Variant) -> list[dict]:
+        path = Path(v.source.metrics_file).parent / "detections.json"
+        if not path.is_file():
+            raise _NoInterval(f"no detections.json beside {v.metrics_path}")
+        recorded = v.source.detections_sha256
+        if recorded and self.hasher(path) != recorded:
+            raise _NoInterval(
+                f"{rel_path(path)} has sha256 {self.hasher(path)[:12]}, not the {recorded[:12]} its metrics.json "
+                "was computed with"
+            )
+        try:
+            dets = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(dets, list) or not all(isinstance(d, dict) and "image_id" in d for d in dets):
+                raise ValueError("not a list of COCO result records")
+        except (OSError, ValueError) as e:
+            raise _NoInterval(f"{rel_path(path)} cannot be read ({e})") from e
+        if not recorded:
+            ids = set(v.source.dataset.get("image_ids") or [])
+            if any(int(d["image_id"]) not in ids for d in dets):
+                raise _NoInterval(f"{rel_path(path)} holds detections of images its metrics.json did not evaluate")
+            if v.source.num_detections is not None and len(dets) != v.source.num_detections:
+                raise _NoInterval(
+                    f"{rel_path(path)} holds {len(dets)} detections, its metrics.json {v.source.num_detections}"
+                )
+            self.unnamed.append(v.label)
+        return dets
+
+    def matches(self, v: Variant) -> ImageMatches:
+        ids = [int(i) for i in v.source.dataset.get("image_ids") or []]
+        try:
+            matches = match_images(self.gt, self._records(v), ids)
+        except UserError as e:
+            raise _NoInterval(str(e)) from e
+        if abs(matches.map50_95 - v.map50_95) > MAP_TOLERANCE:
+            raise _NoInterval(
+                f"the detections beside {v.metrics_path} give mAP50-95 {matches.map50_95:.6f}, its metrics.json "
+                f"{v.map50_95:.6f}: they are not one evaluation"
+            )
+        return matches
+
+
+def _against(
+    matcher: _Matcher, reference: Variant, variants: Iterable[Variant], n_boot: int, out: IntervalResult
+) -> None:
+    """Paired intervals of ``variants`` against ``reference`` (matched once) into ``out``."""
+    variants = list(variants)
+    try:
+        ref = PairedReference(matcher.matches(reference), n_boot, SEED)
+    except _NoInterval as e:
+        for v in variants:
+            out.reasons[v.metrics_path] = f"FP32 reference {reference.metrics_path} unusable: {e}"
+        return
+    for v in variants:
+        try:
+            out.paired[v.metrics_path] = ref.delta(matcher.matches(v), CONFIDENCE)
+        except _NoInterval as e:
+            out.reasons[v.metrics_path] = str(e)
+        except UserError as e:  # matched on other images than the reference
+            out.reasons[v.metrics_path] = str(e)
+
+
+def compute_intervals(
+    baseline: Variant,
+    variants: Sequence[Variant],
+    confirmation_slices: Sequence[tuple[Variant, Sequence[Variant]]],
+    ann_file: Path | None,
+    n_boot: int = DEFAULT_N_BOOT,
+    hasher: Hasher | None = None,
+) -> IntervalResult:
+    """The paired interval of every row's ΔAP against ``baseline``, and of each confirmation attempt against its
+    slice's FP32 evaluation; timed (``block["seconds"]``).
+
+    Args:
+        baseline: the FP32 evaluation on the report's images.
+        variants: the rows (the baseline among them is skipped).
+        confirmation_slices: ``(FP32 evaluation, attempts)`` per checked confirmation.
+        ann_file: the annotation file with the baseline's ``ann_sha256`` (None: not found, no intervals).
+        n_boot: replicates (0: no intervals; else >= 2).
+
+    Raises:
+        UserError: ``n_boot`` is 1 or negative.
+    """
+    if n_boot != 0 and n_boot < 2:
+        raise UserError(f"n_boot must be 0 (no intervals) or >= 2, got {n_boot}", flag="--ci-replicates")
+    start = time.perf_counter()
+    out = IntervalResult()
+    others = [v for v in variants if v is not baseline and v.role != "baseline"]
+    attempts = [a for _, slice_attempts in confirmation_slices for a in slice_attempts]
+    why = None
+    if n_boot == 0:
+        why = "intervals not computed (0 replicates asked for)"
+    elif ann_file is None:
+        why = "no annotation file with the sha256 the baseline was scored on was found (pass --data-root)"
+    gt = None
+    if why is None:
+        from lowbit.coco_eval import load_coco  # faster-coco-eval: loaded only when intervals are computed
+
+        try:
+            gt = load_coco(ann_file, flag=str(ann_file))
+        except UserError as e:
+            why = f"the annotation file cannot be read: {e}"
+    if why is not None:
+        out.reasons.update({v.metrics_path: why for v in others + attempts})
+    else:
+        matcher = _Matcher(gt, hasher or Hasher())
+        _against(matcher, baseline, others, n_boot, out)
+        for reference, slice_attempts in confirmation_slices:
+            _against(matcher, reference, slice_attempts, n_boot, out)
+        if matcher.unnamed:
+            out.notes.append(
+                "detections.json of " + ", ".join(dict.fromkeys(matcher.unnamed)) + " is not named by sha256 in "
+                "its metrics.json (an older evaluator): each was checked by its image ids, its count and the "
+                "mAP50-95 it gives against metrics.json before its interval was computed"
+            )
+    seconds = time.perf_counter() - start
+    computed = len(out.paired)
+    log.info(
+        "ΔAP intervals: %d computed, %d without, %.1f s (%d replicates)", computed, len(out.reasons), seconds, n_boot
+    )
+    out.block = {
+        "n_boot": n_boot,
+        "confidence": CONFIDENCE,
+        "seed": SEED,
+        "seconds": round(seconds, 3),
+        "computed": computed,
+        "method": METHOD,
+        "status": "computed" if why is None else why,
+    }
+    return out
