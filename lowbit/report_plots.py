@@ -34,8 +34,11 @@ _LABEL_OFFSETS = [
 ]
 
 
-def _place_labels(ax, items: list[tuple[float, float, str, bool]], renderer) -> None:
-    """Annotate points, trying a few offsets per label so that labels overlap neither each other nor the points."""
+def _place_labels(ax, items: list[tuple[float, float, str, bool]], renderer, always: tuple[str, ...] = ()) -> None:
+    """Annotate points, trying a few offsets per label so that labels overlap neither each other nor the points.
+
+    A label with no free spot is left out (the legend and the report's table still tell the point apart), except the
+    recommended variant's and those named in ``always``, which are drawn at their first spot."""
     offsets = _LABEL_OFFSETS
     ax_box = ax.get_window_extent(renderer)
     point_boxes = []
@@ -47,8 +50,8 @@ def _place_labels(ax, items: list[tuple[float, float, str, bool]], renderer) -> 
     def overlaps(a, b) -> bool:
         return not (a[2] < b[0] or b[2] < a[0] or a[3] < b[1] or b[3] < a[1])
 
-    # the recommended point first, then left to right: it gets the best spot
-    for x, y, text, is_rec in sorted(items, key=lambda it: (not it[3], it[0], -it[1])):
+    # the recommended point first, then those always labelled, then left to right: they get the best spots
+    for x, y, text, is_rec in sorted(items, key=lambda it: (not it[3], it[2] not in always, it[0], -it[1])):
 
         def annotate(dx, dy, ha, text=text, x=x, y=y, is_rec=is_rec):
             weight = "bold" if is_rec else "normal"
@@ -67,7 +70,9 @@ def _place_labels(ax, items: list[tuple[float, float, str, bool]], renderer) -> 
                 best = (ann, box)
                 break
             ann.remove()
-        if best is None:  # nothing free: first choice, overlapping
+        if best is None:  # nothing free
+            if not (is_rec or text in always):
+                continue
             ann = annotate(*offsets[0])
             bb = ann.get_window_extent(renderer)
             best = (ann, (bb.x0, bb.y0, bb.x1, bb.y1))
@@ -228,7 +233,7 @@ def plot_pareto(report: dict) -> bytes:
     fig.tight_layout(rect=(0, 0, 1, 0.96))
     renderer = canvas.get_renderer()
     for ax, items in ((ax_lat, lat_items), (ax_size, size_items)):
-        _place_labels(ax, items, renderer)
+        _place_labels(ax, items, renderer, always=(report["baseline"]["label"],))
     buf = io.BytesIO()
     canvas.print_png(buf)
     return buf.getvalue()
