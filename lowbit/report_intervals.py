@@ -16,10 +16,8 @@ the one ``metrics.json`` records (within 1e-9). Otherwise that row gets no inter
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,7 +40,6 @@ __all__ = [
 
 DEFAULT_N_BOOT = 1000  # replicates per interval; 0 = no intervals
 CONFIDENCE = 0.95  # two-sided level of the percentile interval
-WORKERS = 8  # threads computing intervals at once (at most the CPU count)
 SEED = 0  # numpy default_rng seed of the image draws (the same draws for every variant)
 MAP_TOLERANCE = 1e-9  # |mAP50-95 from detections.json − metrics.json's|: the two describe one evaluation
 METHOD = (
@@ -143,20 +140,13 @@ def _against(
         for v in variants:
             out.reasons[v.metrics_path] = f"FP32 reference {reference.metrics_path} unusable: {e}"
         return
-
-    def one(v: Variant) -> PairedDelta | str:
+    for v in variants:
         try:
-            return ref.delta(matcher.matches(v), CONFIDENCE)
-        except (_NoInterval, UserError) as e:  # UserError: matched on other images than the reference
-            return str(e)
-
-    # numpy's array work releases the GIL: variants run side by side in threads, each result its own
-    with ThreadPoolExecutor(max(1, min(WORKERS, os.cpu_count() or 1))) as pool:
-        for v, result in zip(variants, pool.map(one, variants)):
-            if isinstance(result, str):
-                out.reasons[v.metrics_path] = result
-            else:
-                out.paired[v.metrics_path] = result
+            out.paired[v.metrics_path] = ref.delta(matcher.matches(v), CONFIDENCE)
+        except _NoInterval as e:
+            out.reasons[v.metrics_path] = str(e)
+        except UserError as e:  # matched on other images than the reference
+            out.reasons[v.metrics_path] = str(e)
 
 
 def compute_intervals(
