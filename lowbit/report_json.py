@@ -252,7 +252,7 @@ def _confirmations(
 def search_summary(data: dict, ci_by_k: dict[int, dict | None] | None = None, confirmation: dict | None = None) -> dict:
     """The report's record of one ``search.json``: K found, reason, every probe (ΔAP = AP − FP32 AP, with its paired
     standard error and margin when the search measured them, and the report's interval ``ci_low``/``ci_high`` when
-    ``ci_by_k`` has one), the pick, controls and (``confirmation``: report.json's entry) the confirmation attempts."""
+    ``ci_by_k`` has one; the confirmation's own search-slice points included), the pick, controls and (``confirmation``: report.json's entry) the confirmation attempts."""
     ci_by_k = ci_by_k or {}
     s = data["search"]
     rc = data.get("random_control")
@@ -260,6 +260,8 @@ def search_summary(data: dict, ci_by_k: dict[int, dict | None] | None = None, co
     if rc:
         control = {key: rc[key] for key in _CONTROL_KEYS}
     ranking = data.get("ranking") or {}
+    # the curve, and the Ks the confirmation evaluated on the search slice after it (checked like the curve)
+    points = list(s["curve"]) + list((data.get("confirmation") or {}).get("search_points") or [])
     return {
         "mode": data["mode"],
         "path": data.get("path"),
@@ -275,7 +277,7 @@ def search_summary(data: dict, ci_by_k: dict[int, dict | None] | None = None, co
         "order": s["order"],
         "pick_k": data.get("pick_k", s["k"] if s["found"] else None),
         "confidence": data.get("confidence"),
-        "probes": [_probe(p, ci_by_k.get(int(p["k"]))) for p in s["curve"]],
+        "probes": [_probe(p, ci_by_k.get(int(p["k"]))) for p in sorted(points, key=lambda p: p["k"])],
         "confirmation": confirmation,
         "random_control": control,
         "random_band": [{key: b[key] for key in _BAND_KEYS} for b in data.get("random_band") or []],

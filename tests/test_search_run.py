@@ -209,6 +209,11 @@ def test_a_pick_that_fails_on_new_images_moves_up_by_the_documented_step(setup, 
     assert [p["k"] for p in conf["search_points"]] == [17, 19]  # evaluated on the search slice first
     assert conf["images"]["num_images"] == 3 and "confirmed when its loss" in conf["rule"]
     assert "Confirmation on 3 images" in search_run.search_markdown(data)
+    summary = rep.search_summary(data)  # the report's curve holds the Ks the confirmation evaluated too
+    assert [p["k"] for p in summary["probes"]] == sorted(
+        p["k"] for p in data["search"]["curve"] + conf["search_points"]
+    )
+    assert summary["pick_k"] == 19 and 19 in [p["k"] for p in summary["probes"]]
 
 
 def test_an_unconfirmed_pick_is_said_so_and_not_moved(setup, tmp_path):
