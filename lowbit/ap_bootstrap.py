@@ -43,6 +43,7 @@ __all__ = [
     "ap_ci",
     "bootstrap_weights",
     "match_images",
+    "match_recorded",
     "paired_delta_ci",
     "paired_delta_ci_from_matches",
     "weighted_map",
@@ -50,6 +51,7 @@ __all__ = [
 
 # Replicates accumulated at once: bounds the [replicates, detections] work arrays (float64) to a
 # few tens of MB for COCO-sized categories.
+MAP_TOLERANCE = 1e-9  # |mAP50-95 from detections.json − metrics.json's|: the two describe one evaluation
 REPLICATE_CHUNK = 250
 
 
@@ -207,6 +209,24 @@ def match_images(coco_gt, records: list[dict], image_ids: list[int]) -> ImageMat
         recall_thresholds=np.asarray(params.recThrs, dtype=np.float64),
         map50_95=float(np.mean(valid)),
     )
+
+
+def match_recorded(coco_gt, records: list[dict], image_ids: list[int], recorded_map50_95: float, where: str):
+    """:func:`match_images`, only when the detections give back the mAP50-95 their metrics record (within
+    ``MAP_TOLERANCE``): the detections and the record describe one evaluation of these images.
+
+    Raises:
+        UserError: as :func:`match_images`, or another mAP50-95 than ``recorded_map50_95`` (``where`` names the
+            metrics file).
+    """
+    matches = match_images(coco_gt, records, image_ids)
+    if abs(matches.map50_95 - float(recorded_map50_95)) > MAP_TOLERANCE:
+        raise UserError(
+            f"the detections beside {where} give mAP50-95 {matches.map50_95:.6f}, its metrics.json "
+            f"{float(recorded_map50_95):.6f}: they are not one evaluation of these images",
+            flag=str(where),
+        )
+    return matches
 
 
 def _category_ap(category: CategoryMatches, weights: np.ndarray, recall_thresholds: np.ndarray) -> np.ndarray:

@@ -43,7 +43,7 @@ from typing import Any
 
 from lowbit.errors import UserError
 
-__all__ = ["DEFAULT_MAX_PROBES", "Probe", "SearchResult", "default_max_probes", "search_smallest_k"]
+__all__ = ["DEFAULT_MAX_PROBES", "Probe", "SearchResult", "default_max_probes", "judge", "search_smallest_k"]
 
 # Probes allowed by default: end points + bisection over ~100 ranked nodes + a few scan probes.
 DEFAULT_MAX_PROBES = 12
@@ -60,6 +60,16 @@ class Probe:
     meets: bool
     std_error: float | None = None
     margin: float = 0.0
+
+
+def judge(
+    k: int, value: float, baseline: float, budget: float, std_error: float | None = None, z: float = 0.0
+) -> Probe:
+    """The probe of K with accuracy ``value``: ``delta = baseline - value`` meets the budget when
+    ``delta + z * std_error <= budget`` (``delta <= budget`` without a standard error)."""
+    delta = float(baseline) - float(value)
+    margin = 0.0 if std_error is None else float(z) * std_error
+    return Probe(int(k), float(value), delta, delta + margin <= float(budget), std_error, margin)
 
 
 @dataclass
@@ -144,10 +154,8 @@ class _Cache:
         self.probes: list[Probe] = []
 
     def _point(self, k: int, value: float) -> Probe:
-        delta = self.baseline - float(value)
         se = None if self.std_error is None else float(self.std_error(int(k)))
-        margin = 0.0 if se is None else self.z * se
-        return Probe(int(k), float(value), delta, delta + margin <= self.budget, se, margin)
+        return judge(k, value, self.baseline, self.budget, se, self.z)
 
     @property
     def exhausted(self) -> bool:

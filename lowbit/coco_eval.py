@@ -26,6 +26,7 @@ __all__ = [
     "check_instances",
     "detections_to_records",
     "evaluate_bbox",
+    "image_slice",
     "load_coco",
     "per_class_ap",
     "pycocotools_stats",
@@ -126,9 +127,14 @@ def category_mapping(coco) -> tuple[list[int], list[str]]:
 
 
 def select_image_ids(coco, max_images: int | None, skip: int = 0) -> list[int]:
+    """:func:`image_slice` of the ground truth's image ids."""
+    return image_slice(coco.getImgIds(), max_images, skip)
+
+
+def image_slice(image_ids, max_images: int | None, skip: int = 0) -> list[int]:
     """The image ids in ascending order, the first ``skip`` left out, then the first ``max_images`` of the rest
-    (all when None or larger than what is left)."""
-    ids = sorted(int(i) for i in coco.getImgIds())[skip:]
+    (all when None or larger than what is left): every evaluated slice (search, confirmation) is chosen this way."""
+    ids = sorted(int(i) for i in image_ids)[skip:]
     return ids if max_images is None else ids[:max_images]
 
 

@@ -107,8 +107,8 @@ def base_steps(args: argparse.Namespace, run: Path) -> list[Step]:
     if confirms(args):  # FP32 on the images the searches confirm their picks on
         steps.append(_eval(args, args.onnx_path, confirm_baseline_path(run), confirm=True).step("baseline-confirm"))
     if not args.calib_list.is_file():
-        # a list drawn here comes after the evaluation slice and the confirmation slice
-        skip = max(args.max_images, args.confirm_skip + args.confirm_images) if confirms(args) else args.max_images
+        # a list drawn here comes after the evaluation slice and the confirmation slice (which follows the former)
+        skip = args.confirm_skip + args.confirm_images if confirms(args) else args.max_images
         calib_list = CalibListSettings(
             data_root=args.data_root, eval_max_images=skip, num=CALIB_LIST_SIZE, out=args.calib_list
         )

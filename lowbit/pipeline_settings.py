@@ -399,9 +399,11 @@ def check_confirmation_slice(args: argparse.Namespace, ann: Path) -> None:
     """The annotation file has images after ``--confirm-skip``, and none of them is a calibration image."""
     import json
 
+    from lowbit.coco_eval import image_slice
+
     images = json.loads(ann.read_text(encoding="utf-8")).get("images") or []
     by_id = {int(image["id"]): image.get("file_name", "") for image in images}
-    confirm = sorted(by_id)[args.confirm_skip : args.confirm_skip + args.confirm_images]
+    confirm = image_slice(by_id, args.confirm_images, args.confirm_skip)
     if not confirm:
         fix = (
             f"delete {args.data_root} and run again: the demo generator then writes {args.confirm_skip + 500} images"

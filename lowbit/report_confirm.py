@@ -26,17 +26,13 @@ from typing import Any
 from lowbit import records
 from lowbit.errors import UserError
 from lowbit.report_inputs import Reference, rel_path
-from lowbit.report_search_check import AP_TOL
+from lowbit.report_search_check import AP_TOL, ap_close
 from lowbit.report_variant import Variant
 from lowbit.runs import resolve_repo_path
 
 __all__ = ["ConfirmAttempt", "Confirmation", "check_confirmation", "cited_paths"]
 
 _PP_KEYS = ("mode", "conf", "iou", "max_det", "imgsz")
-
-
-def _close(a: Any, b: float) -> bool:
-    return abs(float(a) - b) <= AP_TOL
 
 
 @dataclass(frozen=True)
@@ -132,7 +128,7 @@ class _Check:
             self.fail(f"{b.metrics_path} changed since the search (sha256 {b.source.metrics_sha256[:12]})")
         self.check_slice(b, "its FP32 evaluation")
         ap = b.map50_95 * 100.0
-        if not _close(self.conf["baseline_ap"], ap):
+        if not ap_close(self.conf["baseline_ap"], ap):
             self.fail(f"baseline_ap {float(self.conf['baseline_ap']):.4f}, but {b.metrics_path} has {ap:.4f}")
         return b, ap
 
@@ -149,13 +145,13 @@ class _Check:
         self.check_slice(e, f"attempt {name}")
         ap = e.map50_95 * 100.0
         loss = base_ap - ap
-        if not (_close(a["ap"], ap) and _close(a["delta_ap"], loss)):
+        if not (ap_close(a["ap"], ap) and ap_close(a["delta_ap"], loss)):
             self.fail(f"attempt {name}: AP {a['ap']} / loss {a['delta_ap']}, its metrics give {ap:.4f} / {loss:.4f}")
         within = loss <= budget
         if bool(a["within_budget"]) != within and abs(loss - budget) > AP_TOL:
             self.fail(f"attempt {name}: within_budget={a['within_budget']} for a loss of {loss:.4f} AP")
         paired = a.get("paired_delta")
-        if isinstance(paired, dict) and not _close(paired.get("delta_ap", float("nan")), -loss):
+        if isinstance(paired, dict) and not ap_close(paired.get("delta_ap", float("nan")), -loss):
             self.fail(f"attempt {name}: paired_delta.delta_ap {paired.get('delta_ap')} is not AP − FP32 AP")
         return ConfirmAttempt(k, name, e, ap, ap - base_ap, bool(a["within_budget"]), paired)
 

@@ -22,7 +22,7 @@ from lowbit.report_inputs import Hasher, Reference, rel_path
 from lowbit.report_variant import Variant
 from lowbit.runs import resolve_repo_path
 
-__all__ = ["AP_TOL", "SearchCheck", "find_searches", "read_search"]
+__all__ = ["AP_TOL", "SearchCheck", "ap_close", "find_searches", "read_search"]
 
 # Two AP values (AP points, mAP50-95 x 100) closer than this are equal: half the last digit the report shows
 # (ΔAP +0.00), so a writer that rounds its numbers is not taken for a tampered one.
@@ -40,7 +40,8 @@ def find_searches(run_dirs: list[Path]) -> list[Path]:
     return found
 
 
-def _close(a: Any, b: float) -> bool:
+def ap_close(a: Any, b: float) -> bool:
+    """Two AP values (points) that a record and the file it cites must share, to within ``AP_TOL``."""
     return math.isclose(float(a), b, rel_tol=0.0, abs_tol=AP_TOL)
 
 
@@ -63,7 +64,7 @@ class SearchCheck:
 
     def run(self) -> None:
         ref = self.ref
-        if not _close(self.baseline_ap, ref.ap):
+        if not ap_close(self.baseline_ap, ref.ap):
             self.fail(
                 f"its FP32 AP is {self.baseline_ap:.4f}, but this run's FP32 baseline {rel_path(ref.metrics_path)} "
                 f"has {ref.ap:.4f}: the search belongs to another run"
@@ -131,15 +132,15 @@ class SearchCheck:
                 same = v.model_sha256 == prov["full_model_sha256"]
             else:
                 same = full_file is not None and v.model_file and Path(v.model_file).resolve() == full_file
-            if same and _close(ap, v.map50_95 * 100.0):
+            if same and ap_close(ap, v.map50_95 * 100.0):
                 self.by_k.setdefault(k, v)
                 return
         self.fail(f"K={k} (AP {ap:.4f}) comes from no evaluation of its full model {full} that this report uses")
 
     def check_point(self, what: str, ap: Any, delta: Any, expected_ap: float) -> None:
-        if not _close(ap, expected_ap):
+        if not ap_close(ap, expected_ap):
             self.fail(f"{what}: AP {float(ap):.4f}, but its candidate's metrics have {expected_ap:.4f}")
-        if not _close(delta, self.baseline_ap - expected_ap):
+        if not ap_close(delta, self.baseline_ap - expected_ap):
             self.fail(
                 f"{what}: loss {float(delta):+.4f} AP, but FP32 AP - candidate AP = "
                 f"{self.baseline_ap - expected_ap:+.4f}"
@@ -166,9 +167,9 @@ class SearchCheck:
         v = self.evaluation(row["metrics_path"])
         name = row.get("name") or f"K={row['k']}"
         ap = v.map50_95 * 100.0
-        if not _close(row["ap"], ap):
+        if not ap_close(row["ap"], ap):
             self.fail(f"candidate {name}: AP {float(row['ap']):.4f}, but {v.metrics_path} has {ap:.4f}")
-        if not _close(row["delta_ap"], self.baseline_ap - ap):
+        if not ap_close(row["delta_ap"], self.baseline_ap - ap):
             self.fail(
                 f"candidate {name}: loss {float(row['delta_ap']):+.4f} AP, but FP32 AP - its AP "
                 f"({v.metrics_path}) = {self.baseline_ap - ap:+.4f}"
@@ -192,7 +193,7 @@ class SearchCheck:
             self.check_row(row)
         aps = [float(r["ap"]) for r in rows]
         deltas = [self.baseline_ap - a for a in aps]
-        if not aps or len(aps) != len(rc["aps"]) or not all(_close(a, b) for a, b in zip(rc["aps"], aps)):
+        if not aps or len(aps) != len(rc["aps"]) or not all(ap_close(a, b) for a, b in zip(rc["aps"], aps)):
             self.fail(f"random controls at K={rc['k']}: APs {rc['aps']} are not those of their candidates {aps}")
         ranking_delta = self.baseline_ap - ap_at(int(rc["k"]))
         mean = statistics.fmean(deltas)
@@ -205,7 +206,7 @@ class SearchCheck:
             "margin_ap": mean - ranking_delta,
         }
         for key, value in expected.items():
-            if key in rc and not _close(rc[key], value):
+            if key in rc and not ap_close(rc[key], value):
                 self.fail(f"random controls at K={rc['k']}: {key} {rc[key]}, recomputed {value:.4f}")
         if "beats_chance" in rc and bool(rc["beats_chance"]) != (ranking_delta < mean):
             self.fail(f"random controls at K={rc['k']}: beats_chance={rc['beats_chance']} disagrees with their losses")

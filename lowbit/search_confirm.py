@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from lowbit import records
-from lowbit.ap_bootstrap import PairedDelta, PairedReference, match_images
+from lowbit.ap_bootstrap import PairedDelta, PairedReference, match_recorded
 from lowbit.errors import UserError
 from lowbit.logs import get_logger
 from lowbit.runs import sha256_file
@@ -47,7 +47,6 @@ log = get_logger("search_confirm")
 
 DEFAULT_CONFIDENCE = 0.8  # one-sided: a K counts when its loss + 0.84 SE is within the budget
 CI_REPLICATES = 1000  # bootstrap replicates of every interval (seed 0): the SE of a loss to about 2 %
-MAP_TOLERANCE = 1e-9  # |mAP from detections.json - mAP of metrics.json|: the two describe one evaluation
 
 
 def z_score(confidence: float, flag: str = "--confidence") -> float:
@@ -99,15 +98,10 @@ class SliceIntervals:
         self._paired = PairedReference(self.reference, n_boot, seed)  # FP32's replicates, computed once
 
     def _matches(self, metrics: dict, detections: list[dict], path: Path, flag: str):
-        matches = match_images(self.coco, detections, self.image_ids)
-        recorded = float(metrics["metrics"]["map50_95"])
-        if abs(matches.map50_95 - recorded) > MAP_TOLERANCE:
-            raise UserError(
-                f"{flag}: the detections beside {path} give mAP50-95 {matches.map50_95:.6f}, its metrics.json "
-                f"{recorded:.6f}: they are not one evaluation of these images",
-                flag=flag,
-            )
-        return matches
+        try:
+            return match_recorded(self.coco, detections, self.image_ids, metrics["metrics"]["map50_95"], str(path))
+        except UserError as e:
+            raise UserError(f"{flag}: {e}", flag=flag) from e
 
     def paired(self, metrics_path: Path, confidence: float = 0.95, flag: str = "candidate metrics") -> PairedDelta:
         """ΔAP (candidate − FP32, AP points) with its two-sided ``confidence`` interval and standard error.

@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from lowbit import records
-from lowbit.budget_search import DEFAULT_MAX_PROBES, Probe, search_smallest_k
+from lowbit.budget_search import DEFAULT_MAX_PROBES, Probe, judge, search_smallest_k
 from lowbit.candidates import CandidateStore, EvalConfig, Evaluated
 from lowbit.candidates_build import RequantizeConfig
 from lowbit.candidates_ranking import random_nodes
@@ -347,12 +347,12 @@ def _confirm(cfg: SearchConfig, inputs: SearchInputs, executor, coco, result, ev
     confirm_store = _store(cfg, inputs, executor, confirm=True)
     intervals = SliceIntervals(coco, cfg.confirm.baseline_metrics, "--confirm-baseline-metrics")
     points = {p.k: p for p in result.curve()}
+    curve = set(points)  # the search's own points; the rest are the confirmation's
 
     def search_point(k: int) -> Probe:
         if k not in points:
             ap = evaluate(k)
-            delta, se = result.baseline - ap, std_error(k)
-            points[k] = Probe(k, ap, delta, delta + z * se <= cfg.budget_ap, se, z * se)
+            points[k] = judge(k, ap, result.baseline, cfg.budget_ap, std_error(k), z)
         return points[k]
 
     block = confirm_pick(
@@ -370,7 +370,7 @@ def _confirm(cfg: SearchConfig, inputs: SearchInputs, executor, coco, result, ev
         image_ids_sha256=inputs.confirm_dataset.image_ids_sha256,
         ann_sha256=inputs.confirm_dataset.ann_sha256,
     )
-    block["search_points"] = [asdict(points[k]) for k in sorted(points) if k not in {p.k for p in result.curve()}]
+    block["search_points"] = [asdict(points[k]) for k in sorted(points) if k not in curve]
     return block
 
 
