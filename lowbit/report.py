@@ -141,7 +141,12 @@ def write_report(
             if s.confirmation is not None
         ]
         intervals = compute_intervals(
-            collected.baseline, collected.variants, confirm_slices, collected.ann_file, settings.ci_replicates
+            collected.baseline,
+            collected.variants,
+            confirm_slices,
+            collected.ann_file,
+            settings.ci_replicates,
+            cache_root=resolve_repo_path(settings.run_dir[0]),
         )
         report = build_report(collected, settings.budget_ap, settings.latency_tie_pct, tensorrt, intervals)
         atomic_write_bytes(out_dir / PARETO_PLOT, plot_pareto(report))

@@ -24,6 +24,7 @@ from typing import Any
 
 from lowbit.ap_bootstrap import ImageMatches, PairedDelta, PairedReference, match_recorded
 from lowbit.errors import UserError
+from lowbit.interval_cache import IntervalCache, interval_key
 from lowbit.logs import get_logger
 from lowbit.report_inputs import Hasher, rel_path
 from lowbit.report_variant import Variant
@@ -59,6 +60,7 @@ class IntervalResult:
     paired: dict[str, PairedDelta] = field(default_factory=dict)
     reasons: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    cached: int = 0  # of ``paired``, read from the interval cache (made by the search or an earlier report)
     block: dict[str, Any] = field(default_factory=dict)  # report.json's "intervals"
 
     def ci(self, v: Variant) -> dict[str, Any] | None:
@@ -122,20 +124,57 @@ class _Matcher:
             raise _NoInterval(str(e)) from e
 
 
+def _cached(
+    matcher: _Matcher, reference: Variant, v: Variant, n_boot: int, cache: IntervalCache, ann_sha256: str
+) -> tuple[PairedDelta | None, tuple[str, dict] | None]:
+    """``(interval, None)`` from the cache, or ``(None, (key, parts))`` to compute and keep (``(None, None)``:
+    an evaluation whose detections are not named by sha256, never cached)."""
+    digests = []
+    for x in (v, reference):
+        path = Path(x.source.metrics_file).parent / "detections.json"
+        recorded = x.source.detections_sha256
+        if not recorded or not path.is_file() or matcher.hasher(path) != recorded:
+            return None, None
+        digests.append(recorded)
+    ids = [int(i) for i in v.source.dataset.get("image_ids") or []]
+    key, parts = interval_key(
+        digests[0], v.map50_95, digests[1], reference.map50_95, ids, ann_sha256, n_boot, SEED, CONFIDENCE
+    )
+    return cache.get(key, parts), (key, parts)
+
+
 def _against(
-    matcher: _Matcher, reference: Variant, variants: Iterable[Variant], n_boot: int, out: IntervalResult
+    matcher: _Matcher,
+    reference: Variant,
+    variants: Iterable[Variant],
+    n_boot: int,
+    out: IntervalResult,
+    cache: IntervalCache,
+    ann_sha256: str,
 ) -> None:
-    """Paired intervals of ``variants`` against ``reference`` (matched once) into ``out``."""
-    variants = list(variants)
-    try:
-        ref = PairedReference(matcher.matches(reference), n_boot, SEED)
-    except _NoInterval as e:
-        for v in variants:
-            out.reasons[v.metrics_path] = f"FP32 reference {reference.metrics_path} unusable: {e}"
-        return
+    """Paired intervals of ``variants`` against ``reference`` (matched once, when the cache misses) into ``out``."""
+    ref: PairedReference | None = None
+    ref_ids = [int(i) for i in reference.source.dataset.get("image_ids") or []]
     for v in variants:
+        if [int(i) for i in v.source.dataset.get("image_ids") or []] != ref_ids:
+            out.reasons[v.metrics_path] = "the two models were matched on different image ids; pass the same list"
+            continue
+        hit, entry = _cached(matcher, reference, v, n_boot, cache, ann_sha256)
+        if hit is not None:
+            out.paired[v.metrics_path] = hit
+            continue
         try:
+            if ref is None:
+                try:
+                    ref = PairedReference(matcher.matches(reference), n_boot, SEED)
+                except _NoInterval as e:
+                    for w in variants:
+                        if w.metrics_path not in out.paired:
+                            out.reasons.setdefault(w.metrics_path, f"FP32 reference {reference.metrics_path} unusable: {e}")
+                    return
             out.paired[v.metrics_path] = ref.delta(matcher.matches(v), CONFIDENCE)
+            if entry is not None:
+                cache.put(*entry, out.paired[v.metrics_path])
         except _NoInterval as e:
             out.reasons[v.metrics_path] = str(e)
         except UserError as e:  # matched on other images than the reference
@@ -149,6 +188,7 @@ def compute_intervals(
     ann_file: Path | None,
     n_boot: int = DEFAULT_N_BOOT,
     hasher: Hasher | None = None,
+    cache_root: Path | None = None,
 ) -> IntervalResult:
     """The paired interval of every row's ΔAP against ``baseline``, and of each confirmation attempt against its
     slice's FP32 evaluation; timed (``block["seconds"]``).
@@ -159,6 +199,8 @@ def compute_intervals(
         confirmation_slices: ``(FP32 evaluation, attempts)`` per checked confirmation.
         ann_file: the annotation file with the baseline's ``ann_sha256`` (None: not found, no intervals).
         n_boot: replicates (0: no intervals; else >= 2).
+        cache_root: the run dir whose ``intervals/`` keeps intervals by content (:mod:`lowbit.interval_cache`;
+            the budget search's are there); None: compute every interval.
 
     Raises:
         UserError: ``n_boot`` is 1 or negative.
@@ -186,9 +228,11 @@ def compute_intervals(
         out.reasons.update({v.metrics_path: why for v in others + attempts})
     else:
         matcher = _Matcher(gt, hasher or Hasher())
-        _against(matcher, baseline, others, n_boot, out)
+        cache, ann_sha256 = IntervalCache(cache_root), matcher.hasher(ann_file)
+        _against(matcher, baseline, others, n_boot, out, cache, ann_sha256)
         for reference, slice_attempts in confirmation_slices:
-            _against(matcher, reference, slice_attempts, n_boot, out)
+            _against(matcher, reference, slice_attempts, n_boot, out, cache, ann_sha256)
+        out.cached = cache.hits
         if matcher.unnamed:
             out.notes.append(
                 "detections.json of " + ", ".join(dict.fromkeys(matcher.unnamed)) + " is not named by sha256 in "
@@ -198,7 +242,12 @@ def compute_intervals(
     seconds = time.perf_counter() - start
     computed = len(out.paired)
     log.info(
-        "ΔAP intervals: %d computed, %d without, %.1f s (%d replicates)", computed, len(out.reasons), seconds, n_boot
+        "ΔAP intervals: %d (%d of them kept from the search), %d without, %.1f s (%d replicates)",
+        computed,
+        out.cached,
+        len(out.reasons),
+        seconds,
+        n_boot,
     )
     out.block = {
         "n_boot": n_boot,
@@ -206,6 +255,7 @@ def compute_intervals(
         "seed": SEED,
         "seconds": round(seconds, 3),
         "computed": computed,
+        "cached": out.cached,
         "method": METHOD,
         "status": "computed" if why is None else why,
     }

@@ -29,6 +29,7 @@ from typing import Any
 from lowbit import records
 from lowbit.ap_bootstrap import PairedDelta, PairedReference, match_recorded
 from lowbit.errors import UserError
+from lowbit.interval_cache import IntervalCache, interval_key
 from lowbit.logs import get_logger
 from lowbit.runs import sha256_file
 
@@ -81,27 +82,47 @@ def read_detections(metrics_path: Path, flag: str) -> tuple[dict[str, Any], list
 
 
 class SliceIntervals:
-    """Paired intervals against one FP32 evaluation on its slice (ground truth read and matched once).
+    """Paired intervals against one FP32 evaluation on its slice (its replicates computed once, when first needed).
 
     Args:
         coco: ground truth (``lowbit.coco_eval.load_coco``) of the annotation file both evaluations used.
         baseline_metrics: the FP32 ``metrics.json`` on this slice.
         flag: the flag that named it (errors name it).
+        ann_sha256: the sha256 of the annotation file ``coco`` was read from (part of a cached interval's key).
+        cache: where intervals are kept by content (:mod:`lowbit.interval_cache`; the report reuses them).
         n_boot, seed: the bootstrap's replicates and seed.
     """
 
-    def __init__(self, coco, baseline_metrics: Path, flag: str, n_boot: int = CI_REPLICATES, seed: int = 0):
-        self.coco = coco
-        metrics, detections = read_detections(baseline_metrics, flag)
-        self.image_ids = [int(i) for i in metrics["dataset"]["image_ids"]]
-        self.reference = self._matches(metrics, detections, baseline_metrics, flag)
-        self._paired = PairedReference(self.reference, n_boot, seed)  # FP32's replicates, computed once
+    def __init__(
+        self,
+        coco,
+        baseline_metrics: Path,
+        flag: str,
+        ann_sha256: str,
+        cache: IntervalCache | None = None,
+        n_boot: int = CI_REPLICATES,
+        seed: int = 0,
+    ):
+        self.coco, self.ann_sha256, self.n_boot, self.seed = coco, ann_sha256, n_boot, seed
+        self.cache = cache or IntervalCache(None)
+        self.metrics, self._detections = read_detections(baseline_metrics, flag)
+        self.path, self.flag = baseline_metrics, flag
+        self.image_ids = [int(i) for i in self.metrics["dataset"]["image_ids"]]
+        self.baseline_map50_95 = float(self.metrics["metrics"]["map50_95"])  # FP32's, as matching gives it back
+        self._paired: PairedReference | None = None
 
     def _matches(self, metrics: dict, detections: list[dict], path: Path, flag: str):
         try:
             return match_recorded(self.coco, detections, self.image_ids, metrics["metrics"]["map50_95"], str(path))
         except UserError as e:
             raise UserError(f"{flag}: {e}", flag=flag) from e
+
+    def _reference(self) -> PairedReference:
+        """FP32's matching and replicates (computed on the first interval the cache does not hold)."""
+        if self._paired is None:
+            reference = self._matches(self.metrics, self._detections, self.path, self.flag)
+            self._paired = PairedReference(reference, self.n_boot, self.seed)
+        return self._paired
 
     def paired(self, metrics_path: Path, confidence: float = 0.95, flag: str = "candidate metrics") -> PairedDelta:
         """ΔAP (candidate − FP32, AP points) with its two-sided ``confidence`` interval and standard error.
@@ -113,8 +134,23 @@ class SliceIntervals:
         ids = [int(i) for i in metrics["dataset"]["image_ids"]]
         if ids != self.image_ids:
             raise UserError(f"{flag}: {metrics_path} scored other images than its FP32 reference", flag=flag)
-        variant = self._matches(metrics, detections, metrics_path, flag)
-        return self._paired.delta(variant, confidence)
+        key, parts = interval_key(
+            metrics["detections_sha256"],
+            metrics["metrics"]["map50_95"],
+            self.metrics["detections_sha256"],
+            self.metrics["metrics"]["map50_95"],
+            ids,
+            self.ann_sha256,
+            self.n_boot,
+            self.seed,
+            confidence,
+        )
+        cached = self.cache.get(key, parts)
+        if cached is not None:
+            return cached
+        value = self._reference().delta(self._matches(metrics, detections, metrics_path, flag), confidence)
+        self.cache.put(key, parts, value)
+        return value
 
 
 @dataclass(frozen=True)
@@ -185,7 +221,7 @@ def confirm_pick(
     return {
         "images": {"skip": cfg.skip, "count": cfg.count},
         "baseline_metrics": str(cfg.baseline_metrics),
-        "baseline_ap": confirm_intervals.reference.map50_95 * 100.0,
+        "baseline_ap": confirm_intervals.baseline_map50_95 * 100.0,
         "rule": RULE.format(attempts=cfg.max_attempts),
         "step": step,
         "attempts": attempts,

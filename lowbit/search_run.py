@@ -54,6 +54,7 @@ from lowbit.budget_search import DEFAULT_MAX_PROBES, Probe, judge, search_smalle
 from lowbit.candidates import CandidateStore, EvalConfig, Evaluated
 from lowbit.candidates_build import RequantizeConfig
 from lowbit.candidates_ranking import random_nodes
+from lowbit.interval_cache import IntervalCache
 from lowbit.logs import get_logger
 from lowbit.search_checks import SearchInputs, check_config, check_inputs
 from lowbit.search_confirm import DEFAULT_CONFIDENCE, ConfirmConfig, SliceIntervals, confirm_pick, z_score
@@ -276,7 +277,9 @@ def _search(cfg: SearchConfig, inputs: SearchInputs, executor) -> dict[str, Any]
     baseline_ap, nodes, z = inputs.baseline_ap, inputs.nodes, z_score(cfg.confidence)
     store = _store(cfg, inputs, executor)
     coco = load_coco(inputs.dataset.ann_file, "--data-root")
-    intervals = SliceIntervals(coco, cfg.baseline_metrics, "--baseline-metrics")
+    intervals = SliceIntervals(
+        coco, cfg.baseline_metrics, "--baseline-metrics", inputs.dataset.ann_sha256, IntervalCache(cfg.run_root)
+    )
     known = {0: inputs.k0_ap} if inputs.k0_ap is not None else {}
     evaluated: dict[int, Evaluated] = {}
     paired: dict[int, Any] = {}
@@ -345,7 +348,13 @@ def _confirm(cfg: SearchConfig, inputs: SearchInputs, executor, coco, result, ev
     if cfg.confirm is None:
         return None
     confirm_store = _store(cfg, inputs, executor, confirm=True)
-    intervals = SliceIntervals(coco, cfg.confirm.baseline_metrics, "--confirm-baseline-metrics")
+    intervals = SliceIntervals(
+        coco,
+        cfg.confirm.baseline_metrics,
+        "--confirm-baseline-metrics",
+        inputs.confirm_dataset.ann_sha256,
+        IntervalCache(cfg.run_root),
+    )
     points = {p.k: p for p in result.curve()}
     curve = set(points)  # the search's own points; the rest are the confirmation's
 

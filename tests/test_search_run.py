@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 from typing import ClassVar
 
 import pytest
@@ -52,9 +51,9 @@ class FakeIntervals:
 
     se: ClassVar[float] = 0.0
 
-    def __init__(self, coco, baseline_metrics, flag):
+    def __init__(self, coco, baseline_metrics, flag, ann_sha256, cache=None):
         self.base = _ap(baseline_metrics)
-        self.reference = SimpleNamespace(map50_95=self.base / 100.0)
+        self.baseline_map50_95 = self.base / 100.0
 
     def paired(self, metrics_path, confidence=0.95, flag=""):
         ap = FakeStore.aps[metrics_path] if metrics_path in FakeStore.aps else _ap(metrics_path)
