@@ -170,7 +170,9 @@ def _against(
                 except _NoInterval as e:
                     for w in variants:
                         if w.metrics_path not in out.paired:
-                            out.reasons.setdefault(w.metrics_path, f"FP32 reference {reference.metrics_path} unusable: {e}")
+                            out.reasons.setdefault(
+                                w.metrics_path, f"FP32 reference {reference.metrics_path} unusable: {e}"
+                            )
                     return
             out.paired[v.metrics_path] = ref.delta(matcher.matches(v), CONFIDENCE)
             if entry is not None:

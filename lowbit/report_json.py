@@ -32,8 +32,8 @@
 * ``tensorrt``: ``status`` ("measured" | "not measured: TensorRT not installed" | "not measured: ..."),
   ``trtexec``, ``tensorrt_python``, ``qdq_mode``
 * ``intervals``: how every ``delta_ap_ci`` was computed (:func:`lowbit.report_intervals.compute_intervals`):
-  ``n_boot``, ``confidence``, ``seed``, ``seconds`` (the cost of the interval stage), ``computed``, ``method``,
-  ``status``; each variant's ``delta_ap_ci`` {ci_low, ci_high, std_error, n_boot, confidence, seed, n_images}
+  ``n_boot``, ``confidence``, ``seed``, ``seconds`` (the cost of the interval stage), ``computed``, ``cached`` (of
+  them, read from the run dir's interval cache, :mod:`lowbit.interval_cache`), ``method``, ``status``; each variant's ``delta_ap_ci`` {ci_low, ci_high, std_error, n_boot, confidence, seed, n_images}
   (AP points, variant − FP32) or null with a note why; ``weight_bytes`` its initializers at their deployed width
 * ``confirmation``: one entry per budget search that ran a confirmation on new images: ``mode``, ``search``,
   ``status`` ("confirmed" | "not confirmed" | "dropped: <reason>"), ``k``, ``pick``, ``images``,

@@ -46,6 +46,7 @@ __all__ = [
     "CALIBRATION_EPS",
     "DEFAULT_ONNX",
     "DRIFT_METHODS",
+    "IMAGE_SELECTIONS",
     "METHODS",
     "OUTPUT_ROOT",
     "PROVIDERS",
@@ -65,6 +66,7 @@ PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider")
 CALIBRATION_EPS = MODELOPT_CALIBRATION_EPS
 METHODS = ("loo", "single", "local")
 DRIFT_METHODS = ("loo", "single")  # the output-drift rankings, one gated session each
+IMAGE_SELECTIONS = ("first", "drift")  # which calibration images a drift ranking scores
 LOG_NAME = "onnx_layer_sensitivity.log"
 # These lines were the script's; they keep its logger name, so its log file reads as before.
 log = get_logger("onnx_layer_sensitivity")
@@ -85,6 +87,10 @@ class OnnxRankingSettings:
         intra_op_threads: ORT threads of ``single``/``loo`` (0: ORT's default).
         calibration_method: ModelOpt calibration (``entropy``, ``max``); None: entropy for int8, max for fp8.
         calib_images: images ModelOpt calibrates on; None: ``num_images``.
+        image_selection: which images ``single``/``loo`` score (:data:`IMAGE_SELECTIONS`): ``first``, the first
+            ``num_images``; ``drift``, the ``num_images`` of the first ``selection_pool`` on which the full Q/DQ
+            model drifts furthest from FP32 (:func:`lowbit.sensitivity_gated.image_drifts`).
+        selection_pool: images ``drift`` chooses from (>= ``num_images``).
         calibration_eps: ORT providers ModelOpt calibrates with (:data:`CALIBRATION_EPS`), in order.
         qdq_path: an existing Q/DQ model of ``onnx_path`` to score instead of quantizing.
         providers: ORT providers for scoring (:data:`PROVIDERS`), highest priority first.
@@ -104,6 +110,8 @@ class OnnxRankingSettings:
     intra_op_threads: int = 0
     calibration_method: str | None = None
     calib_images: int | None = None
+    image_selection: str = "first"
+    selection_pool: int = 64
     calibration_eps: list[str] = dataclasses.field(default_factory=lambda: ["cpu"])
     qdq_path: Path | None = None
     providers: list[str] = dataclasses.field(default_factory=lambda: ["CPUExecutionProvider"])
@@ -165,6 +173,22 @@ def _validate(settings: OnnxRankingSettings) -> _Inputs:
         raise UserError(f"--num-images must be >= 1, got {settings.num_images}", flag="--num-images")
     if settings.calib_images is not None and settings.calib_images < 1:
         raise UserError(f"--calib-images must be >= 1, got {settings.calib_images}", flag="--calib-images")
+    if settings.image_selection not in IMAGE_SELECTIONS:
+        raise UserError(
+            f"--image-selection must be one of {', '.join(IMAGE_SELECTIONS)}, got {settings.image_selection!r}",
+            flag="--image-selection",
+        )
+    drift_selection = settings.image_selection == "drift"
+    if drift_selection and settings.method not in DRIFT_METHODS:
+        raise UserError(
+            f"--image-selection drift chooses the images of --method {' or '.join(DRIFT_METHODS)}, not {settings.method}",
+            flag="--image-selection",
+        )
+    if drift_selection and settings.selection_pool < settings.num_images:
+        raise UserError(
+            f"--selection-pool must be >= --num-images ({settings.num_images}), got {settings.selection_pool}",
+            flag="--selection-pool",
+        )
     onnx_path = check_input_file(resolve_repo_path(settings.onnx_path), "--onnx-path")
     calib_path = check_input_file(resolve_repo_path(settings.calib_path), "--calib-path")
     if settings.qdq_path is not None:
@@ -186,7 +210,7 @@ def _validate(settings: OnnxRankingSettings) -> _Inputs:
             f"--onnx-path: input {name!r} has shape {shape}; expected [1,3,H,W] with static H and W",
             flag="--onnx-path",
         )
-    max_images = max(settings.num_images, settings.calib_images or 0)
+    max_images = max(settings.num_images, settings.calib_images or 0, settings.selection_pool if drift_selection else 0)
     calib = load_calib_tensor(calib_path, "--calib-path", max_images=max_images)
     if list(calib.shape[2:]) != size:
         raise UserError(
@@ -347,11 +371,51 @@ def drift_ranking_of(method: str, qdq_model, images: np.ndarray, providers: list
     return rank(qdq_model, images, providers, **kwargs)
 
 
+def _select_images(settings, qdq_model, inputs: _Inputs, num_images: int) -> tuple[np.ndarray, dict[str, Any]]:
+    """``(images, record)``: the images the drift ranking scores and how they were chosen (the report's
+    ``method.settings.image_selection``)."""
+    if settings.image_selection == "first":
+        return np.ascontiguousarray(inputs.calib[:num_images]), {"by": "first", "images": int(num_images)}
+    from lowbit.sensitivity_gated import image_drifts
+
+    t0 = time.perf_counter()
+    pool = inputs.calib[: settings.selection_pool]
+    drifts = image_drifts(
+        qdq_model,
+        pool,
+        list(settings.providers),
+        metric=settings.metric,
+        batch_size=settings.batch_size,
+        intra_op_threads=settings.intra_op_threads,
+    )
+    chosen = np.sort(np.argsort(-drifts, kind="stable")[:num_images])
+    seconds = time.perf_counter() - t0
+    log.info(
+        "images: the %d of %d with the largest full-model drift (%s; %.3g to %.3g, pool median %.3g), %.1f s",
+        len(chosen),
+        len(pool),
+        ", ".join(str(int(i)) for i in chosen),
+        float(drifts[chosen].min()),
+        float(drifts[chosen].max()),
+        float(np.median(drifts)),
+        seconds,
+    )
+    record = {
+        "by": "drift",
+        "images": len(chosen),
+        "pool": len(pool),
+        "chosen": [int(i) for i in chosen],
+        "pool_drifts": [round(float(d), 6) for d in drifts],
+        "seconds": round(seconds, 2),
+    }
+    return np.ascontiguousarray(pool[chosen]), record
+
+
 def _rank_by_drift(settings, qdq_model, inputs: _Inputs, num_images, qdq, model_sha):
     """``(_Scored, report)`` of the ``single`` or ``loo`` ranking on ``num_images`` images."""
     if settings.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {settings.batch_size}", flag="--batch-size")
-    images = np.ascontiguousarray(inputs.calib[:num_images])
+    images, selection = _select_images(settings, qdq_model, inputs, num_images)
     t0 = time.perf_counter()
 
     def progress(done: int, n: int) -> None:
@@ -382,6 +446,7 @@ def _rank_by_drift(settings, qdq_model, inputs: _Inputs, num_images, qdq, model_
         "qdq_model": str(qdq[0]),
         "qdq_model_sha256": qdq[1],
         "seconds_per_node_image": round(per_node_image, 4),
+        "image_selection": selection,
     }
     extra = {"reference": result.reference}
     report = _report(

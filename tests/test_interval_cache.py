@@ -17,7 +17,9 @@ from lowbit.search_confirm import SliceIntervals
 
 
 def _slice(s: ScoredRun, cache: IntervalCache, n_boot: int = N_BOOT) -> SliceIntervals:
-    return SliceIntervals(s.gt, s.run.root / "baseline-coco" / "metrics.json", "--baseline-metrics", s.ann_sha, cache, n_boot)
+    return SliceIntervals(
+        s.gt, s.run.root / "baseline-coco" / "metrics.json", "--baseline-metrics", s.ann_sha, cache, n_boot
+    )
 
 
 def _fresh(s: ScoredRun, step: str, n_boot: int = N_BOOT, confidence: float = 0.95):

@@ -490,3 +490,42 @@ def test_compare_script_maps_onto_a_graph(load_script, tiny_yolov10_onnx, tmp_pa
     assert agreement["matched"] == 4 and agreement["spearman"] == pytest.approx(1.0)
     assert agreement["top_k"]["2"]["a"] == agreement["top_k"]["2"]["b"] == [n.name for n in convs[:2]]
     assert agreement["graph"] == str(tiny_yolov10_onnx)
+
+
+def test_drift_image_selection_scores_the_images_that_drift_most(
+    load_script, runs, hard_onnx, calib_npy, tmp_path, capsys
+):
+    """--image-selection drift: each pool image's full-model drift is the one the single ranking reports for that
+    image alone; the ranking scores exactly the top --num-images of them, with the scores of those images."""
+    from lowbit.sensitivity_gated import image_drifts
+    from lowbit.sensitivity_single import single_sensitivity
+
+    qdq_path = next((runs["int8"] / "qdq").glob("*.onnx"))
+    qdq_model = onnx.load(str(qdq_path))
+    pool = np.load(calib_npy)  # NUM_IMAGES + 1 images
+    drifts = image_drifts(qdq_model, pool, ["CPUExecutionProvider"], batch_size=2)
+    assert drifts.shape == (len(pool),) and len(set(np.round(drifts, 9))) == len(pool)
+    for i in (0, len(pool) - 1):  # the same number as the single ranking's all-quantized reference on that image
+        alone = single_sensitivity(qdq_model, pool[i : i + 1], ["CPUExecutionProvider"])
+        assert drifts[i] == pytest.approx(alone.reference["all_layers_quantized"], rel=1e-6)
+    out_dir = tmp_path / "drift"
+    base = ["--onnx-path", str(hard_onnx), "--calib-path", str(calib_npy), "--precision", "int8"]
+    base += ["--qdq-path", str(qdq_path), "--method", "single"]
+    argv = base + ["--num-images", "2", "--image-selection", "drift", "--selection-pool", str(len(pool))]
+    assert load_script(SCRIPT).main(argv + ["--out-dir", str(out_dir)]) == 0
+    report = json.loads((out_dir / "layer-sensitivity-report.json").read_text())
+    selection = report["method"]["settings"]["image_selection"]
+    want = sorted(np.argsort(-drifts)[:2].tolist())
+    assert selection["by"] == "drift" and selection["chosen"] == want and selection["pool"] == len(pool)
+    assert selection["pool_drifts"] == pytest.approx(drifts.tolist(), abs=1e-6)
+    direct = single_sensitivity(qdq_model, pool[want], ["CPUExecutionProvider"])
+    scores = {layer["name"]: layer["score"] for layer in direct.layers}
+    assert {layer["name"]: layer["score"] for layer in report["layers"]} == pytest.approx(scores, rel=1e-6)
+    capsys.readouterr()
+    # a pool smaller than the images asked for, or a ranking that scores no images: refused by flag
+    small = base + ["--num-images", "2", "--image-selection", "drift", "--selection-pool", "1"]
+    assert load_script(SCRIPT).main(small + ["--out-dir", str(tmp_path / "small")]) == 2
+    assert "--selection-pool" in capsys.readouterr().err and not (tmp_path / "small").exists()
+    local_argv = [a if a != "single" else "local" for a in argv]
+    assert load_script(SCRIPT).main(local_argv + ["--out-dir", str(tmp_path / "local")]) == 2
+    assert "--image-selection" in capsys.readouterr().err and not (tmp_path / "local").exists()

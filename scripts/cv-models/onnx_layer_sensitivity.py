@@ -45,6 +45,7 @@ from lowbit.drift import METRICS
 from lowbit.sensitivity_run import (
     CALIBRATION_EPS,
     DEFAULT_ONNX,
+    IMAGE_SELECTIONS,
     METHODS,
     PROVIDERS,
     OnnxRankingSettings,
@@ -75,6 +76,16 @@ def build_parser() -> argparse.ArgumentParser:
         choices=tuple(METRICS),
         default="det_kl",
         help="output drift scored by --method loo (the torch sweep's metrics)",
+    )
+    parser.add_argument(
+        "--image-selection",
+        choices=IMAGE_SELECTIONS,
+        default="first",
+        help="images scored by --method single/loo: first = the first --num-images of --calib-path; drift = the "
+        "--num-images of the first --selection-pool on which the full Q/DQ model drifts furthest from FP32",
+    )
+    parser.add_argument(
+        "--selection-pool", type=int, default=64, help="images --image-selection drift chooses from (the first N)"
     )
     parser.add_argument("--batch-size", type=int, default=8, help="images per run of --method loo")
     parser.add_argument("--intra-op-threads", type=int, default=0, help="ORT threads of --method loo (0: default)")
