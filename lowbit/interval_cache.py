@@ -57,7 +57,7 @@ def interval_key(
     """``(key, parts)``: the sha256 naming one paired interval, and what it was taken over.
 
     The detections digests must be the callers' own hashes of the files they read (as
-    :func:`lowbit.search_confirm.read_detections` and the report's matcher check them), not a record's claim.
+    :func:`lowbit.search_confirm.checked_detections` and the report's matcher check them), not a record's claim.
     """
     parts = {
         "variant_detections_sha256": variant_detections_sha256,

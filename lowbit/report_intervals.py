@@ -60,7 +60,6 @@ class IntervalResult:
     paired: dict[str, PairedDelta] = field(default_factory=dict)
     reasons: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-    cached: int = 0  # of ``paired``, read from the interval cache (made by the search or an earlier report)
     block: dict[str, Any] = field(default_factory=dict)  # report.json's "intervals"
 
     def ci(self, v: Variant) -> dict[str, Any] | None:
@@ -128,7 +127,10 @@ def _cached(
     matcher: _Matcher, reference: Variant, v: Variant, n_boot: int, cache: IntervalCache, ann_sha256: str
 ) -> tuple[PairedDelta | None, tuple[str, dict] | None]:
     """``(interval, None)`` from the cache, or ``(None, (key, parts))`` to compute and keep (``(None, None)``:
-    an evaluation whose detections are not named by sha256, never cached)."""
+    detections not named by sha256, or another image list than the reference's: computed, never cached)."""
+    ids = [int(i) for i in v.source.dataset.get("image_ids") or []]
+    if ids != [int(i) for i in reference.source.dataset.get("image_ids") or []]:
+        return None, None  # PairedReference.delta refuses the pair and says why
     digests = []
     for x in (v, reference):
         path = Path(x.source.metrics_file).parent / "detections.json"
@@ -136,7 +138,6 @@ def _cached(
         if not recorded or not path.is_file() or matcher.hasher(path) != recorded:
             return None, None
         digests.append(recorded)
-    ids = [int(i) for i in v.source.dataset.get("image_ids") or []]
     key, parts = interval_key(
         digests[0], v.map50_95, digests[1], reference.map50_95, ids, ann_sha256, n_boot, SEED, CONFIDENCE
     )
@@ -153,12 +154,8 @@ def _against(
     ann_sha256: str,
 ) -> None:
     """Paired intervals of ``variants`` against ``reference`` (matched once, when the cache misses) into ``out``."""
-    ref: PairedReference | None = None
-    ref_ids = [int(i) for i in reference.source.dataset.get("image_ids") or []]
+    variants, ref = list(variants), None
     for v in variants:
-        if [int(i) for i in v.source.dataset.get("image_ids") or []] != ref_ids:
-            out.reasons[v.metrics_path] = "the two models were matched on different image ids; pass the same list"
-            continue
         hit, entry = _cached(matcher, reference, v, n_boot, cache, ann_sha256)
         if hit is not None:
             out.paired[v.metrics_path] = hit
@@ -218,7 +215,7 @@ def compute_intervals(
         why = "intervals not computed (0 replicates asked for)"
     elif ann_file is None:
         why = "no annotation file with the sha256 the baseline was scored on was found (pass --data-root)"
-    gt = None
+    gt, cache = None, IntervalCache(cache_root)
     if why is None:
         from lowbit.coco_eval import load_coco  # faster-coco-eval: loaded only when intervals are computed
 
@@ -230,11 +227,10 @@ def compute_intervals(
         out.reasons.update({v.metrics_path: why for v in others + attempts})
     else:
         matcher = _Matcher(gt, hasher or Hasher())
-        cache, ann_sha256 = IntervalCache(cache_root), matcher.hasher(ann_file)
+        ann_sha256 = matcher.hasher(ann_file)
         _against(matcher, baseline, others, n_boot, out, cache, ann_sha256)
         for reference, slice_attempts in confirmation_slices:
             _against(matcher, reference, slice_attempts, n_boot, out, cache, ann_sha256)
-        out.cached = cache.hits
         if matcher.unnamed:
             out.notes.append(
                 "detections.json of " + ", ".join(dict.fromkeys(matcher.unnamed)) + " is not named by sha256 in "
@@ -246,7 +242,7 @@ def compute_intervals(
     log.info(
         "ΔAP intervals: %d (%d of them kept from the search), %d without, %.1f s (%d replicates)",
         computed,
-        out.cached,
+        cache.hits,
         len(out.reasons),
         seconds,
         n_boot,
@@ -257,7 +253,7 @@ def compute_intervals(
         "seed": SEED,
         "seconds": round(seconds, 3),
         "computed": computed,
-        "cached": out.cached,
+        "cached": cache.hits,
         "method": METHOD,
         "status": "computed" if why is None else why,
     }

@@ -38,9 +38,9 @@ __all__ = [
     "DEFAULT_CONFIDENCE",
     "ConfirmConfig",
     "SliceIntervals",
+    "checked_detections",
     "confirm_pick",
     "confirm_step",
-    "read_detections",
     "z_score",
 ]
 
@@ -59,9 +59,9 @@ def z_score(confidence: float, flag: str = "--confidence") -> float:
     return float(norm.ppf(confidence))
 
 
-def read_detections(metrics_path: Path, flag: str) -> tuple[dict[str, Any], list[dict]]:
-    """``(metrics record, detections)`` of one evaluation: the ``detections.json`` beside ``metrics_path``,
-    only when its sha256 is the one the record names.
+def checked_detections(metrics_path: Path, flag: str) -> tuple[dict[str, Any], Path]:
+    """``(metrics record, detections path)`` of one evaluation: the ``detections.json`` beside ``metrics_path``,
+    only when its sha256 is the one the record names (it is read only when an interval must be computed).
 
     Raises:
         UserError(flag): no usable record, no recorded sha256 (an older evaluator: evaluate again), or a
@@ -78,7 +78,7 @@ def read_detections(metrics_path: Path, flag: str) -> tuple[dict[str, Any], list
     if not path.is_file() or sha256_file(path) != recorded:
         why = "is missing" if not path.is_file() else "is not the file its metrics.json was computed with"
         raise UserError(f"{flag}: {path} {why}; evaluate {metrics_path.parent} again", flag=flag)
-    return metrics, json.loads(path.read_text(encoding="utf-8"))
+    return metrics, path
 
 
 class SliceIntervals:
@@ -105,15 +105,17 @@ class SliceIntervals:
     ):
         self.coco, self.ann_sha256, self.n_boot, self.seed = coco, ann_sha256, n_boot, seed
         self.cache = cache or IntervalCache(None)
-        self.metrics, self._detections = read_detections(baseline_metrics, flag)
+        self.metrics, self._detections = checked_detections(baseline_metrics, flag)
         self.path, self.flag = baseline_metrics, flag
         self.image_ids = [int(i) for i in self.metrics["dataset"]["image_ids"]]
         self.baseline_map50_95 = float(self.metrics["metrics"]["map50_95"])  # FP32's, as matching gives it back
         self._paired: PairedReference | None = None
 
-    def _matches(self, metrics: dict, detections: list[dict], path: Path, flag: str):
+    def _matches(self, metrics: dict, detections: Path, path: Path, flag: str):
+        """Match the checked ``detections`` file of the evaluation ``path`` (its ``metrics``)."""
+        dets = json.loads(detections.read_text(encoding="utf-8"))
         try:
-            return match_recorded(self.coco, detections, self.image_ids, metrics["metrics"]["map50_95"], str(path))
+            return match_recorded(self.coco, dets, self.image_ids, metrics["metrics"]["map50_95"], str(path))
         except UserError as e:
             raise UserError(f"{flag}: {e}", flag=flag) from e
 
@@ -130,7 +132,7 @@ class SliceIntervals:
         Raises:
             UserError(flag): unusable detections, or an evaluation of other images than the FP32 one.
         """
-        metrics, detections = read_detections(metrics_path, flag)
+        metrics, detections = checked_detections(metrics_path, flag)
         ids = [int(i) for i in metrics["dataset"]["image_ids"]]
         if ids != self.image_ids:
             raise UserError(f"{flag}: {metrics_path} scored other images than its FP32 reference", flag=flag)

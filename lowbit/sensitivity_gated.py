@@ -258,6 +258,14 @@ def _gated_session(gated: onnx.ModelProto, providers: list[str], intra_op_thread
         return build_session(path, providers, intra_op_threads=intra_op_threads)
 
 
+def _open_gated(qdq_model: onnx.ModelProto, images: np.ndarray, providers, batch_size, intra_op_threads, work_dir):
+    """The gated session of ``qdq_model``: ``(session, info, gates, image input name, batch size to run)``."""
+    gated, gates = build_gated_model(qdq_model)
+    session, info = _gated_session(gated, providers, intra_op_threads, work_dir)
+    input_name, batch = _image_input(session, gates, images, batch_size)
+    return session, info, gates, input_name, batch
+
+
 def image_drifts(
     qdq_model: onnx.ModelProto,
     images: np.ndarray,
@@ -272,24 +280,25 @@ def image_drifts(
     """Each image's output drift of the full Q/DQ model from FP32, in ``metric``'s unit: float64 ``[N]``.
 
     Two runs of the gated graph per image batch (every gate off: FP32; every gate on: the Q/DQ model), the
-    drift of each image computed on its own rows. What ``--image-selection drift`` ranks images by: the images
-    where the quantized model strays furthest are where a node's share of that error shows most.
+    drift of each image computed on its own rows, on the device :func:`variant_drifts` would use. What
+    ``--image-selection drift`` ranks images by: the images where the quantized model strays furthest.
 
     Raises:
         UserError: as :func:`variant_drifts`.
     """
     check_metric(metric)
-    gated, gates = build_gated_model(qdq_model)
-    session, _ = _gated_session(gated, providers, intra_op_threads, work_dir)
-    input_name, batch = _image_input(session, gates, images, batch_size)
+    session, info, gates, input_name, batch = _open_gated(
+        qdq_model, images, providers, batch_size, intra_op_threads, work_dir
+    )
     output, everything, key = session.get_outputs()[0].name, set(gates), METRICS[metric]
+    device = drift_device(info["providers_used"])
     drifts: list[float] = []
     for chunk in _batches(images, batch):
         (reference,) = session.run([output], {input_name: chunk, **gate_feeds(gates, everything)})
         (quantized,) = session.run([output], {input_name: chunk, **gate_feeds(gates, set())})
         _check_output(reference, reg_max)
         for i in range(chunk.shape[0]):
-            sums = drift_sums(reference[i : i + 1], quantized[i : i + 1], reg_max)
+            sums = _drift_against(reference[i : i + 1], reg_max, device)(quantized[i : i + 1])
             drifts.append(finish_scores(sums)[key])
     return np.asarray(drifts, dtype=np.float64)
 
@@ -327,9 +336,9 @@ def variant_drifts(
     nodes = find_quantized_nodes(qdq_model.graph)
     if not nodes:
         raise UserError("the Q/DQ model has no quantized node; nothing to score", flag="--qdq-path")
-    gated, gates = build_gated_model(qdq_model)
-    session, info = _gated_session(gated, providers, intra_op_threads, work_dir)
-    input_name, batch = _image_input(session, gates, images, batch_size)
+    session, info, gates, input_name, batch = _open_gated(
+        qdq_model, images, providers, batch_size, intra_op_threads, work_dir
+    )
     scored = [n.name for n in nodes if n.name in gates]
     floated_per_node = {name: floated_for(name, scored) for name in scored}
     variants = {"full": set(), "scored_in_float": set(scored), **floated_per_node}
