@@ -176,6 +176,7 @@ def search_steps(args: argparse.Namespace, run: Path, mode: str) -> list[Step]:
         confirm_baseline_metrics=confirm_baseline_path(run) if confirms(args) else None,
         confirm_images=args.confirm_images if confirms(args) else None,
         confirm_skip=args.confirm_skip if confirms(args) else None,
+        revert_probes=args.revert_probes or None,
         calib_path=calib_path(args, run) if requantize else None,
         calibration_eps=args.calibration_eps if requantize else None,
         high_precision_dtype=args.search_high_precision_dtype if requantize else None,

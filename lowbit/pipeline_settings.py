@@ -111,6 +111,7 @@ SCOPED_FLAGS = {
     "confidence": ("--confidence", "search"),
     "confirm_images": ("--confirm-images", "search"),
     "confirm_skip": ("--confirm-skip", "search"),
+    "revert_probes": ("--revert-probes", "search"),
     "ks": ("--ks", "modes"),
     "random_control": ("--random-control", "ks"),
     "sensitivity": ("--sensitivity", "modes"),
@@ -198,6 +199,13 @@ def _add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add("--max-probes", type=int, help="search: most candidates evaluated per mode (None: 12 x --parallel-probes)")
     add(
+        "--revert-probes",
+        type=int,
+        help="search: after the confirmed pick, try up to N of its float nodes back in low precision, least "
+        "sensitive first, keeping each whose candidate still meets the budget; the final set is evaluated on the "
+        "confirmation slice (one evaluation per try; None: 0, no revert pass)",
+    )
+    add(
         "--parallel-probes",
         type=int,
         help="search: candidates evaluated at once, each in a worker process (None: 3 with the CUDA EP, where "
@@ -280,6 +288,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         "random_band": False,
         "candidate_build": "full",
         "confidence": DEFAULT_CONFIDENCE,
+        "revert_probes": 0,
     }
     for dest, value in defaults.items():
         if getattr(args, dest) is None:
@@ -318,6 +327,7 @@ def check_settings(args: argparse.Namespace) -> None:
         (args.random_seeds >= 0, "--random-seeds", f"must be >= 0, got {args.random_seeds}"),
         (args.jobs >= 1, "--jobs", f"must be >= 1, got {args.jobs}"),
         (args.max_probes >= 1, "--max-probes", f"must be >= 1, got {args.max_probes}"),
+        (args.revert_probes >= 0, "--revert-probes", f"must be >= 0, got {args.revert_probes}"),
         (args.parallel_probes >= 1, "--parallel-probes", f"must be >= 1, got {args.parallel_probes}"),
         (args.sensitivity_images >= 1, "--sensitivity-images", f"must be >= 1, got {args.sensitivity_images}"),
         (math.isfinite(args.budget_ap) and args.budget_ap > 0, "--budget-ap", f"{budget}, got {args.budget_ap}"),

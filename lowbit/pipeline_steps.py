@@ -355,6 +355,7 @@ class SearchSettings(ScriptSettings):
     confirm_baseline_metrics: Path | None = field(default=None, metadata=flag("--confirm-baseline-metrics"))
     confirm_images: int | None = field(default=None, metadata=flag("--confirm-images"))
     confirm_skip: int | None = field(default=None, metadata=flag("--confirm-skip"))
+    revert_probes: int | None = field(default=None, metadata=flag("--revert-probes"))  # None: no revert pass
     # requantized candidates only (--build requantize)
     calib_path: Path | None = field(default=None, metadata=flag("--calib-path"))
     calibration_eps: tuple[str, ...] | None = field(default=None, metadata=flag("--calibration-eps"))

@@ -24,6 +24,7 @@ from lowbit import report_inputs as inputs
 from lowbit.errors import UserError
 from lowbit.report_confirm import Confirmation, check_confirmation, cited_paths
 from lowbit.report_inputs import rel_path
+from lowbit.report_revert import revert_summary
 from lowbit.report_search_check import find_searches, read_search
 from lowbit.report_variant import Variant, variant_from_metrics
 from lowbit.runs import REPO_ROOT
@@ -42,6 +43,7 @@ class UsedSearch:
     by_k: dict[int, str] = field(default_factory=dict)  # K -> metrics_path of the ranking's evaluation at K
     confirmation: Confirmation | None = None  # its checked confirmation block (None: none, or dropped)
     confirmation_problem: str | None = None  # why its confirmation block was dropped
+    revert: dict[str, Any] | None = None  # its checked revert pass (lowbit.report_revert; None: none, or dropped)
 
     @property
     def ran_confirmation(self) -> bool:
@@ -217,10 +219,17 @@ def _read_searches(
         except UserError as e:
             problem = str(e)
             inputs.drop(dropped, path, f"{problem} (the confirmation is left out; the search is used)")
+        revert = None
+        try:
+            revert = revert_summary(path, data, hasher)
+        except UserError as e:
+            inputs.drop(dropped, path, f"{e} (the revert pass is left out; the search is used)")
         cited |= cited_here
         by_k_paths = {k: v.metrics_path for k, v in by_k.items()}
         searches.append(
-            UsedSearch(rel_path(path), hasher(path), data, frozenset(cited_here), by_k_paths, confirmation, problem)
+            UsedSearch(
+                rel_path(path), hasher(path), data, frozenset(cited_here), by_k_paths, confirmation, problem, revert
+            )
         )
     return searches, cited
 

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from lowbit import records
 from lowbit.errors import UserError
 from lowbit.runs import REPO_ROOT, resolve_repo_path, sha256_file
+from lowbit.search_revert import REVERT_DIR
 
 if TYPE_CHECKING:  # lowbit.report_variant imports this module
     from lowbit.report_variant import Variant
@@ -176,6 +177,8 @@ def _walk_metrics(run_dir: Path) -> list[Path]:
             dirs.clear()
             continue
         visited.add(real)
+        if Path(root).name.startswith("search-") and REVERT_DIR in dirs:  # a search's tries (lowbit.report_revert)
+            dirs.remove(REVERT_DIR)
         if "metrics.json" in files:
             candidates.append(Path(root) / "metrics.json")
     return sorted(candidates)

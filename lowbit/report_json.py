@@ -40,7 +40,9 @@
   ``baseline_metrics``, ``baseline_ap``, ``rule``, ``attempts`` [{k, name, metrics_path, ap, delta_ap (variant −
   FP32), ci_low, ci_high, std_error, n_images, within_budget, interval_source}]; the pick's row carries its
   attempt as ``confirmation`` {delta_ap, ci_low, ci_high, std_error, n_images, within_budget, k, interval_source}
-* ``search``: one entry per budget search used (:func:`search_summary`)
+* ``search``: one entry per budget search used (:func:`search_summary`), with its revert pass, when it ran one, in
+  ``revert`` {start_k, k, gained, tries, nodes, reverted, search_delta_ap, search_std_error, confirmation {delta_ap,
+  ci_low, ci_high, std_error, n_images, within_budget, model_path, metrics_path}, confirmed}
 * ``dropped``: [{``path``, ``reason``}]: every record found and left out (a variant's metrics, a search.json)
 * ``provenance``: what the report was computed from, by content: ``model_sha256`` (the FP32 model),
   ``ann_sha256``, ``image_ids_sha256``, ``num_images``, ``records`` {path: sha256} of every record used
@@ -148,6 +150,7 @@ def build_report(
                 {**s.data, "path": s.path},
                 {k: ci_at.get(path) for k, path in s.by_k.items()},
                 next((c for c in confirmations if c["search"] == s.path), None),
+                s.revert,
             )
             for s in collected.searches
         ],
@@ -249,10 +252,16 @@ def _confirmations(
     return entries, out, not_eligible
 
 
-def search_summary(data: dict, ci_by_k: dict[int, dict | None] | None = None, confirmation: dict | None = None) -> dict:
+def search_summary(
+    data: dict,
+    ci_by_k: dict[int, dict | None] | None = None,
+    confirmation: dict | None = None,
+    revert: dict | None = None,
+) -> dict:
     """The report's record of one ``search.json``: K found, reason, every probe (ΔAP = AP − FP32 AP, with its paired
     standard error and margin when the search measured them, and the report's interval ``ci_low``/``ci_high`` when
-    ``ci_by_k`` has one; the confirmation's own search-slice points included), the pick, controls and (``confirmation``: report.json's entry) the confirmation attempts."""
+    ``ci_by_k`` has one; the confirmation's own search-slice points included), the pick, controls, (``confirmation``: report.json's entry) the
+    confirmation attempts and (``revert``: :func:`lowbit.report_revert.revert_summary`) the checked revert pass."""
     ci_by_k = ci_by_k or {}
     s = data["search"]
     rc = data.get("random_control")
@@ -281,6 +290,7 @@ def search_summary(data: dict, ci_by_k: dict[int, dict | None] | None = None, co
         "confirmation": confirmation,
         "random_control": control,
         "random_band": [{key: b[key] for key in _BAND_KEYS} for b in data.get("random_band") or []],
+        "revert": revert,
     }
 
 

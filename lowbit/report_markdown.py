@@ -209,7 +209,32 @@ def search_markdown(searches: list[dict]) -> list[str]:
         )
     for s in searches:
         lines += _confirmation_lines(s)
+        lines += _revert_lines(s)
     return lines
+
+
+def _revert_lines(s: dict) -> list[str]:
+    """The revert pass of one search (empty when it ran none): what it put back, and the final set on new images."""
+    r = s.get("revert")
+    if not r:
+        return []
+    text = (
+        f"**{s['mode'].upper()} revert pass**: from the pick's {r['start_k']} float nodes, {r['tries']} tried back in "
+        f"low precision (least sensitive first), {r['gained']} kept there: {r['k']} left in float"
+    )
+    if r["search_delta_ap"] is not None:
+        text += f", ΔAP {r['search_delta_ap']:+.2f} on the search slice"
+    c = r["confirmation"]
+    if c:
+        verdict = "within" if c["within_budget"] else "outside"
+        text += (
+            f", {c['delta_ap']:+.2f} [{c['ci_low']:+.2f}, {c['ci_high']:+.2f}] on the confirmation slice "
+            f"({verdict} the budget). Model: `{c['model_path']}`"
+        )
+    if r["reverted"]:
+        text += f". Back in low precision: {', '.join(f'`{n}`' for n in r['reverted'])}"
+    note = "" if r["confirmed"] or not r["gained"] else " It is not confirmed: the pick above stands."
+    return ["", text + "." + note]
 
 
 def _confirmation_lines(s: dict) -> list[str]:

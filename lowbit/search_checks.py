@@ -67,6 +67,8 @@ def check_config(cfg: SearchConfig) -> None:
         raise UserError(f"--max-probes must be >= 1, got {cfg.max_probes}", flag="--max-probes")
     if cfg.parallel < 1:
         raise UserError(f"--parallel-probes must be >= 1, got {cfg.parallel}", flag="--parallel-probes")
+    if cfg.revert_probes < 0:
+        raise UserError(f"--revert-probes must be >= 0, got {cfg.revert_probes}", flag="--revert-probes")
     from lowbit.search_confirm import z_score
 
     z_score(cfg.confidence)

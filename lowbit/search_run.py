@@ -58,6 +58,7 @@ from lowbit.interval_cache import IntervalCache
 from lowbit.logs import get_logger
 from lowbit.search_checks import SearchInputs, check_config, check_inputs
 from lowbit.search_confirm import DEFAULT_CONFIDENCE, ConfirmConfig, SliceIntervals, confirm_pick, z_score
+from lowbit.search_revert import REVERT_DIR, revert_pass
 
 __all__ = [
     "DEFAULT_BUDGET_AP",
@@ -102,6 +103,7 @@ class SearchConfig:
     parallel: int = 1  # candidates evaluated at once, each in a worker process (1: in this process)
     confidence: float = DEFAULT_CONFIDENCE  # how sure "within budget" must be (0.5: the point estimate)
     confirm: ConfirmConfig | None = None  # the confirmation slice (None: the pick is not confirmed)
+    revert_probes: int = 0  # tries of the revert pass after the pick (:mod:`lowbit.search_revert`; 0: none)
 
 
 def search_settings(cfg: SearchConfig, inputs: SearchInputs) -> dict[str, Any]:
@@ -127,6 +129,7 @@ def search_settings(cfg: SearchConfig, inputs: SearchInputs) -> dict[str, Any]:
         "requantize": requantize,
         "evaluation": cfg.evaluation.content(inputs.dataset),
         "confidence": cfg.confidence,
+        "revert_probes": cfg.revert_probes,
         "confirm": None
         if cfg.confirm is None
         else {
@@ -247,14 +250,17 @@ def run_search(cfg: SearchConfig, inputs: SearchInputs | None = None) -> dict[st
         return _search(cfg, inputs, executor)
 
 
-def _store(cfg: SearchConfig, inputs: SearchInputs, executor, confirm: bool = False) -> CandidateStore:
-    """The mode's candidates on the search slice, or (``confirm``) the same models on the confirmation slice."""
+def _store(
+    cfg: SearchConfig, inputs: SearchInputs, executor, confirm: bool = False, root: Path | None = None, suffix: str = ""
+) -> CandidateStore:
+    """The mode's candidates on the search slice, or (``confirm``) the same models on the confirmation slice;
+    ``root``, ``suffix``: where and under which name suffix they are kept (default: the run root, none)."""
     evaluation, dataset = cfg.evaluation, inputs.dataset
     if confirm:
         evaluation = replace(evaluation, max_images=cfg.confirm.count, skip_images=cfg.confirm.skip)
         dataset = inputs.confirm_dataset
     return CandidateStore(
-        cfg.run_root,
+        root or cfg.run_root,
         cfg.mode,
         cfg.onnx_path.stem,
         cfg.full_model,
@@ -265,6 +271,7 @@ def _store(cfg: SearchConfig, inputs: SearchInputs, executor, confirm: bool = Fa
         dataset=dataset,
         full_sha256=inputs.digests["full_model"],
         slice_tag="confirm" if confirm else "",
+        suffix=suffix,
     )
 
 
@@ -311,6 +318,9 @@ def _search(cfg: SearchConfig, inputs: SearchInputs, executor) -> dict[str, Any]
     confirmation = _confirm(cfg, inputs, executor, coco, result, evaluate, std_error, z) if result.found else None
     pick_k = confirmation["k"] if confirmation and confirmation["confirmed"] else result.k
     pick_ap = evaluated[pick_k].ap if pick_k in evaluated else result.map
+    revert = None
+    if cfg.revert_probes and pick_k > 0 and result.found and (confirmation is None or confirmation["confirmed"]):
+        revert = _revert(cfg, inputs, executor, coco, intervals, pick_k, z)
     seeds, parallel = cfg.random_seeds, cfg.parallel
     control = random_control(store, nodes, pick_k, seeds, baseline_ap, pick_ap, parallel)
     band = [control] if control else []
@@ -333,6 +343,7 @@ def _search(cfg: SearchConfig, inputs: SearchInputs, executor) -> dict[str, Any]
         "search": result.to_dict(),
         "confirmation": confirmation,
         "pick_k": pick_k,
+        "revert": revert,
         "candidates": [_row(evaluated[k], baseline_ap, paired.get(k)) for k in sorted(evaluated)],
         "random_control": control,
         "random_band": sorted((b for b in band if b), key=lambda b: b["k"]),
@@ -383,6 +394,65 @@ def _confirm(cfg: SearchConfig, inputs: SearchInputs, executor, coco, result, ev
     return block
 
 
+def _revert(cfg: SearchConfig, inputs: SearchInputs, executor, coco, intervals: SliceIntervals, pick_k: int, z: float):
+    """``search.json``'s ``revert`` block: the revert pass (:mod:`lowbit.search_revert`) from the pick's float nodes,
+    each try with its files and paired interval, and the final set's evaluation on the confirmation slice."""
+    root = cfg.run_root / f"search-{cfg.mode}" / REVERT_DIR
+    files: list[dict[str, Any]] = []
+
+    def probe(nodes: list[str], i: int) -> Probe:
+        ev = _store(cfg, inputs, executor, root=root, suffix=f"_revert{i:02d}").evaluate(nodes)
+        paired = intervals.paired(ev.metrics_path, CI_CONFIDENCE, "candidate")
+        point = judge(ev.k, ev.ap, inputs.baseline_ap, cfg.budget_ap, paired.std_error, z)
+        log.info(
+            "%s revert try %d: K=%d ΔAP %+.2f (%s)", cfg.mode, i, ev.k, -point.delta, "kept" if point.meets else "back"
+        )
+        files.append({**_files(ev), "suffix": f"_revert{i:02d}", "paired_delta": asdict(paired)})
+        return point
+
+    result = revert_pass(inputs.nodes[:pick_k], probe, cfg.revert_probes)
+    block = result.to_dict()
+    for row, extra in zip(block["tries"], files):
+        row.update(extra)
+    block["confirmation"] = None
+    kept = [row for row in block["tries"] if row["kept"]]
+    if kept and cfg.confirm is not None:
+        final = kept[-1]
+        confirm_store = _store(cfg, inputs, executor, confirm=True, root=root, suffix=final["suffix"])
+        ev = confirm_store.evaluate(result.nodes)
+        confirm_intervals = SliceIntervals(
+            coco,
+            cfg.confirm.baseline_metrics,
+            "--confirm-baseline-metrics",
+            inputs.confirm_dataset.ann_sha256,
+            IntervalCache(cfg.run_root),
+        )
+        paired = confirm_intervals.paired(ev.metrics_path, CI_CONFIDENCE)
+        within = -paired.delta_ap <= cfg.budget_ap
+        log.info(
+            "%s revert: K=%d ΔAP %+.2f on the confirmation slice: %s",
+            cfg.mode,
+            ev.k,
+            paired.delta_ap,
+            "within the budget" if within else "outside the budget",
+        )
+        block["confirmation"] = {**_files(ev), "paired_delta": asdict(paired), "within_budget": within}
+    block["confirmed"] = bool(block["confirmation"] and block["confirmation"]["within_budget"])
+    return block
+
+
+def _files(ev: Evaluated) -> dict[str, Any]:
+    """An evaluated candidate's files by path and sha256, and its AP."""
+    return {
+        "name": ev.name,
+        "model_path": str(ev.model_path),
+        "model_sha256": ev.model_sha256,
+        "metrics_path": str(ev.metrics_path),
+        "metrics_sha256": ev.metrics_sha256,
+        "ap": ev.ap,
+    }
+
+
 def search_markdown(data: dict[str, Any]) -> str:
     """A short Markdown summary of one ``search.json``."""
     s = data["search"]
@@ -409,6 +479,7 @@ def search_markdown(data: dict[str, Any]) -> str:
                 f"(search slice {-a['search_delta_ap']:+.2f}): {verdict} the budget"
             )
         lines.append(f"- {'confirmed: K=' + str(conf['k']) if conf['confirmed'] else 'not confirmed'}")
+    lines += _revert_lines(data.get("revert"), data["budget_ap"])
     rc = data.get("random_control")
     if rc:
         control = (
@@ -419,6 +490,39 @@ def search_markdown(data: dict[str, Any]) -> str:
         )
         lines += ["", control]
     return "\n".join(lines) + "\n"
+
+
+def _revert_lines(revert: dict[str, Any] | None, budget: float) -> list[str]:
+    """search.md's revert pass: every try, the final set and its confirmation."""
+    if not revert:
+        return []
+    headline = (
+        f"Revert pass from the pick's {revert['start_k']} float nodes, least sensitive first (a node stays in low "
+        f"precision when the search slice's test still holds): {revert['gained']} back in low precision, "
+        f"{revert['k']} left in float."
+    )
+    lines = [
+        "",
+        headline,
+        "",
+        "| try | node back in low precision | K | ΔAP | SE | kept |",
+        "|---:|---|---:|---:|---:|:---:|",
+    ]
+    for i, t in enumerate(revert["tries"], start=1):
+        se = "" if t.get("std_error") is None else f"{t['std_error']:.2f}"
+        kept = "yes" if t["kept"] else "no"
+        lines.append(f"| {i} | `{t['node']}` | {t['k']} | {0.0 - t['delta'] + 0.0:+.2f} | {se} | {kept} |")
+    conf = revert.get("confirmation")
+    if conf:
+        pd = conf["paired_delta"]
+        verdict = "within" if conf["within_budget"] else "outside"
+        final = (
+            f"Final set (K={revert['k']}) on the confirmation slice: ΔAP {pd['delta_ap']:+.2f} "
+            f"[{pd['ci_low']:+.2f}, {pd['ci_high']:+.2f}]: {verdict} the {budget:g} AP budget; model "
+            f"{conf['model_path']}."
+        )
+        lines += ["", final]
+    return lines
 
 
 def search_and_write(cfg: SearchConfig, manifest_args: dict[str, Any], argv: list[str] | None) -> dict[str, Any]:

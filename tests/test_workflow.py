@@ -367,6 +367,8 @@ def test_search_end_to_end_on_the_tiny_model(tiny_run):
         "6",
         "--confirm-images",
         "2",
+        "--revert-probes",
+        "2",
     ]
     result = _run(search_argv)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -394,8 +396,22 @@ def test_search_end_to_end_on_the_tiny_model(tiny_run):
             assert data["pick_k"] == (conf["k"] if conf["confirmed"] else data["search"]["k"])
         else:
             assert conf is None
+        revert = data["revert"]
+        if data["pick_k"] and conf and conf["confirmed"]:  # the revert pass: its tries apart, summed up in the report
+            assert revert["start_k"] == data["pick_k"] and 1 <= len(revert["tries"]) <= 2
+            for t in revert["tries"]:
+                assert (
+                    (run / t["metrics_path"])
+                    .resolve()
+                    .is_relative_to((run / f"search-{s['mode']}" / "revert").resolve())
+                )
+            assert s["revert"]["k"] == revert["k"] and s["revert"]["tries"] == len(revert["tries"])
+        else:
+            assert revert is None and s["revert"] is None
     assert (run / "baseline-confirm-coco" / "metrics.json").is_file()
     assert all(v.get("mac_share") is not None for v in report["variants"])
+    assert not any("revert" in v["metrics_path"] for v in report["variants"])
+    assert not any("revert" in d["path"] for d in report["dropped"]), report["dropped"]
     assert report["recommended"]["cost_source"] in ("mac_share", None)
     for name in ("report.md", "pareto.png", "search-curves.png"):
         assert (run / name).stat().st_size > 0

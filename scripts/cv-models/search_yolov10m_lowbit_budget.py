@@ -9,7 +9,8 @@ each round of the search probes N Ks and the random controls run N at a time, ev
 a worker process (worth it with the CUDA EP; on the CPU EP one evaluation already uses every core).
 A probe is within the budget when its loss plus ``z(--confidence)`` paired standard errors is. With
 ``--confirm-baseline-metrics`` the pick is then evaluated on images the search never saw and, when it misses the
-budget there, the search moves up by a fixed rule (``lowbit.search_confirm``).
+budget there, the search moves up by a fixed rule (``lowbit.search_confirm``). With ``--revert-probes N`` a revert
+pass then tries the pick's float nodes back in low precision, one at a time (``lowbit.search_revert``).
 
 Before anything is written, the inputs are checked to belong together (``lowbit.search_checks.check_inputs``):
 ``--full-model`` is a Q/DQ model of ``--mode`` quantized from ``--onnx-path``, ``--ranking`` ranks that model in
@@ -116,6 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="image ids (ascending) before the confirmation slice: the search slice and the calibration images",
     )
     p.add_argument("--max-confirm", type=int, default=3, help="confirmations tried before the search gives up")
+    p.add_argument(
+        "--revert-probes",
+        type=int,
+        default=0,
+        help="after the pick, try up to N of its float nodes back in low precision, least sensitive first, each kept "
+        "quantized when the budget still holds; the final set is evaluated on the confirmation slice too "
+        "(lowbit.search_revert; one evaluation per try; 0: no revert pass)",
+    )
     p.add_argument("--imgsz", type=int, default=640)
     p.add_argument("--warmup-runs", type=int, default=10)
     p.add_argument("--skip-latency", type=int, default=10)
@@ -179,6 +188,7 @@ def config(args: argparse.Namespace) -> search_run.SearchConfig:
         requantize=requantize,
         confidence=args.confidence,
         confirm=confirm,
+        revert_probes=args.revert_probes,
     )
     check_config(cfg)
     return cfg

@@ -1,0 +1,107 @@
+"""The revert pass: once the search has its pick, put float nodes back into low precision while the budget holds.
+
+The pick keeps the top-K ranked nodes in float. The ranking orders nodes by a proxy of their cost to accuracy, so
+the smallest float set that fits the budget need not be a prefix of it. The pass (:func:`revert_pass`) tries the
+pick's float nodes one at a time, cheapest first (the least sensitive, i.e. from the K-th ranked node up): each
+try evaluates the current float set without that node on the search slice, and the node stays in low precision
+when the try passes the search's own test (loss + ``z * SE`` within the budget, :func:`lowbit.budget_search.judge`);
+otherwise it goes back to float. At most ``max_probes`` tries, one evaluation each.
+
+Keeping the tries that pass on one slice favours the lucky ones (the winner's curse, the reason the search
+confirms its pick), so the final set is evaluated on the confirmation slice as well, and replaces nothing
+unless it is within the budget there (:func:`lowbit.search_run.run_search` records both; the pick stays the
+confirmed K of the search).
+
+Units: AP points (mAP50-95 x 100), ``delta`` = loss against FP32 (>= 0 a loss), as :mod:`lowbit.budget_search`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from lowbit.budget_search import Probe
+
+__all__ = ["REVERT_DIR", "RevertResult", "RevertTry", "revert_order", "revert_pass"]
+
+REVERT_DIR = "revert"  # search-<mode>/revert/: the pass's candidates (onnx/ and <name>-coco/), apart from the search's
+
+
+@dataclass
+class RevertTry:
+    """One try: ``node`` put back into low precision, leaving ``k`` nodes in float; ``kept`` when its probe
+    met the budget (the node stays quantized from then on)."""
+
+    node: str
+    probe: Probe
+    kept: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"node": self.node, **asdict(self.probe), "kept": self.kept}
+
+
+@dataclass
+class RevertResult:
+    """The pass from ``start`` (the pick's float nodes, ranking order) to ``nodes`` (the final float set, the same
+    order); ``untried``: float nodes the probe budget left untried."""
+
+    start: list[str]
+    nodes: list[str]
+    tries: list[RevertTry] = field(default_factory=list)
+    untried: list[str] = field(default_factory=list)
+
+    @property
+    def gained(self) -> int:
+        """Float nodes the pass put back into low precision."""
+        return len(self.start) - len(self.nodes)
+
+    @property
+    def final_probe(self) -> Probe | None:
+        """The search-slice probe of the final set (the last kept try); None when no try was kept."""
+        kept = [t.probe for t in self.tries if t.kept]
+        return kept[-1] if kept else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "start_k": len(self.start),
+            "k": len(self.nodes),
+            "gained": self.gained,
+            "nodes": list(self.nodes),
+            "reverted": [t.node for t in self.tries if t.kept],
+            "untried": list(self.untried),
+            "tries": [t.to_dict() for t in self.tries],
+        }
+
+
+def revert_order(float_nodes: list[str]) -> list[str]:
+    """The order nodes are tried in: cheapest first, i.e. the ranking's order reversed (its K-th node first)."""
+    return list(reversed(float_nodes))
+
+
+def revert_pass(float_nodes: list[str], probe: Callable[[list[str], int], Probe], max_probes: int) -> RevertResult:
+    """Try each of ``float_nodes`` back in low precision (:func:`revert_order`), keeping what meets the budget.
+
+    Args:
+        float_nodes: the pick's float nodes, in ranking order (most sensitive first).
+        probe: ``probe(nodes, i)`` evaluates the candidate with exactly ``nodes`` in float (try ``i``, from 1) on the
+            search slice and judges it (:func:`lowbit.budget_search.judge`).
+        max_probes: most tries (evaluations); 0 tries nothing.
+
+    Returns:
+        The :class:`RevertResult`; ``nodes`` keeps the ranking order of ``float_nodes``.
+    """
+    if max_probes < 0:
+        raise ValueError(f"max_probes must be >= 0, got {max_probes}")
+    current = list(float_nodes)
+    order = revert_order(float_nodes)
+    tries = []
+    for i, node in enumerate(order[:max_probes], start=1):
+        trial = [n for n in current if n != node]
+        point = probe(trial, i)
+        if point.k != len(trial):
+            raise ValueError(f"probe of {len(trial)} float nodes returned K={point.k}")
+        tries.append(RevertTry(node, point, point.meets))
+        if point.meets:
+            current = trial
+    return RevertResult(list(float_nodes), current, tries, order[max_probes:])

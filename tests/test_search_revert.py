@@ -1,0 +1,152 @@
+"""The revert pass (lowbit.search_revert): its order and rule, the search's record of it (stand-in evaluations, as in
+test_search_run.py), and the report's checks of that record (lowbit.report_revert)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lowbit import search_run
+from lowbit.budget_search import judge
+from lowbit.errors import UserError
+from lowbit.report_inputs import Hasher
+from lowbit.report_revert import revert_summary
+from lowbit.search_revert import revert_pass
+from tests.test_search_run import BASELINE_AP, NODES, FakeStore, _confirm, setup  # noqa: F401 (fixture)
+
+# AP points lost by each of the ranking's first 20 nodes when quantized (the rest cost nothing). The ranking puts
+# nodes 12 and 13 too high: they cost nothing, so a float set need not keep them although the prefix does.
+COST = {n: (0.0 if i in (12, 13) else 0.125) for i, n in enumerate(NODES[:20])}
+
+
+def _loss(nodes) -> float:
+    return sum(c for n, c in COST.items() if n not in set(nodes))
+
+
+def test_tries_the_least_sensitive_first_and_keeps_what_meets_the_budget():
+    tried = []
+
+    def probe(nodes, i):
+        tried.append((i, len(nodes)))
+        return judge(len(nodes), BASELINE_AP - _loss(nodes), BASELINE_AP, 0.5)
+
+    result = revert_pass(NODES[:16], probe, max_probes=5)  # the prefix K=16 loses 4 x 0.125 = 0.5
+    assert [t.node for t in result.tries] == [NODES[i] for i in (15, 14, 13, 12, 11)]
+    assert [t.kept for t in result.tries] == [False, False, True, True, False]
+    assert result.nodes == [n for n in NODES[:16] if n not in (NODES[12], NODES[13])] and result.gained == 2
+    assert result.untried == [NODES[i] for i in range(10, -1, -1)]
+    assert [k for _, k in tried] == [15, 15, 15, 14, 13]  # each try drops one node from the current set
+    assert result.final_probe.k == 14 and result.final_probe.delta == pytest.approx(0.5)
+    assert revert_pass(NODES[:16], probe, max_probes=0).nodes == NODES[:16]
+    with pytest.raises(ValueError, match="max_probes"):
+        revert_pass(NODES[:16], probe, max_probes=-1)
+
+
+def _costly(nodes, seed):
+    return BASELINE_AP - _loss(nodes) - (1.0 if seed is not None else 0.0)
+
+
+def test_the_search_records_its_revert_pass_and_confirms_the_final_set(setup, tmp_path):  # noqa: F811
+    cfg = setup(_costly, random_seeds=0, confirm=_confirm(tmp_path), revert_probes=5)
+    data = search_run.run_search(cfg)
+    assert data["pick_k"] == 16 and data["confirmation"]["confirmed"]
+    r = data["revert"]
+    assert r["start_k"] == 16 and r["k"] == 14 and r["gained"] == 2 and r["reverted"] == [NODES[13], NODES[12]]
+    assert [t["kept"] for t in r["tries"]] == [False, False, True, True, False]
+    assert all(Path(t["metrics_path"]).is_relative_to(tmp_path / "search-int8" / "revert") for t in r["tries"])
+    assert [t["suffix"] for t in r["tries"]] == [f"_revert{i:02d}" for i in range(1, 6)]
+    assert r["confirmation"]["within_budget"] and r["confirmed"] and FakeStore.confirm_calls == [16, 14]
+    assert data["settings"]["revert_probes"] == 5
+    text = search_run.search_markdown(data)
+    assert "Revert pass from the pick's 16 float nodes" in text and "Final set (K=14)" in text
+
+
+def test_no_revert_pass_when_the_pick_is_not_confirmed(setup, tmp_path):  # noqa: F811
+    cfg = setup(_costly, confirm_curve=lambda nodes, seed: BASELINE_AP - 2.0, random_seeds=0, revert_probes=5)
+    cfg.confirm = _confirm(tmp_path, max_attempts=1)
+    data = search_run.run_search(cfg)
+    assert not data["confirmation"]["confirmed"] and data["revert"] is None
+
+
+def _record(path: Path, ap: float, model_sha: str, ids: list[int]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metrics = {"map50_95": ap / 100.0}
+    record = {
+        "schema_version": 1,
+        "kind": "metrics",
+        "status": "ok",
+        "metrics": metrics,
+        "model": {"sha256": model_sha},
+        "dataset": {"image_ids": ids},
+    }
+    path.write_text(json.dumps(record))
+    return path
+
+
+def _search_with_revert(tmp_path: Path) -> dict:
+    """A search.json's revert block over real files: the final set K=14, confirmed at ΔAP -0.4."""
+    hasher = Hasher()
+    model = tmp_path / "search-int8" / "revert" / "onnx" / "m-int8-k14_revert04.onnx"
+    model.parent.mkdir(parents=True)
+    model.write_bytes(b"model")
+    sha = hasher(model)
+    final = _record(tmp_path / "search-int8" / "revert" / "int8-k14_revert04-coco" / "metrics.json", 49.5, sha, [1, 2])
+    conf = _record(final.parent.parent / "int8-k14_revert04-confirm-coco" / "metrics.json", 49.6, sha, [5, 6])
+    base = _record(tmp_path / "baseline-confirm-coco" / "metrics.json", 50.0, "f" * 64, [5, 6])
+
+    def files(metrics: Path, ap: float) -> dict:
+        return {
+            "model_path": str(model),
+            "model_sha256": sha,
+            "metrics_path": str(metrics),
+            "metrics_sha256": hasher(metrics),
+            "ap": ap,
+        }
+
+    tries = [
+        {"node": NODES[15], "k": 15, "delta": 0.625, "margin": 0.0, "kept": False},
+        {"node": NODES[14], "k": 15, "delta": 0.625, "margin": 0.0, "kept": False},
+        {"node": NODES[13], "k": 15, "delta": 0.5, "margin": 0.0, "kept": True},
+        {"node": NODES[12], "k": 14, "delta": 0.5, "margin": 0.0, "kept": True, **files(final, 49.5)},
+    ]
+    paired = {"delta_ap": -0.4, "ci_low": -0.6, "ci_high": -0.2, "std_error": 0.1, "n_images": 2}
+    nodes = [n for n in NODES[:16] if n not in (NODES[12], NODES[13])]
+    revert = {
+        "start_k": 16,
+        "k": 14,
+        "gained": 2,
+        "nodes": nodes,
+        "tries": tries,
+        "confirmation": {**files(conf, 49.6), "paired_delta": paired, "within_budget": True},
+    }
+    return {"budget_ap": 0.5, "confirmation": {"baseline_metrics": str(base)}, "revert": revert}
+
+
+def test_the_report_summarises_a_revert_pass_whose_files_check_out(tmp_path):
+    data = _search_with_revert(tmp_path)
+    summary = revert_summary(tmp_path / "search.json", data, Hasher())
+    assert summary["k"] == 14 and summary["gained"] == 2 and summary["confirmed"] and summary["tries"] == 4
+    assert summary["search_delta_ap"] == -0.5 and summary["confirmation"]["delta_ap"] == -0.4
+    assert revert_summary(tmp_path / "search.json", {"revert": None}, Hasher()) is None
+
+
+@pytest.mark.parametrize(
+    ("edit", "reason"),
+    [
+        (lambda d, p: d["revert"].update(gained=3), "do not fit"),
+        (lambda d, p: d["revert"]["tries"][0].update(kept=True), "try 1 says kept=True"),
+        (lambda d, p: d["revert"]["nodes"].append(NODES[13]), "do not fit"),
+        (lambda d, p: d["revert"]["confirmation"].update(ap=49.9), "is not the"),
+        (lambda d, p: d["revert"]["confirmation"]["paired_delta"].update(delta_ap=-0.2), "AP less the"),
+        (lambda d, p: Path(d["revert"]["tries"][3]["metrics_path"]).write_text("{}"), "changed since the search"),
+        (lambda d, p: _record(p / "baseline-confirm-coco" / "metrics.json", 50.0, "f" * 64, [7, 8]), "other images"),
+        (lambda d, p: d["revert"].pop("tries"), "incomplete"),
+    ],
+)
+def test_the_report_drops_a_revert_pass_that_does_not_add_up(tmp_path, edit, reason):
+    data = _search_with_revert(tmp_path)
+    edit(data, tmp_path)
+    with pytest.raises(UserError, match=reason):
+        revert_summary(tmp_path / "search.json", data, Hasher())
