@@ -27,7 +27,7 @@ from lowbit.report_inputs import rel_path
 from lowbit.report_revert import revert_summary
 from lowbit.report_search_check import find_searches, read_search
 from lowbit.report_variant import Variant, variant_from_metrics
-from lowbit.runs import REPO_ROOT
+from lowbit.runs import REPO_ROOT, resolve_repo_path
 
 __all__ = ["Collected", "UsedSearch", "collect_variants"]
 
@@ -44,6 +44,7 @@ class UsedSearch:
     confirmation: Confirmation | None = None  # its checked confirmation block (None: none, or dropped)
     confirmation_problem: str | None = None  # why its confirmation block was dropped
     revert: dict[str, Any] | None = None  # its checked revert pass (lowbit.report_revert; None: none, or dropped)
+    revert_row: Variant | None = None  # the row of the pass's final float set, when confirmed
 
     @property
     def ran_confirmation(self) -> bool:
@@ -224,14 +225,44 @@ def _read_searches(
             revert = revert_summary(path, data, hasher)
         except UserError as e:
             inputs.drop(dropped, path, f"{e} (the revert pass is left out; the search is used)")
+        row = _revert_row(path, revert, ref, hasher, dropped)
         cited |= cited_here
         by_k_paths = {k: v.metrics_path for k, v in by_k.items()}
         searches.append(
             UsedSearch(
-                rel_path(path), hasher(path), data, frozenset(cited_here), by_k_paths, confirmation, problem, revert
+                rel_path(path),
+                hasher(path),
+                data,
+                frozenset(cited_here),
+                by_k_paths,
+                confirmation,
+                problem,
+                revert,
+                row,
             )
         )
     return searches, cited
+
+
+def _revert_row(
+    path: Path, summary: dict | None, ref: inputs.Reference, hasher: inputs.Hasher, dropped: list[dict]
+) -> Variant | None:
+    """The row of a confirmed revert pass's final float set (:mod:`lowbit.report_revert`) of the search at ``path``:
+    its evaluation on the search slice, comparable with the baseline like any row; one that is not is dropped with
+    its reason (the search and the pass's summary stand)."""
+    if not (summary and summary["confirmed"] and summary["metrics_path"]):
+        return None
+    metrics = resolve_repo_path(summary["metrics_path"])
+    found = next((f for f in inputs.find_metrics([metrics.parent]) if f.path.resolve() == metrics.resolve()), None)
+    if found is None or found.error is not None:
+        inputs.drop(dropped, metrics, f"the revert pass's final set: {found.error if found else 'no metrics.json'}")
+        return None
+    v = variant_from_metrics(found.record, metrics, path.parent.parent, hasher)
+    problem = inputs.variant_problem(v, ref)
+    if problem:
+        inputs.drop(dropped, metrics, f"the revert pass's final set: {v.metrics_path}: {problem}")
+        return None
+    return v
 
 
 def _drop_unused_aside(aside: dict[Path, tuple[Variant, str]], searches: list[UsedSearch], dropped: list[dict]) -> None:
@@ -351,6 +382,9 @@ def collect_variants(run_dirs: Iterable[Path], data_root: Path | None = None) ->
     fp32_sha = frozenset(v.source.metrics_sha256 for v in variants if v.role in ("baseline", "fp32_repeat"))
     ref = replace(ref, fp32_metrics_sha256=fp32_sha)
     searches, cited = _read_searches(run_dirs, ref, variants, dropped, hasher, aside)
+    reverted = [s.revert_row for s in searches if s.revert_row is not None]
+    variants += reverted
+    cited |= {Path(v.source.metrics_file).resolve() for v in reverted}
     _drop_unused_aside(aside, searches, dropped)
     variants = _without_uncited_candidates(variants, dropped, cited)
     unknown_source = [

@@ -236,6 +236,15 @@ def _confirmations(
                     key: mine[key]
                     for key in ("delta_ap", "ci_low", "ci_high", "std_error", "n_images", "within_budget", "k")
                 } | {"interval_source": mine["interval_source"]}
+        row = s.revert_row  # the confirmed revert pass's final set: its confirmation is the pass's own
+        if row is not None:
+            rc = s.revert["confirmation"]
+            pick_conf[row.metrics_path] = {key: rc[key] for key in ("delta_ap", "ci_low", "ci_high", "std_error")} | {
+                "n_images": rc["n_images"],
+                "within_budget": rc["within_budget"],
+                "k": s.revert["k"],
+                "interval_source": "search.json (the revert pass's; its files checked by sha256)",
+            }
         confirmed_pick = pick.metrics_path if (pick is not None and c and c.confirmed) else None
         why = (
             "its budget search's confirmation was dropped"

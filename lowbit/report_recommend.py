@@ -9,6 +9,7 @@ ONNX Runtime latencies are listed with their provider but never rank variants. F
 
 Eligibility (``not_eligible``): when a mode's budget search ran a confirmation on new images, only its confirmed pick
 is eligible among that search's candidates (probes at other K were never confirmed); an unconfirmed pick is not.
+A revert pass's final set (:mod:`lowbit.report_revert`) is a row only when it was confirmed the same way.
 FP32, the full quantized models (K=0) and fixed-K candidates keep the rule above. The reason names the pick's ΔAP
 with its paired bootstrap interval, and its loss on the confirmation slice when it was confirmed.
 """

@@ -96,6 +96,7 @@ def _check(path: Path, data: dict, hasher: Hasher) -> dict[str, Any]:
         "tries": len(tries),
         "nodes": nodes,
         "reverted": [t["node"] for t in kept],
+        "metrics_path": None if final is None else final["metrics_path"],  # the final set on the search slice
         "search_delta_ap": None if final is None else 0.0 - float(final["delta"]) + 0.0,
         "search_std_error": None if final is None else final.get("std_error"),
         "confirmation": confirmation,

@@ -41,7 +41,8 @@ __all__ = [
 ]
 
 QUANTIZER_KIND = "quantize"  # the "kind" of the quantizer's <stem>.manifest.json
-_STEM_K = re.compile(r"-k(\d+)(?:_random(\d+))?$")  # the materializer's <model>-<mode>-k{K}[_random{SEED}] names
+# the materializer's and the search's <model>-<mode>-k{K}[_random{SEED}] names, and the revert pass's -k{K}_revert{NN}
+_STEM_K = re.compile(r"-k(\d+)(?:_random(\d+)|_revert(\d+))?$")
 
 
 @dataclass(frozen=True)
@@ -52,14 +53,16 @@ class Candidate:
     random_seed: Any = None  # a random control's seed (as its scheme wrote it); None for a ranking's top K
     ranking_source: str | None = None  # the sensitivity report the scheme came from ("onnx", "torch"), when known
     scheme: str | None = None  # the exclusion scheme file; None when only the model's file name told K
+    revert_try: int | None = None  # the revert pass's try that left these K nodes in float (lowbit.search_revert)
 
     def to_dict(self) -> dict[str, Any]:
-        """``{k, random_seed, ranking_source, scheme}``, as report.json's ``candidate``."""
+        """``{k, random_seed, ranking_source, scheme, revert_try}``, as report.json's ``candidate``."""
         return {
             "k": self.k,
             "random_seed": self.random_seed,
             "ranking_source": self.ranking_source,
             "scheme": self.scheme,
+            "revert_try": self.revert_try,
         }
 
 
@@ -315,8 +318,9 @@ def _scheme_info(exclude_json: str | None, model_path: str, run_dir: Path, notes
                 source = report.get("source")
         return Candidate(int(scheme["k"]), scheme.get("random_seed"), source, rel_path(scheme_path))
     match = _STEM_K.search(Path(model_path).stem)
-    if match:  # the materializer's file naming: <model>-<mode>-k{K}[_random{SEED}].onnx
-        return Candidate(int(match.group(1)), int(match.group(2)) if match.group(2) else None)
+    if match:  # the file naming: <model>-<mode>-k{K}[_random{SEED}|_revert{NN}].onnx
+        seed, revert = (int(g) if g else None for g in match.group(2, 3))
+        return Candidate(int(match.group(1)), seed, revert_try=revert)
     return None
 
 
@@ -330,6 +334,8 @@ def _label(metrics: dict, mode: str, settings: dict | None, candidate: Candidate
         k = candidate.k
         if candidate.random_seed is not None:
             return f"{mode_text} K={k} random control (seed {candidate.random_seed})", "random_control"
+        if candidate.revert_try is not None:
+            return f"{mode_text} K={k} (revert pass)", "quantized"
         source = candidate.ranking_source
         return f"{mode_text} K={k}" + (f" ({source} ranking)" if source and k > 0 else ""), "quantized"
     if settings:

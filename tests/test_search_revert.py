@@ -7,6 +7,11 @@ import json
 from pathlib import Path
 
 import pytest
+from test_report import _sha
+from test_report_ci import CONFIRM_BASE, CONFIRM_IDS, ConfirmedRun, _confirm_report
+from test_report_trust import NODES as NODES_R
+from test_report_trust import _dropped
+from test_search_run import BASELINE_AP, NODES, FakeStore, _confirm, setup  # noqa: F401 (fixture)
 
 from lowbit import search_run
 from lowbit.budget_search import judge
@@ -14,7 +19,6 @@ from lowbit.errors import UserError
 from lowbit.report_inputs import Hasher
 from lowbit.report_revert import revert_summary
 from lowbit.search_revert import revert_pass
-from tests.test_search_run import BASELINE_AP, NODES, FakeStore, _confirm, setup  # noqa: F401 (fixture)
 
 # AP points lost by each of the ranking's first 20 nodes when quantized (the rest cost nothing). The ranking puts
 # nodes 12 and 13 too high: they cost nothing, so a float set need not keep them although the prefix does.
@@ -150,3 +154,118 @@ def test_the_report_drops_a_revert_pass_that_does_not_add_up(tmp_path, edit, rea
     edit(data, tmp_path)
     with pytest.raises(UserError, match=reason):
         revert_summary(tmp_path / "search.json", data, Hasher())
+
+
+def _with_revert(run, confirm_map: float = 0.507) -> Path:
+    """``run`` (test_report_ci's confirmed search, pick K=2) with a revert pass that put NODES[1] back in low
+    precision: the final set K=1, 0.3 AP lost on the search slice and (``confirm_map``) on the confirmation slice."""
+    doc = run.confirm(pick_map=0.507)
+    stem, root = "m-int8-k1_revert01", run.root / "search-int8" / "revert"
+    final = run.run.variant("search-int8/revert/int8-k1_revert01-coco", stem, 0.497, 0.68, 50.0, manifest=False)
+    conf = run.run.variant(
+        "search-int8/revert/int8-k1_revert01-confirm-coco",
+        stem,
+        confirm_map,
+        0.68,
+        50.0,
+        manifest=False,
+        image_ids=CONFIRM_IDS,
+    )
+    model = run.root / "onnx" / f"{stem}.onnx"
+    sha = _sha(model.read_bytes())
+    record = {
+        "schema_version": 2,
+        "kind": "candidate",
+        "candidate": "int8-k1_revert01",
+        "model_sha256": sha,
+        "full_model": str(run.full),
+        "random_seed": None,
+        "metrics_sha256": _sha(final.read_bytes()),
+        "build": {"method": "full", "full_model_sha256": _sha(run.full.read_bytes()), "nodes": [NODES_R[0]]},
+    }
+    model.with_suffix(".inputs.json").write_text(json.dumps(record))
+    base, base_confirm = 50.0, CONFIRM_BASE * 100.0
+
+    def files(metrics: Path, ap: float) -> dict:
+        return {
+            "name": "int8-k1_revert01",
+            "model_path": str(model),
+            "model_sha256": sha,
+            "metrics_path": str(metrics),
+            "metrics_sha256": _sha(metrics.read_bytes()),
+            "ap": ap,
+        }
+
+    paired = {
+        "delta_ap": confirm_map * 100 - base_confirm,
+        "std_error": 0.1,
+        "n_images": 3,
+        "n_boot": 1000,
+        "confidence": 0.95,
+        "seed": 0,
+    }
+    paired.update(ci_low=paired["delta_ap"] - 0.2, ci_high=paired["delta_ap"] + 0.2)
+    within = -paired["delta_ap"] <= 0.5
+    doc["revert"] = {
+        "start_k": 2,
+        "k": 1,
+        "gained": 1,
+        "nodes": [NODES_R[0]],
+        "reverted": [NODES_R[1]],
+        "untried": [NODES_R[0]],
+        "tries": [
+            {
+                "node": NODES_R[1],
+                "k": 1,
+                "map": 49.7,
+                "delta": base - 49.7,
+                "meets": True,
+                "std_error": 0.1,
+                "margin": 0.084,
+                "kept": True,
+                "suffix": "_revert01",
+                **files(final, 49.7),
+            }
+        ],
+        "confirmation": {**files(conf, confirm_map * 100), "paired_delta": paired, "within_budget": within},
+        "confirmed": within,
+    }
+    assert root.is_dir()
+    run.write_search(doc)
+    return conf
+
+
+def test_a_confirmed_revert_pass_is_a_row_the_report_may_recommend(load_script, tmp_path):
+    run = ConfirmedRun(tmp_path / "run")
+    _with_revert(run)
+    report = _confirm_report(load_script, run)
+    row = next(v for v in report["variants"] if v["label"] == "INT8 K=1 (revert pass)")
+    assert row["candidate"]["revert_try"] == 1 and row["excluded_nodes"] == 1
+    assert row["confirmation"]["within_budget"] and row["confirmation"]["interval_source"].startswith("search.json")
+    assert (
+        row["label"] not in report["recommended"]["not_eligible"]
+        and row["label"] in report["recommended"]["within_budget"]
+    )
+    (s,) = report["search"]
+    assert s["revert"]["k"] == 1 and s["revert"]["gained"] == 1 and s["revert"]["confirmed"]
+    assert not report["dropped"], report["dropped"]
+    assert "**INT8 revert pass**" in (run.root / "report.md").read_text()
+
+
+def test_a_revert_pass_that_misses_on_new_images_is_no_row(load_script, tmp_path):
+    run = ConfirmedRun(tmp_path / "run")
+    _with_revert(run, confirm_map=0.50)  # loses 1.0 AP on the confirmation slice
+    report = _confirm_report(load_script, run)
+    assert not any("revert" in v["label"] for v in report["variants"])
+    assert report["search"][0]["revert"]["confirmed"] is False
+    assert "It is not confirmed" in (run.root / "report.md").read_text()
+
+
+def test_a_revert_pass_whose_files_changed_is_dropped_and_the_search_stands(load_script, tmp_path):
+    run = ConfirmedRun(tmp_path / "run")
+    conf = _with_revert(run)
+    run.rewrite_metrics(conf, lambda d: d["metrics"].update(map50_95=0.509))
+    report = _confirm_report(load_script, run)
+    assert "revert pass" in _dropped(report, run.search_path) and report["search"][0]["revert"] is None
+    assert not any("revert" in v["label"] for v in report["variants"])
+    assert report["recommended"]["variant"] != "FP32"  # the search's confirmed pick stands
