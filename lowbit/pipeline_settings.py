@@ -23,6 +23,7 @@ from lowbit.search_confirm import DEFAULT_CONFIDENCE
 from lowbit.steps import inside
 
 __all__ = [
+    "DEFAULT_REVERT_PROBES",
     "DEFAULT_SENSITIVITY_IMAGES",
     "EPILOG",
     "PRESETS",
@@ -100,6 +101,8 @@ STEP_NAMES = (
 )
 # Leave-one-out costs (3 + nodes) inferences per image: few images on the CPU EP, more on CUDA (see the README).
 DEFAULT_SENSITIVITY_IMAGES = {"cpu": 4, "cuda": 16}
+# Revert-pass tries per mode: one evaluation each, about a minute on 2 CPU cores, seconds on a GPU (see the README).
+DEFAULT_REVERT_PROBES = {"cpu": 0, "cuda": 12}
 # Flags that act only in some plans (their parser default is None, so "given" can be told): dest -> (flag, where
 # it acts: "search" = the budget search, "ks" = fixed K, "torch" = the torch ranking, "modes" = any mode's steps).
 SCOPED_FLAGS = {
@@ -203,7 +206,7 @@ def _add_plan_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         help="search: after the confirmed pick, try up to N of its float nodes back in low precision, least "
         "sensitive first, keeping each whose candidate still meets the budget; the final set is evaluated on the "
-        "confirmation slice (one evaluation per try; None: 0, no revert pass)",
+        "confirmation slice (one evaluation per try; None: 12 with the CUDA EP, 0 on the CPU EP: no revert pass)",
     )
     add(
         "--parallel-probes",
@@ -282,13 +285,14 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         args.max_probes = default_max_probes(args.parallel_probes)
     if args.sensitivity_images is None:
         args.sensitivity_images = DEFAULT_SENSITIVITY_IMAGES["cuda" if cuda else "cpu"]
+    if args.revert_probes is None:
+        args.revert_probes = DEFAULT_REVERT_PROBES["cuda" if cuda else "cpu"]
     defaults = {
         "sensitivity": "single",
         "random_seeds": 3,
         "random_band": False,
         "candidate_build": "full",
         "confidence": DEFAULT_CONFIDENCE,
-        "revert_probes": 0,
     }
     for dest, value in defaults.items():
         if getattr(args, dest) is None:

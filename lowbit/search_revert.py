@@ -5,7 +5,8 @@ the smallest float set that fits the budget need not be a prefix of it. The pass
 pick's float nodes one at a time, cheapest first (the least sensitive, i.e. from the K-th ranked node up): each
 try evaluates the current float set without that node on the search slice, and the node stays in low precision
 when the try passes the search's own test (loss + ``z * SE`` within the budget, :func:`lowbit.budget_search.judge`);
-otherwise it goes back to float. At most ``max_probes`` tries, one evaluation each.
+otherwise it goes back to float. At most ``max_probes`` tries, one evaluation each (``parallel`` of them at once
+give the same result, see :func:`revert_pass`).
 
 Keeping the tries that pass on one slice favours the lucky ones (the winner's curse, the reason the search
 confirms its pick), so the final set is evaluated on the confirmation slice as well, and replaces nothing
@@ -18,6 +19,7 @@ Units: AP points (mAP50-95 x 100), ``delta`` = loss against FP32 (>= 0 a loss), 
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -50,6 +52,7 @@ class RevertResult:
     nodes: list[str]
     tries: list[RevertTry] = field(default_factory=list)
     untried: list[str] = field(default_factory=list)
+    discarded: int = 0  # evaluations of a parallel round made after a failed try (see revert_pass)
 
     @property
     def gained(self) -> int:
@@ -70,6 +73,7 @@ class RevertResult:
             "nodes": list(self.nodes),
             "reverted": [t.node for t in self.tries if t.kept],
             "untried": list(self.untried),
+            "discarded": self.discarded,
             "tries": [t.to_dict() for t in self.tries],
         }
 
@@ -79,29 +83,48 @@ def revert_order(float_nodes: list[str]) -> list[str]:
     return list(reversed(float_nodes))
 
 
-def revert_pass(float_nodes: list[str], probe: Callable[[list[str], int], Probe], max_probes: int) -> RevertResult:
+def revert_pass(
+    float_nodes: list[str], probe: Callable[[list[str], int], Probe], max_probes: int, parallel: int = 1
+) -> RevertResult:
     """Try each of ``float_nodes`` back in low precision (:func:`revert_order`), keeping what meets the budget.
+
+    With ``parallel = p > 1`` each round evaluates the next ``p`` tries at once, try ``j`` of the round assuming
+    that the round's earlier tries are kept (their nodes already back in low precision). The round's tries up to
+    and including its first failure are taken; the ones after it assumed a node that went back to float, so they
+    are evaluated again in the next round. The result is the one-at-a-time result; what it costs is the
+    discarded evaluations (``RevertResult.discarded``).
 
     Args:
         float_nodes: the pick's float nodes, in ranking order (most sensitive first).
         probe: ``probe(nodes, i)`` evaluates the candidate with exactly ``nodes`` in float (try ``i``, from 1) on the
-            search slice and judges it (:func:`lowbit.budget_search.judge`).
-        max_probes: most tries (evaluations); 0 tries nothing.
+            search slice and judges it (:func:`lowbit.budget_search.judge`); called from ``parallel`` threads.
+        max_probes: most tries taken; 0 tries nothing.
 
     Returns:
         The :class:`RevertResult`; ``nodes`` keeps the ranking order of ``float_nodes``.
     """
     if max_probes < 0:
         raise ValueError(f"max_probes must be >= 0, got {max_probes}")
+    if parallel < 1:
+        raise ValueError(f"parallel must be >= 1, got {parallel}")
     current = list(float_nodes)
-    order = revert_order(float_nodes)
-    tries = []
-    for i, node in enumerate(order[:max_probes], start=1):
-        trial = [n for n in current if n != node]
-        point = probe(trial, i)
-        if point.k != len(trial):
-            raise ValueError(f"probe of {len(trial)} float nodes returned K={point.k}")
-        tries.append(RevertTry(node, point, point.meets))
-        if point.meets:
-            current = trial
-    return RevertResult(list(float_nodes), current, tries, order[max_probes:])
+    order = revert_order(float_nodes)[:max_probes]
+    tries: list[RevertTry] = []
+    discarded = 0
+    with ThreadPoolExecutor(parallel, thread_name_prefix="revert") as pool:
+        while len(tries) < len(order):
+            start = len(tries)
+            trials, trial = [], current
+            for node in order[start : start + parallel]:
+                trial = [n for n in trial if n != node]
+                trials.append(trial)
+            points = list(pool.map(probe, trials, range(start + 1, start + 1 + len(trials))))
+            for node, trial, point in zip(order[start:], trials, points):
+                if point.k != len(trial):
+                    raise ValueError(f"probe of {len(trial)} float nodes returned K={point.k}")
+                tries.append(RevertTry(node, point, point.meets))
+                if not point.meets:
+                    break
+                current = trial
+            discarded += len(trials) - (len(tries) - start)
+    return RevertResult(list(float_nodes), current, tries, revert_order(float_nodes)[max_probes:], discarded)

@@ -43,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import statistics
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
@@ -398,22 +399,24 @@ def _revert(cfg: SearchConfig, inputs: SearchInputs, executor, coco, intervals: 
     """``search.json``'s ``revert`` block: the revert pass (:mod:`lowbit.search_revert`) from the pick's float nodes,
     each try with its files and paired interval, and the final set's evaluation on the confirmation slice."""
     root = cfg.run_root / f"search-{cfg.mode}" / REVERT_DIR
-    files: list[dict[str, Any]] = []
+    files: dict[int, dict[str, Any]] = {}  # by try: the last evaluation of each (a parallel round may redo one)
+
+    lock = threading.Lock()  # one interval at a time: the FP32 replicates are computed once, on first use
 
     def probe(nodes: list[str], i: int) -> Probe:
         ev = _store(cfg, inputs, executor, root=root, suffix=f"_revert{i:02d}").evaluate(nodes)
-        paired = intervals.paired(ev.metrics_path, CI_CONFIDENCE, "candidate")
+        with lock:
+            paired = intervals.paired(ev.metrics_path, CI_CONFIDENCE, "candidate")
         point = judge(ev.k, ev.ap, inputs.baseline_ap, cfg.budget_ap, paired.std_error, z)
-        log.info(
-            "%s revert try %d: K=%d ΔAP %+.2f (%s)", cfg.mode, i, ev.k, -point.delta, "kept" if point.meets else "back"
-        )
-        files.append({**_files(ev), "suffix": f"_revert{i:02d}", "paired_delta": asdict(paired)})
+        verdict = "meets the budget" if point.meets else "misses it"
+        log.info("%s revert try %d: K=%d ΔAP %+.2f (%s)", cfg.mode, i, ev.k, -point.delta, verdict)
+        files[i] = {**_files(ev), "suffix": f"_revert{i:02d}", "paired_delta": asdict(paired)}
         return point
 
-    result = revert_pass(inputs.nodes[:pick_k], probe, cfg.revert_probes)
+    result = revert_pass(inputs.nodes[:pick_k], probe, cfg.revert_probes, cfg.parallel)
     block = result.to_dict()
-    for row, extra in zip(block["tries"], files):
-        row.update(extra)
+    for i, row in enumerate(block["tries"], start=1):
+        row.update(files[i])
     block["confirmation"] = None
     kept = [row for row in block["tries"] if row["kept"]]
     if kept and cfg.confirm is not None:

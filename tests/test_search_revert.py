@@ -48,6 +48,18 @@ def test_tries_the_least_sensitive_first_and_keeps_what_meets_the_budget():
         revert_pass(NODES[:16], probe, max_probes=-1)
 
 
+@pytest.mark.parametrize("parallel", [2, 3, 7])
+def test_parallel_rounds_give_the_one_at_a_time_result(parallel):
+    def probe(nodes, i):
+        return judge(len(nodes), BASELINE_AP - _loss(nodes), BASELINE_AP, 0.5)
+
+    one = revert_pass(NODES[:16], probe, max_probes=7)
+    many = revert_pass(NODES[:16], probe, max_probes=7, parallel=parallel)
+    assert [(t.node, t.probe, t.kept) for t in many.tries] == [(t.node, t.probe, t.kept) for t in one.tries]
+    assert many.nodes == one.nodes and many.untried == one.untried and one.discarded == 0
+    assert many.discarded > 0  # the rounds evaluated tries after a failure, and evaluated them again
+
+
 def _costly(nodes, seed):
     return BASELINE_AP - _loss(nodes) - (1.0 if seed is not None else 0.0)
 

@@ -284,6 +284,12 @@ def test_default_is_the_search_with_the_single_node_ranking_on_the_full_models(w
     assert search[search.index("--k0-metrics") + 1] == str(run / "int8-coco" / "metrics.json")
     assert "--k0-metrics" not in steps["search-fp8"].argv
     assert run / "search-curves.png" in steps["report"].outputs
+    # the revert pass: off on the CPU EP (a minute per try), 12 tries with CUDA, or as given
+    assert args.revert_probes == 0 and "--revert-probes" not in steps["search-int8"].argv
+    cuda = ["--providers", "CUDAExecutionProvider", "CPUExecutionProvider", "--calibration-eps", "cuda:0", "cpu"]
+    for extra, tries in (([], "12"), (["--revert-probes", "3"], "3")):
+        search = {s.name: s for s in plan(_args(wf, cuda + extra), run)}["search-fp8"].argv
+        assert search[search.index("--revert-probes") + 1] == tries
     # --ks gives the fixed-K steps exactly as before
     fixed = {s.name for s in plan(_args(wf, ["--ks", "0", "5"]), run)}
     assert {"schemes-fp8", "candidates-fp8", "candidates-int8"} <= fixed and not any(
