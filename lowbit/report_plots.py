@@ -307,6 +307,37 @@ def _search_panel(ax, searches: list[dict], budget: float) -> None:
                 zorder=4,
                 label=f"confirmation slice ({conf['status']})",
             )
+        r = s.get("revert")
+        if r and r.get("search_delta_ap") is not None:  # the revert pass's final set: fewer nodes than the pick
+            point = {"delta_ap": r["search_delta_ap"], "std_error": r.get("search_std_error")}
+            ax.errorbar(
+                [r["k"]],
+                [point["delta_ap"]],
+                yerr=_yerr([point]),
+                fmt="P",
+                c="tab:green",
+                mec="black",
+                capsize=3,
+                ms=9,
+                zorder=5,
+                label=f"revert pass K={r['k']} (±1.96 SE)",
+            )
+            rconf = r.get("confirmation")
+            if rconf:
+                offset = 0.012 * max(max(ks, default=1), 1)
+                verdict = "within" if rconf["within_budget"] else "outside"
+                ax.errorbar(
+                    [r["k"] + offset],
+                    [rconf["delta_ap"]],
+                    yerr=_yerr([rconf]),
+                    fmt="P",
+                    c="tab:green",
+                    mfc="white",
+                    capsize=3,
+                    ms=8,
+                    zorder=4,
+                    label=f"revert pass, confirmation slice ({verdict})",
+                )
         band = s.get("random_band") or []
         if len(band) > 1:
             ax.fill_between(

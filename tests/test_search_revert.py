@@ -262,6 +262,7 @@ def test_a_confirmed_revert_pass_is_a_row_the_report_may_recommend(load_script, 
     assert s["revert"]["k"] == 1 and s["revert"]["gained"] == 1 and s["revert"]["confirmed"]
     assert not report["dropped"], report["dropped"]
     assert "**INT8 revert pass**" in (run.root / "report.md").read_text()
+    assert (run.root / "search-curves.png").read_bytes()[:4] == b"\x89PNG"  # drawn with the pass's two points
 
 
 def test_a_revert_pass_that_misses_on_new_images_is_no_row(load_script, tmp_path):
