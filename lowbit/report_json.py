@@ -41,8 +41,9 @@
   FP32), ci_low, ci_high, std_error, n_images, within_budget, interval_source}]; the pick's row carries its
   attempt as ``confirmation`` {delta_ap, ci_low, ci_high, std_error, n_images, within_budget, k, interval_source}
 * ``search``: one entry per budget search used (:func:`search_summary`), with its revert pass, when it ran one, in
-  ``revert`` {start_k, k, gained, tries, nodes, reverted, search_delta_ap, search_std_error, confirmation {delta_ap,
-  ci_low, ci_high, std_error, n_images, within_budget, model_path, metrics_path}, confirmed}
+  ``revert`` {start_k, k, gained, tries, nodes, reverted, search_delta_ap, search_std_error, confirmation {step, rule,
+  attempts [{k, try, delta_ap, ci_low, ci_high, std_error, n_images, within_budget, model_path, metrics_path}], k,
+  confirmed}, confirmed, confirmed_k, confirmed_nodes, metrics_path, confirmed_search_delta_ap}
 * ``dropped``: [{``path``, ``reason``}]: every record found and left out (a variant's metrics, a search.json)
 * ``provenance``: what the report was computed from, by content: ``model_sha256`` (the FP32 model),
   ``ann_sha256``, ``image_ids_sha256``, ``num_images``, ``records`` {path: sha256} of every record used
@@ -238,12 +239,10 @@ def _confirmations(
                 } | {"interval_source": mine["interval_source"]}
         row = s.revert_row  # the confirmed revert pass's final set: its confirmation is the pass's own
         if row is not None:
-            rc = s.revert["confirmation"]
-            pick_conf[row.metrics_path] = {key: rc[key] for key in ("delta_ap", "ci_low", "ci_high", "std_error")} | {
-                "n_images": rc["n_images"],
-                "within_budget": rc["within_budget"],
-                "k": s.revert["k"],
-                "interval_source": "search.json (the revert pass's; its files checked by sha256)",
+            rc = s.revert["confirmation"]["attempts"][-1]
+            keys = ("delta_ap", "ci_low", "ci_high", "std_error", "n_images", "within_budget", "k")
+            pick_conf[row.metrics_path] = {key: rc[key] for key in keys} | {
+                "interval_source": "search.json (the revert pass's; its files checked by sha256)"
             }
         confirmed_pick = pick.metrics_path if (pick is not None and c and c.confirmed) else None
         why = (

@@ -214,7 +214,7 @@ def search_markdown(searches: list[dict]) -> list[str]:
 
 
 def _revert_lines(s: dict) -> list[str]:
-    """The revert pass of one search (empty when it ran none): what it put back, and the final set on new images."""
+    """The revert pass of one search (empty when it ran none): what it put back, and its sets on new images."""
     r = s.get("revert")
     if not r:
         return []
@@ -224,17 +224,19 @@ def _revert_lines(s: dict) -> list[str]:
     )
     if r["search_delta_ap"] is not None:
         text += f", ΔAP {r['search_delta_ap']:+.2f} on the search slice"
+    lines = ["", text + "."]
     c = r["confirmation"]
-    if c:
-        verdict = "within" if c["within_budget"] else "outside"
-        text += (
-            f", {c['delta_ap']:+.2f} [{c['ci_low']:+.2f}, {c['ci_high']:+.2f}] on the confirmation slice "
-            f"({verdict} the budget). Model: `{c['model_path']}`"
-        )
-    if r["reverted"]:
-        text += f". Back in low precision: {', '.join(f'`{n}`' for n in r['reverted'])}"
-    note = "" if r["confirmed"] or not r["gained"] else " It is not confirmed: the pick above stands."
-    return ["", text + "." + note]
+    if c and c["attempts"]:
+        lines[-1] += f" Confirmation: {c['rule']}."
+        lines += ["", "| K | ΔAP on the confirmation slice [95 % CI] | within budget | model |", "|---:|---|:---:|---|"]
+        for a in c["attempts"]:
+            ok = "yes" if a["within_budget"] else "no"
+            lines.append(f"| {a['k']} | {delta_cell(a['delta_ap'], a)} | {ok} | `{a['model_path']}` |")
+    if r["confirmed"]:
+        lines += ["", f"Confirmed: K={r['confirmed_k']}, a row of the table above."]
+    elif r["gained"]:
+        lines += ["", "Not confirmed on new images: the pick stands."]
+    return lines
 
 
 def _confirmation_lines(s: dict) -> list[str]:

@@ -322,14 +322,14 @@ def _search_panel(ax, searches: list[dict], budget: float) -> None:
                 zorder=5,
                 label=f"revert pass K={r['k']} (±1.96 SE)",
             )
-            rconf = r.get("confirmation")
-            if rconf:
+            attempts = (r.get("confirmation") or {}).get("attempts") or []
+            if attempts:
                 offset = 0.012 * max(max(ks, default=1), 1)
-                verdict = "within" if rconf["within_budget"] else "outside"
+                verdict = "confirmed" if r["confirmed"] else "not confirmed"
                 ax.errorbar(
-                    [r["k"] + offset],
-                    [rconf["delta_ap"]],
-                    yerr=_yerr([rconf]),
+                    [a["k"] + offset for a in attempts],
+                    [a["delta_ap"] for a in attempts],
+                    yerr=_yerr(attempts),
                     fmt="P",
                     c="tab:green",
                     mfc="white",

@@ -7,9 +7,12 @@ The block is used only when
 * its arithmetic holds: ``k`` is the number of final float nodes, ``gained`` is ``start_k - k``, each try's
   ``kept`` is its loss plus margin within the search's budget, and the final set is the start set less the kept
   tries' nodes;
-* the final set's files are those it names: the model and the metrics of its last kept try and of its evaluation
-  on the confirmation slice, by sha256, each metrics record with the AP the block gives;
-* the confirmation evaluation scored the images of the search's confirmation baseline (the same image ids).
+* the final set's files are those it names: the model and the metrics of its last kept try, by sha256, the metrics
+  record with the AP the block gives; the same for each confirmation attempt, which names a kept try of the same
+  K and model, and for the kept try that was confirmed;
+* each confirmation attempt scored the images of the search's confirmation baseline (the same image ids), its ΔAP
+  is its AP less that baseline's, ``within_budget`` is its loss within the budget, and the attempts stop at the
+  first within the budget, which is the confirmed set.
 
 Anything else drops the block (the search stands) with the reason in report.json's ``dropped``.
 """
@@ -65,30 +68,9 @@ def _check(path: Path, data: dict, hasher: Hasher) -> dict[str, Any]:
             _fail(path, f"its last kept try has {final['k']} float nodes, its final set {len(nodes)}")
         _checked_files(path, final, hasher, "last kept try")
     conf = block.get("confirmation")
-    confirmation = None
+    confirmation, row = None, None
     if conf is not None:
-        scored = _checked_files(path, conf, hasher, "confirmation evaluation")
-        baseline = (data.get("confirmation") or {}).get("baseline_metrics")
-        if baseline is None:
-            _fail(path, "its confirmation has no confirmation baseline in the search")
-        reference = records.read_record(resolve_repo_path(baseline), "metrics", flag=str(path))
-        if scored["dataset"]["image_ids"] != reference["dataset"]["image_ids"]:
-            _fail(path, f"its confirmation scored other images than the confirmation baseline {baseline}")
-        pd = conf["paired_delta"]
-        if not ap_close(pd["delta_ap"], float(conf["ap"]) - float(reference["metrics"]["map50_95"]) * 100.0):
-            _fail(path, f"its confirmation ΔAP {pd['delta_ap']} is not its AP less the confirmation baseline's")
-        if bool(conf["within_budget"]) != (-float(pd["delta_ap"]) <= budget):
-            _fail(path, f"its confirmation says within_budget={conf['within_budget']} for ΔAP {pd['delta_ap']}")
-        confirmation = {
-            "delta_ap": pd["delta_ap"],
-            "ci_low": pd["ci_low"],
-            "ci_high": pd["ci_high"],
-            "std_error": pd["std_error"],
-            "n_images": pd["n_images"],
-            "within_budget": bool(conf["within_budget"]),
-            "model_path": conf["model_path"],
-            "metrics_path": conf["metrics_path"],
-        }
+        confirmation, row = _check_confirmation(path, data, conf, tries, hasher)
     return {
         "start_k": start_k,
         "k": len(nodes),
@@ -96,12 +78,64 @@ def _check(path: Path, data: dict, hasher: Hasher) -> dict[str, Any]:
         "tries": len(tries),
         "nodes": nodes,
         "reverted": [t["node"] for t in kept],
-        "metrics_path": None if final is None else final["metrics_path"],  # the final set on the search slice
         "search_delta_ap": None if final is None else 0.0 - float(final["delta"]) + 0.0,
         "search_std_error": None if final is None else final.get("std_error"),
         "confirmation": confirmation,
-        "confirmed": confirmation is not None and confirmation["within_budget"],
+        "confirmed": confirmation is not None and confirmation["confirmed"],
+        "confirmed_k": None if row is None else int(row["k"]),
+        "confirmed_nodes": None if row is None else list(conf["nodes"]),
+        "metrics_path": None if row is None else row["metrics_path"],  # the confirmed set on the search slice
+        "confirmed_search_delta_ap": None if row is None else 0.0 - float(row["delta"]) + 0.0,
     }
+
+
+def _check_confirmation(path: Path, data: dict, conf: dict, tries: list[dict], hasher: Hasher) -> tuple[dict, dict]:
+    """The checked confirmation attempts, and the kept try whose set was confirmed (None when none was)."""
+    budget = float(data["budget_ap"])
+    kept_by_try = {i: t for i, t in enumerate(tries, start=1) if t["kept"]}
+    baseline = (data.get("confirmation") or {}).get("baseline_metrics")
+    if baseline is None:
+        _fail(path, "its confirmation has no confirmation baseline in the search")
+    reference = records.read_record(resolve_repo_path(baseline), "metrics", flag=str(path))
+    base_ap = float(reference["metrics"]["map50_95"]) * 100.0
+    attempts = []
+    for a in conf["attempts"]:
+        t = kept_by_try.get(int(a["try"]))
+        if t is None or int(a["k"]) != int(t["k"]) or a["model_sha256"] != t["model_sha256"]:
+            _fail(path, f"its confirmation of K={a['k']} names try {a['try']}, which kept no such set")
+        scored = _checked_files(path, a, hasher, f"confirmation of K={a['k']}")
+        if scored["dataset"]["image_ids"] != reference["dataset"]["image_ids"]:
+            _fail(path, f"its confirmation of K={a['k']} scored other images than the confirmation baseline {baseline}")
+        pd = a["paired_delta"]
+        if not ap_close(pd["delta_ap"], float(a["ap"]) - base_ap):
+            _fail(path, f"its confirmation ΔAP {pd['delta_ap']} is not its AP less the confirmation baseline's")
+        if bool(a["within_budget"]) != (-float(pd["delta_ap"]) <= budget):
+            _fail(path, f"its confirmation says within_budget={a['within_budget']} for ΔAP {pd['delta_ap']}")
+        attempts.append(
+            {
+                "k": int(a["k"]),
+                "try": int(a["try"]),
+                **{key: pd[key] for key in ("delta_ap", "ci_low", "ci_high", "std_error", "n_images")},
+                "within_budget": bool(a["within_budget"]),
+                "model_path": a["model_path"],
+                "metrics_path": a["metrics_path"],
+            }
+        )
+    confirmed = bool(conf["confirmed"])
+    if any(a["within_budget"] for a in attempts[:-1]) or confirmed != bool(attempts and attempts[-1]["within_budget"]):
+        _fail(path, f"confirmed={conf['confirmed']} does not follow from its confirmation attempts")
+    row = None
+    if confirmed:
+        row = kept_by_try[attempts[-1]["try"]]
+        if int(conf["k"]) != attempts[-1]["k"]:
+            _fail(path, f"its confirmed K={conf['k']} is not the K of its last attempt ({attempts[-1]['k']})")
+        _checked_files(path, row, hasher, f"kept set K={row['k']}")
+        last = attempts[-1]["try"]
+        later = {t["node"] for i, t in enumerate(tries, start=1) if t["kept"] and i > last}
+        if sorted(conf["nodes"]) != sorted(set(data["revert"]["nodes"]) | later) or len(conf["nodes"]) != row["k"]:
+            _fail(path, f"its confirmed nodes are not the set it had kept after try {last}")
+    summary = {"step": conf["step"], "rule": conf["rule"], "attempts": attempts, "k": conf["k"], "confirmed": confirmed}
+    return summary, row
 
 
 def revert_summary(path: Path, data: dict, hasher: Hasher) -> dict[str, Any] | None:

@@ -9,9 +9,10 @@ otherwise it goes back to float. At most ``max_probes`` tries, one evaluation ea
 give the same result, see :func:`revert_pass`).
 
 Keeping the tries that pass on one slice favours the lucky ones (the winner's curse, the reason the search
-confirms its pick), so the final set is evaluated on the confirmation slice as well, and replaces nothing
-unless it is within the budget there (:func:`lowbit.search_run.run_search` records both; the pick stays the
-confirmed K of the search).
+confirms its pick), so the result is confirmed on the confirmation slice as the pick is
+(:func:`revert_confirmation`): the final set first; when it misses the budget there, the pass steps back to the
+set it had kept with the search's confirmation step more nodes in float, up to the search's number of
+confirmations. A set that passes is the pass's result; when none does, the pick stands.
 
 Units: AP points (mAP50-95 x 100), ``delta`` = loss against FP32 (>= 0 a loss), as :mod:`lowbit.budget_search`.
 """
@@ -25,7 +26,15 @@ from typing import Any
 
 from lowbit.budget_search import Probe
 
-__all__ = ["REVERT_DIR", "RevertResult", "RevertTry", "revert_order", "revert_pass"]
+__all__ = [
+    "REVERT_DIR",
+    "REVERT_RULE",
+    "RevertResult",
+    "RevertTry",
+    "revert_confirmation",
+    "revert_order",
+    "revert_pass",
+]
 
 REVERT_DIR = "revert"  # search-<mode>/revert/: the pass's candidates (onnx/ and <name>-coco/), apart from the search's
 
@@ -64,6 +73,16 @@ class RevertResult:
         """The search-slice probe of the final set (the last kept try); None when no try was kept."""
         kept = [t.probe for t in self.tries if t.kept]
         return kept[-1] if kept else None
+
+    def kept_sets(self) -> list[tuple[int, list[str]]]:
+        """``(try, float nodes)`` after each kept try (tries count from 1), in the order they were kept: each set
+        has one node fewer than the one before."""
+        sets, current = [], list(self.start)
+        for i, t in enumerate(self.tries, start=1):
+            if t.kept:
+                current = [n for n in current if n != t.node]
+                sets.append((i, current))
+        return sets
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -128,3 +147,50 @@ def revert_pass(
                 current = trial
             discarded += len(trials) - (len(tries) - start)
     return RevertResult(list(float_nodes), current, tries, revert_order(float_nodes)[max_probes:], discarded)
+
+
+REVERT_RULE = (
+    "the final set is confirmed when its loss against FP32 on the confirmation slice is within the budget; "
+    "otherwise the pass steps back to the set it kept with at least max(1, ceil(ranked nodes / 20)) more nodes in "
+    "float, confirmed the same way, up to {attempts} confirmations; the pick stands when none is within the budget"
+)
+
+
+def revert_confirmation(
+    result: RevertResult, step: int, max_attempts: int, confirm: Callable[[int, list[str]], tuple[dict, bool]]
+) -> dict[str, Any]:
+    """Confirm the pass's result on new images (see the module docstring); ``search.json``'s ``revert.confirmation``.
+
+    Args:
+        result: the pass; its kept sets are the candidates, the final one first.
+        step: float nodes added per step back (:func:`lowbit.search_confirm.confirm_step` of the ranking).
+        max_attempts: most confirmations.
+        confirm: ``confirm(try, nodes) -> (attempt, within)`` evaluates the set kept at ``try`` on the confirmation
+            slice; ``attempt`` is the record of it.
+
+    Returns:
+        ``{step, rule, attempts, try, k, nodes, confirmed}``: ``try``, ``k`` and ``nodes`` of the confirmed set (None
+        when none was confirmed).
+    """
+    sets, attempts, chosen = result.kept_sets(), [], None
+    target = len(result.nodes)
+    while sets and len(attempts) < max_attempts:
+        fitting = [(i, nodes) for i, nodes in sets if len(nodes) >= target]
+        if not fitting:
+            break
+        i, nodes = min(fitting, key=lambda s: len(s[1]))  # the latest kept set with at least `target` float nodes
+        attempt, within = confirm(i, nodes)
+        attempts.append({"try": i, "k": len(nodes), **attempt, "within_budget": within})
+        if within:
+            chosen = (i, nodes)
+            break
+        target = len(nodes) + step
+    return {
+        "step": step,
+        "rule": REVERT_RULE.format(attempts=max_attempts),
+        "attempts": attempts,
+        "try": chosen[0] if chosen else None,
+        "k": len(chosen[1]) if chosen else None,
+        "nodes": list(chosen[1]) if chosen else None,
+        "confirmed": chosen is not None,
+    }

@@ -58,8 +58,15 @@ from lowbit.candidates_ranking import random_nodes
 from lowbit.interval_cache import IntervalCache
 from lowbit.logs import get_logger
 from lowbit.search_checks import SearchInputs, check_config, check_inputs
-from lowbit.search_confirm import DEFAULT_CONFIDENCE, ConfirmConfig, SliceIntervals, confirm_pick, z_score
-from lowbit.search_revert import REVERT_DIR, revert_pass
+from lowbit.search_confirm import (
+    DEFAULT_CONFIDENCE,
+    ConfirmConfig,
+    SliceIntervals,
+    confirm_pick,
+    confirm_step,
+    z_score,
+)
+from lowbit.search_revert import REVERT_DIR, revert_confirmation, revert_pass
 
 __all__ = [
     "DEFAULT_BUDGET_AP",
@@ -397,7 +404,7 @@ def _confirm(cfg: SearchConfig, inputs: SearchInputs, executor, coco, result, ev
 
 def _revert(cfg: SearchConfig, inputs: SearchInputs, executor, coco, intervals: SliceIntervals, pick_k: int, z: float):
     """``search.json``'s ``revert`` block: the revert pass (:mod:`lowbit.search_revert`) from the pick's float nodes,
-    each try with its files and paired interval, and the final set's evaluation on the confirmation slice."""
+    each try with its files and paired interval, and its confirmation (:func:`lowbit.search_revert.revert_confirmation`)."""
     root = cfg.run_root / f"search-{cfg.mode}" / REVERT_DIR
     files: dict[int, dict[str, Any]] = {}  # by try: the last evaluation of each (a parallel round may redo one)
 
@@ -418,11 +425,7 @@ def _revert(cfg: SearchConfig, inputs: SearchInputs, executor, coco, intervals: 
     for i, row in enumerate(block["tries"], start=1):
         row.update(files[i])
     block["confirmation"] = None
-    kept = [row for row in block["tries"] if row["kept"]]
-    if kept and cfg.confirm is not None:
-        final = kept[-1]
-        confirm_store = _store(cfg, inputs, executor, confirm=True, root=root, suffix=final["suffix"])
-        ev = confirm_store.evaluate(result.nodes)
+    if result.gained and cfg.confirm is not None:
         confirm_intervals = SliceIntervals(
             coco,
             cfg.confirm.baseline_metrics,
@@ -430,17 +433,20 @@ def _revert(cfg: SearchConfig, inputs: SearchInputs, executor, coco, intervals: 
             inputs.confirm_dataset.ann_sha256,
             IntervalCache(cfg.run_root),
         )
-        paired = confirm_intervals.paired(ev.metrics_path, CI_CONFIDENCE)
-        within = -paired.delta_ap <= cfg.budget_ap
-        log.info(
-            "%s revert: K=%d ΔAP %+.2f on the confirmation slice: %s",
-            cfg.mode,
-            ev.k,
-            paired.delta_ap,
-            "within the budget" if within else "outside the budget",
-        )
-        block["confirmation"] = {**_files(ev), "paired_delta": asdict(paired), "within_budget": within}
-    block["confirmed"] = bool(block["confirmation"] and block["confirmation"]["within_budget"])
+
+        def confirm(i: int, nodes: list[str]) -> tuple[dict[str, Any], bool]:
+            ev = _store(cfg, inputs, executor, confirm=True, root=root, suffix=f"_revert{i:02d}").evaluate(nodes)
+            paired = confirm_intervals.paired(ev.metrics_path, CI_CONFIDENCE)
+            within = -paired.delta_ap <= cfg.budget_ap
+            verdict = "within the budget" if within else "outside the budget"
+            log.info(
+                "%s revert: K=%d ΔAP %+.2f on the confirmation slice: %s", cfg.mode, ev.k, paired.delta_ap, verdict
+            )
+            return {**_files(ev), "paired_delta": asdict(paired)}, within
+
+        step = confirm_step(len(inputs.nodes))
+        block["confirmation"] = revert_confirmation(result, step, cfg.confirm.max_attempts, confirm)
+    block["confirmed"] = bool(block["confirmation"] and block["confirmation"]["confirmed"])
     return block
 
 
@@ -517,14 +523,15 @@ def _revert_lines(revert: dict[str, Any] | None, budget: float) -> list[str]:
         lines.append(f"| {i} | `{t['node']}` | {t['k']} | {0.0 - t['delta'] + 0.0:+.2f} | {se} | {kept} |")
     conf = revert.get("confirmation")
     if conf:
-        pd = conf["paired_delta"]
-        verdict = "within" if conf["within_budget"] else "outside"
-        final = (
-            f"Final set (K={revert['k']}) on the confirmation slice: ΔAP {pd['delta_ap']:+.2f} "
-            f"[{pd['ci_low']:+.2f}, {pd['ci_high']:+.2f}]: {verdict} the {budget:g} AP budget; model "
-            f"{conf['model_path']}."
-        )
-        lines += ["", final]
+        lines += ["", f"Confirmation on the confirmation slice ({conf['rule']}):"]
+        for a in conf["attempts"]:
+            pd = a["paired_delta"]
+            verdict = "within" if a["within_budget"] else "outside"
+            lines.append(
+                f"- K={a['k']} (after try {a['try']}): ΔAP {pd['delta_ap']:+.2f} [{pd['ci_low']:+.2f}, "
+                f"{pd['ci_high']:+.2f}]: {verdict} the {budget:g} AP budget; model {a['model_path']}"
+            )
+        lines.append(f"- {'confirmed: K=' + str(conf['k']) if conf['confirmed'] else 'not confirmed: the pick stands'}")
     return lines
 
 

@@ -18,7 +18,7 @@ from lowbit.budget_search import judge
 from lowbit.errors import UserError
 from lowbit.report_inputs import Hasher
 from lowbit.report_revert import revert_summary
-from lowbit.search_revert import revert_pass
+from lowbit.search_revert import revert_confirmation, revert_pass
 
 # AP points lost by each of the ranking's first 20 nodes when quantized (the rest cost nothing). The ranking puts
 # nodes 12 and 13 too high: they cost nothing, so a float set need not keep them although the prefix does.
@@ -73,10 +73,31 @@ def test_the_search_records_its_revert_pass_and_confirms_the_final_set(setup, tm
     assert [t["kept"] for t in r["tries"]] == [False, False, True, True, False]
     assert all(Path(t["metrics_path"]).is_relative_to(tmp_path / "search-int8" / "revert") for t in r["tries"])
     assert [t["suffix"] for t in r["tries"]] == [f"_revert{i:02d}" for i in range(1, 6)]
-    assert r["confirmation"]["within_budget"] and r["confirmed"] and FakeStore.confirm_calls == [16, 14]
+    conf = r["confirmation"]
+    assert [(a["k"], a["try"], a["within_budget"]) for a in conf["attempts"]] == [(14, 4, True)]
+    assert conf["confirmed"] and conf["k"] == 14 and conf["nodes"] == r["nodes"] and conf["step"] == 2
+    assert r["confirmed"] and FakeStore.confirm_calls == [16, 14]
     assert data["settings"]["revert_probes"] == 5
     text = search_run.search_markdown(data)
-    assert "Revert pass from the pick's 16 float nodes" in text and "Final set (K=14)" in text
+    assert "Revert pass from the pick's 16 float nodes" in text and "- confirmed: K=14" in text
+
+
+@pytest.mark.parametrize(("max_attempts", "confirmed"), [(3, 6), (2, None)])
+def test_a_final_set_that_misses_on_new_images_steps_back(max_attempts, confirmed):
+    # every node of the pick's 10 is kept back in low precision on the search slice; on new images a set of fewer
+    # than 5 float nodes misses the budget: the final set (2) misses, then 4 (= 2 + step), then 6 is confirmed
+    start = NODES[:10]
+    result = revert_pass(start, lambda nodes, i: judge(len(nodes), BASELINE_AP, BASELINE_AP, 0.5), max_probes=8)
+    assert [len(n) for _, n in result.kept_sets()] == list(range(9, 1, -1)) and len(result.nodes) == 2
+
+    def confirm(i, nodes):
+        return {"name": f"try{i}"}, len(nodes) >= 5
+
+    conf = revert_confirmation(result, 2, max_attempts, confirm)
+    assert [a["k"] for a in conf["attempts"]] == [2, 4, 6][:max_attempts]
+    assert conf["k"] == confirmed and conf["confirmed"] == (confirmed is not None)
+    if confirmed:
+        assert conf["try"] == 4 and conf["nodes"] == start[:6] and conf["attempts"][-1]["name"] == "try4"
 
 
 def test_no_revert_pass_when_the_pick_is_not_confirmed(setup, tmp_path):  # noqa: F811
@@ -135,7 +156,15 @@ def _search_with_revert(tmp_path: Path) -> dict:
         "gained": 2,
         "nodes": nodes,
         "tries": tries,
-        "confirmation": {**files(conf, 49.6), "paired_delta": paired, "within_budget": True},
+        "confirmation": {
+            "step": 2,
+            "rule": "r",
+            "attempts": [{"try": 4, "k": 14, **files(conf, 49.6), "paired_delta": paired, "within_budget": True}],
+            "k": 14,
+            "nodes": list(nodes),
+            "try": 4,
+            "confirmed": True,
+        },
     }
     return {"budget_ap": 0.5, "confirmation": {"baseline_metrics": str(base)}, "revert": revert}
 
@@ -144,7 +173,8 @@ def test_the_report_summarises_a_revert_pass_whose_files_check_out(tmp_path):
     data = _search_with_revert(tmp_path)
     summary = revert_summary(tmp_path / "search.json", data, Hasher())
     assert summary["k"] == 14 and summary["gained"] == 2 and summary["confirmed"] and summary["tries"] == 4
-    assert summary["search_delta_ap"] == -0.5 and summary["confirmation"]["delta_ap"] == -0.4
+    assert summary["search_delta_ap"] == -0.5 and summary["confirmation"]["attempts"][0]["delta_ap"] == -0.4
+    assert summary["confirmed_k"] == 14 and summary["metrics_path"].endswith("int8-k14_revert04-coco/metrics.json")
     assert revert_summary(tmp_path / "search.json", {"revert": None}, Hasher()) is None
 
 
@@ -154,8 +184,11 @@ def test_the_report_summarises_a_revert_pass_whose_files_check_out(tmp_path):
         (lambda d, p: d["revert"].update(gained=3), "do not fit"),
         (lambda d, p: d["revert"]["tries"][0].update(kept=True), "try 1 says kept=True"),
         (lambda d, p: d["revert"]["nodes"].append(NODES[13]), "do not fit"),
-        (lambda d, p: d["revert"]["confirmation"].update(ap=49.9), "is not the"),
-        (lambda d, p: d["revert"]["confirmation"]["paired_delta"].update(delta_ap=-0.2), "AP less the"),
+        (lambda d, p: d["revert"]["confirmation"]["attempts"][0].update(ap=49.9), "is not the"),
+        (lambda d, p: d["revert"]["confirmation"]["attempts"][0]["paired_delta"].update(delta_ap=-0.2), "AP less the"),
+        (lambda d, p: d["revert"]["confirmation"]["attempts"][0].update({"try": 3}), "kept no such set"),
+        (lambda d, p: d["revert"]["confirmation"].update(confirmed=False), "does not follow"),
+        (lambda d, p: d["revert"]["confirmation"]["nodes"].pop(), "confirmed nodes"),
         (lambda d, p: Path(d["revert"]["tries"][3]["metrics_path"]).write_text("{}"), "changed since the search"),
         (lambda d, p: _record(p / "baseline-confirm-coco" / "metrics.json", 50.0, "f" * 64, [7, 8]), "other images"),
         (lambda d, p: d["revert"].pop("tries"), "incomplete"),
@@ -239,7 +272,17 @@ def _with_revert(run, confirm_map: float = 0.507) -> Path:
                 **files(final, 49.7),
             }
         ],
-        "confirmation": {**files(conf, confirm_map * 100), "paired_delta": paired, "within_budget": within},
+        "confirmation": {
+            "step": 1,
+            "rule": "r",
+            "attempts": [
+                {"try": 1, "k": 1, **files(conf, confirm_map * 100), "paired_delta": paired, "within_budget": within}
+            ],
+            "k": 1 if within else None,
+            "nodes": [NODES_R[0]] if within else None,
+            "try": 1 if within else None,
+            "confirmed": within,
+        },
         "confirmed": within,
     }
     assert root.is_dir()
@@ -271,7 +314,7 @@ def test_a_revert_pass_that_misses_on_new_images_is_no_row(load_script, tmp_path
     report = _confirm_report(load_script, run)
     assert not any("revert" in v["label"] for v in report["variants"])
     assert report["search"][0]["revert"]["confirmed"] is False
-    assert "It is not confirmed" in (run.root / "report.md").read_text()
+    assert "Not confirmed on new images: the pick stands." in (run.root / "report.md").read_text()
 
 
 def test_a_revert_pass_whose_files_changed_is_dropped_and_the_search_stands(load_script, tmp_path):
