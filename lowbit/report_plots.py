@@ -257,6 +257,15 @@ def _yerr(points: list[dict]) -> list[list[float]] | None:
     return [lows, highs] if any_known else None
 
 
+def _bars(ax, points: list[dict] | None, offset: float, fmt: str, color: str, label: str, **style) -> None:
+    """``points`` ({k, delta_ap} and an interval or SE) with their error bars, ``offset`` to the right of K."""
+    if not points:
+        return
+    style = {"mfc": "white", "capsize": 3, "zorder": 4, **style}
+    ks, ys = [p["k"] + offset for p in points], [p["delta_ap"] for p in points]
+    ax.errorbar(ks, ys, yerr=_yerr(points), fmt=fmt, c=color, label=label, **style)
+
+
 def _search_panel(ax, searches: list[dict], budget: float) -> None:
     """ΔAP against K for every ranking of one mode, the random controls and the budget line."""
     colors = ["tab:blue", "tab:orange", "tab:green", "tab:purple"]
@@ -291,53 +300,17 @@ def _search_panel(ax, searches: list[dict], budget: float) -> None:
             )
         elif not s["found"]:
             ax.scatter([s["k"]], [s["delta_ap"]], s=120, marker="x", c="darkred", zorder=5, label="budget not met")
+        offset = 0.012 * max(max(ks, default=1), 1)  # confirmation points beside the probe at the same K
         conf = s.get("confirmation") or {}
-        attempts = conf.get("attempts") or []
-        if attempts:
-            offset = 0.012 * max(max(ks, default=1), 1)  # beside the probe at the same K
-            ax.errorbar(
-                [a["k"] + offset for a in attempts],
-                [a["delta_ap"] for a in attempts],
-                yerr=_yerr(attempts),
-                fmt="D",
-                c="tab:red",
-                mfc="white",
-                capsize=3,
-                ms=6,
-                zorder=4,
-                label=f"confirmation slice ({conf['status']})",
-            )
+        _bars(ax, conf.get("attempts"), offset, "D", "tab:red", f"confirmation slice ({conf.get('status')})", ms=6)
         r = s.get("revert")
         if r and r.get("search_delta_ap") is not None:  # the revert pass's final set: fewer nodes than the pick
-            point = {"delta_ap": r["search_delta_ap"], "std_error": r.get("search_std_error")}
-            ax.errorbar(
-                [r["k"]],
-                [point["delta_ap"]],
-                yerr=_yerr([point]),
-                fmt="P",
-                c="tab:green",
-                mec="black",
-                capsize=3,
-                ms=9,
-                zorder=5,
-                label=f"revert pass K={r['k']} (±1.96 SE)",
-            )
-            attempts = (r.get("confirmation") or {}).get("attempts") or []
-            if attempts:
-                offset = 0.012 * max(max(ks, default=1), 1)
-                verdict = "confirmed" if r["confirmed"] else "not confirmed"
-                ax.errorbar(
-                    [a["k"] + offset for a in attempts],
-                    [a["delta_ap"] for a in attempts],
-                    yerr=_yerr(attempts),
-                    fmt="P",
-                    c="tab:green",
-                    mfc="white",
-                    capsize=3,
-                    ms=8,
-                    zorder=4,
-                    label=f"revert pass, confirmation slice ({verdict})",
-                )
+            point = {"k": r["k"], "delta_ap": r["search_delta_ap"], "std_error": r.get("search_std_error")}
+            label = f"revert pass K={r['k']} (±1.96 SE)"
+            _bars(ax, [point], 0.0, "P", "tab:green", label, ms=9, mec="black", mfc="tab:green", zorder=5)
+            verdict = "confirmed" if r["confirmed"] else "not confirmed"
+            attempts = (r.get("confirmation") or {}).get("attempts")
+            _bars(ax, attempts, offset, "P", "tab:green", f"revert pass, confirmation slice ({verdict})", ms=8)
         band = s.get("random_band") or []
         if len(band) > 1:
             ax.fill_between(

@@ -41,6 +41,7 @@ __all__ = [
     "checked_detections",
     "confirm_pick",
     "confirm_step",
+    "evaluated_files",
     "z_score",
 ]
 
@@ -232,15 +233,22 @@ def confirm_pick(
     }
 
 
-def _attempt(ev, point, paired: PairedDelta, within: bool) -> dict[str, Any]:
+def evaluated_files(ev) -> dict[str, Any]:
+    """A :class:`lowbit.candidates.Evaluated` candidate's files by path and sha256, and its AP (a record's keys)."""
     return {
-        "k": ev.k,
         "name": ev.name,
         "model_path": str(ev.model_path),
         "model_sha256": ev.model_sha256,
         "metrics_path": str(ev.metrics_path),
         "metrics_sha256": ev.metrics_sha256,
         "ap": ev.ap,
+    }
+
+
+def _attempt(ev, point, paired: PairedDelta, within: bool) -> dict[str, Any]:
+    return {
+        "k": ev.k,
+        **evaluated_files(ev),
         "delta_ap": -paired.delta_ap,  # loss convention, like the search's candidates
         "paired_delta": asdict(paired),
         "search_delta_ap": point.delta,

@@ -64,6 +64,7 @@ from lowbit.search_confirm import (
     SliceIntervals,
     confirm_pick,
     confirm_step,
+    evaluated_files,
     z_score,
 )
 from lowbit.search_revert import REVERT_DIR, revert_confirmation, revert_pass
@@ -417,7 +418,7 @@ def _revert(cfg: SearchConfig, inputs: SearchInputs, executor, coco, intervals: 
         point = judge(ev.k, ev.ap, inputs.baseline_ap, cfg.budget_ap, paired.std_error, z)
         verdict = "meets the budget" if point.meets else "misses it"
         log.info("%s revert try %d: K=%d ΔAP %+.2f (%s)", cfg.mode, i, ev.k, -point.delta, verdict)
-        files[i] = {**_files(ev), "suffix": f"_revert{i:02d}", "paired_delta": asdict(paired)}
+        files[i] = {**evaluated_files(ev), "suffix": f"_revert{i:02d}", "paired_delta": asdict(paired)}
         return point
 
     result = revert_pass(inputs.nodes[:pick_k], probe, cfg.revert_probes, cfg.parallel)
@@ -442,24 +443,12 @@ def _revert(cfg: SearchConfig, inputs: SearchInputs, executor, coco, intervals: 
             log.info(
                 "%s revert: K=%d ΔAP %+.2f on the confirmation slice: %s", cfg.mode, ev.k, paired.delta_ap, verdict
             )
-            return {**_files(ev), "paired_delta": asdict(paired)}, within
+            return {**evaluated_files(ev), "paired_delta": asdict(paired)}, within
 
         step = confirm_step(len(inputs.nodes))
         block["confirmation"] = revert_confirmation(result, step, cfg.confirm.max_attempts, confirm)
     block["confirmed"] = bool(block["confirmation"] and block["confirmation"]["confirmed"])
     return block
-
-
-def _files(ev: Evaluated) -> dict[str, Any]:
-    """An evaluated candidate's files by path and sha256, and its AP."""
-    return {
-        "name": ev.name,
-        "model_path": str(ev.model_path),
-        "model_sha256": ev.model_sha256,
-        "metrics_path": str(ev.metrics_path),
-        "metrics_sha256": ev.metrics_sha256,
-        "ap": ev.ap,
-    }
 
 
 def search_markdown(data: dict[str, Any]) -> str:
@@ -474,21 +463,15 @@ def search_markdown(data: dict[str, Any]) -> str:
     test = f"within budget: loss + {data['z']:.2f} SE <= {data['budget_ap']:g} (confidence {data['confidence']:g})"
     lines = [title, "", headline, "", test, "", "| K | AP | ΔAP | SE | meets |", "|---:|---:|---:|---:|:---:|"]
     for p in s["curve"]:
-        se = "" if p.get("std_error") is None else f"{p['std_error']:.2f}"
-        meets = "yes" if p["meets"] else "no"
-        lines.append(f"| {p['k']} | {p['map']:.2f} | {0.0 - p['delta'] + 0.0:+.2f} | {se} | {meets} |")
+        lines.append(f"| {p['k']} | {p['map']:.2f} | {_delta_cells(p)} | {'yes' if p['meets'] else 'no'} |")
     conf = data.get("confirmation")
     if conf:
-        lines += ["", f"Confirmation on {conf['images']['num_images']} images the search never saw ({conf['rule']}):"]
-        for a in conf["attempts"]:
-            pd = a["paired_delta"]
-            verdict = "within" if a["within_budget"] else "outside"
-            lines.append(
-                f"- K={a['k']}: ΔAP {pd['delta_ap']:+.2f} [{pd['ci_low']:+.2f}, {pd['ci_high']:+.2f}] "
-                f"(search slice {-a['search_delta_ap']:+.2f}): {verdict} the budget"
-            )
-        lines.append(f"- {'confirmed: K=' + str(conf['k']) if conf['confirmed'] else 'not confirmed'}")
-    lines += _revert_lines(data.get("revert"), data["budget_ap"])
+        intro = f"Confirmation on {conf['images']['num_images']} images the search never saw ({conf['rule']}):"
+        rows = [
+            f"- K={a['k']}: {_attempt_text(a)} (search slice {-a['search_delta_ap']:+.2f})" for a in conf["attempts"]
+        ]
+        lines += ["", intro, *rows, f"- {'confirmed: K=' + str(conf['k']) if conf['confirmed'] else 'not confirmed'}"]
+    lines += _revert_lines(data.get("revert"))
     rc = data.get("random_control")
     if rc:
         control = (
@@ -501,7 +484,19 @@ def search_markdown(data: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _revert_lines(revert: dict[str, Any] | None, budget: float) -> list[str]:
+def _delta_cells(p: dict[str, Any]) -> str:
+    """The ``ΔAP | SE`` cells of a probe or try (ΔAP = −loss; no SE where none was measured)."""
+    se = "" if p.get("std_error") is None else f"{p['std_error']:.2f}"
+    return f"{0.0 - p['delta'] + 0.0:+.2f} | {se}"
+
+
+def _attempt_text(a: dict[str, Any]) -> str:
+    """A confirmation attempt's ΔAP, its interval and whether it is within the budget."""
+    pd, verdict = a["paired_delta"], "within" if a["within_budget"] else "outside"
+    return f"ΔAP {pd['delta_ap']:+.2f} [{pd['ci_low']:+.2f}, {pd['ci_high']:+.2f}]: {verdict} the budget"
+
+
+def _revert_lines(revert: dict[str, Any] | None) -> list[str]:
     """search.md's revert pass: every try, the final set and its confirmation."""
     if not revert:
         return []
@@ -518,20 +513,15 @@ def _revert_lines(revert: dict[str, Any] | None, budget: float) -> list[str]:
         "|---:|---|---:|---:|---:|:---:|",
     ]
     for i, t in enumerate(revert["tries"], start=1):
-        se = "" if t.get("std_error") is None else f"{t['std_error']:.2f}"
-        kept = "yes" if t["kept"] else "no"
-        lines.append(f"| {i} | `{t['node']}` | {t['k']} | {0.0 - t['delta'] + 0.0:+.2f} | {se} | {kept} |")
+        lines.append(f"| {i} | `{t['node']}` | {t['k']} | {_delta_cells(t)} | {'yes' if t['kept'] else 'no'} |")
     conf = revert.get("confirmation")
     if conf:
-        lines += ["", f"Confirmation on the confirmation slice ({conf['rule']}):"]
-        for a in conf["attempts"]:
-            pd = a["paired_delta"]
-            verdict = "within" if a["within_budget"] else "outside"
-            lines.append(
-                f"- K={a['k']} (after try {a['try']}): ΔAP {pd['delta_ap']:+.2f} [{pd['ci_low']:+.2f}, "
-                f"{pd['ci_high']:+.2f}]: {verdict} the {budget:g} AP budget; model {a['model_path']}"
-            )
-        lines.append(f"- {'confirmed: K=' + str(conf['k']) if conf['confirmed'] else 'not confirmed: the pick stands'}")
+        rows = [
+            f"- K={a['k']} (after try {a['try']}): {_attempt_text(a)}; model {a['model_path']}"
+            for a in conf["attempts"]
+        ]
+        verdict = f"confirmed: K={conf['k']}" if conf["confirmed"] else "not confirmed: the pick stands"
+        lines += ["", f"Confirmation on the confirmation slice ({conf['rule']}):", *rows, f"- {verdict}"]
     return lines
 
 
