@@ -13,7 +13,9 @@ For a mode (INT8 or FP8) and a ranking (a layer-sensitivity report), :func:`run_
    (:mod:`lowbit.search_confirm`), so a point that fits only by luck of the images does not count;
 3. confirms the pick on the confirmation slice, images the search never saw, and moves up by a fixed rule
    when it fails there (:func:`lowbit.search_confirm.confirm_pick`);
-4. at the final K, evaluates ``random_seeds`` random controls (K nodes drawn from the same ranked
+4. with ``revert_probes``, runs the revert pass from the confirmed pick (:mod:`lowbit.search_revert`): its float
+   nodes tried back in low precision, least sensitive first, the result confirmed like the pick;
+5. at the final K, evaluates ``random_seeds`` random controls (K nodes drawn from the same ranked
    nodes with seeds 0..N-1) and says whether the ranking beats chance there (its ΔAP minus the mean
    ΔAP of the controls, in AP points).
 
@@ -26,6 +28,7 @@ the convention of :mod:`lowbit.budget_search`; every record is described in docs
 meets, std_error, margin}] ...), ``confidence`` (one-sided level of the within-budget test), ``z``,
 ``confirmation`` (:func:`lowbit.search_confirm.confirm_pick`'s block, with ``images.num_images``,
 ``images.image_ids_sha256``, ``images.ann_sha256``) or null, ``pick_k`` (the confirmed K, else the search's),
+``revert`` (the revert pass: tries, final float nodes, confirmation attempts; keys in docs/records.md) or null,
 ``parallel``, ``candidates`` [{k, name, random_seed, ap, delta_ap, metrics_path, model_path, reused,
 model_sha256, metrics_sha256, paired_delta (ΔAP = candidate − FP32 with its 95 % paired bootstrap interval,
 :class:`lowbit.ap_bootstrap.PairedDelta`; null for random controls)}], ``random_control`` {k, seeds, aps, deltas, mean_delta, sd_delta, min_delta,
