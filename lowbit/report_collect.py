@@ -253,11 +253,12 @@ def _revert_row(
     if not (summary and summary["confirmed"] and summary["metrics_path"]):
         return None
     metrics = resolve_repo_path(summary["metrics_path"])
-    found = next((f for f in inputs.find_metrics([metrics.parent]) if f.path.resolve() == metrics.resolve()), None)
-    if found is None or found.error is not None:
-        inputs.drop(dropped, metrics, f"the revert pass's final set: {found.error if found else 'no metrics.json'}")
+    try:
+        record = inputs.read_metrics(metrics)
+    except UserError as e:
+        inputs.drop(dropped, metrics, f"the revert pass's final set: {e}")
         return None
-    v = variant_from_metrics(found.record, metrics, path.parent.parent, hasher)
+    v = variant_from_metrics(record, metrics, path.parent.parent, hasher)
     problem = inputs.variant_problem(v, ref)
     if problem:
         inputs.drop(dropped, metrics, f"the revert pass's final set: {v.metrics_path}: {problem}")

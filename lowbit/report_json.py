@@ -200,6 +200,10 @@ def _attempt(a, intervals: IntervalResult) -> dict[str, Any]:
     }
 
 
+# a row's ``confirmation``: the attempt on the confirmation slice that confirmed it
+_ROW_CONFIRMATION_KEYS = ("delta_ap", "ci_low", "ci_high", "std_error", "n_images", "within_budget", "k")
+
+
 def _confirmations(
     searches: tuple[UsedSearch, ...], variants: list[Variant], intervals: IntervalResult
 ) -> tuple[list[dict], list[Variant], dict[str, str]]:
@@ -233,15 +237,13 @@ def _confirmations(
         if pick is not None:
             mine = next((a for a in attempts if a["k"] == s.pick_k), None)
             if mine:
-                pick_conf[pick.metrics_path] = {
-                    key: mine[key]
-                    for key in ("delta_ap", "ci_low", "ci_high", "std_error", "n_images", "within_budget", "k")
-                } | {"interval_source": mine["interval_source"]}
+                pick_conf[pick.metrics_path] = {key: mine[key] for key in _ROW_CONFIRMATION_KEYS} | {
+                    "interval_source": mine["interval_source"]
+                }
         row = s.revert_row  # the confirmed revert pass's final set: its confirmation is the pass's own
         if row is not None:
             rc = s.revert["confirmation"]["attempts"][-1]
-            keys = ("delta_ap", "ci_low", "ci_high", "std_error", "n_images", "within_budget", "k")
-            pick_conf[row.metrics_path] = {key: rc[key] for key in keys} | {
+            pick_conf[row.metrics_path] = {key: rc[key] for key in _ROW_CONFIRMATION_KEYS} | {
                 "interval_source": "search.json (the revert pass's; its files checked by sha256)"
             }
         confirmed_pick = pick.metrics_path if (pick is not None and c and c.confirmed) else None

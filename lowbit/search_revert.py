@@ -127,7 +127,8 @@ def revert_pass(
     if parallel < 1:
         raise ValueError(f"parallel must be >= 1, got {parallel}")
     current = list(float_nodes)
-    order = revert_order(float_nodes)[:max_probes]
+    every = revert_order(float_nodes)
+    order, untried = every[:max_probes], every[max_probes:]
     tries: list[RevertTry] = []
     discarded = 0
     with ThreadPoolExecutor(parallel, thread_name_prefix="revert") as pool:
@@ -146,7 +147,7 @@ def revert_pass(
                     break
                 current = trial
             discarded += len(trials) - (len(tries) - start)
-    return RevertResult(list(float_nodes), current, tries, revert_order(float_nodes)[max_probes:], discarded)
+    return RevertResult(list(float_nodes), current, tries, untried, discarded)
 
 
 REVERT_RULE = (
