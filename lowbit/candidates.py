@@ -74,6 +74,7 @@ class EvalConfig:
     # candidate session (6.6 s -> 3.0 s first run for the INT8 demo model on an H200, same p50).
     cudnn_conv_algo_search: str = "HEURISTIC"
     skip_images: int = 0  # image ids left out before max_images counts (a confirmation slice)
+    sessions: int = 1  # ORT sessions side by side (CPU EP; lowbit.evaluate_prepare.auto_sessions): same detections
 
     def record(self) -> dict[str, Any]:
         out = asdict(self)
@@ -94,6 +95,7 @@ class EvalConfig:
             skip_latency=self.skip_latency,
             imgsz=self.imgsz,
             cudnn_conv_algo_search=self.cudnn_conv_algo_search,
+            sessions=self.sessions,
             out=out,
             overwrite=True,
         )

@@ -62,6 +62,7 @@ Outputs, all in the folder of ``out`` (default ``tmp/yolov10m_onnx_coco/<time>/m
 
 from __future__ import annotations
 
+import queue
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -193,13 +194,14 @@ def _accept(plan: EvalPlan, loop: EvalLoop, item) -> bool:
 
 
 def _infer_one(plan: EvalPlan, loop: EvalLoop, feed: dict) -> np.ndarray:
-    """One timed ``session.run``, preceded by the warm-up runs on the first image."""
+    """One timed ``session.run``, preceded by the warm-up runs of every session on the first image."""
     from lowbit import decode
 
     if not loop.evaluated_ids and not loop.latencies_s:
         t0 = time.perf_counter()
-        for _ in range(plan.settings.warmup_runs):
-            plan.session.run([plan.output_name], feed)
+        for session in (plan.session, *plan.replicas):
+            for _ in range(plan.settings.warmup_runs):
+                session.run([plan.output_name], feed)
         loop.warmup_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     output = plan.session.run([plan.output_name], feed)[0]
@@ -212,6 +214,21 @@ def _infer_one(plan: EvalPlan, loop: EvalLoop, feed: dict) -> np.ndarray:
     return output
 
 
+def _infer_and_postprocess(
+    plan: EvalPlan, idle: queue.SimpleQueue, feed: dict, item
+) -> tuple[list[dict], float, float]:
+    """A replica's task: ``session.run`` on a free session, then the postprocessing; ``(records, post_s, run_s)``."""
+    session = idle.get()
+    try:
+        t0 = time.perf_counter()
+        output = session.run([plan.output_name], feed)[0]
+        run_s = time.perf_counter() - t0
+    finally:
+        idle.put(session)
+    records, post_s = _postprocess_one(plan, output, item)
+    return records, post_s, run_s
+
+
 def run_loop(plan: EvalPlan) -> EvalLoop:
     """The infer stage, with postprocessing overlapped in ``POST_THREADS`` threads of its own.
 
@@ -222,6 +239,8 @@ def run_loop(plan: EvalPlan) -> EvalLoop:
     """
     from lowbit.preprocess import iter_prepared
 
+    if plan.replicas:
+        return _run_replicas(plan)
     s, loop = plan.settings, EvalLoop()
     input_name, _, input_dtype = plan.input_spec
     input_np_dtype = np.float16 if input_dtype == "tensor(float16)" else np.float32
@@ -255,6 +274,66 @@ def run_loop(plan: EvalPlan) -> EvalLoop:
         prepared.close()  # stops the prefetch threads when an error ends the loop early
         post_pool.shutdown(wait=True, cancel_futures=True)
     loop.loop_s = time.perf_counter() - t_loop - loop.warmup_s  # warm-up is not part of the throughput
+    return loop
+
+
+def _run_replicas(plan: EvalPlan) -> EvalLoop:
+    """The infer stage with ``--sessions`` N > 1: N sessions of the model take the images as they come free.
+
+    Each task runs one image on an idle session and then postprocesses it, in a pool of N threads
+    (``session.run`` releases the GIL). The first image runs alone first (warm-up of every session, the output
+    layout); results are collected in submission order, so records, latencies and the first error follow the
+    image order as with one session. Each session has cores // N intra-op threads: the outputs are those of one
+    session (ONNX Runtime's CPU kernels split work across threads, not the sums; tests compare the detections),
+    and ``latency_ms`` is then the time of one ``session.run`` beside N - 1 others.
+    """
+    from lowbit.preprocess import iter_prepared
+
+    s, loop = plan.settings, EvalLoop()
+    input_name, _, input_dtype = plan.input_spec
+    input_np_dtype = np.float16 if input_dtype == "tensor(float16)" else np.float32
+    idle: queue.SimpleQueue = queue.SimpleQueue()
+    for session in (plan.session, *plan.replicas):
+        idle.put(session)
+    pending: deque = deque()
+    window = POST_WINDOW + len(plan.replicas) + 1
+
+    def collect() -> None:
+        records, post_s, run_s = pending.popleft().result()  # re-raises an inference or postprocessing error here
+        loop.records.extend(records)
+        loop.stage_s["postprocess"].append(post_s)
+        loop.latencies_s.append(run_s)
+        loop.stage_s["inference"].append(run_s)
+
+    pool = ThreadPoolExecutor(max_workers=len(plan.replicas) + 1, thread_name_prefix="session")
+    t_loop = time.perf_counter()
+    prepared = iter_prepared(plan.items, s.imgsz, s.workers)
+    try:
+        while True:
+            t_wait = time.perf_counter()
+            item = next(prepared, None)
+            if item is None:
+                break
+            loop.stage_s["wait"].append(time.perf_counter() - t_wait)
+            if not _accept(plan, loop, item):
+                continue
+            feed = {input_name: item.chw[None].astype(input_np_dtype, copy=False)}
+            if not loop.evaluated_ids:  # warm-up of every session and the output layout, on the first image
+                output = _infer_one(plan, loop, feed)
+                records, post_s = _postprocess_one(plan, output, item)
+                loop.records.extend(records)
+                loop.stage_s["postprocess"].append(post_s)
+            else:
+                pending.append(pool.submit(_infer_and_postprocess, plan, idle, feed, item))
+            loop.evaluated_ids.append(int(item.key))
+            while len(pending) > window:
+                collect()
+        while pending:
+            collect()
+    finally:
+        prepared.close()
+        pool.shutdown(wait=True, cancel_futures=True)
+    loop.loop_s = time.perf_counter() - t_loop - loop.warmup_s
     return loop
 
 

@@ -53,6 +53,7 @@ def _latency_section(plan: EvalPlan, loop: EvalLoop) -> dict:
         **latency_stats(loop.latencies_s, s.skip_latency, s.warmup_runs),
         "provider": latency_provider(info),
         "cpu_nodes": len(cpu_nodes) if cpu_nodes is not None else None,
+        "sessions": int(info.get("sessions", 1)),  # runs timed side by side (--sessions)
     }
 
 

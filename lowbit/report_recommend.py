@@ -101,6 +101,14 @@ def latency_axis(variants: Sequence[Variant]) -> LatencyAxis:
         return LatencyAxis("tensorrt", "TensorRT GPU compute time (trtexec median)")
     providers = sorted({v.provider for v in variants if v.provider})
     described = ", ".join(short_provider(p) for p in providers) or "unknown provider"
+    # --sessions N: each run timed beside N - 1 others (lowbit.evaluate_prepare.auto_sessions); older records: 1
+    sessions = sorted({int((v.latency_ms or {}).get("sessions") or 1) for v in variants})
+    if sessions == [1]:
+        pass
+    elif len(sessions) == 1:
+        described += f"; each run beside {sessions[0] - 1} other session(s)"
+    else:
+        described += f"; timed with {' and '.join(map(str, sessions))} sessions side by side: not comparable"
     return LatencyAxis("onnxruntime", f"ONNX Runtime session.run p50 ({described})", tuple(providers))
 
 

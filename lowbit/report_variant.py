@@ -385,7 +385,7 @@ def variant_from_metrics(metrics: dict, metrics_path: Path, run_dir: Path, hashe
         quant_mode=mode,
         map50_95=metrics["metrics"]["map50_95"],
         map50=metrics["metrics"]["map50"],
-        latency_ms={k: latency.get(k) for k in ("p50", "p90", "mean", "n")},
+        latency_ms={k: latency.get(k) for k in ("p50", "p90", "mean", "n", "sessions")},
         provider=providers_used[0] if providers_used else None,
         providers_used=tuple(providers_used),
         model_path=model["path"],

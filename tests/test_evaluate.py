@@ -385,3 +385,80 @@ def test_a_file_that_is_no_onnx_model(dataset, tmp_path, content):
     out = tmp_path / "run" / "metrics.json"
     expect_user_error(settings(model, dataset, out), "--onnx-path")
     assert not out.parent.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# --sessions: sessions side by side must not change a single detection
+
+
+def _qdq_demo_model(path: Path, qtype: int | None) -> Path:
+    """The demo detector with a Q/DQ pair on every Conv's input and weight (per-tensor scales), or as shipped."""
+    model = onnx.load(str(DEMO_ONNX))
+    if qtype is None:
+        return DEMO_ONNX
+    graph, inits = model.graph, {t.name: t for t in model.graph.initializer}
+    qmax = 127.0 if qtype == TensorProto.INT8 else 448.0
+    nodes = []
+    for node in graph.node:
+        if node.op_type == "Conv":
+            for slot, tensor in enumerate(node.input[:2]):
+                name = f"{node.name}_in{slot}"
+                peak = float(np.abs(numpy_helper.to_array(inits[tensor])).max()) if tensor in inits else 8.0
+                graph.initializer.extend(
+                    [
+                        numpy_helper.from_array(np.array(max(peak, 1e-6) / qmax, np.float32), f"{name}_scale"),
+                        helper.make_tensor(f"{name}_zp", qtype, [], [0]),
+                    ]
+                )
+                nodes += [
+                    helper.make_node("QuantizeLinear", [tensor, f"{name}_scale", f"{name}_zp"], [f"{name}_q"]),
+                    helper.make_node("DequantizeLinear", [f"{name}_q", f"{name}_scale", f"{name}_zp"], [f"{name}_dq"]),
+                ]
+                node.input[slot] = f"{name}_dq"
+        nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    model.opset_import[0].version = max(model.opset_import[0].version, 19)
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize("qtype", [None, TensorProto.INT8, TensorProto.FLOAT8E4M3FN], ids=["fp32", "int8", "fp8"])
+def test_sessions_side_by_side_give_the_same_detections(demo_slice, tmp_path, qtype):
+    model = _qdq_demo_model(tmp_path / "qdq.onnx", qtype)
+    runs = {}
+    for n in (1, 2):
+        s = EvalSettings(
+            onnx_path=model,
+            data_root=demo_slice,
+            warmup_runs=1,
+            skip_latency=0,
+            sessions=n,
+            out=tmp_path / f"s{n}/m.json",
+        )
+        runs[n] = evaluate(s)
+    one, two = runs[1], runs[2]
+    assert one.detections_path.read_bytes() == two.detections_path.read_bytes()
+    assert one.record["metrics"] == two.record["metrics"] and one.record["metrics"]["num_detections"] > 0
+    assert one.record["dataset"]["image_ids"] == two.record["dataset"]["image_ids"]
+    assert (one.record["latency_ms"]["sessions"], two.record["latency_ms"]["sessions"]) == (1, 2)
+    assert two.record["latency_ms"]["n"] == len(two.record["dataset"]["image_ids"])
+    assert two.record["providers"]["sessions"] == 2 and two.record["args"]["sessions"] == 2
+
+
+def test_sessions_side_by_side_keep_the_first_non_finite_image(dataset, tmp_path):
+    model = constant_output_model(tmp_path / "nan.onnx", np.full((1, 4 * 16 + 2, NUM_ANCHORS), np.nan, np.float32))
+    with pytest.raises(NonFiniteOutputError, match="on image 7 "):
+        evaluate(settings(model, dataset, tmp_path / "run" / "metrics.json", sessions=2))
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("sessions", "providers", "match"),
+    [(0, ["CPUExecutionProvider"], "must be >= 1"), (2, ["CUDAExecutionProvider"], "CPU EP alone")],
+)
+def test_sessions_out_of_range_name_the_flag(dataset, raw_model, tmp_path, sessions, providers, match):
+    e = expect_user_error(
+        settings(raw_model, dataset, tmp_path / "m.json", sessions=sessions, providers=providers), "--sessions"
+    )
+    assert match in str(e)

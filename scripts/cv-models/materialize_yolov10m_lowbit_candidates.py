@@ -44,6 +44,7 @@ from lowbit.candidates_compare import compare_requantize, compare_table
 from lowbit.candidates_materialize import MaterializeSettings, materialize_candidates, summary_markdown
 from lowbit.cli import cli_entry, make_parser
 from lowbit.errors import UserError
+from lowbit.evaluate_prepare import auto_sessions
 from lowbit.ort_providers import MODELOPT_CALIBRATION_EPS
 from lowbit.runs import CARD_ONNX_PATH, check_input_file
 
@@ -123,7 +124,13 @@ def settings_from_args(args: argparse.Namespace) -> MaterializeSettings:
         onnx_path, calib_path, args.calibration_method, list(args.calibration_eps), args.high_precision_dtype
     )
     evaluation = EvalConfig(
-        args.data_root, args.max_images, list(args.providers), args.imgsz, args.warmup_runs, args.skip_latency
+        args.data_root,
+        args.max_images,
+        list(args.providers),
+        args.imgsz,
+        args.warmup_runs,
+        args.skip_latency,
+        sessions=auto_sessions(args.providers),
     )
     return MaterializeSettings(
         run_root=args.run_root,

@@ -41,6 +41,7 @@ from lowbit.candidates import EvalConfig
 from lowbit.candidates_build import BUILDS, RequantizeConfig
 from lowbit.cli import cli_entry, make_parser
 from lowbit.errors import UserError
+from lowbit.evaluate_prepare import auto_sessions, check_sessions
 from lowbit.ort_providers import MODELOPT_CALIBRATION_EPS
 from lowbit.ort_session import CUDNN_CONV_ALGO_SEARCH
 from lowbit.runs import check_input_file
@@ -134,6 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="HEURISTIC",
         help="CUDA EP convolution search of the evaluations (HEURISTIC: no seconds of benchmarking each)",
     )
+    p.add_argument(
+        "--sessions",
+        type=int,
+        default=None,
+        help="ORT sessions per evaluation, side by side (CPU EP alone; same detections, see eval_yolov10m_onnx_coco.py "
+        "--sessions); default 2 on the CPU EP alone with >= 2 cores and --parallel-probes 1, else 1",
+    )
     return p
 
 
@@ -160,6 +168,10 @@ def config(args: argparse.Namespace) -> search_run.SearchConfig:
         calib = check_input_file(args.calib_path, "--calib-path")
         eps, dtype = list(args.calibration_eps), args.high_precision_dtype
         requantize = RequantizeConfig(paths["--onnx-path"], calib, args.calibration_method, eps, dtype)
+    check_sessions(args.sessions, args.providers)
+    sessions = args.sessions
+    if sessions is None:
+        sessions = auto_sessions(args.providers) if args.parallel_probes == 1 else 1
     evaluation = EvalConfig(
         args.data_root,
         args.max_images,
@@ -168,6 +180,7 @@ def config(args: argparse.Namespace) -> search_run.SearchConfig:
         args.warmup_runs,
         args.skip_latency,
         args.cudnn_conv_algo_search,
+        sessions=sessions,
     )
     cfg = search_run.SearchConfig(
         mode=args.mode,
