@@ -25,6 +25,7 @@ written before records named their kind, is foreign and its candidate evaluated 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -216,11 +217,17 @@ def record_or_reason(path: Path, kind: str = RECORD_KIND) -> tuple[dict | None, 
         return None, str(e)
 
 
-def evaluate_in_worker(settings) -> None:
-    """:func:`lowbit.evaluate.evaluate` in a worker process: its log goes to the run's eval.log, warnings to stderr."""
+def evaluate_in_worker(settings, then: Callable[[Path], None] | None = None) -> None:
+    """:func:`lowbit.evaluate.evaluate` in a worker process: its log goes to the run's eval.log, warnings to stderr.
+
+    ``then(metrics_path)``, when given, runs next in the same worker (e.g. the candidate's paired interval,
+    :func:`lowbit.search_confirm.interval_in_worker`).
+    """
     from lowbit.evaluate import evaluate
 
     evaluate(settings)
+    if then is not None:
+        then(Path(settings.out))
 
 
 class CandidateStore:
@@ -246,6 +253,7 @@ class CandidateStore:
         full_sha256: sha256 of ``full_model`` when the caller has it (None: computed on first use).
         slice_tag: evaluate on another image slice (e.g. ``confirm``): the models are the same files as
             without it, the metrics go to ``<name>-<tag>-coco/`` with the record beside them.
+        then: with an ``executor``, a picklable ``then(metrics_path)`` run in the worker after each evaluation.
     """
 
     def __init__(
@@ -262,6 +270,7 @@ class CandidateStore:
         dataset: DatasetKey | None = None,
         full_sha256: str | None = None,
         slice_tag: str = "",
+        then: Callable[[Path], None] | None = None,
     ):
         if build not in BUILDS:
             raise UserError(f"--build must be one of {', '.join(BUILDS)}, got {build!r}", flag="--build")
@@ -271,6 +280,7 @@ class CandidateStore:
         self.full_model, self.evaluation, self.build, self.requantize = Path(full_model), evaluation, build, requantize
         self.suffix, self.slice_tag = suffix, slice_tag
         self.executor = executor  # a process pool: evaluations run there, so that several run at once
+        self.then = then  # run in the worker after each evaluation there (evaluate_in_worker)
         self._full_sha: str | None = full_sha256
         self._dataset: DatasetKey | None = dataset
         self._full_proto = None
@@ -397,7 +407,8 @@ class CandidateStore:
         if self.executor is None:
             evaluate(settings)
         else:
-            self.executor.submit(evaluate_in_worker, settings).result()  # re-raises the worker's error here
+            # re-raises the worker's error here
+            self.executor.submit(evaluate_in_worker, settings, self.then).result()
         model_sha, metrics_sha = sha256_file(model), sha256_file(metrics)
         scored = records.read_record(metrics, "metrics", flag="candidate metrics")
         changed = metrics_mismatch(scored, model_sha, self.dataset)

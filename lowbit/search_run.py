@@ -44,6 +44,7 @@ and source were checked against, or null), ``settings_sha256`` (:func:`lowbit.re
 from __future__ import annotations
 
 import contextlib
+import functools
 import multiprocessing
 import statistics
 import threading
@@ -64,10 +65,12 @@ from lowbit.search_checks import SearchInputs, check_config, check_inputs
 from lowbit.search_confirm import (
     DEFAULT_CONFIDENCE,
     ConfirmConfig,
+    IntervalJob,
     SliceIntervals,
     confirm_pick,
     confirm_step,
     evaluated_files,
+    interval_in_worker,
     z_score,
 )
 from lowbit.search_revert import REVERT_DIR, revert_confirmation, revert_pass
@@ -268,9 +271,15 @@ def _store(
     """The mode's candidates on the search slice, or (``confirm``) the same models on the confirmation slice;
     ``root``, ``suffix``: where and under which name suffix they are kept (default: the run root, none)."""
     evaluation, dataset = cfg.evaluation, inputs.dataset
+    baseline, flag = cfg.baseline_metrics, "--baseline-metrics"
     if confirm:
         evaluation = replace(evaluation, max_images=cfg.confirm.count, skip_images=cfg.confirm.skip)
         dataset = inputs.confirm_dataset
+        baseline, flag = cfg.confirm.baseline_metrics, "--confirm-baseline-metrics"
+    then = None
+    if executor is not None:  # each worker computes its candidate's interval: the search reads it from the cache
+        job = IntervalJob(baseline, flag, dataset.ann_file, dataset.ann_sha256, cfg.run_root, CI_CONFIDENCE)
+        then = functools.partial(interval_in_worker, job)
     return CandidateStore(
         root or cfg.run_root,
         cfg.mode,
@@ -284,6 +293,7 @@ def _store(
         full_sha256=inputs.digests["full_model"],
         slice_tag="confirm" if confirm else "",
         suffix=suffix,
+        then=then,
     )
 
 

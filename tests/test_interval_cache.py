@@ -13,7 +13,7 @@ from test_report_ci import ALL_IDS, N_BOOT, ScoredRun, _make
 
 from lowbit import ap_bootstrap
 from lowbit.interval_cache import DIRNAME, IntervalCache
-from lowbit.search_confirm import SliceIntervals
+from lowbit.search_confirm import IntervalJob, SliceIntervals, interval_in_worker
 
 
 def _slice(s: ScoredRun, cache: IntervalCache, n_boot: int = N_BOOT) -> SliceIntervals:
@@ -89,3 +89,21 @@ def test_the_report_reuses_the_searchs_intervals(tmp_path):
     fresh = _make(s.run.root)
     assert fresh["intervals"]["cached"] == 0
     assert [v["delta_ap_ci"] for v in fresh["variants"]] == [v["delta_ap_ci"] for v in report["variants"]]
+
+
+def test_an_interval_computed_in_a_worker_is_the_one_the_search_reads(tmp_path, caplog):
+    s = _run(tmp_path)
+    baseline = s.run.root / "baseline-coco" / "metrics.json"
+    job = IntervalJob(baseline, "--baseline-metrics", s.run.ann_file, s.ann_sha, s.run.root, 0.95, N_BOOT)
+    for step in ("int8-coco", "fp8-coco"):
+        interval_in_worker(job, s.run.root / step / "metrics.json")
+    cache = IntervalCache(s.run.root)
+    search = _slice(s, cache)
+    for step in ("int8-coco", "fp8-coco"):
+        assert search.paired(s.run.root / step / "metrics.json") == _fresh(s, step)
+    assert (cache.hits, cache.misses) == (2, 0) and search._paired is None
+    # an evaluation of other images: nothing is kept, and the search process raises the error itself
+    s.variant("other-coco", "m-other", 0.2, 5, image_ids=ALL_IDS[:-1])
+    interval_in_worker(job, s.run.root / "other-coco" / "metrics.json")
+    assert "left to the search process" in caplog.text
+    assert len(list((s.run.root / DIRNAME).glob("*.json"))) == 2
