@@ -107,11 +107,15 @@ def revert_pass(
 ) -> RevertResult:
     """Try each of ``float_nodes`` back in low precision (:func:`revert_order`), keeping what meets the budget.
 
-    With ``parallel = p > 1`` each round evaluates the next ``p`` tries at once, try ``j`` of the round assuming
-    that the round's earlier tries are kept (their nodes already back in low precision). The round's tries up to
-    and including its first failure are taken; the ones after it assumed a node that went back to float, so they
-    are evaluated again in the next round. The result is the one-at-a-time result; what it costs is the
-    discarded evaluations (``RevertResult.discarded``).
+    With ``parallel = p > 1`` each round evaluates the next ``p`` tries at once, each under a guess of how the
+    round's earlier tries end: the one the last decided try had. After a kept try (and in the first round), try
+    ``j`` assumes the round's earlier tries are kept (their nodes already back in low precision); the round's tries
+    up to and including its first failure are taken. After a failed try, each try assumes the earlier ones fail
+    (one node back in low precision at a time, from the same set); the tries up to and including the first one
+    kept are taken. The tries after the one that broke the guess assumed another set, so they are evaluated again
+    in the next round. The result is the one-at-a-time result; what it costs is the discarded evaluations
+    (``RevertResult.discarded``): a run of failures (a pick at the edge of the budget) costs one round per ``p``
+    tries, as a run of kept tries does.
 
     Args:
         float_nodes: the pick's float nodes, in ranking order (most sensitive first).
@@ -134,18 +138,20 @@ def revert_pass(
     with ThreadPoolExecutor(parallel, thread_name_prefix="revert") as pool:
         while len(tries) < len(order):
             start = len(tries)
+            guess_kept = not tries or tries[-1].kept
             trials, trial = [], current
             for node in order[start : start + parallel]:
-                trial = [n for n in trial if n != node]
+                trial = [n for n in (trial if guess_kept else current) if n != node]
                 trials.append(trial)
             points = list(pool.map(probe, trials, range(start + 1, start + 1 + len(trials))))
             for node, trial, point in zip(order[start:], trials, points):
                 if point.k != len(trial):
                     raise ValueError(f"probe of {len(trial)} float nodes returned K={point.k}")
                 tries.append(RevertTry(node, point, point.meets))
-                if not point.meets:
+                if point.meets:
+                    current = trial
+                if point.meets != guess_kept:  # the round's later tries assumed the other outcome
                     break
-                current = trial
             discarded += len(trials) - (len(tries) - start)
     return RevertResult(list(float_nodes), current, tries, untried, discarded)
 

@@ -325,3 +325,31 @@ def test_a_revert_pass_whose_files_changed_is_dropped_and_the_search_stands(load
     assert "revert pass" in _dropped(report, run.search_path) and report["search"][0]["revert"] is None
     assert not any("revert" in v["label"] for v in report["variants"])
     assert report["recommended"]["variant"] != "FP32"  # the search's confirmed pick stands
+
+
+@pytest.mark.parametrize("parallel", [2, 3])
+@pytest.mark.parametrize(
+    ("back", "kept"),
+    [
+        (lambda removed: False, "none"),  # a pick at the edge: every try fails
+        (lambda removed: True, "all"),  # every try is kept
+        (lambda removed: all(NODES.index(n) % 3 for n in removed), "some"),  # kept and failed tries mixed
+    ],
+    ids=["all-fail", "all-kept", "mixed"],
+)
+def test_each_round_guesses_from_the_last_try_and_keeps_the_one_at_a_time_result(parallel, back, kept):
+    evaluated: list[int] = []
+
+    def probe(nodes, i):
+        evaluated.append(i)
+        removed = [n for n in NODES[:10] if n not in nodes]
+        return judge(len(nodes), BASELINE_AP - (0.2 if back(removed) else 0.8), BASELINE_AP, 0.5)
+
+    one = revert_pass(NODES[:10], probe, max_probes=9)
+    assert {"none": 0, "all": 9}.get(kept, one.gained) == one.gained and (kept != "some" or 0 < one.gained < 9)
+    evaluated.clear()
+    many = revert_pass(NODES[:10], probe, max_probes=9, parallel=parallel)
+    assert [(t.node, t.probe, t.kept) for t in many.tries] == [(t.node, t.probe, t.kept) for t in one.tries]
+    assert many.nodes == one.nodes and len(evaluated) == 9 + many.discarded
+    if kept in ("none", "all"):  # only the first round of a run of failures guesses wrong
+        assert many.discarded == (parallel - 1 if kept == "none" else 0)
