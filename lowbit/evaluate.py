@@ -7,7 +7,9 @@ The evaluator runs four stages, each timed (the shape of ultralytics' validator)
    error is raised here, before any output exists.
 2. **infer**: the images are read and letterboxed (:mod:`lowbit.preprocess`, the same
    preprocessing as the calibration builder) in ``workers`` prefetch threads while the calling
-   thread only feeds ``session.run``; ``warmup_runs`` untimed runs come first.
+   thread only feeds ``session.run``; ``warmup_runs`` untimed runs come first. With ``sessions`` > 1 (the
+   CPU EP; two by default there) that many sessions of the model take the images side by side, with the same
+   detections (:func:`run_loop`).
 3. **postprocess**: each output is checked for NaN/Inf (a broken model must never look merely
    inaccurate), decoded (:mod:`lowbit.decode`: raw head, decoded or end-to-end layout; one-to-one
    top-k by default, NMS for one-to-many heads), and its boxes mapped back to original pixels, in
@@ -40,7 +42,8 @@ Outputs, all in the folder of ``out`` (default ``tmp/yolov10m_onnx_coco/<time>/m
       ``min``, ``max``, ``std``; null when no sample is left), plus ``provider`` (the execution
       provider the latency was measured on: the first one ONNX Runtime placed nodes on) and
       ``cpu_nodes`` (nodes placed on the CPU EP although a GPU provider was requested; null when
-      the session factory does not report it or only the CPU EP was requested)
+      the session factory does not report it or only the CPU EP was requested) and ``sessions`` (sessions
+      timed side by side)
     - ``stages_ms``: per image ``decode``, ``preprocess`` (in prefetch threads), ``inference``,
       ``postprocess`` (in the postprocessing threads), ``wait`` (main thread waiting for a prepared image):
       {mean, total_s}
@@ -229,111 +232,72 @@ def _infer_and_postprocess(
     return records, post_s, run_s
 
 
-def run_loop(plan: EvalPlan) -> EvalLoop:
-    """The infer stage, with postprocessing overlapped in ``POST_THREADS`` threads of its own.
+def _accepted(plan: EvalPlan, loop: EvalLoop, prepared):
+    """The prepared images that are run, in order, each one's wait timed (unreadable ones: :func:`_accept`)."""
+    while True:
+        t_wait = time.perf_counter()
+        item = next(prepared, None)
+        if item is None:
+            return
+        loop.stage_s["wait"].append(time.perf_counter() - t_wait)
+        if _accept(plan, loop, item):
+            yield item
 
-    ``session.run`` releases the GIL, so decoding in the prefetch threads and postprocessing in
-    its threads proceed while the model runs; at most ``POST_WINDOW`` outputs wait for
-    postprocessing, which bounds memory if it falls behind. Results are collected in submission
-    order, so the records (and the first error) follow the image order.
+
+def run_loop(plan: EvalPlan) -> EvalLoop:
+    """The infer stage, with postprocessing overlapped in threads of its own.
+
+    One session: the calling thread feeds ``session.run`` and ``POST_THREADS`` threads postprocess. ``session.run``
+    releases the GIL, so decoding in the prefetch threads and postprocessing proceed while the model runs; at most
+    ``POST_WINDOW`` outputs wait for postprocessing, which bounds memory if it falls behind.
+
+    ``--sessions`` N > 1 (the CPU EP): after the first image (run alone: the warm-up of every session, the output
+    layout), each image is a task of a pool of N threads that runs it on an idle session, then postprocesses it.
+    Each session has cores // N intra-op threads. The outputs are those of one session (ONNX Runtime's CPU kernels
+    split the work of an operator across threads, not its sums; a test compares the detections), and
+    ``latency_ms`` is then the time of one ``session.run`` beside N - 1 others.
+
+    Results are collected in submission order, so the records, latencies and the first error follow the image
+    order.
     """
     from lowbit.preprocess import iter_prepared
 
-    if plan.replicas:
-        return _run_replicas(plan)
     s, loop = plan.settings, EvalLoop()
     input_name, _, input_dtype = plan.input_spec
     input_np_dtype = np.float16 if input_dtype == "tensor(float16)" else np.float32
     pending: deque = deque()
+    idle: queue.SimpleQueue = queue.SimpleQueue()
+    for session in (plan.session, *plan.replicas) if plan.replicas else ():
+        idle.put(session)
 
     def collect() -> None:
-        records, post_s = pending.popleft().result()  # re-raises a postprocessing error in this thread
+        records, post_s, *run_s = pending.popleft().result()  # re-raises a worker's error in this thread
         loop.records.extend(records)
         loop.stage_s["postprocess"].append(post_s)
+        loop.latencies_s.extend(run_s)
+        loop.stage_s["inference"].extend(run_s)
 
-    post_pool = ThreadPoolExecutor(max_workers=POST_THREADS, thread_name_prefix="postprocess")
+    threads = len(plan.replicas) + 1 if plan.replicas else POST_THREADS
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="postprocess")
     t_loop = time.perf_counter()
     prepared = iter_prepared(plan.items, s.imgsz, s.workers)
     try:
-        while True:
-            t_wait = time.perf_counter()
-            item = next(prepared, None)
-            if item is None:
-                break
-            loop.stage_s["wait"].append(time.perf_counter() - t_wait)
-            if not _accept(plan, loop, item):
-                continue
-            output = _infer_one(plan, loop, {input_name: item.chw[None].astype(input_np_dtype, copy=False)})
-            pending.append(post_pool.submit(_postprocess_one, plan, output, item))
+        for item in _accepted(plan, loop, prepared):
+            feed = {input_name: item.chw[None].astype(input_np_dtype, copy=False)}
+            if plan.replicas and loop.evaluated_ids:
+                pending.append(pool.submit(_infer_and_postprocess, plan, idle, feed, item))
+            else:
+                output = _infer_one(plan, loop, feed)
+                pending.append(pool.submit(_postprocess_one, plan, output, item))
             loop.evaluated_ids.append(int(item.key))
-            while len(pending) > POST_WINDOW:
+            while len(pending) > POST_WINDOW + len(plan.replicas):
                 collect()
         while pending:
             collect()
     finally:
         prepared.close()  # stops the prefetch threads when an error ends the loop early
-        post_pool.shutdown(wait=True, cancel_futures=True)
-    loop.loop_s = time.perf_counter() - t_loop - loop.warmup_s  # warm-up is not part of the throughput
-    return loop
-
-
-def _run_replicas(plan: EvalPlan) -> EvalLoop:
-    """The infer stage with ``--sessions`` N > 1: N sessions of the model take the images as they come free.
-
-    Each task runs one image on an idle session and then postprocesses it, in a pool of N threads
-    (``session.run`` releases the GIL). The first image runs alone first (warm-up of every session, the output
-    layout); results are collected in submission order, so records, latencies and the first error follow the
-    image order as with one session. Each session has cores // N intra-op threads: the outputs are those of one
-    session (ONNX Runtime's CPU kernels split work across threads, not the sums; tests compare the detections),
-    and ``latency_ms`` is then the time of one ``session.run`` beside N - 1 others.
-    """
-    from lowbit.preprocess import iter_prepared
-
-    s, loop = plan.settings, EvalLoop()
-    input_name, _, input_dtype = plan.input_spec
-    input_np_dtype = np.float16 if input_dtype == "tensor(float16)" else np.float32
-    idle: queue.SimpleQueue = queue.SimpleQueue()
-    for session in (plan.session, *plan.replicas):
-        idle.put(session)
-    pending: deque = deque()
-    window = POST_WINDOW + len(plan.replicas) + 1
-
-    def collect() -> None:
-        records, post_s, run_s = pending.popleft().result()  # re-raises an inference or postprocessing error here
-        loop.records.extend(records)
-        loop.stage_s["postprocess"].append(post_s)
-        loop.latencies_s.append(run_s)
-        loop.stage_s["inference"].append(run_s)
-
-    pool = ThreadPoolExecutor(max_workers=len(plan.replicas) + 1, thread_name_prefix="session")
-    t_loop = time.perf_counter()
-    prepared = iter_prepared(plan.items, s.imgsz, s.workers)
-    try:
-        while True:
-            t_wait = time.perf_counter()
-            item = next(prepared, None)
-            if item is None:
-                break
-            loop.stage_s["wait"].append(time.perf_counter() - t_wait)
-            if not _accept(plan, loop, item):
-                continue
-            feed = {input_name: item.chw[None].astype(input_np_dtype, copy=False)}
-            if not loop.evaluated_ids:  # warm-up of every session and the output layout, on the first image
-                output = _infer_one(plan, loop, feed)
-                records, post_s = _postprocess_one(plan, output, item)
-                loop.records.extend(records)
-                loop.stage_s["postprocess"].append(post_s)
-            else:
-                pending.append(pool.submit(_infer_and_postprocess, plan, idle, feed, item))
-            loop.evaluated_ids.append(int(item.key))
-            while len(pending) > window:
-                collect()
-        while pending:
-            collect()
-    finally:
-        prepared.close()
         pool.shutdown(wait=True, cancel_futures=True)
-    loop.loop_s = time.perf_counter() - t_loop - loop.warmup_s
+    loop.loop_s = time.perf_counter() - t_loop - loop.warmup_s  # warm-up is not part of the throughput
     return loop
 
 
