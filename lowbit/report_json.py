@@ -70,6 +70,7 @@ from lowbit.report_recommend import (
     cost_axis,
     latency_axis,
     recommend,
+    sessions_text,
 )
 from lowbit.report_variant import Variant, short_provider
 
@@ -356,6 +357,9 @@ def _report_notes(variants: list[Variant], baseline: Variant, axis: LatencyAxis,
         )
     if tensorrt["status"] == "measured":
         notes += _tensorrt_notes(variants)
+    side_by_side = sessions_text(variants)
+    if side_by_side:
+        notes.append(f"ONNX Runtime latencies (ORT p50/p90): {side_by_side}")
     if axis.source == "onnxruntime" and any(v.provider == "CPUExecutionProvider" for v in variants):
         notes.append(
             "CPU-EP latency of Q/DQ models does not predict TensorRT speed: ONNX Runtime's CPU kernels "

@@ -33,6 +33,7 @@ __all__ = [
     "latency_on_axis",
     "pareto_front",
     "recommend",
+    "sessions_text",
     "variant_latency",
 ]
 
@@ -101,15 +102,21 @@ def latency_axis(variants: Sequence[Variant]) -> LatencyAxis:
         return LatencyAxis("tensorrt", "TensorRT GPU compute time (trtexec median)")
     providers = sorted({v.provider for v in variants if v.provider})
     described = ", ".join(short_provider(p) for p in providers) or "unknown provider"
-    # --sessions N: each run timed beside N - 1 others (lowbit.evaluate_prepare.auto_sessions); older records: 1
-    sessions = sorted({int((v.latency_ms or {}).get("sessions") or 1) for v in variants})
-    if sessions == [1]:
-        pass
-    elif len(sessions) == 1:
-        described += f"; each run beside {sessions[0] - 1} other session(s)"
-    else:
-        described += f"; timed with {' and '.join(map(str, sessions))} sessions side by side: not comparable"
+    side_by_side = sessions_text(variants)
+    if side_by_side:
+        described += f"; {side_by_side}"
     return LatencyAxis("onnxruntime", f"ONNX Runtime session.run p50 ({described})", tuple(providers))
+
+
+def sessions_text(variants: Sequence[Variant]) -> str | None:
+    """How the ORT latencies were timed when sessions ran side by side (``latency_ms.sessions``, ``--sessions``;
+    two on the CPU EP by default, lowbit.evaluate_prepare.auto_sessions); None when every one ran alone."""
+    sessions = sorted({int((v.latency_ms or {}).get("sessions") or 1) for v in variants})  # older records: 1
+    if sessions == [1]:
+        return None
+    if len(sessions) == 1:
+        return f"each run timed beside {sessions[0] - 1} other session(s) of the model"
+    return f"timed with {' and '.join(map(str, sessions))} sessions side by side: not comparable across rows"
 
 
 def cost_axis(axis: LatencyAxis) -> dict[str, str]:

@@ -22,7 +22,7 @@ from lowbit.report import ReportSettings
 from lowbit.report_collect import collect_variants
 from lowbit.report_costs import TRT_NOT_INSTALLED, add_mac_share
 from lowbit.report_markdown import settings_text
-from lowbit.report_recommend import recommend
+from lowbit.report_recommend import latency_axis, recommend, sessions_text
 from lowbit.report_variant import Variant
 from lowbit.runs import REPO_ROOT
 
@@ -862,3 +862,13 @@ def test_mac_share_of_each_variant_orders_the_recommendation(tmp_path):
     # all within budget: the most MACs in low precision wins over the more accurate "conv1" and the unknown "gone"
     rec = recommend(rows, budget_ap=1.0)
     assert rec.variant == "both" and rec.mac_share == 1.0
+
+
+def test_the_latency_axis_says_when_sessions_ran_side_by_side():
+    rows = [_row("FP32", 0.50, 100.0, role="baseline"), _row("A", 0.497, 60.0, share=0.95)]
+    assert latency_axis(rows).description == "ONNX Runtime session.run p50 (CPU EP)" and sessions_text(rows) is None
+    two = [replace(r, latency_ms={**r.latency_ms, "sessions": 2}) for r in rows]
+    assert latency_axis(two).description.endswith("; each run timed beside 1 other session(s) of the model)")
+    mixed = [two[0], rows[1]]
+    assert "timed with 1 and 2 sessions side by side: not comparable" in latency_axis(mixed).description
+    assert recommend(two, budget_ap=1.0).variant == recommend(rows, budget_ap=1.0).variant == "A"
