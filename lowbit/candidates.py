@@ -77,6 +77,20 @@ class EvalConfig:
     skip_images: int = 0  # image ids left out before max_images counts (a confirmation slice)
     sessions: int = 1  # ORT sessions side by side (CPU EP; lowbit.evaluate_prepare.auto_sessions): same detections
 
+    @classmethod
+    def from_args(cls, args, **settings) -> EvalConfig:
+        """From the evaluation flags of the scripts that evaluate candidates (``--data-root``, ``--max-images``,
+        ``--providers``, ``--imgsz``, ``--warmup-runs``, ``--skip-latency``); ``settings``: the other fields."""
+        return cls(
+            args.data_root,
+            args.max_images,
+            list(args.providers),
+            args.imgsz,
+            args.warmup_runs,
+            args.skip_latency,
+            **settings,
+        )
+
     def record(self) -> dict[str, Any]:
         out = asdict(self)
         out["data_root"] = str(self.data_root)

@@ -123,15 +123,7 @@ def settings_from_args(args: argparse.Namespace) -> MaterializeSettings:
     quantizer = RequantizeConfig(
         onnx_path, calib_path, args.calibration_method, list(args.calibration_eps), args.high_precision_dtype
     )
-    evaluation = EvalConfig(
-        args.data_root,
-        args.max_images,
-        list(args.providers),
-        args.imgsz,
-        args.warmup_runs,
-        args.skip_latency,
-        sessions=auto_sessions(args.providers),
-    )
+    evaluation = EvalConfig.from_args(args, sessions=auto_sessions(args.providers))
     return MaterializeSettings(
         run_root=args.run_root,
         schemes_dir=args.schemes_dir,

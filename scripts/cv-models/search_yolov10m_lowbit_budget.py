@@ -172,16 +172,7 @@ def config(args: argparse.Namespace) -> search_run.SearchConfig:
     sessions = args.sessions
     if sessions is None:
         sessions = auto_sessions(args.providers) if args.parallel_probes == 1 else 1
-    evaluation = EvalConfig(
-        args.data_root,
-        args.max_images,
-        list(args.providers),
-        args.imgsz,
-        args.warmup_runs,
-        args.skip_latency,
-        args.cudnn_conv_algo_search,
-        sessions=sessions,
-    )
+    evaluation = EvalConfig.from_args(args, cudnn_conv_algo_search=args.cudnn_conv_algo_search, sessions=sessions)
     cfg = search_run.SearchConfig(
         mode=args.mode,
         ranking=paths["--ranking"],
