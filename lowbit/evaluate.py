@@ -202,9 +202,14 @@ def _infer_one(plan: EvalPlan, loop: EvalLoop, feed: dict) -> np.ndarray:
 
     if not loop.evaluated_ids and not loop.latencies_s:
         t0 = time.perf_counter()
-        for session in (plan.session, *plan.replicas):
+
+        def warm(session) -> None:
             for _ in range(plan.settings.warmup_runs):
                 session.run([plan.output_name], feed)
+
+        sessions = [plan.session, *plan.replicas]
+        with ThreadPoolExecutor(len(sessions), thread_name_prefix="warmup") as pool:  # side by side, as they run
+            list(pool.map(warm, sessions))
         loop.warmup_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     output = plan.session.run([plan.output_name], feed)[0]
