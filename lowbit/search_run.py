@@ -337,12 +337,23 @@ def _search(cfg: SearchConfig, inputs: SearchInputs, executor) -> dict[str, Any]
         z=z,
     )
     log.info("%s: K=%d (%s)", cfg.mode, result.k, result.reason)
-    confirmation = _confirm(cfg, inputs, executor, coco, result, evaluate, std_error, z) if result.found else None
+    confirm_intervals = None  # on the confirmation slice: the pick's and the revert pass's confirmations share it
+    if cfg.confirm is not None and result.found:
+        confirm_intervals = SliceIntervals(
+            coco,
+            cfg.confirm.baseline_metrics,
+            "--confirm-baseline-metrics",
+            inputs.confirm_dataset.ann_sha256,
+            IntervalCache(cfg.run_root),
+        )
+    confirmation = None
+    if confirm_intervals is not None:
+        confirmation = _confirm(cfg, inputs, executor, confirm_intervals, result, evaluate, std_error, z)
     pick_k = confirmation["k"] if confirmation and confirmation["confirmed"] else result.k
     pick_ap = evaluated[pick_k].ap if pick_k in evaluated else result.map
     revert = None
     if cfg.revert_probes and pick_k > 0 and result.found and (confirmation is None or confirmation["confirmed"]):
-        revert = _revert(cfg, inputs, executor, coco, intervals, pick_k, z)
+        revert = _revert(cfg, inputs, executor, intervals, confirm_intervals, pick_k, z)
     seeds, parallel = cfg.random_seeds, cfg.parallel
     control = random_control(store, nodes, pick_k, seeds, baseline_ap, pick_ap, parallel)
     band = [control] if control else []
@@ -376,18 +387,11 @@ def _search(cfg: SearchConfig, inputs: SearchInputs, executor) -> dict[str, Any]
     }
 
 
-def _confirm(cfg: SearchConfig, inputs: SearchInputs, executor, coco, result, evaluate, std_error, z):
-    """The confirmation block (:func:`lowbit.search_confirm.confirm_pick`), or None without a confirmation slice."""
-    if cfg.confirm is None:
-        return None
+def _confirm(
+    cfg: SearchConfig, inputs: SearchInputs, executor, intervals: SliceIntervals, result, evaluate, std_error, z
+):
+    """The confirmation block (:func:`lowbit.search_confirm.confirm_pick`); ``intervals`` on the confirmation slice."""
     confirm_store = _store(cfg, inputs, executor, confirm=True)
-    intervals = SliceIntervals(
-        coco,
-        cfg.confirm.baseline_metrics,
-        "--confirm-baseline-metrics",
-        inputs.confirm_dataset.ann_sha256,
-        IntervalCache(cfg.run_root),
-    )
     points = {p.k: p for p in result.curve()}
     curve = set(points)  # the search's own points; the rest are the confirmation's
 
@@ -416,9 +420,18 @@ def _confirm(cfg: SearchConfig, inputs: SearchInputs, executor, coco, result, ev
     return block
 
 
-def _revert(cfg: SearchConfig, inputs: SearchInputs, executor, coco, intervals: SliceIntervals, pick_k: int, z: float):
+def _revert(
+    cfg: SearchConfig,
+    inputs: SearchInputs,
+    executor,
+    intervals: SliceIntervals,
+    confirm_intervals: SliceIntervals | None,
+    pick_k: int,
+    z: float,
+):
     """``search.json``'s ``revert`` block: the revert pass (:mod:`lowbit.search_revert`) from the pick's float nodes,
-    each try with its files and paired interval, and its confirmation (:func:`lowbit.search_revert.revert_confirmation`)."""
+    each try with its files and paired interval, and its confirmation (:func:`lowbit.search_revert.revert_confirmation`,
+    with ``confirm_intervals``; none without a confirmation slice)."""
     root = cfg.run_root / f"search-{cfg.mode}" / REVERT_DIR
     files: dict[int, dict[str, Any]] = {}  # by try: the last evaluation of each (a parallel round may redo one)
 
@@ -439,14 +452,7 @@ def _revert(cfg: SearchConfig, inputs: SearchInputs, executor, coco, intervals: 
     for i, row in enumerate(block["tries"], start=1):
         row.update(files[i])
     block["confirmation"] = None
-    if result.gained and cfg.confirm is not None:
-        confirm_intervals = SliceIntervals(
-            coco,
-            cfg.confirm.baseline_metrics,
-            "--confirm-baseline-metrics",
-            inputs.confirm_dataset.ann_sha256,
-            IntervalCache(cfg.run_root),
-        )
+    if result.gained and confirm_intervals is not None:
 
         def confirm(i: int, nodes: list[str]) -> tuple[dict[str, Any], bool]:
             ev = _store(cfg, inputs, executor, confirm=True, root=root, suffix=f"_revert{i:02d}").evaluate(nodes)
